@@ -1,0 +1,7 @@
+"""Runs the kgpt command line: `python -m kgpt ...`."""
+
+import sys
+
+from kgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,402 @@
+"""The GPT building blocks as registered Keras 3 layers: embeddings, causal attention, MLP, block.
+
+Every layer is written with `keras.ops`, takes explicit keyword arguments and round-trips through
+`get_config`. Attention layers have two entry points: `call` for a full causal pass (training,
+scoring) and `call_with_cache` for incremental decoding against a fixed-size key/value cache.
+
+The cache update is a gather plus a select (`ops.take` + `ops.where`), never
+`ops.slice_update`: on the TensorFlow backend that op becomes `XlaDynamicUpdateSlice`, which forces
+XLA compilation, and TensorFlow Serving runs with XLA off.
+"""
+
+import keras
+from keras import ops
+
+
+def _initializer(value):
+    return keras.initializers.get(value)
+
+
+def _serialize(initializer):
+    return keras.initializers.serialize(initializer)
+
+
+def update_cache(cache, update, start_index):
+    """Writes `update` into `cache` along axis 1 at `start_index`, without `slice_update`.
+
+    Args:
+        cache: `(batch, max_length, ...)` tensor.
+        update: `(batch, update_length, ...)` tensor, `update_length <= max_length`.
+        start_index: scalar int tensor; positions `[start_index, start_index + update_length)`
+            are replaced, all others kept.
+
+    Returns:
+        A tensor shaped like `cache`.
+    """
+    max_length = ops.shape(cache)[1]
+    update_length = ops.shape(update)[1]
+    positions = ops.arange(max_length, dtype="int32")
+    offset = positions - ops.cast(start_index, "int32")
+    inside = ops.logical_and(offset >= 0, offset < update_length)
+    # For every cache position, the row of `update` it would take (clipped, then masked out).
+    gathered = ops.take(update, ops.clip(offset, 0, update_length - 1), axis=1)
+    inside = ops.reshape(inside, (1, -1) + (1,) * (len(cache.shape) - 2))
+    return ops.where(inside, ops.cast(gathered, cache.dtype), cache)
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Sum of a token embedding and a learned absolute position embedding.
+
+    Args:
+        vocabulary_size: number of token ids.
+        sequence_length: maximum number of positions.
+        hidden_dim: embedding width.
+        embeddings_initializer: initializer of both tables (GPT-2: normal, stddev 0.02).
+
+    Call args:
+        token_ids: int tensor `(batch, length)`.
+        start_index: position of the first token (non-zero when decoding with a cache).
+
+    The token table is exposed as `token_embedding.embeddings` so that the model can tie its output
+    head to it.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        sequence_length,
+        hidden_dim,
+        embeddings_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.sequence_length = sequence_length
+        self.hidden_dim = hidden_dim
+        self.embeddings_initializer = _initializer(embeddings_initializer)
+        self.token_embedding = keras.layers.Embedding(
+            vocabulary_size,
+            hidden_dim,
+            embeddings_initializer=self.embeddings_initializer,
+            dtype=self.dtype_policy,
+            name="token_embedding",
+        )
+        self.position_embedding = keras.layers.Embedding(
+            sequence_length,
+            hidden_dim,
+            embeddings_initializer=self.embeddings_initializer,
+            dtype=self.dtype_policy,
+            name="position_embedding",
+        )
+
+    def build(self, input_shape):
+        self.token_embedding.build(input_shape)
+        self.position_embedding.build(input_shape)
+        self.built = True
+
+    def call(self, token_ids, start_index=0):
+        length = ops.shape(token_ids)[1]
+        positions = ops.arange(length, dtype="int32") + ops.cast(start_index, "int32")
+        # (batch, length, hidden) + (1, length, hidden)
+        return self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.hidden_dim,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "sequence_length": self.sequence_length,
+            "hidden_dim": self.hidden_dim,
+            "embeddings_initializer": _serialize(self.embeddings_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class CausalSelfAttention(keras.layers.Layer):
+    """Multi-head causal self-attention with one fused query/key/value projection.
+
+    Args:
+        num_heads: attention heads; must divide the input width.
+        use_bias: biases in the two projections.
+        kernel_initializer: initializer of the fused QKV kernel.
+        output_kernel_initializer: initializer of the output projection (GPT-2 scales it down by
+            `sqrt(2 * num_layers)` because it writes into the residual stream).
+
+    Call args:
+        inputs: `(batch, length, hidden)`.
+
+    `call_with_cache(inputs, cache, start_index)` takes `cache` shaped
+    `(batch, 2, max_length, num_heads, head_dim)` (keys then values), writes the new keys and
+    values at `start_index`, attends over positions `<= start_index + i` and returns
+    `(outputs, cache)`.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.use_bias = use_bias
+        self.kernel_initializer = _initializer(kernel_initializer)
+        self.output_kernel_initializer = _initializer(output_kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim % self.num_heads:
+            raise ValueError(
+                f"Input width {hidden_dim} is not divisible by num_heads={self.num_heads}; "
+                "choose num_heads that divides hidden_dim."
+            )
+        self.hidden_dim = hidden_dim
+        self.head_dim = hidden_dim // self.num_heads
+        self.qkv_dense = keras.layers.Dense(
+            3 * hidden_dim,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="qkv",
+        )
+        self.qkv_dense.build(input_shape)
+        self.output_dense = keras.layers.Dense(
+            hidden_dim,
+            use_bias=self.use_bias,
+            kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.output_dense.build(tuple(input_shape[:-1]) + (hidden_dim,))
+        self.built = True
+
+    def _project(self, inputs):
+        batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        qkv = self.qkv_dense(inputs)
+        # (batch, length, 3, heads, head_dim)
+        qkv = ops.reshape(qkv, (batch, length, 3, self.num_heads, self.head_dim))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def _merge(self, attended):
+        batch, length = ops.shape(attended)[0], ops.shape(attended)[1]
+        # (batch, length, heads, head_dim) -> (batch, length, hidden)
+        return self.output_dense(ops.reshape(attended, (batch, length, self.hidden_dim)))
+
+    def call(self, inputs):
+        query, key, value = self._project(inputs)
+        attended = ops.dot_product_attention(query, key, value, is_causal=True)
+        return self._merge(attended)
+
+    def call_with_cache(self, inputs, cache, start_index):
+        query, key, value = self._project(inputs)
+        key_cache = update_cache(cache[:, 0], key, start_index)
+        value_cache = update_cache(cache[:, 1], value, start_index)
+        length = ops.shape(inputs)[1]
+        max_length = ops.shape(key_cache)[1]
+        # Query i (absolute position start_index + i) sees cache positions <= its own.
+        query_positions = ops.arange(length, dtype="int32") + ops.cast(start_index, "int32")
+        key_positions = ops.arange(max_length, dtype="int32")
+        mask = key_positions[None, :] <= query_positions[:, None]  # (length, max_length)
+        attended = ops.dot_product_attention(
+            query, key_cache, value_cache, mask=mask[None, None]
+        )
+        return self._merge(attended), ops.stack([key_cache, value_cache], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "use_bias": self.use_bias,
+            "kernel_initializer": _serialize(self.kernel_initializer),
+            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class FeedForward(keras.layers.Layer):
+    """Position-wise MLP: Dense -> GELU (tanh approximation, as GPT-2) -> Dense -> Dropout.
+
+    Args:
+        intermediate_dim: width of the hidden layer.
+        dropout: dropout rate on the output.
+        use_bias: biases in both Dense layers.
+        kernel_initializer: initializer of the first kernel.
+        output_kernel_initializer: initializer of the second (residual) kernel.
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        dropout=0.0,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.use_bias = use_bias
+        self.kernel_initializer = _initializer(kernel_initializer)
+        self.output_kernel_initializer = _initializer(output_kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.intermediate_dense = keras.layers.Dense(
+            self.intermediate_dim,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="intermediate",
+        )
+        self.intermediate_dense.build(input_shape)
+        self.output_dense = keras.layers.Dense(
+            hidden_dim,
+            use_bias=self.use_bias,
+            kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.output_dense.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        hidden = ops.gelu(self.intermediate_dense(inputs), approximate=True)
+        return self.dropout_layer(self.output_dense(hidden), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "kernel_initializer": _serialize(self.kernel_initializer),
+            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class DecoderBlock(keras.layers.Layer):
+    """Transformer decoder block: causal self-attention and a feed-forward layer, each residual.
+
+    Args:
+        num_heads: attention heads; must divide the input width.
+        intermediate_dim: width of the feed-forward layer.
+        dropout: dropout rate on the attention output (the feed-forward applies its own).
+        layer_norm_epsilon: epsilon of both LayerNormalizations.
+        normalize_first: True for GPT-2's pre-LayerNorm block
+            (`x + attn(ln(x))`, `x + mlp(ln(x))`); False for the original post-LayerNorm block
+            (`ln(x + attn(x))`, `ln(x + mlp(x))`).
+        use_bias: biases in the projections.
+        kernel_initializer: initializer of the input-side kernels.
+        output_kernel_initializer: initializer of the two residual output kernels.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        dropout=0.0,
+        layer_norm_epsilon=1e-5,
+        normalize_first=True,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.normalize_first = normalize_first
+        self.use_bias = use_bias
+        self.kernel_initializer = _initializer(kernel_initializer)
+        self.output_kernel_initializer = _initializer(output_kernel_initializer)
+
+    def build(self, input_shape):
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
+        )
+        self.attention_norm.build(input_shape)
+        self.attention = CausalSelfAttention(
+            self.num_heads,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            output_kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.attention.build(input_shape)
+        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.feed_forward_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="feed_forward_norm"
+        )
+        self.feed_forward_norm.build(input_shape)
+        self.feed_forward = FeedForward(
+            self.intermediate_dim,
+            dropout=self.dropout,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            output_kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="feed_forward",
+        )
+        self.feed_forward.build(input_shape)
+        self.built = True
+
+    def _residual(self, inputs, branch, norm):
+        if self.normalize_first:
+            return inputs + branch(norm(inputs))
+        return norm(inputs + branch(inputs))
+
+    def call(self, inputs, training=None):
+        attend = lambda x: self.attention_dropout(self.attention(x), training=training)  # noqa: E731
+        x = self._residual(inputs, attend, self.attention_norm)
+        feed = lambda x: self.feed_forward(x, training=training)  # noqa: E731
+        return self._residual(x, feed, self.feed_forward_norm)
+
+    def call_with_cache(self, inputs, cache, start_index):
+        """Runs the block on new tokens against `cache` (see `CausalSelfAttention`).
+
+        Returns:
+            `(outputs, cache)` with the keys and values of `inputs` written at `start_index`.
+        """
+        new_cache = []
+
+        def attend(x):
+            outputs, updated = self.attention.call_with_cache(x, cache, start_index)
+            new_cache.append(updated)
+            return outputs
+
+        x = self._residual(inputs, attend, self.attention_norm)
+        x = self._residual(x, self.feed_forward, self.feed_forward_norm)
+        return x, new_cache[0]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "dropout": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "normalize_first": self.normalize_first,
+            "use_bias": self.use_bias,
+            "kernel_initializer": _serialize(self.kernel_initializer),
+            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
+        }

@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+from keras import ops
+
+from kgpt.layers import (
+    CausalSelfAttention,
+    DecoderBlock,
+    FeedForward,
+    TokenAndPositionEmbedding,
+    update_cache,
+)
+
+
+def _randomize(layer, seed=0):
+    """Replaces every weight (zero biases and unit gammas included) with random values."""
+    rng = np.random.RandomState(seed)
+    layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+
+
+def _softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _layer_norm(x, gamma, beta, epsilon=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + epsilon) * gamma + beta
+
+
+def _attention_reference(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads):
+    batch, length, hidden = x.shape
+    head_dim = hidden // num_heads
+    qkv = (x @ qkv_kernel + qkv_bias).reshape(batch, length, 3, num_heads, head_dim)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (b, h, s, d)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    future = np.triu(np.ones((length, length), bool), k=1)
+    scores = np.where(future, -np.inf, scores)
+    out = (_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+    return out @ out_kernel + out_bias
+
+
+def test_attention_matches_numpy_reference():
+    x = np.random.RandomState(1).normal(size=(2, 5, 8)).astype("float32")
+    layer = CausalSelfAttention(num_heads=2)
+    layer.build(x.shape)
+    _randomize(layer)
+    expected = _attention_reference(x, *layer.get_weights(), num_heads=2)
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
+
+
+def test_attention_cache_matches_full_pass():
+    x = np.random.RandomState(2).normal(size=(2, 6, 8)).astype("float32")
+    layer = CausalSelfAttention(num_heads=4)
+    layer.build(x.shape)
+    _randomize(layer)
+    full = ops.convert_to_numpy(layer(x))
+    cache = np.zeros((2, 2, 10, 4, 2), "float32")  # a cache longer than the sequence
+    prefix, cache = layer.call_with_cache(x[:, :4], cache, 0)
+    steps = [prefix]
+    for t in (4, 5):
+        out, cache = layer.call_with_cache(x[:, t : t + 1], cache, t)
+        steps.append(out)
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.concatenate(steps, 1)), full, atol=1e-5)
+    # Positions past the written ones are untouched zeros.
+    assert not np.any(ops.convert_to_numpy(cache)[:, :, 6:])
+
+
+def test_update_cache_writes_only_the_target_positions():
+    cache = np.arange(2 * 6 * 3, dtype="float32").reshape(2, 6, 3)
+    update = -np.ones((2, 2, 3), "float32") * np.array([1, 2], "float32")[None, :, None]
+    result = ops.convert_to_numpy(update_cache(cache, update, 3))
+    expected = cache.copy()
+    expected[:, 3:5] = update
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_feed_forward_matches_numpy_reference():
+    x = np.random.RandomState(3).normal(size=(2, 3, 8)).astype("float32")
+    layer = FeedForward(intermediate_dim=12)
+    layer.build(x.shape)
+    _randomize(layer)
+    w1, b1, w2, b2 = layer.get_weights()
+    expected = _gelu_tanh(x @ w1 + b1) @ w2 + b2
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize_first", [True, False])
+def test_decoder_block_matches_numpy_reference(normalize_first):
+    x = np.random.RandomState(4).normal(size=(2, 5, 8)).astype("float32")
+    block = DecoderBlock(num_heads=2, intermediate_dim=16, normalize_first=normalize_first)
+    block.build(x.shape)
+    _randomize(block)
+    weights = {w.path.split("/", 1)[1]: w.numpy() for w in block.weights}
+
+    def norm(name, h):
+        return _layer_norm(h, weights[f"{name}/gamma"], weights[f"{name}/beta"])
+
+    def attend(h):
+        names = ("qkv/kernel", "qkv/bias", "output/kernel", "output/bias")
+        return _attention_reference(h, *(weights[f"attention/{n}"] for n in names), num_heads=2)
+
+    def feed(h):
+        hidden = _gelu_tanh(h @ weights["feed_forward/intermediate/kernel"] + weights["feed_forward/intermediate/bias"])
+        return hidden @ weights["feed_forward/output/kernel"] + weights["feed_forward/output/bias"]
+
+    if normalize_first:
+        h = x + attend(norm("attention_norm", x))
+        expected = h + feed(norm("feed_forward_norm", h))
+    else:
+        h = norm("attention_norm", x + attend(x))
+        expected = norm("feed_forward_norm", h + feed(h))
+    np.testing.assert_allclose(ops.convert_to_numpy(block(x)), expected, atol=1e-4)
+
+
+def test_embedding_adds_position_from_start_index():
+    layer = TokenAndPositionEmbedding(vocabulary_size=10, sequence_length=6, hidden_dim=4)
+    layer.build((None, 6))
+    _randomize(layer)
+    tokens, positions = layer.get_weights()
+    ids = np.array([[3, 1]], "int32")
+    out = ops.convert_to_numpy(layer(ids, start_index=2))
+    np.testing.assert_allclose(out[0], tokens[[3, 1]] + positions[[2, 3]], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_layer, shape",
+    [
+        (lambda: TokenAndPositionEmbedding(10, 6, 4, embeddings_initializer="random_normal"), (2, 6)),
+        (lambda: CausalSelfAttention(2, use_bias=False, output_kernel_initializer="zeros"), (2, 5, 8)),
+        (lambda: FeedForward(12, dropout=0.1, use_bias=False), (2, 5, 8)),
+        (lambda: DecoderBlock(2, 16, dropout=0.1, layer_norm_epsilon=1e-6, normalize_first=False), (2, 5, 8)),
+    ],
+)
+def test_get_config_round_trip_gives_identical_outputs(make_layer, shape):
+    layer = make_layer()
+    inputs = (
+        np.random.RandomState(0).randint(0, 10, shape).astype("int32")
+        if len(shape) == 2
+        else np.random.RandomState(0).normal(size=shape).astype("float32")
+    )
+    layer.build(inputs.shape)
+    _randomize(layer)
+    clone = type(layer).from_config(layer.get_config())
+    clone.build(inputs.shape)
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == layer.get_config()
+    np.testing.assert_array_equal(ops.convert_to_numpy(clone(inputs)), ops.convert_to_numpy(layer(inputs)))

@@ -1,0 +1,161 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from kgpt.config import ModelConfig
+from kgpt.model import GPT, build_model, count_parameters
+from kgpt.saving import load_model, save_model
+
+TINY = ModelConfig(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16)
+
+
+def _ids(shape=(2, 8), seed=0, vocabulary_size=32):
+    return np.random.RandomState(seed).randint(0, vocabulary_size, shape).astype("int32")
+
+
+def _numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+@pytest.fixture(params=[True, False], ids=["pre_ln", "post_ln"])
+def model(request):
+    return build_model(ModelConfig(**{**TINY.to_dict(), "normalize_first": request.param}))
+
+
+def test_output_shape_and_dtype(model):
+    logits = model(_ids((3, 5)))
+    assert tuple(logits.shape) == (3, 5, 32)
+    assert logits.dtype == "float32"
+
+
+def test_causality(model):
+    ids = _ids()
+    logits = _numpy(model(ids))
+    for t in range(7):
+        changed = ids.copy()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 32
+        new = _numpy(model(changed))
+        np.testing.assert_allclose(new[:, : t + 1], logits[:, : t + 1], atol=1e-6)
+        assert np.abs(new[:, t + 1] - logits[:, t + 1]).max() > 1e-4  # the change is seen
+
+
+def test_cached_decoding_token_by_token_equals_full_pass(model):
+    ids = _ids()
+    full = _numpy(model(ids))
+    cache = model.initial_cache(2)
+    assert tuple(cache.shape) == (2, 2, 2, 8, 2, 8)
+    for t in range(8):
+        logits, cache = model.call_with_cache(ids[:, t : t + 1], cache, t)
+        np.testing.assert_allclose(_numpy(logits)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_cached_prefill_then_steps_equals_full_pass(model):
+    ids = _ids()
+    full = _numpy(model(ids))
+    prefix, cache = model.call_with_cache(ids[:, :5], model.initial_cache(2), 0)
+    np.testing.assert_allclose(_numpy(prefix), full[:, :5], atol=1e-5)
+    for t in range(5, 8):
+        logits, cache = model.call_with_cache(ids[:, t : t + 1], cache, t)
+        np.testing.assert_allclose(_numpy(logits)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_cached_step_in_a_non_xla_graph_has_no_xla_ops(model):
+    step = tf.function(model.call_with_cache, jit_compile=False)
+    cache_shape = [None, 2, 2, 8, 2, 8]
+    concrete = step.get_concrete_function(
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec(cache_shape, tf.float32), tf.TensorSpec([], tf.int32)
+    )
+    graph = concrete.graph.as_graph_def()
+    ops_used = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops_used |= {node.op for node in function.node_def}
+        assert "_XlaMustCompile" not in function.attr
+    assert "GatherV2" in ops_used  # the cache update path is really in the graph
+    assert not [op for op in ops_used if op.startswith("Xla")]
+    logits, _ = concrete(_ids((2, 1)), model.initial_cache(2), tf.constant(0))
+    np.testing.assert_allclose(_numpy(logits)[:, 0], _numpy(model(_ids((2, 1))))[:, 0], atol=1e-5)
+
+
+def test_tied_head_shares_the_token_embedding_variable():
+    model = build_model(TINY)
+    tables = [w for w in model.weights if tuple(w.shape) == (32, 16)]
+    assert len(tables) == 1 and tables[0] is model.token_embeddings
+    ids = np.array([[1, 2, 3]], "int32")
+    table = model.token_embeddings.numpy()
+    zeroed = table.copy()
+    zeroed[7] = 0.0  # token 7 is not in the input, so only the head sees this row
+    model.token_embeddings.assign(zeroed)
+    logits = _numpy(model(ids))
+    np.testing.assert_array_equal(logits[..., 7], 0.0)
+    assert np.all(np.abs(logits[..., 8]) > 0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"normalize_first": False}, {"use_bias": False}, {"intermediate_dim": 24, "num_layers": 3}],
+)
+def test_parameter_count_equals_closed_form(overrides):
+    config = ModelConfig(**{**TINY.to_dict(), **overrides})
+    assert build_model(config).count_params() == count_parameters(config)
+
+
+def test_parameter_count_of_gpt2_small():
+    config = ModelConfig(vocabulary_size=50257, sequence_length=1024, num_layers=12, num_heads=12, hidden_dim=768)
+    assert count_parameters(config) == 124_439_808  # GPT-2 small with its tied head
+
+
+def test_gpt2_initialization():
+    config = ModelConfig(vocabulary_size=64, sequence_length=8, num_layers=8, num_heads=4, hidden_dim=128)
+    model = build_model(config)
+    block = model.blocks[0]
+    assert np.std(block.attention.qkv_dense.kernel.numpy()) == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * config.num_layers)
+    assert np.std(block.attention.output_dense.kernel.numpy()) == pytest.approx(residual, rel=0.05)
+    assert np.std(block.feed_forward.output_dense.kernel.numpy()) == pytest.approx(residual, rel=0.05)
+    assert np.std(model.token_embeddings.numpy()) == pytest.approx(0.02, rel=0.05)
+    assert not np.any(block.attention.qkv_dense.bias.numpy())
+
+
+def test_dropout_only_in_training():
+    model = build_model(ModelConfig(**{**TINY.to_dict(), "dropout": 0.5}))
+    ids = _ids()
+    np.testing.assert_array_equal(_numpy(model(ids)), _numpy(model(ids)))
+    assert np.abs(_numpy(model(ids, training=True)) - _numpy(model(ids))).max() > 1e-3
+
+
+def test_get_config_round_trip(model):
+    clone = GPT.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    assert clone.model_config == model.model_config
+    ids = _ids()
+    np.testing.assert_array_equal(_numpy(clone(ids)), _numpy(model(ids)))
+
+
+def test_keras_file_round_trip_is_exact(model, tmp_path):
+    path = tmp_path / "model.keras"
+    save_model(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temporary left behind
+    loaded = load_model(path)
+    assert isinstance(loaded, GPT)
+    ids = _ids()
+    np.testing.assert_array_equal(_numpy(loaded(ids)), _numpy(model(ids)))
+    a, _ = loaded.call_with_cache(ids, loaded.initial_cache(2), 0)
+    np.testing.assert_allclose(_numpy(a), _numpy(model(ids)), atol=1e-5)
+
+
+def test_keras_file_loads_with_safe_mode(monkeypatch, tmp_path):
+    calls = []
+    real = keras.saving.load_model
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+    save_model(build_model(TINY), tmp_path / "m.keras")
+    load_model(tmp_path / "m.keras")
+    assert calls == [{"safe_mode": True}]
+
+
+def test_build_model_validates_dicts():
+    with pytest.raises(ValueError, match="num_heads"):
+        build_model({**TINY.to_dict(), "num_heads": 3})
