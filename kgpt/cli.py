@@ -9,7 +9,6 @@ import os
 import sys
 
 NOT_IMPLEMENTED = {
-    "train": "training with model.fit",
     "generate": "text generation",
     "evaluate": "perplexity evaluation",
     "export": "SavedModel export for TF Serving",
@@ -22,8 +21,35 @@ class UsageError(ValueError):
 
 
 def _configure_environment():
-    # Must happen before TensorFlow is imported; the user's own setting wins.
+    # Must happen before TensorFlow is imported; the user's own settings win. oneDNN's custom
+    # ops are off by default on CPUs without AVX-512; on the AVX2 machines we measured they make
+    # a training step ~30% faster (with float32 rounding differences).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def _add_train(subparsers):
+    parser = subparsers.add_parser(
+        "train",
+        help="train a GPT from a recipe with model.fit",
+        description=(
+            "Train a GPT from a TOML recipe (pipelines/*.toml) into a run directory. Running the "
+            "same command again resumes from the last backup."
+        ),
+    )
+    parser.add_argument("recipe", help="a recipe such as pipelines/shakespeare_char.toml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, e.g. --set train.max_steps=500 (repeatable)",
+    )
+    parser.add_argument(
+        "--run-dir", help="run directory (default: checkpoints/<recipe name>)"
+    )
+    parser.set_defaults(handler=_run_train)
 
 
 def _add_build(subparsers):
@@ -79,6 +105,7 @@ def make_parser():
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
+    _add_train(subparsers)
     for name, what in NOT_IMPLEMENTED.items():
         _add_pending(subparsers, name, what)
     _add_info(subparsers)
@@ -88,6 +115,28 @@ def make_parser():
 
 def _run_pending(name):
     raise UsageError(f"'kgpt {name}' is not implemented yet.")
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended without a usable result (a NaN loss); exit code 1."""
+
+
+def _run_train(args):
+    from kgpt.train import load_recipe, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    name = os.path.splitext(os.path.basename(args.recipe))[0]
+    run_dir = args.run_dir or os.path.join("checkpoints", name)
+    result = train(recipe, run_dir)
+    history = result.history
+    summary = f"Trained {result.steps} steps into {run_dir}"
+    if history.get("val_loss"):
+        summary += f"; best val_loss {min(history['val_loss']):.4f}"
+    print(summary)
+    if result.stopped:
+        print(f"Stopped early: {result.stopped}")
+        if not os.path.exists(os.path.join(run_dir, "final.keras")):
+            raise TrainingStopped(result.stopped)
 
 
 def _run_build(args):
@@ -129,6 +178,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
         print(f"kgpt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped:
+        return 1
     return 0
 
 

@@ -6,6 +6,7 @@ into one, rejecting unknown keys and wrong types by name.
 """
 
 import dataclasses
+import os
 import difflib
 import typing
 
@@ -193,3 +194,148 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data, section="model"):
         return config_from_dict(cls, data, section)
+
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: batch, schedule, optimiser, evaluation, callbacks and distribution.
+
+    Args:
+        batch_size: examples per replica per step; the global batch is
+            `batch_size * num_replicas`.
+        max_steps: optimiser steps in the whole run.
+        eval_interval: steps between evaluations (one Keras "epoch"; checkpoints, backups,
+            early stopping and samples happen at this cadence).
+        eval_steps: validation batches per evaluation; None evaluates the whole split.
+        learning_rate: peak learning rate reached after `warmup_steps`.
+        warmup_steps: linear warm-up steps from 0.
+        decay_steps: step at which the cosine decay reaches `min_learning_rate`; None means
+            `max_steps`.
+        min_learning_rate: learning-rate floor.
+        weight_decay: AdamW decoupled weight decay, applied to weight matrices only.
+        beta_1, beta_2: AdamW moment decay rates.
+        epsilon: AdamW's denominator epsilon.
+        clip_norm: global gradient-norm clip; 0 disables clipping.
+        patience: evaluations without improvement before early stopping; 0 disables it.
+        seed: seed of initialisation, shuffling, dropout and samples.
+        strategy: `auto` (MirroredStrategy when more than one GPU is visible), `default`,
+            `mirrored` or `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`).
+        precision: `float32`, `mixed_bfloat16` or `mixed_float16` (the last two for GPUs).
+        jit_compile: compile the train step with XLA.
+        steps_per_execution: train steps per compiled call.
+        init_from: a run directory whose weights and tokenizer start this run (fine-tuning).
+        sample_prompt: text continued at each evaluation; empty disables samples.
+        sample_length: new tokens in each sample.
+    """
+
+    batch_size: int = 12
+    max_steps: int = 2000
+    eval_interval: int = 250
+    eval_steps: typing.Optional[int] = None
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: typing.Optional[int] = None
+    min_learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    epsilon: float = 1e-8
+    clip_norm: float = 1.0
+    patience: int = 0
+    seed: int = 1337
+    strategy: str = "auto"
+    precision: str = "float32"
+    jit_compile: bool = True
+    steps_per_execution: int = 1
+    init_from: typing.Optional[str] = None
+    sample_prompt: str = ""
+    sample_length: int = 100
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _coerce(f"train.{f.name}", getattr(self, f.name), hints[f.name])
+        _positive(self, "batch_size", "max_steps", "eval_interval", "steps_per_execution")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ValueError(f"train.eval_steps={self.eval_steps} must be positive, or omitted for all.")
+        for name in ("learning_rate", "epsilon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be positive (e.g. 1e-3).")
+        for name in ("warmup_steps", "min_learning_rate", "weight_decay", "clip_norm", "patience",
+                     "sample_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must not be negative.")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"train.min_learning_rate={self.min_learning_rate} exceeds train.learning_rate="
+                f"{self.learning_rate}; lower the floor or raise the peak."
+            )
+        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
+            raise ValueError(
+                f"train.decay_steps={self.decay_steps} is before the end of warm-up "
+                f"(train.warmup_steps={self.warmup_steps}); make decay_steps >= warmup_steps."
+            )
+        for name in ("beta_1", "beta_2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1).")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+
+    @property
+    def total_decay_steps(self):
+        return self.max_steps if self.decay_steps is None else self.decay_steps
+
+    @classmethod
+    def from_dict(cls, data, section="train"):
+        return config_from_dict(cls, data, section)
+
+
+RECIPE_SECTIONS = ("model", "data", "train")
+
+
+def apply_overrides(recipe, overrides):
+    """Returns a copy of a recipe dict with `--set section.key=value` overrides applied."""
+    result = {section: dict(values) for section, values in recipe.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, field = key.partition(".")
+        if section not in RECIPE_SECTIONS or not field:
+            raise ValueError(
+                f"--set {text!r}: the key must be section.key with section one of "
+                f"{', '.join(RECIPE_SECTIONS)} (e.g. train.max_steps=100)."
+            )
+        result.setdefault(section, {})[field] = value
+    return result
+
+
+def read_recipe(path, overrides=()):
+    """Reads a TOML recipe and applies overrides; returns `{section: {key: value}}`.
+
+    Only the section names are checked here; `kgpt.train.resolve_recipe` validates the keys.
+    """
+    import tomllib
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such recipe: {path}. Recipes live in pipelines/*.toml.")
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from error
+    unknown = [name for name in recipe if name not in RECIPE_SECTIONS]
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown section(s) [{'], ['.join(unknown)}]; a recipe has [model], [data] "
+            "and [train]."
+        )
+    for name, values in recipe.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: {name} must be a [{name}] table, not a value.")
+    return apply_overrides(recipe, overrides)

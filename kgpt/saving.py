@@ -58,8 +58,13 @@ def load_model(path):
     """
     import keras
 
-    import kgpt.layers  # noqa: F401  registers the custom layers
-    import kgpt.model  # noqa: F401  registers GPT
+    # Register every kgpt serializable a checkpoint may name: layers, GPT, and the optimizer,
+    # schedule and metric saved with a compiled model.
+    import kgpt.distribute  # noqa: F401
+    import kgpt.layers  # noqa: F401
+    import kgpt.metrics  # noqa: F401
+    import kgpt.model  # noqa: F401
+    import kgpt.schedule  # noqa: F401
 
     path = resolve_model_path(path)
     if not zipfile.is_zipfile(path):

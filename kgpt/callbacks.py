@@ -1,0 +1,236 @@
+"""Training callbacks: Keras' own, wired for a run directory, plus kgpt's small additions.
+
+Keras' callbacks do the work (BackupAndRestore, ModelCheckpoint, EarlyStopping, TensorBoard,
+CSVLogger); kgpt adds atomic writes where a kill -9 could leave a torn file, a NaN stop that
+says what to try, learning-rate and tokens/s logging, and a sample of generated text at each
+evaluation.
+"""
+
+import csv
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from kgpt.saving import save_model
+
+BACKUP_METADATA = "training_metadata.json"
+
+
+def _replace_atomically(write, path):
+    """Calls `write(temporary_path)`, then renames the result onto `path`."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".tmp-{name}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def best_logged(history_csv, key="val_loss"):
+    """The lowest `key` in a CSVLogger file, or None when there is none yet."""
+    if not os.path.exists(history_csv):
+        return None
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    values = [float(row[key]) for row in rows if row.get(key) not in (None, "")]
+    return min(values) if values else None
+
+
+def trim_history(history_csv, epochs):
+    """Keeps only the first `epochs` evaluations in a CSVLogger file (those the backup holds).
+
+    A run killed after logging an evaluation but before backing it up repeats that evaluation
+    on resume; trimming first keeps one row per evaluation.
+    """
+    if not os.path.exists(history_csv):
+        return
+    with open(history_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [row for row in reader if int(row["epoch"]) < epochs]
+    if not fields:
+        return
+
+    def write(path):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace_atomically(write, history_csv)
+
+
+def completed_steps(backup_dir):
+    """Optimizer steps recorded by the last backup in `backup_dir` (0 when there is none)."""
+    path = os.path.join(backup_dir, BACKUP_METADATA)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("step", 0))
+
+
+class RunBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose backup survives kill -9 at any moment.
+
+    Keras writes the weights and then the metadata in place; a kill between or during the two
+    writes leaves a torn or inconsistent backup. Here each file is written to a temporary name
+    and renamed, and the epoch to resume from is derived from the restored optimizer step, so
+    weights and position always agree. The backup is kept after training, so rerunning a
+    finished run resumes at its end and trains no further.
+
+    Args:
+        backup_dir: the run's `backup/` folder.
+        steps_per_epoch: optimizer steps per Keras epoch (the evaluation interval).
+    """
+
+    def __init__(self, backup_dir, steps_per_epoch):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        self.steps_per_epoch = steps_per_epoch
+
+    def _load_model(self):
+        super()._load_model()
+        if os.path.exists(self._weights_path):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.model._initial_epoch = step // self.steps_per_epoch
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        _replace_atomically(
+            lambda path: self.model.save_weights(path, overwrite=True), self._weights_path
+        )
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        metadata = {"epoch": self._current_epoch, "batch": 0, "step": step}
+
+        def write(path):
+            with open(path, "w") as f:
+                json.dump(metadata, f)
+
+        _replace_atomically(write, self._training_metadata_path)
+
+
+class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint of the best model (lowest `val_loss`), written atomically.
+
+    Args:
+        filepath: the `.keras` path (the run's `best.keras`).
+        best_so_far: the best `val_loss` of the run before a resume, so that a resumed run
+            only replaces `best.keras` with a better model.
+    """
+
+    def __init__(self, filepath, best_so_far=None):
+        super().__init__(
+            filepath,
+            monitor="val_loss",
+            mode="min",
+            save_best_only=True,
+            initial_value_threshold=best_so_far,
+        )
+
+    def _save_model(self, epoch, batch, logs):
+        if self._should_save_model(epoch, batch, logs, self.filepath):
+            save_model(self.model, self.filepath)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss and says at which step and what to try."""
+
+    def __init__(self):
+        super().__init__()
+        self.message = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.message = (
+                f"Training stopped: the loss became {float(loss)} at step {step}. Try a lower "
+                "train.learning_rate, a longer train.warmup_steps, train.clip_norm=1.0, or "
+                "train.precision=float32; then start again in a new run directory."
+            )
+            print(f"\n{self.message}", flush=True)
+            self.model.stop_training = True
+
+
+class ThroughputLogger(keras.callbacks.Callback):
+    """Adds `learning_rate` and `tokens_per_second` to the logs of every batch and evaluation.
+
+    Place it before the loggers (CSVLogger, TensorBoard) so they record these values too.
+
+    Args:
+        tokens_per_step: tokens in one global batch (`global_batch * sequence_length`).
+    """
+
+    def __init__(self, tokens_per_step):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+
+    def _learning_rate(self):
+        optimizer = self.model.optimizer
+        return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._batch_start = self._epoch_start
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is None:
+            return
+        now = time.perf_counter()
+        steps = batch + 1 - self._steps
+        self._steps = batch + 1
+        elapsed = now - self._batch_start
+        self._batch_start = now
+        if elapsed > 0 and steps > 0:
+            logs["tokens_per_second"] = steps * self.tokens_per_step / elapsed
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        elapsed = time.perf_counter() - self._epoch_start
+        logs["learning_rate"] = self._learning_rate()
+        if elapsed > 0:
+            logs["tokens_per_second"] = self._steps * self.tokens_per_step / elapsed
+
+
+class SampleText(keras.callbacks.Callback):
+    """Prints a sampled continuation of a prompt at the end of each evaluation interval.
+
+    Args:
+        tokenizer: the run's `kgpt.tokenizer.Tokenizer`.
+        prompt: the text to continue.
+        max_new_tokens: length of the continuation.
+        temperature, top_k: sampling settings.
+        seed: the sampling seed (the same at every evaluation, so samples compare).
+    """
+
+    def __init__(self, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_k=40, seed=0):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self._decoder = None
+
+    def sample(self):
+        from kgpt.generate import Decoder
+
+        if self._decoder is None:
+            self._decoder = Decoder(self.model, end_of_text_id=self.tokenizer.end_of_text_id)
+        context = self.model.model_config.sequence_length
+        ids = np.asarray(self.tokenizer.tokenize([self.prompt]).to_list()[0], "int32").tolist()
+        if not ids:
+            ids = [self.tokenizer.end_of_text_id]
+        max_new_tokens = min(self.max_new_tokens, context - 1)
+        ids = ids[-(context - max_new_tokens) :]
+        new = self._decoder(
+            [ids], max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
+        )[0]
+        text = self.tokenizer.detokenize([new]).numpy()[0].decode("utf-8", "replace")
+        return self.prompt + text
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(f"\n--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)

@@ -1,0 +1,500 @@
+"""Input pipeline: corpus documents -> tokenizer -> cached token stream -> packed `tf.data` windows.
+
+Entry points (what training, evaluation and export call):
+
+- `DataConfig`: the `[data]` recipe section (`DataConfig.from_dict(section)`).
+- `read_documents(config, split) -> tf.data.Dataset` of `tf.string` documents.
+- `build_tokenizer(config, directory=None) -> Tokenizer`: load it from `directory` when saved
+  there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there.
+- `tokenize_corpus(config, tokenizer, split) -> TokenStream`: the split's token stream, every
+  document followed by `<|endoftext|>`, read from / written to the token cache.
+- `make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False)`:
+  packed mode yields `(x, y)`, document mode `(x, y, sample_weight)`, all `[batch,
+  sequence_length]` (int32, int32, float32); `y` is `x` shifted by one token.
+- `check_model_compatibility(config, model_config, tokenizer=None)`.
+
+Packing: the stream is cut into windows of `sequence_length + 1` tokens with stride
+`sequence_length`, so window i+1's first input is window i's last target; every token is an input
+once and a target once, and only the final `< sequence_length` tokens are left out. Document mode:
+one example per document (plus its `<|endoftext|>`), truncated or padded to `sequence_length + 1`
+with `tokenizer.padding_id`; `sample_weight` is 1 on real targets and 0 on padding, set by
+position, so padding never counts in the loss or perplexity even where padding_id equals
+end_of_text_id (GPT-2, tiktoken).
+
+Training (`shuffle=True`, the default for split "train"): the windows are shuffled (a full
+stateless permutation per pass, or a seeded buffer of `shuffle_buffer_size`), in an order that
+depends only on the seed and the pass number,
+batched with `drop_remainder=True`. Validation/test: in order, final partial batch kept. Both
+are prefetched; the whole pipeline is deterministic given the seed.
+
+Token cache: `<cache_dir>/<corpus>-<split>-<key>/{tokens.npy, document_ends.npy, meta.json}`,
+key = sha256 of the split's files (path, size, mtime), the tokenizer's fingerprint and every
+option that changes the documents. It is written to a temporary folder and renamed, reused by
+later runs, and a changed file, tokenizer or option gives a new key. `cache_dir` defaults to
+`$KGPT_CACHE_DIR`, else `~/.cache/kgpt/tokens`. Sequence length, mode and batch size are applied
+when packing, so they never invalidate the cache.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from kgpt import corpora
+from kgpt import tokenizer as tokenizers
+from kgpt.config import _coerce, config_from_dict
+
+TOKENIZERS = ("bpe", "gpt2", "char", "tiktoken:NAME")
+MODES = ("packed", "document")
+DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
+CACHE_FORMAT_VERSION = 1
+
+
+def _choice(name, value, options):
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown {name}={value!r}.{hint} Set data.{name} to one of: {', '.join(options)}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read, how to tokenize it and how to cut it into training windows.
+
+    Args:
+        corpus: `wikitext2`, `wikitext2_tokens`, `wikitext103`, `wikitext103_tokens`, `imdb`,
+            `tinyshakespeare` or `text` (see `kgpt.corpora`).
+        dir: data directory (else `$KGPT_DATA_DIR`; else the Keras cache, downloading there).
+        files: `text` corpus: file paths or globs (relative ones are under `dir`).
+        validation_files: `text` corpus: validation files; else `validation_fraction` is used.
+        tokenizer: `bpe` (trained byte-level BPE), `gpt2`, `char` or `tiktoken:NAME`.
+        tokenizer_path: `gpt2`: folder with `vocab.json` + `merges.txt` (or a saved tokenizer).
+        vocabulary_size: `bpe`: ids to train, at least 258 (256 bytes + 2 specials).
+        sequence_length: tokens per example (`x` and `y`); at most the model's.
+        mode: `packed` (documents joined, cut into windows) or `document` (one per example).
+        lowercase / strip_punctuation / strip_html: text options (IMDB always maps `<br />`).
+        document_separator: `text` corpus: `file`, `blank_line` or `line`.
+        validation_fraction: `text`: fraction of documents held out (seeded);
+            `tinyshakespeare`: the last fraction of characters (0.1 = nanoGPT's 90/10).
+        validation_count: `imdb`: reviews per polarity carved from test for validation.
+        imdb_unsupervised: `imdb`: add `train/unsup` to the training split.
+        errors: `strict` (invalid UTF-8 is an error naming file and byte) or `replace`.
+        cache_dir: token cache folder (default `$KGPT_CACHE_DIR` or `~/.cache/kgpt/tokens`).
+        shuffle_buffer_size: training shuffle buffer in windows; None shuffles all windows.
+        seed: seeds the splits and the shuffle.
+
+    Example:
+        config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
+    """
+
+    corpus: str = "text"
+    dir: typing.Optional[str] = None
+    files: typing.Tuple[str, ...] = ()
+    validation_files: typing.Tuple[str, ...] = ()
+    tokenizer: str = "bpe"
+    tokenizer_path: typing.Optional[str] = None
+    vocabulary_size: int = 8192
+    sequence_length: int = 256
+    mode: str = "packed"
+    lowercase: bool = False
+    strip_punctuation: bool = False
+    strip_html: bool = False
+    document_separator: str = "blank_line"
+    validation_fraction: float = 0.1
+    validation_count: int = 2500
+    imdb_unsupervised: bool = False
+    errors: str = "strict"
+    cache_dir: typing.Optional[str] = None
+    shuffle_buffer_size: typing.Optional[int] = None
+    seed: int = 1337
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f"data.{f.name}", getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)  # lists become tuples
+        _choice("corpus", self.corpus, corpora.CORPORA)
+        if not self.tokenizer.startswith("tiktoken:") or self.tokenizer == "tiktoken:":
+            _choice("tokenizer", self.tokenizer, TOKENIZERS[:3])
+        _choice("mode", self.mode, MODES)
+        _choice("document_separator", self.document_separator, DOCUMENT_SEPARATORS)
+        _choice("errors", self.errors, ("strict", "replace"))
+        minimum = tokenizers.BYTE_ALPHABET_SIZE + 2
+        if self.tokenizer == "bpe" and self.vocabulary_size < minimum:
+            raise ValueError(
+                f"data.vocabulary_size={self.vocabulary_size} is smaller than the byte alphabet "
+                f"(256) plus 2 special tokens; set it to at least {minimum} (e.g. 8192)."
+            )
+        if self.sequence_length < 1:
+            raise ValueError(
+                f"data.sequence_length={self.sequence_length} must be at least 1 (e.g. 256)."
+            )
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"data.validation_fraction={self.validation_fraction} must be in [0, 1); "
+                "0.1 holds out a tenth."
+            )
+        if self.validation_count < 1:
+            raise ValueError(
+                f"data.validation_count={self.validation_count} must be at least 1 (default 2500)."
+            )
+        if self.shuffle_buffer_size is not None and self.shuffle_buffer_size < 1:
+            raise ValueError(
+                f"data.shuffle_buffer_size={self.shuffle_buffer_size} must be positive, or unset "
+                "to shuffle all windows."
+            )
+        if self.corpus == "text" and not self.files:
+            raise ValueError(
+                "data.corpus = \"text\" needs data.files: a list of paths or globs, e.g. "
+                "[\"shards/wiki_books_*.txt\"]."
+            )
+        if self.tokenizer == "gpt2" and not self.tokenizer_path:
+            raise ValueError(
+                "data.tokenizer = \"gpt2\" needs data.tokenizer_path: the folder holding GPT-2's "
+                "vocab.json (or encoder.json) and merges.txt."
+            )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, section="data"):
+        return config_from_dict(cls, data, section)
+
+
+def read_documents(config, split):
+    """The documents of one split as a `tf.data.Dataset` of scalar `tf.string`.
+
+    Args:
+        config: a `DataConfig`.
+        split: `"train"`, `"validation"` or `"test"`.
+
+    Returns:
+        A `tf.data.Dataset`; files are located (or downloaded) now, read when iterated.
+
+    Example:
+        for text in read_documents(config, "validation").take(1): print(text.numpy()[:80])
+    """
+    corpora.corpus_files(config, split)  # fail now on missing files, not mid-iteration
+    return tf.data.Dataset.from_generator(
+        lambda: corpora.iter_documents(config, split),
+        output_signature=tf.TensorSpec([], tf.string),
+    )
+
+
+def build_tokenizer(config, directory=None):
+    """Loads the tokenizer saved in `directory`, or makes one from `config` (and saves it there).
+
+    `bpe` and `char` are trained on the training split; `gpt2` reads `config.tokenizer_path`;
+    `tiktoken:NAME` loads the encoding from tiktoken's cache.
+
+    Args:
+        config: a `DataConfig`.
+        directory: optional folder (e.g. `checkpoints/<run>/tokenizer`).
+
+    Returns:
+        A `kgpt.tokenizer.Tokenizer`.
+    """
+    if directory and os.path.isfile(os.path.join(directory, tokenizers.CONFIG_FILENAME)):
+        loaded = tokenizers.load_tokenizer(directory)
+        if loaded.kind != config.tokenizer:
+            raise ValueError(
+                f"{directory} holds a {loaded.kind!r} tokenizer but data.tokenizer = "
+                f"{config.tokenizer!r}; use another run directory or set data.tokenizer = "
+                f"{loaded.kind!r}."
+            )
+        return loaded
+    if config.tokenizer == "bpe":
+        result = tokenizers.train_bpe(corpora.iter_documents(config, "train"), config.vocabulary_size)
+    elif config.tokenizer == "char":
+        result = tokenizers.train_characters(corpora.iter_documents(config, "train"))
+    elif config.tokenizer == "gpt2":
+        path = config.tokenizer_path
+        if os.path.isfile(os.path.join(path, tokenizers.CONFIG_FILENAME)):
+            result = tokenizers.load_tokenizer(path)
+        else:
+            result = tokenizers.load_gpt2_tokenizer(path)
+    else:
+        result = tokenizers.TiktokenTokenizer(config.tokenizer.split(":", 1)[1])
+    if directory:
+        result.save(directory)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """A split's tokens: each document followed by end-of-text, concatenated.
+
+    Attributes:
+        tokens: int32 `[num_tokens]`.
+        document_ends: int64 `[num_documents]`, the end offset of each document (after its
+            end-of-text token); document i is `tokens[ends[i-1]:ends[i]]`.
+        path: the cache folder it was read from or written to.
+        cached: True when read from an existing cache entry.
+    """
+
+    tokens: np.ndarray
+    document_ends: np.ndarray
+    path: str
+    cached: bool
+
+
+def default_cache_directory():
+    """`$KGPT_CACHE_DIR`, else `~/.cache/kgpt/tokens`."""
+    return os.environ.get("KGPT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kgpt", "tokens"
+    )
+
+
+def cache_key(config, tokenizer, split):
+    """(key, description) of the token cache entry for this corpus split and tokenizer."""
+    options = ["lowercase", "strip_punctuation", "strip_html", "errors"]
+    if config.corpus == "text":
+        options += ["files", "validation_files", "document_separator"]
+        if not config.validation_files:
+            options += ["validation_fraction", "seed"]
+    elif config.corpus == "imdb":
+        options += ["imdb_unsupervised"] + (["validation_count", "seed"] if split != "train" else [])
+    elif config.corpus == "tinyshakespeare":
+        options += ["validation_fraction"]
+    description = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "corpus": config.corpus,
+        "split": split,
+        "files": corpora.file_identity(corpora.corpus_files(config, split)),
+        "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint},
+        "options": {name: getattr(config, name) for name in options},
+    }
+    text = json.dumps(description, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32], description
+
+
+def tokenize_corpus(config, tokenizer, split, batch_documents=1024):
+    """Returns the split's token stream, from the cache or by tokenizing and caching it.
+
+    Args:
+        config: a `DataConfig`.
+        tokenizer: a `kgpt.tokenizer.Tokenizer`.
+        split: `"train"`, `"validation"` or `"test"`.
+        batch_documents: documents per `encode_documents` call.
+
+    Returns:
+        A `TokenStream`.
+
+    Raises:
+        ValueError: when the split has no documents.
+    """
+    key, description = cache_key(config, tokenizer, split)
+    root = config.cache_dir or default_cache_directory()
+    path = os.path.join(root, f"{config.corpus}-{split}-{key}")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return TokenStream(
+            np.load(os.path.join(path, "tokens.npy")),
+            np.load(os.path.join(path, "document_ends.npy")),
+            path,
+            cached=True,
+        )
+    end_of_text = np.array([tokenizer.end_of_text_id], dtype=np.int32)
+    pieces, lengths, batch = [], [], []
+
+    def flush():
+        for ids in tokenizer.encode_documents(batch):
+            pieces.extend((ids, end_of_text))
+            lengths.append(len(ids) + 1)
+        batch.clear()
+
+    for document in corpora.iter_documents(config, split):
+        batch.append(document)
+        if len(batch) == batch_documents:
+            flush()
+    if batch:
+        flush()
+    if not lengths:
+        files = [f for f, _, _ in description["files"]]
+        raise ValueError(
+            f"Corpus {config.corpus!r} ({split} split) is empty: no non-blank document in "
+            f"{files[:5]}{' ...' if len(files) > 5 else ''}. Point data.dir / data.files at text."
+        )
+    tokens = np.concatenate(pieces).astype(np.int32)
+    document_ends = np.cumsum(lengths, dtype=np.int64)
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=root, prefix=f".{os.path.basename(path)}.")
+    try:
+        np.save(os.path.join(staging, "tokens.npy"), tokens)
+        np.save(os.path.join(staging, "document_ends.npy"), document_ends)
+        meta = {**description, "num_tokens": int(tokens.size), "num_documents": len(lengths)}
+        with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as file:
+            json.dump(meta, file, indent=2)
+        os.replace(staging, path)
+    except OSError:
+        if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race: real error
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TokenStream(tokens, document_ends, path, cached=False)
+
+
+def pack_windows(tokens, sequence_length):
+    """Cuts a token stream into `(x, y)` windows: `x[i] = tokens[i*s : i*s+s]`, `y` shifted by one.
+
+    Args:
+        tokens: int `[num_tokens]`.
+        sequence_length: `s`.
+
+    Returns:
+        `(inputs [n, s], next_tokens [n])`: `y[i] = concat(inputs[i, 1:], next_tokens[i])`.
+        Views of `tokens` where possible, no copy of the stream.
+    """
+    count = (len(tokens) - 1) // sequence_length
+    inputs = tokens[: count * sequence_length].reshape(count, sequence_length)
+    next_tokens = tokens[sequence_length : count * sequence_length + 1 : sequence_length]
+    return inputs, next_tokens
+
+
+def pad_documents(stream, sequence_length, padding_id):
+    """One row per document: its tokens (end-of-text included) truncated/padded to `s + 1`.
+
+    Args:
+        stream: a `TokenStream`.
+        sequence_length: `s`.
+        padding_id: the id written after each document's end.
+
+    Returns:
+        `(rows [n, s + 1] int32, lengths [n] int32)`; documents with no target are dropped.
+    """
+    ends = stream.document_ends
+    starts = np.concatenate([[0], ends[:-1]])
+    lengths = np.minimum(ends - starts, sequence_length + 1)
+    keep = lengths >= 2
+    starts, lengths = starts[keep], lengths[keep]
+    positions = np.arange(sequence_length + 1)
+    index = np.minimum(starts[:, None] + positions[None, :], len(stream.tokens) - 1)
+    rows = np.where(positions[None, :] < lengths[:, None], stream.tokens[index], padding_id)
+    return rows.astype(np.int32), lengths.astype(np.int32)
+
+
+def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False):
+    """The `tf.data` pipeline of one split: `(x, y)` (packed) or `(x, y, sample_weight)`.
+
+    Args:
+        config: a `DataConfig` (corpus, options, `sequence_length`, `mode`).
+        tokenizer: the `Tokenizer` from `build_tokenizer`.
+        split: `"train"`, `"validation"` or `"test"`.
+        batch_size: examples per batch (the global batch under a distribution strategy).
+        shuffle: shuffle windows and drop the final partial batch; default: `split == "train"`.
+        seed: shuffle seed; default `config.seed`.
+        repeat: repeat forever (reshuffled each pass), for step-based training.
+
+    Returns:
+        A `tf.data.Dataset` of int32 `[batch, sequence_length]` `x`, `y` (and float32
+        `sample_weight` in document mode).
+
+    Raises:
+        ValueError: when the split has fewer than `sequence_length + 1` tokens.
+
+    Example:
+        train = make_dataset(config, tokenizer, "train", batch_size=12, repeat=True)
+        x, y = next(iter(train))
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1 (e.g. 12).")
+    shuffle = split == "train" if shuffle is None else shuffle
+    seed = config.seed if seed is None else seed
+    length = config.sequence_length
+    stream = tokenize_corpus(config, tokenizer, split)
+    if config.mode == "packed":
+        inputs, next_tokens = pack_windows(stream.tokens, length)
+        count = len(inputs)
+        if count == 0:
+            raise ValueError(
+                f"Corpus {config.corpus!r} ({split} split) has {stream.tokens.size} tokens, fewer "
+                f"than one window of sequence_length + 1 = {length + 1}. Lower data.sequence_length "
+                "or add text."
+            )
+        inputs, next_tokens = tf.constant(inputs), tf.constant(next_tokens)
+
+        def gather(index):
+            x = tf.gather(inputs, index)  # (batch, sequence_length)
+            y = tf.concat([x[:, 1:], tf.gather(next_tokens, index)[:, tf.newaxis]], axis=1)
+            return x, y
+
+    else:
+        rows, lengths = pad_documents(stream, length, tokenizer.padding_id)
+        count = len(rows)
+        if count == 0:
+            raise ValueError(
+                f"Corpus {config.corpus!r} ({split} split) has no document with at least 2 "
+                "tokens, so document mode has no targets; add text or use data.mode = \"packed\"."
+            )
+        rows, lengths = tf.constant(rows), tf.constant(lengths)
+        positions = tf.range(length, dtype=tf.int32)
+
+        def gather(index):
+            window = tf.gather(rows, index)  # (batch, sequence_length + 1)
+            targets = tf.gather(lengths, index)[:, tf.newaxis] - 1
+            weight = tf.cast(positions[tf.newaxis, :] < targets, tf.float32)
+            return window[:, :-1], window[:, 1:], weight
+
+    if shuffle:
+        dataset = _shuffled_indices(count, seed, config.shuffle_buffer_size, repeat)
+    else:
+        dataset = tf.data.Dataset.range(count)
+        if repeat:
+            dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=shuffle)
+    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _shuffled_indices(count, seed, buffer_size, repeat):
+    """Window indices, in a new seeded order on every pass.
+
+    Each pass's order is a pure function of `(seed, pass)`: no random state lives in the
+    iterator, so every tf.distribute replica layout, every worker and every resumed run (which
+    skips the batches it already trained on) sees exactly the same stream.
+    """
+    passes = tf.data.Dataset.range(2**62 if repeat else 1)
+
+    def one_pass(number):
+        seed_pair = tf.stack([tf.constant(seed, tf.int64), number])
+        if buffer_size is None or buffer_size >= count:
+            order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed_pair)
+            return tf.data.Dataset.from_tensor_slices(order)
+        pass_seed = tf.random.stateless_uniform([], seed_pair, maxval=2**62, dtype=tf.int64)
+        return tf.data.Dataset.range(count).shuffle(
+            buffer_size, seed=pass_seed, reshuffle_each_iteration=False
+        )
+
+    return passes.flat_map(one_pass)
+
+
+def check_model_compatibility(config, model_config, tokenizer=None):
+    """Raises if the data does not fit the model: sequence length or vocabulary too large.
+
+    Args:
+        config: a `DataConfig`.
+        model_config: a `kgpt.config.ModelConfig`.
+        tokenizer: optional; its `vocabulary_size` must not exceed the model's.
+    """
+    if config.sequence_length > model_config.sequence_length:
+        raise ValueError(
+            f"data.sequence_length={config.sequence_length} is larger than the model's "
+            f"sequence_length={model_config.sequence_length} (its position table); set "
+            f"data.sequence_length to at most {model_config.sequence_length} or raise "
+            "model.sequence_length."
+        )
+    if tokenizer is not None and tokenizer.vocabulary_size > model_config.vocabulary_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocabulary_size} ids but model.vocabulary_size="
+            f"{model_config.vocabulary_size}; set model.vocabulary_size to at least "
+            f"{tokenizer.vocabulary_size}."
+        )

@@ -1,0 +1,131 @@
+"""Distribution: choosing the `tf.distribute` strategy and making Keras 3 correct under it.
+
+Two fixes live here, each limited to what Keras gets wrong today (Keras 3.15, TF 2.20):
+
+- Gradient clipping. Keras clips each replica's gradients by their own global norm *before*
+  summing them across replicas, so a clipped multi-replica step differs from the same step on one
+  device. `AdamW` here clips the summed gradients instead.
+- `model.fit` under MultiWorkerMirroredStrategy fails (keras-team/keras#20585):
+  `_maybe_symbolic_build` reduces a nest of per-replica batches with `strategy.reduce`, which
+  only takes single values across workers, and the step logs (scalars) are then reduced along
+  axis 0. `enable_multi_worker_fit` rebinds those methods on one model instance.
+"""
+
+import os
+import types
+
+import keras
+import tensorflow as tf
+
+
+def make_strategy(name):
+    """The strategy for `train.strategy`: `auto`, `default`, `mirrored` or `multiworker`.
+
+    `auto` picks MirroredStrategy when more than one GPU is visible. `multiworker` reads the
+    cluster from `TF_CONFIG`.
+    """
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError(
+            'train.strategy = "multiworker" needs the TF_CONFIG environment variable describing '
+            "the cluster and this worker's task (see the README); set it on every worker."
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_multi_worker(strategy):
+    """True for a MultiWorkerMirroredStrategy that spans more than one worker."""
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
+
+
+def worker_index(strategy):
+    """This process's index among the workers (0 on a single machine)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not is_multi_worker(strategy):
+        return 0
+    return int(resolver.task_id or 0)
+
+
+def _replicas():
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with global-norm clipping applied after the cross-replica gradient sum.
+
+    On one device it is exactly `keras.optimizers.AdamW`.
+    """
+
+    def _clip_gradients(self, grads):
+        if _replicas() > 1:
+            return grads  # clipped in _all_reduce_sum_gradients, once summed
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        grads_and_vars = list(super()._all_reduce_sum_gradients(grads_and_vars))
+        if _replicas() > 1 and self.global_clipnorm:
+            present = [(g, v) for g, v in grads_and_vars if g is not None]
+            clipped, _ = tf.clip_by_global_norm([g for g, _ in present], self.global_clipnorm)
+            by_variable = {id(v): g for (_, v), g in zip(present, clipped)}
+            grads_and_vars = [(by_variable.get(id(v), g), v) for g, v in grads_and_vars]
+        return grads_and_vars
+
+
+def _first_local_replica(value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
+
+
+def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras only needs an example batch's shapes and dtypes here; take this worker's first
+    # replica's batch instead of reducing the whole (x, y) nest across workers.
+    if iterator is not None and self._distribute_strategy is not None:
+        for _, _, step_iterator in iterator:
+            data_batch = keras.tree.map_structure(_first_local_replica, next(step_iterator))
+            break
+        iterator = None
+    return type(self)._maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
+
+
+def _as_vectors(logs):
+    # Multi-worker log reduction is strategy.reduce("MEAN", v, axis=0): give it (1,) vectors,
+    # and it returns the scalar mean over all replicas, the same on every worker.
+    return keras.tree.map_structure(lambda v: tf.reshape(v, (1,)), logs)
+
+
+def _train_step(self, data):
+    return _as_vectors(type(self).train_step(self, data))
+
+
+def _test_step(self, data):
+    return _as_vectors(type(self).test_step(self, data))
+
+
+def enable_multi_worker_fit(model):
+    """Lets `model.fit` / `evaluate` run under a multi-worker MultiWorkerMirroredStrategy.
+
+    Works around keras-team/keras#20585 by rebinding three methods on this model instance only;
+    the class, its config and saved files are unchanged. Call it after `compile`.
+
+    Returns:
+        `model`.
+    """
+    if not hasattr(type(model), "_maybe_symbolic_build"):
+        raise RuntimeError(
+            f"Keras {keras.__version__} has no Model._maybe_symbolic_build; kgpt's workaround "
+            "for keras-team/keras#20585 needs updating for this Keras version."
+        )
+    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
+    model.train_step = types.MethodType(_train_step, model)
+    model.test_step = types.MethodType(_test_step, model)
+    return model

@@ -1,0 +1,576 @@
+"""Tokenizers: train or load them; one interface usable eagerly, in `tf.data` and in a SavedModel.
+
+Every tokenizer is a `tf.Module` with the same interface:
+
+- `tokenize(strings)`: `tf.string` `[batch]` -> `tf.RaggedTensor` int32 `[batch, None]`
+  (a scalar string gives a 1-D int32 tensor). Runs eagerly, inside `tf.data.Dataset.map` and
+  inside a `tf.function` / SavedModel with only TensorFlow and tensorflow-text ops.
+- `detokenize(ids)`: ragged or dense int `[batch, length]` -> `tf.string` `[batch]` (1-D ids give
+  a scalar). Padding ids are dropped; invalid UTF-8 (a multi-byte character cut in half) becomes
+  U+FFFD, never an error.
+- `vocabulary_size`, `end_of_text_id` (`<|endoftext|>`, the document separator), `padding_id`.
+- `encode_documents(texts)`: the fast, out-of-graph path the data pipeline uses to fill its token
+  cache (HF `tokenizers` for BPE, NumPy for characters); ids equal `tokenize`'s.
+- `save(directory)`; `load_tokenizer(directory)` reads it back, dispatching on `tokenizer.json`.
+
+Kinds (`kind`, also the `data.tokenizer` setting):
+
+- `"bpe"`: byte-level BPE trained with HF `tokenizers` (`train_bpe`), GPT-2's pre-tokenizer
+  regex; run in the graph by keras-hub's `BytePairTokenizer`. Ids 0 and 1 are `<|endoftext|>`
+  and `<|padding|>`, then the 256 byte symbols, then the merges. `<|padding|>` is never produced
+  by `tokenize` (it is not matched in text), so padding can never collide with real text.
+- `"gpt2"`: OpenAI GPT-2's `vocab.json` (or `encoder.json`) + `merges.txt`
+  (`load_gpt2_tokenizer`), for imported GPT-2 weights. GPT-2 has no padding token, so
+  `padding_id == end_of_text_id`; the data pipeline masks padding by position
+  (`sample_weight = 0` past each document's end), never by comparing ids, so this is safe.
+- `"char"`: one id per character of the training text (`train_characters`), sorted by code point
+  (Tiny Shakespeare: ids 0-64 as in nanoGPT's shakespeare_char), then `<|endoftext|>`, `<unk>`
+  (any character not seen in training) and `<|padding|>`.
+- `"tiktoken:NAME"`: a tiktoken encoding (`gpt2`, `o200k_base`, ...) read from tiktoken's local
+  cache; runs outside the graph only (a pre-tokenization step), so it can train models but
+  cannot be exported. Needs the optional `tiktoken` package.
+
+In-graph BPE: kgpt splits words with its own RE2 spelling of GPT-2's regex (`split_words`;
+keras-hub's own splitter differs from GPT-2 on trailing whitespace runs and rare Unicode spaces)
+and merges them with keras-hub's `BytePairTokenizer` tables, so in-graph ids equal HF
+`tokenizers`' and OpenAI's encoding of the same text (tested on whitespace runs, Unicode, digits,
+punctuation and special tokens). The noncharacter U+FDD0 is reserved as an internal marker.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+END_OF_TEXT = "<|endoftext|>"
+PADDING = "<|padding|>"
+UNKNOWN = "<unk>"
+CONFIG_FILENAME = "tokenizer.json"
+VOCABULARY_FILENAME = "vocab.json"
+MERGES_FILENAME = "merges.txt"
+BYTE_ALPHABET_SIZE = 256
+FORMAT_VERSION = 1
+
+
+def _write_atomically(directory, files):
+    """Writes `{name: text}` into `directory`, each file via a temporary name and a rename."""
+    os.makedirs(directory, exist_ok=True)
+    for name, text in files.items():
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, os.path.join(directory, name))
+
+
+def _as_ragged_ids(ids):
+    """Returns `(ids as RaggedTensor int32 [batch, None], was_1d)`."""
+    if not isinstance(ids, tf.RaggedTensor):
+        ids = tf.convert_to_tensor(ids)
+        if ids.shape.rank == 1:
+            return tf.RaggedTensor.from_tensor(ids[tf.newaxis]).with_values(
+                tf.cast(ids, tf.int32)
+            ), True
+        if ids.shape.rank != 2:
+            raise ValueError(
+                f"detokenize expects ids of shape [batch, length] or [length]; got shape "
+                f"{ids.shape}. Reshape the ids to rank 1 or 2."
+            )
+        ids = tf.RaggedTensor.from_tensor(ids)
+    return tf.cast(ids, tf.int32), False
+
+
+class Tokenizer(tf.Module):
+    """Base class: the interface shared by every kgpt tokenizer (see the module docstring).
+
+    Subclasses implement `_tokenize(strings [batch]) -> RaggedTensor int32`,
+    `_detokenize(RaggedTensor int32) -> tf.string [batch]`, `_files()` (what `save` writes) and
+    set `kind`, `vocabulary_size`, `end_of_text_id`, `padding_id`.
+    """
+
+    kind = None
+    graph_compatible = True
+
+    def tokenize(self, inputs):
+        """Turns strings into token ids.
+
+        Args:
+            inputs: a `tf.string` tensor (or Python str / list of str) of shape `[batch]` or `[]`.
+
+        Returns:
+            A `tf.RaggedTensor` int32 `[batch, None]`, or a 1-D int32 tensor for a scalar input.
+
+        Example:
+            ids = tokenizer.tokenize(["Hello world", "Hi"])  # RaggedTensor [2, None]
+        """
+        inputs = tf.convert_to_tensor(inputs, dtype=tf.string)
+        scalar = inputs.shape.rank == 0
+        batch = inputs[tf.newaxis] if scalar else inputs
+        if batch.shape.rank != 1:
+            raise ValueError(
+                f"tokenize expects a string tensor of shape [batch] or []; got shape "
+                f"{inputs.shape}. Flatten it first (tf.reshape(inputs, [-1]))."
+            )
+        if tf.executing_eagerly() and self.graph_compatible:
+            ids = self._tokenize_function(batch)
+        else:
+            ids = self._tokenize(batch)
+        return ids[0] if scalar else ids
+
+    def detokenize(self, ids):
+        """Turns token ids back into text; padding ids are dropped, bad UTF-8 becomes U+FFFD.
+
+        Args:
+            ids: int token ids, a `tf.RaggedTensor` or dense tensor `[batch, length]`, or `[length]`.
+
+        Returns:
+            A `tf.string` tensor `[batch]` (a scalar for 1-D ids).
+        """
+        ids, one_row = _as_ragged_ids(ids)
+        if self.padding_id != self.end_of_text_id:
+            ids = tf.ragged.boolean_mask(ids, tf.not_equal(ids, self.padding_id))
+        if tf.executing_eagerly() and self.graph_compatible:
+            text = self._detokenize_function(ids)
+        else:
+            text = self._detokenize(ids)
+        text = tf.strings.unicode_transcode(
+            text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
+        )
+        return text[0] if one_row else text
+
+    def _build_functions(self):
+        # Eager calls go through compiled functions: faster, and keras-hub's layer returns
+        # TensorFlow tensors (not Python lists) when traced.
+        self._tokenize_function = tf.function(
+            self._tokenize, input_signature=[tf.TensorSpec([None], tf.string)]
+        )
+        self._detokenize_function = tf.function(
+            self._detokenize,
+            input_signature=[tf.RaggedTensorSpec([None, None], tf.int32, ragged_rank=1)],
+        )
+
+    def encode_documents(self, texts):
+        """Tokenizes Python strings outside the graph, as fast as this tokenizer allows.
+
+        Args:
+            texts: a list of Python strings.
+
+        Returns:
+            A list of 1-D int32 NumPy arrays, equal to `tokenize(texts)` row by row.
+        """
+        ids = self.tokenize(tf.constant(list(texts), dtype=tf.string))
+        return [np.asarray(row, dtype=np.int32) for row in ids.numpy()]
+
+    @property
+    def fingerprint(self):
+        """sha256 of what `save` writes: equal fingerprints mean equal token ids."""
+        digest = hashlib.sha256()
+        for name, text in sorted(self._files().items()):
+            digest.update(name.encode() + b"\0" + text.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+    def save(self, directory):
+        """Writes the tokenizer into `directory` (plain JSON / text files, no pickle).
+
+        Args:
+            directory: a folder, created if needed (e.g. `checkpoints/<run>/tokenizer`).
+        """
+        _write_atomically(directory, self._files())
+
+    def _files(self):
+        raise NotImplementedError
+
+
+# GPT-2's pre-tokenizer, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
+# rewritten for RE2 (no look-ahead). `\s` is spelled out as Unicode White_Space, which is what GPT-2
+# (Python `regex`) and HF `tokenizers` match. The look-ahead keeps the last whitespace character
+# of a run that precedes a non-space for the next word; we get the same split by inserting a
+# marker (a Unicode noncharacter, never in real text) before that last character, splitting with
+# the marker as its own word, and dropping it.
+_SPACE = r"\t\n\x{0b}\f\r \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+_MARK = "\ufdd0"
+_MARK_BEFORE_LAST_SPACE = (rf"([{_SPACE}])([{_SPACE}])([^{_SPACE}])", r"\1" + _MARK + r"\2\3")
+_WORD = (
+    rf"<\|endoftext\|>|\x{{fdd0}}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+| ?\p{{N}}+"
+    rf"| ?[^{_SPACE}\p{{L}}\p{{N}}\x{{fdd0}}]+|[{_SPACE}]+"
+)
+
+
+def split_words(strings):
+    """Splits `tf.string` `[batch]` into GPT-2 pre-tokenizer words: RaggedTensor `[batch, words]`.
+
+    `<|endoftext|>` is cut out first and kept whole, as HF `tokenizers` does for special tokens.
+    """
+    import tensorflow_text as tf_text
+
+    special = r"<\|endoftext\|>"
+    pieces = tf_text.regex_split(strings, special, special)  # (batch, pieces)
+    marked = tf.strings.regex_replace(pieces.flat_values, *_MARK_BEFORE_LAST_SPACE)
+    words = tf_text.regex_split(marked, _WORD, _WORD)  # (pieces, words)
+    words = tf.RaggedTensor.from_row_splits(words, pieces.row_splits).merge_dims(1, 2)
+    return tf.ragged.boolean_mask(words, tf.not_equal(words, _MARK))
+
+
+class BytePairTokenizer(Tokenizer):
+    """Byte-level BPE (trained `"bpe"` or OpenAI `"gpt2"`), in-graph via keras-hub.
+
+    Args:
+        vocabulary: dict token -> id (byte-level symbols, as in GPT-2's `encoder.json`).
+        merges: list of merge rules `"a b"`, highest priority first.
+        kind: `"bpe"` or `"gpt2"`, recorded by `save`.
+        padding: the padding token (must be in `vocabulary`), or None to pad with end-of-text.
+
+    Example:
+        tokenizer = train_bpe(["some text", "more text"], vocabulary_size=300)
+        tokenizer.detokenize(tokenizer.tokenize(["hello"]))  # [b"hello"]
+    """
+
+    def __init__(self, vocabulary, merges, kind="bpe", padding=PADDING, name=None):
+        super().__init__(name=name)
+        import keras_hub
+
+        merges = [m for m in merges if m and not m.startswith("#version")]
+        for token in [END_OF_TEXT] + ([padding] if padding else []):
+            if token not in vocabulary:
+                raise ValueError(
+                    f"The BPE vocabulary has no {token!r} token; add it to vocab.json "
+                    "(GPT-2's has <|endoftext|> at id 50256) or retrain with train_bpe."
+                )
+        self.kind = kind
+        # Kept as JSON text: tf.Module would wrap a dict / list attribute into trackable objects.
+        self._vocabulary_json = json.dumps(dict(vocabulary), ensure_ascii=False)
+        self._merges_text = "".join(f"{m}\n" for m in merges)
+        self.padding = padding
+        self.vocabulary_size = max(vocabulary.values()) + 1
+        self.end_of_text_id = vocabulary[END_OF_TEXT]
+        self.padding_id = vocabulary[padding] if padding else self.end_of_text_id
+        self._layer = keras_hub.tokenizers.BytePairTokenizer(
+            vocabulary=dict(vocabulary),
+            merges=list(merges),
+            unsplittable_tokens=[END_OF_TEXT],
+            dtype="int32",
+            _allow_python_workflow=False,
+        )
+        self._fast = None
+        self._build_functions()
+
+    @property
+    def vocabulary(self):
+        """dict token -> id (a fresh copy)."""
+        return json.loads(self._vocabulary_json)
+
+    @property
+    def merges(self):
+        """list of merge rules `"a b"`, highest priority first (a fresh copy)."""
+        return self._merges_text.splitlines()
+
+    def _tokenize(self, strings):
+        layer = self._layer
+        if not all(hasattr(layer, a) for a in ("cache", "token_to_id_map", "_bpe_merge_and_update_cache_tf")):
+            return tf.cast(layer.tokenize(strings), tf.int32)  # other keras-hub: its own split
+        words = split_words(strings)  # (batch, words)
+        flat = words.flat_values
+        cached = layer.cache.lookup(flat)
+        unseen = tf.equal(cached, "")
+
+        def merge_unseen():
+            layer._bpe_merge_and_update_cache_tf(tf.boolean_mask(flat, unseen))
+            return layer.cache.lookup(flat)
+
+        merged = tf.cond(tf.reduce_any(unseen), merge_unseen, lambda: cached)
+        ids = layer.token_to_id_map.lookup(tf.strings.split(merged, sep=" "))  # (words, pieces)
+        return tf.RaggedTensor.from_row_splits(
+            tf.cast(ids.flat_values, tf.int32), tf.gather(ids.row_splits, words.row_splits)
+        )
+
+    def _detokenize(self, ids):
+        return self._layer.detokenize(ids)
+
+    def encode_documents(self, texts):
+        # HF tokenizers (Rust, all cores) with the same vocabulary, merges and GPT-2 regex.
+        if self._fast is None:
+            self._fast = _hf_byte_level_tokenizer(self.vocabulary, self.merges)
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._fast.encode_batch(list(texts))]
+
+    def _files(self):
+        return {
+            VOCABULARY_FILENAME: self._vocabulary_json,
+            MERGES_FILENAME: "#version: 0.2\n" + self._merges_text,
+            CONFIG_FILENAME: json.dumps(
+                {
+                    "kind": self.kind,
+                    "format_version": FORMAT_VERSION,
+                    "vocabulary_file": VOCABULARY_FILENAME,
+                    "merges_file": MERGES_FILENAME,
+                    "padding": self.padding,
+                },
+                indent=2,
+            ),
+        }
+
+
+def _hf_byte_level_tokenizer(vocabulary, merges):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    pairs = [tuple(m.split(" ")) for m in merges]
+    fast = HFTokenizer(models.BPE(vocab=dict(vocabulary), merges=pairs))
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens([END_OF_TEXT])
+    return fast
+
+
+def train_bpe(texts, vocabulary_size, min_frequency=0):
+    """Trains a byte-level BPE tokenizer (GPT-2 pre-tokenization) with HF `tokenizers`.
+
+    Args:
+        texts: an iterable of Python strings (the training split's documents).
+        vocabulary_size: total ids, including `<|endoftext|>`, `<|padding|>` and the 256 bytes.
+        min_frequency: merges seen fewer times than this are not learned.
+
+    Returns:
+        A `BytePairTokenizer` of kind `"bpe"`. Its `vocabulary_size` may be below the request
+        when the text has fewer distinct merges.
+
+    Example:
+        tokenizer = train_bpe(documents, vocabulary_size=8192)
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    minimum = BYTE_ALPHABET_SIZE + 2
+    if vocabulary_size < minimum:
+        raise ValueError(
+            f"vocabulary_size={vocabulary_size} is smaller than the byte alphabet (256) plus the "
+            f"2 special tokens; set data.vocabulary_size to at least {minimum} (e.g. 8192)."
+        )
+    trainee = HFTokenizer(models.BPE())
+    trainee.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocabulary_size,
+        min_frequency=min_frequency,
+        special_tokens=[END_OF_TEXT, PADDING],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    trainee.train_from_iterator(texts, trainer)
+    model = json.loads(trainee.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return BytePairTokenizer(model["vocab"], merges, kind="bpe", padding=PADDING)
+
+
+def load_gpt2_tokenizer(directory):
+    """Loads OpenAI GPT-2's BPE from `vocab.json` (or `encoder.json`) and `merges.txt`.
+
+    Args:
+        directory: a folder holding the two files (e.g. a downloaded GPT-2 checkpoint).
+
+    Returns:
+        A `BytePairTokenizer` of kind `"gpt2"` (50,257 ids; padding = `<|endoftext|>`).
+    """
+    names = [VOCABULARY_FILENAME, "encoder.json"]
+    vocabulary_path = next(
+        (os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))),
+        None,
+    )
+    merges_path = os.path.join(directory, MERGES_FILENAME)
+    if vocabulary_path is None or not os.path.isfile(merges_path):
+        raise FileNotFoundError(
+            f"GPT-2 tokenizer files not found in {directory!r}: expected vocab.json (or "
+            "encoder.json) and merges.txt. Point data.tokenizer_path at the folder holding them."
+        )
+    with open(vocabulary_path, encoding="utf-8") as file:
+        vocabulary = json.load(file)
+    with open(merges_path, encoding="utf-8") as file:
+        merges = [line.rstrip("\n") for line in file]
+    return BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None)
+
+
+class CharacterTokenizer(Tokenizer):
+    """One id per character seen in training, then `<|endoftext|>`, `<unk>`, `<|padding|>`.
+
+    In the graph: `tf.strings.unicode_decode` + `tf.searchsorted` over the sorted code points
+    (no lookup-table resources); detokenize is a `tf.gather` of strings and a `reduce_join`.
+    Unknown characters (and invalid UTF-8 bytes, decoded as U+FFFD) map to `unknown_id`, which
+    detokenizes to U+FFFD.
+
+    Args:
+        characters: the vocabulary, a string of distinct characters (sorted on construction).
+
+    Example:
+        tokenizer = train_characters(["hello"])  # ids: e=0, h=1, l=2, o=3
+    """
+
+    kind = "char"
+
+    def __init__(self, characters, name=None):
+        super().__init__(name=name)
+        self.characters = "".join(sorted(set(characters)))
+        if not self.characters:
+            raise ValueError(
+                "The character vocabulary is empty: the training text has no characters. "
+                "Check data.files / data.corpus point at non-empty text."
+            )
+        count = len(self.characters)
+        self.end_of_text_id = count
+        self.unknown_id = count + 1
+        self.padding_id = count + 2
+        self.vocabulary_size = count + 3
+        self._code_points_np = np.array([ord(c) for c in self.characters], dtype=np.int32)
+        self._code_points = tf.constant(self._code_points_np)
+        self._strings = tf.constant(list(self.characters) + [END_OF_TEXT, "\ufffd", ""])
+        self._build_functions()
+
+    def _tokenize(self, strings):
+        code_points = tf.strings.unicode_decode(
+            strings, "UTF-8", errors="replace", replacement_char=0xFFFD
+        )
+        flat = code_points.flat_values
+        position = tf.searchsorted(self._code_points, flat, side="left", out_type=tf.int32)
+        position = tf.minimum(position, len(self.characters) - 1)
+        found = tf.equal(tf.gather(self._code_points, position), flat)
+        ids = tf.where(found, position, self.unknown_id)
+        return code_points.with_flat_values(ids)
+
+    def _detokenize(self, ids):
+        flat = ids.flat_values
+        valid = (flat >= 0) & (flat < self.vocabulary_size)
+        ids = ids.with_flat_values(tf.where(valid, flat, self.unknown_id))
+        return tf.strings.reduce_join(tf.gather(self._strings, ids), axis=-1)
+
+    def encode_documents(self, texts):
+        result = []
+        for text in texts:
+            points = np.frombuffer(text.encode("utf-32-le", "replace"), dtype=np.uint32)
+            points = points.astype(np.int32)
+            position = np.minimum(np.searchsorted(self._code_points_np, points), len(self.characters) - 1)
+            found = self._code_points_np[position] == points
+            result.append(np.where(found, position, self.unknown_id).astype(np.int32))
+        return result
+
+    def _files(self):
+        config = {"kind": "char", "format_version": FORMAT_VERSION, "characters": self.characters}
+        return {CONFIG_FILENAME: json.dumps(config, indent=2, ensure_ascii=False)}
+
+
+def train_characters(texts):
+    """Builds a character tokenizer from the distinct characters of `texts`.
+
+    Args:
+        texts: an iterable of Python strings (the training split).
+
+    Returns:
+        A `CharacterTokenizer` (Tiny Shakespeare: 65 characters + 3 specials = 68 ids).
+    """
+    characters = set()
+    for text in texts:
+        characters.update(text)
+    return CharacterTokenizer("".join(characters))
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding as an out-of-graph pre-tokenizer (`data.tokenizer = "tiktoken:NAME"`).
+
+    `tokenize`/`detokenize` work eagerly only; inside a `tf.function` they raise, since tiktoken
+    is not a TensorFlow op. Padding reuses `<|endoftext|>` (masked by position in the loss).
+
+    Args:
+        encoding: a tiktoken encoding name, e.g. `"gpt2"`, `"cl100k_base"`, `"o200k_base"`.
+    """
+
+    graph_compatible = False
+
+    def __init__(self, encoding, name=None):
+        super().__init__(name=name)
+        try:
+            import tiktoken
+        except ImportError as error:
+            raise ValueError(
+                f"tokenizer 'tiktoken:{encoding}' needs the optional tiktoken package, which is "
+                "not installed; run `pip install tiktoken`, or use tokenizer 'gpt2' / 'bpe'."
+            ) from error
+        try:
+            self._encoding = tiktoken.get_encoding(encoding)
+        except ValueError as error:
+            raise ValueError(
+                f"Unknown tiktoken encoding {encoding!r}; choose one of "
+                f"{tiktoken.list_encoding_names()}."
+            ) from error
+        except Exception as error:  # network failure while fetching the BPE file
+            raise FileNotFoundError(
+                f"tiktoken could not load the BPE file of {encoding!r} ({error}). It must be in "
+                "tiktoken's local cache (TIKTOKEN_CACHE_DIR, default <tmp>/data-gym-cache); load it "
+                "once with network access or copy the file there."
+            ) from error
+        self.kind = f"tiktoken:{encoding}"
+        self.encoding = encoding
+        self.vocabulary_size = self._encoding.n_vocab
+        self.end_of_text_id = self._encoding.eot_token
+        self.padding_id = self.end_of_text_id
+
+    def _check_eager(self):
+        if not tf.executing_eagerly():
+            raise ValueError(
+                f"tokenizer {self.kind!r} runs outside the TensorFlow graph only; it cannot be "
+                "used in tf.function or a SavedModel. Use tokenizer 'gpt2' (same ids as "
+                "tiktoken:gpt2) or 'bpe' for models you export."
+            )
+
+    def _tokenize(self, strings):
+        self._check_eager()
+        texts = [s.decode("utf-8", "replace") for s in strings.numpy()]
+        return tf.ragged.constant(
+            [list(r) for r in self.encode_documents(texts)], dtype=tf.int32, ragged_rank=1
+        )
+
+    def _detokenize(self, ids):
+        self._check_eager()
+        return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()])
+
+    def encode_documents(self, texts):
+        rows = self._encoding.encode_ordinary_batch(list(texts))
+        return [np.asarray(r, dtype=np.int32) for r in rows]
+
+    def _files(self):
+        config = {"kind": self.kind, "format_version": FORMAT_VERSION, "encoding": self.encoding}
+        return {CONFIG_FILENAME: json.dumps(config, indent=2)}
+
+
+def load_tokenizer(directory):
+    """Loads a tokenizer written by `Tokenizer.save`, dispatching on its `tokenizer.json`.
+
+    Args:
+        directory: the folder passed to `save` (e.g. `checkpoints/<run>/tokenizer`).
+
+    Returns:
+        A `BytePairTokenizer`, `CharacterTokenizer` or `TiktokenTokenizer`.
+
+    Example:
+        tokenizer = load_tokenizer("checkpoints/shakespeare_char/tokenizer")
+    """
+    path = os.path.join(directory, CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No tokenizer in {directory!r}: {CONFIG_FILENAME} is missing. Pass the folder that "
+            "Tokenizer.save wrote (a run directory's tokenizer/)."
+        )
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    kind = config.get("kind", "")
+    if kind in ("bpe", "gpt2"):
+        with open(os.path.join(directory, config["vocabulary_file"]), encoding="utf-8") as file:
+            vocabulary = json.load(file)
+        with open(os.path.join(directory, config["merges_file"]), encoding="utf-8") as file:
+            merges = [line.rstrip("\n") for line in file]
+        return BytePairTokenizer(vocabulary, merges, kind=kind, padding=config.get("padding"))
+    if kind == "char":
+        return CharacterTokenizer(config["characters"])
+    if kind.startswith("tiktoken:"):
+        return TiktokenTokenizer(config["encoding"])
+    raise ValueError(
+        f"{path} has kind={kind!r}; expected 'bpe', 'gpt2', 'char' or 'tiktoken:NAME'. "
+        "The file is damaged or from a newer kgpt; save the tokenizer again."
+    )

@@ -1,0 +1,329 @@
+"""Tests for kgpt.data and kgpt.corpora on tiny corpora written into tmp_path."""
+
+import collections
+import os
+import pathlib
+import shutil
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from kgpt import corpora, data
+from kgpt.config import ModelConfig
+
+WIKITEXT = (
+    " \n = Alpha Article = \n \n Alpha text one . \n \n = = Alpha History = = \n \n Alpha more "
+    "text . \n \n = = = Deep = = = \n Deeper . \n \n = Beta = \n \n Beta text 1 @,@ 000 . \n"
+    " \n = Gamma Gamma = \n \n Gamma text <unk> . \n"
+)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def imdb_dir(tmp_path):
+    root = tmp_path / "data"
+    for split, count in (("train", 4), ("test", 6)):
+        for polarity in ("pos", "neg"):
+            for i in range(count):
+                _write(
+                    root / "aclImdb" / split / polarity / f"{i}_{7 if polarity == 'pos' else 2}.txt",
+                    f"{split} {polarity} review {i}.<br /><br />It was {'good' if polarity == 'pos' else 'bad'}.",
+                )
+    _write(root / "aclImdb" / "train" / "unsup" / "0_0.txt", "unlabelled review")
+    return root
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for i in range(3):
+        blocks = [f"Shard {i} block {j}: some words here." for j in range(4)]
+        _write(tmp_path / "shards" / f"wiki_books_{i}.txt", "\n\n".join(blocks) + "\n")
+    return tmp_path / "shards"
+
+
+def _config(tmp_path, **kwargs):
+    return data.DataConfig(cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_config_validates_names_and_values():
+    with pytest.raises(ValueError, match="Did you mean 'wikitext2'"):
+        data.DataConfig(corpus="wikitext-2")
+    with pytest.raises(ValueError, match="Unknown tokenizer='sentencepiece'"):
+        data.DataConfig(corpus="imdb", tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match="at least 258"):
+        data.DataConfig(corpus="imdb", vocabulary_size=100)
+    with pytest.raises(ValueError, match="needs data.files"):
+        data.DataConfig(corpus="text")
+    with pytest.raises(ValueError, match="Unknown key data.sequence_len"):
+        data.DataConfig.from_dict({"corpus": "imdb", "sequence_len": 8})
+    config = data.DataConfig.from_dict({"corpus": "text", "files": ["a.txt"]})
+    assert config.files == ("a.txt",)
+    assert data.DataConfig(corpus="imdb", tokenizer="tiktoken:o200k_base").tokenizer.endswith("o200k_base")
+
+
+def test_sequence_length_larger_than_model_is_an_error():
+    model = ModelConfig(vocabulary_size=300, sequence_length=16, num_heads=2, hidden_dim=16)
+    with pytest.raises(ValueError, match="data.sequence_length=32 is larger"):
+        data.check_model_compatibility(data.DataConfig(corpus="imdb", sequence_length=32), model)
+
+
+def test_wikitext_articles_split_at_top_level_headings():
+    articles = corpora.split_wikitext_articles(WIKITEXT)
+    assert [a.strip().splitlines()[0].strip() for a in articles] == [
+        "= Alpha Article =",
+        "= Beta =",
+        "= Gamma Gamma =",
+    ]
+    assert "= = Alpha History = =" in articles[0] and "= = = Deep = = =" in articles[0]
+    assert "".join(articles).strip() == WIKITEXT.strip()
+
+
+def test_wikitext_reader_uses_data_dir(tmp_path):
+    for split in ("train", "valid", "test"):
+        _write(tmp_path / "data" / "wikitext-2" / f"wiki.{split}.tokens", WIKITEXT)
+    config = _config(tmp_path, corpus="wikitext2_tokens", dir=str(tmp_path / "data"))
+    documents = [d.numpy().decode() for d in data.read_documents(config, "validation")]
+    assert len(documents) == 3 and documents[1].strip().startswith("= Beta =")
+
+
+def test_imdb_validation_split_is_deterministic_and_disjoint(imdb_dir, tmp_path):
+    config = _config(tmp_path, corpus="imdb", dir=str(imdb_dir), validation_count=2)
+    validation = corpora.imdb_files(config, "validation")
+    test = corpora.imdb_files(config, "test")
+    assert validation == corpora.imdb_files(config, "validation")
+    assert not set(validation) & set(test)
+    assert sorted(validation + test) == sorted(str(p) for p in (imdb_dir / "aclImdb" / "test").rglob("*.txt"))
+    assert sum("/pos/" in f for f in validation) == 2 and sum("/neg/" in f for f in validation) == 2
+    other = corpora.imdb_files(_config(tmp_path, corpus="imdb", dir=str(imdb_dir), validation_count=2, seed=7), "validation")
+    assert len(other) == 4
+    train = list(corpora.iter_documents(config, "train"))
+    assert len(train) == 8 and all("<br" not in d for d in train)
+    unsup = dataclass_replace(config, imdb_unsupervised=True)
+    assert len(list(corpora.iter_documents(unsup, "train"))) == 9
+    with pytest.raises(ValueError, match="validation_count below 6"):
+        corpora.imdb_files(dataclass_replace(config, validation_count=6), "validation")
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_text_shards_split_by_fraction_and_by_files(shards, tmp_path):
+    config = _config(tmp_path, corpus="text", files=(str(shards / "wiki_books_*.txt"),), validation_fraction=0.25)
+    train = list(corpora.iter_documents(config, "train"))
+    validation = list(corpora.iter_documents(config, "validation"))
+    assert len(train) == 9 and len(validation) == 3 and not set(train) & set(validation)
+    assert validation == list(corpora.iter_documents(config, "validation"))
+    by_files = dataclass_replace(
+        config, files=(str(shards / "wiki_books_[01].txt"),), validation_files=(str(shards / "wiki_books_2.txt"),)
+    )
+    assert len(list(corpora.iter_documents(by_files, "train"))) == 8
+    assert all(d.startswith("Shard 2") for d in corpora.iter_documents(by_files, "validation"))
+    per_file = dataclass_replace(config, document_separator="file", validation_fraction=0.34)
+    assert len(list(corpora.iter_documents(per_file, "validation"))) == 1
+
+
+def test_tinyshakespeare_is_split_90_10_by_characters(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 10
+    _write(tmp_path / "data" / "tinyshakespeare" / "input.txt", text)
+    config = _config(tmp_path, corpus="tinyshakespeare", dir=str(tmp_path / "data"), tokenizer="char")
+    (train,) = corpora.iter_documents(config, "train")
+    (validation,) = corpora.iter_documents(config, "validation")
+    assert train + validation == text and len(train) == int(len(text) * 0.9)
+
+
+def _packed_setup(shards, tmp_path, **kwargs):
+    config = _config(
+        tmp_path, corpus="text", files=(str(shards / "*.txt"),), tokenizer="char", sequence_length=8, **kwargs
+    )
+    return config, data.build_tokenizer(config)
+
+
+def test_packing_shifts_targets_and_keeps_every_token(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path)
+    stream = data.tokenize_corpus(config, tokenizer, "train")
+    batches = list(data.make_dataset(config, tokenizer, "train", batch_size=5, shuffle=False))
+    x = np.concatenate([b[0].numpy() for b in batches])
+    y = np.concatenate([b[1].numpy() for b in batches])
+    n = len(x)
+    assert x.dtype == np.int32 and x.shape[1] == 8
+    # Not shuffled, final partial batch kept: the windows tile the stream exactly.
+    np.testing.assert_array_equal(x.ravel(), stream.tokens[: n * 8])
+    np.testing.assert_array_equal(y.ravel(), stream.tokens[1 : n * 8 + 1])
+    np.testing.assert_array_equal(x[1:, 0], y[:-1, -1])  # across window boundaries
+    assert len(stream.tokens) - 1 - n * 8 < 8  # only the final partial window is left out
+    # Every document is followed by end-of-text.
+    assert (stream.tokens[stream.document_ends - 1] == tokenizer.end_of_text_id).all()
+
+
+def test_training_shuffle_is_seeded_drops_remainder_and_loses_nothing(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path)
+    ordered = [b[0].numpy() for b in data.make_dataset(config, tokenizer, "train", 4, shuffle=False)]
+    ordered = np.concatenate(ordered)
+
+    def run(seed):
+        dataset = data.make_dataset(config, tokenizer, "train", batch_size=4, seed=seed)
+        return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(x.shape == (4, 8) for x, _ in first)
+    assert len(first) == len(ordered) // 4
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in first]), np.concatenate([x for x, _ in again]))
+    assert not np.array_equal(np.concatenate([x for x, _ in first]), np.concatenate([x for x, _ in other]))
+    seen = np.concatenate([x for x, _ in first])
+    # A permutation of the windows, minus the dropped remainder: no window lost twice or made up.
+    available = collections.Counter(r.tobytes() for r in ordered)
+    used = collections.Counter(r.tobytes() for r in seen)
+    assert all(used[k] <= available[k] for k in used) and sum(used.values()) == len(seen)
+    for x, y in first:
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+
+
+def test_document_mode_pads_with_zero_weight(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path, mode="document")
+    config = dataclass_replace(config, sequence_length=40)
+    stream = data.tokenize_corpus(config, tokenizer, "train")
+    lengths = np.diff(np.concatenate([[0], stream.document_ends]))
+    batches = list(data.make_dataset(config, tokenizer, "train", batch_size=3, shuffle=False))
+    x = np.concatenate([b[0].numpy() for b in batches])
+    y = np.concatenate([b[1].numpy() for b in batches])
+    weight = np.concatenate([b[2].numpy() for b in batches])
+    assert weight.dtype == np.float32 and set(np.unique(weight)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(weight.sum(axis=1), np.minimum(lengths, 41) - 1)
+    assert (y[weight == 0] == tokenizer.padding_id).all()
+    assert (y[weight == 1] != tokenizer.padding_id).all()
+    first = stream.tokens[: stream.document_ends[0]]
+    np.testing.assert_array_equal(x[0, : len(first) - 1], first[:-1])
+    assert y[0, len(first) - 2] == tokenizer.end_of_text_id
+
+
+def test_token_cache_reused_and_invalidated(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path)
+    first = data.tokenize_corpus(config, tokenizer, "train")
+    second = data.tokenize_corpus(config, tokenizer, "train")
+    assert not first.cached and second.cached and first.path == second.path
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    assert not data.tokenize_corpus(dataclass_replace(config, lowercase=True), tokenizer, "train").cached
+    other_tokenizer = data.build_tokenizer(dataclass_replace(config, tokenizer="bpe", vocabulary_size=300))
+    assert not data.tokenize_corpus(config, other_tokenizer, "train").cached
+    shard = shards / "wiki_books_0.txt"
+    shard.write_text(shard.read_text() + "\nOne more block.\n")
+    os.utime(shard, ns=(1, 1))
+    changed = data.tokenize_corpus(config, tokenizer, "train")
+    assert not changed.cached and changed.path != first.path
+    assert not [p for p in pathlib.Path(config.cache_dir).iterdir() if p.name.startswith(".")]
+
+
+def test_build_tokenizer_saves_and_reloads(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path)
+    saved = data.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
+    again = data.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
+    assert again.fingerprint == saved.fingerprint == tokenizer.fingerprint
+    with pytest.raises(ValueError, match="holds a 'char' tokenizer"):
+        data.build_tokenizer(dataclass_replace(config, tokenizer="bpe"), str(tmp_path / "run" / "tokenizer"))
+
+
+def test_missing_corpus_names_files_places_and_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    config = _config(tmp_path, corpus="wikitext2", dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as error:
+        data.read_documents(config, "train")
+    message = str(error.value)
+    for needle in ("wiki.train.raw", str(tmp_path / "nowhere"), "data.dir", "KGPT_DATA_DIR", "no network"):
+        assert needle in message
+    assert not (tmp_path / "keras" / "datasets" / "kgpt" / "wikitext-2-raw").exists()
+
+
+def test_download_is_verified_and_unpacked_atomically(tmp_path, monkeypatch):
+    archive = tmp_path / "wikitext-2-raw-v1.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for split in ("train", "valid", "test"):
+            bundle.writestr(f"wikitext-2-raw/wiki.{split}.raw", WIKITEXT)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    calls = []
+
+    def fake_get_file(fname, origin, file_hash, hash_algorithm, cache_dir, cache_subdir):
+        calls.append((origin, file_hash))
+        target = os.path.join(cache_dir, cache_subdir, fname)
+        shutil.copy(archive, target)
+        return target
+
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    config = _config(tmp_path, corpus="wikitext2")
+    assert len(list(corpora.iter_documents(config, "train"))) == 3
+    assert calls == [(corpora.ARCHIVES["wikitext2"].urls[0], corpora.ARCHIVES["wikitext2"].sha256)]
+    assert len(list(corpora.iter_documents(config, "test"))) == 3 and len(calls) == 1
+
+
+def test_bad_text_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        data.read_documents(_config(tmp_path, corpus="text", files=(str(tmp_path / "none*.txt"),)), "train")
+    _write(tmp_path / "blank.txt", "  \n\n \n")
+    blank = _config(tmp_path, corpus="text", files=(str(tmp_path / "blank.txt"),), tokenizer="char", validation_fraction=0.0)
+    with pytest.raises(ValueError, match="is empty"):
+        data.tokenize_corpus(blank, _char("x"), "train")
+    _write(tmp_path / "short.txt", "tiny")
+    short = dataclass_replace(blank, files=(str(tmp_path / "short.txt"),), sequence_length=64)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.make_dataset(short, _char("tiny"), "train", batch_size=2)
+    (tmp_path / "bad.txt").write_bytes(b"caf\xc3\xa9 ok\n\nthen \xff here")
+    bad = dataclass_replace(blank, files=(str(tmp_path / "bad.txt"),))
+    with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8 at byte offset 15.*errors = \"replace\""):
+        list(corpora.iter_documents(bad, "train"))
+    replaced = list(corpora.iter_documents(dataclass_replace(bad, errors="replace"), "train"))
+    assert replaced == ["café ok", "then \ufffd here"]
+
+
+def _char(text):
+    from kgpt.tokenizer import train_characters
+
+    return train_characters([text])
+
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("KGPT_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.mark.corpus
+def test_real_corpora(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real corpora not found at {SHARED_DATA} (set KGPT_SHARED_DATA)")
+    shakespeare = _config(tmp_path, corpus="tinyshakespeare", dir=str(SHARED_DATA), tokenizer="char", sequence_length=64)
+    characters = data.build_tokenizer(shakespeare)
+    assert len(characters.characters) == 65 and characters.vocabulary_size == 68
+    x, y = next(iter(data.make_dataset(shakespeare, characters, "validation", batch_size=4)))
+    assert x.shape == (4, 64)
+    validation = data.tokenize_corpus(shakespeare, characters, "validation")
+    assert validation.tokens.size == 1115394 - int(1115394 * 0.9) + 1
+
+    wikitext = _config(tmp_path, corpus="wikitext2", dir=str(SHARED_DATA), tokenizer="bpe", vocabulary_size=2000)
+    articles = list(corpora.iter_documents(wikitext, "validation"))
+    assert len(articles) == 60 and all(a.startswith(" = ") for a in articles)
+    from kgpt.tokenizer import train_bpe
+    import tensorflow as tf
+
+    bpe = train_bpe(articles, 2000)
+    sample = articles[:8] + list(corpora.iter_documents(wikitext, "test"))[:8]
+    assert bpe.tokenize(tf.constant(sample)).to_list() == [r.tolist() for r in bpe.encode_documents(sample)]
+
+    imdb = _config(tmp_path, corpus="imdb", dir=str(SHARED_DATA), validation_count=500, tokenizer="bpe", vocabulary_size=1000)
+    reviews = list(corpora.iter_documents(imdb, "validation"))
+    assert len(reviews) == 1000 and len(list(corpora.iter_documents(imdb, "test"))) == 1000
+    assert bpe.tokenize(tf.constant(reviews[:200])).to_list() == [r.tolist() for r in bpe.encode_documents(reviews[:200])]
+    batches = list(data.make_dataset(dataclass_replace(imdb, mode="document"), bpe, "validation", batch_size=64))
+    assert sum(len(b[0]) for b in batches) == 1000 and batches[-1][0].shape[0] == 1000 % 64

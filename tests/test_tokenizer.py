@@ -1,0 +1,196 @@
+"""Tests for kgpt.tokenizer: in-graph ids equal the trainer's, round trips, save/load, errors."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kgpt import tokenizer as tk
+
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!",
+    "Numbers 1234567 and 3.14159, dates 2024-01-01, and money $19.99.",
+    "Unicode: café naïve résumé 日本語のテキスト Ελληνικά русский 😀🎉",
+    "Whitespace   runs\tand\ttabs\n\n\nnewlines   \n  indented lines",
+    "Punctuation!!! ??? ... --- (parens) [brackets] {braces} \"quotes\" 'single'",
+] * 4
+
+VARIED_TEXT = [
+    "Hello world!",
+    "  leading spaces and   runs of   spaces  ",
+    "tabs\tand\nnewlines\n\n\nx\r\ny",
+    "digits 1234567 3.14159 2024-01-01 007",
+    "unicode: café naïve 日本語 emoji 😀🎉 Ελληνικά русский ÀÉÎ õü",
+    "punct!!! ?? ... --- (x) [y] {z} \"q\" 'it's' don't I'll we've they're",
+    "trailing space ",
+    " \u00a0nbsp\u3000ideographic",
+    "<|endoftext|>after a special token",
+    "a<|endoftext|>b",
+    "",
+    "   ",
+    "\n",
+    "unseen words: zyxwvut quixotic",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return tk.train_bpe(TRAINING_TEXT, vocabulary_size=320)
+
+
+def _trainer_encoding(texts, vocabulary_size):
+    """HF `tokenizers`' own training and encoding, configured as GPT-2's byte-level BPE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    reference = Tokenizer(models.BPE())
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocabulary_size,
+        special_tokens=[tk.END_OF_TEXT, tk.PADDING],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    reference.train_from_iterator(TRAINING_TEXT, trainer)
+    return [reference.encode(t).ids for t in texts]
+
+
+def test_bpe_in_graph_ids_equal_trainer_encoding(bpe):
+    expected = _trainer_encoding(VARIED_TEXT, 320)
+    in_graph = bpe.tokenize(tf.constant(VARIED_TEXT)).to_list()
+    assert in_graph == expected
+    assert [r.tolist() for r in bpe.encode_documents(VARIED_TEXT)] == expected
+
+
+def test_bpe_special_ids_and_vocabulary(bpe):
+    assert (bpe.end_of_text_id, bpe.padding_id) == (0, 1)
+    assert bpe.vocabulary_size == 320
+    assert bpe.tokenize("a<|endoftext|>b").numpy().tolist().count(bpe.end_of_text_id) == 1
+    # The padding token is never produced from text, even its literal spelling.
+    assert bpe.padding_id not in bpe.tokenize("<|padding|> text").numpy().tolist()
+
+
+def test_bpe_round_trip_and_shapes(bpe):
+    ids = bpe.tokenize(tf.constant(VARIED_TEXT))
+    assert isinstance(ids, tf.RaggedTensor) and ids.dtype == tf.int32
+    assert [t.decode() for t in bpe.detokenize(ids).numpy()] == VARIED_TEXT
+    scalar = bpe.tokenize("Hello world!")
+    assert scalar.shape.rank == 1 and scalar.numpy().tolist() == ids[0].numpy().tolist()
+    assert bpe.detokenize(scalar).numpy().decode() == "Hello world!"
+    # Dense input padded with padding_id: the padding is dropped.
+    dense = ids[:2].to_tensor(default_value=bpe.padding_id)
+    assert [t.decode() for t in bpe.detokenize(dense).numpy()] == VARIED_TEXT[:2]
+
+
+def test_bpe_detokenize_replaces_invalid_utf8(bpe):
+    lead_byte = bpe.vocabulary["Ã"]  # byte 0xC3 alone: the start of a 2-byte character
+    ids = bpe.tokenize("ok").numpy().tolist() + [lead_byte]
+    text = bpe.detokenize(tf.ragged.constant([ids]))
+    assert text.numpy()[0].decode("utf-8") == "ok\ufffd"
+
+
+def test_tokenize_inside_tf_data_and_tf_function(bpe):
+    dataset = tf.data.Dataset.from_tensor_slices(VARIED_TEXT).batch(4).map(bpe.tokenize)
+    mapped = [row for batch in dataset for row in batch.to_list()]
+    assert mapped == bpe.tokenize(tf.constant(VARIED_TEXT)).to_list()
+
+    @tf.function
+    def round_trip(strings):
+        return bpe.detokenize(bpe.tokenize(strings))
+
+    assert [t.decode() for t in round_trip(tf.constant(VARIED_TEXT)).numpy()] == VARIED_TEXT
+
+
+def test_bpe_save_load_same_ids(bpe, tmp_path):
+    bpe.save(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / tk.CONFIG_FILENAME).read_text())["kind"] == "bpe"
+    loaded = tk.load_tokenizer(str(tmp_path / "tok"))
+    assert isinstance(loaded, tk.BytePairTokenizer)
+    assert loaded.fingerprint == bpe.fingerprint
+    assert loaded.tokenize(tf.constant(VARIED_TEXT)).to_list() == bpe.tokenize(
+        tf.constant(VARIED_TEXT)
+    ).to_list()
+    assert not [p for p in (tmp_path / "tok").iterdir() if p.name.startswith(".")]
+
+
+def test_gpt2_files_round_trip(bpe, tmp_path):
+    # GPT-2's file layout: vocab.json + merges.txt with a "#version" header, no padding token.
+    (tmp_path / "vocab.json").write_text(json.dumps(bpe.vocabulary), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(bpe.merges) + "\n", encoding="utf-8"
+    )
+    gpt2 = tk.load_gpt2_tokenizer(str(tmp_path))
+    assert gpt2.kind == "gpt2" and gpt2.padding_id == gpt2.end_of_text_id
+    ids = gpt2.tokenize(tf.constant(VARIED_TEXT))
+    assert ids.to_list() == bpe.tokenize(tf.constant(VARIED_TEXT)).to_list()
+    assert [t.decode() for t in gpt2.detokenize(ids).numpy()] == VARIED_TEXT
+    gpt2.save(tmp_path / "saved")
+    assert tk.load_tokenizer(str(tmp_path / "saved")).kind == "gpt2"
+
+
+def test_gpt2_missing_files_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        tk.load_gpt2_tokenizer(str(tmp_path))
+
+
+def test_character_tokenizer_round_trip_unknown_and_save(tmp_path):
+    chars = tk.train_characters(["hello world", "abc"])
+    assert chars.characters == " abcdehlorw"
+    assert chars.vocabulary_size == len(" abcdehlorw") + 3
+    assert chars.tokenize("hello").numpy().tolist() == [6, 5, 7, 7, 8]
+    ids = chars.tokenize(tf.constant(["hello world", "héllo"]))
+    assert ids[1].numpy().tolist()[1] == chars.unknown_id
+    assert [t.decode() for t in chars.detokenize(ids).numpy()] == ["hello world", "h\ufffdllo"]
+    assert [r.tolist() for r in chars.encode_documents(["hello world", "héllo"])] == ids.to_list()
+    # Padding is distinct from every real id and dropped by detokenize.
+    padded = ids.to_tensor(default_value=chars.padding_id)
+    assert chars.detokenize(padded).numpy()[1].decode() == "h\ufffdllo"
+    assert len({chars.end_of_text_id, chars.unknown_id, chars.padding_id}) == 3
+    chars.save(tmp_path / "c")
+    loaded = tk.load_tokenizer(str(tmp_path / "c"))
+    assert loaded.tokenize(tf.constant(["hello"])).to_list() == chars.tokenize(
+        tf.constant(["hello"])
+    ).to_list()
+
+
+def test_vocabulary_smaller_than_bytes_plus_specials_is_an_error():
+    with pytest.raises(ValueError, match="at least 258"):
+        tk.train_bpe(TRAINING_TEXT, vocabulary_size=200)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        tk.load_tokenizer(str(tmp_path))
+    (tmp_path / tk.CONFIG_FILENAME).write_text('{"kind": "wordpiece"}')
+    with pytest.raises(ValueError, match="kind='wordpiece'"):
+        tk.load_tokenizer(str(tmp_path))
+
+
+def test_tiktoken_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails as if not installed
+    with pytest.raises(ValueError, match="pip install tiktoken"):
+        tk.TiktokenTokenizer("gpt2")
+
+
+@pytest.mark.export
+def test_tokenizers_export_in_a_saved_model(bpe, tmp_path):
+    for name, tokenizer in [("bpe", bpe), ("char", tk.train_characters(TRAINING_TEXT))]:
+
+        class Serving(tf.Module):
+            def __init__(self, tokenizer):
+                super().__init__()
+                self.tokenizer = tokenizer
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+            def round_trip(self, strings):
+                ids = self.tokenizer.tokenize(strings)
+                return {"ids": ids.to_tensor(-1), "text": self.tokenizer.detokenize(ids)}
+
+        tf.saved_model.save(Serving(tokenizer), str(tmp_path / name))
+        loaded = tf.saved_model.load(str(tmp_path / name))
+        outputs = loaded.round_trip(tf.constant(VARIED_TEXT[:6]))
+        expected = tokenizer.tokenize(tf.constant(VARIED_TEXT[:6])).to_tensor(-1)
+        np.testing.assert_array_equal(outputs["ids"].numpy(), expected.numpy())
+        in_process = tokenizer.detokenize(tokenizer.tokenize(tf.constant(VARIED_TEXT[:6])))
+        assert outputs["text"].numpy().tolist() == in_process.numpy().tolist()

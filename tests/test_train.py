@@ -1,0 +1,267 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from kgpt.cli import main
+from kgpt.saving import load_model
+from kgpt.train import load_recipe, train
+
+RECIPE = """
+[model]
+num_layers = 1
+num_heads = 2
+hidden_dim = 16
+
+[data]
+corpus = "text"
+files = ["corpus.txt"]
+tokenizer = "char"
+sequence_length = 16
+validation_fraction = 0.2
+
+[train]
+batch_size = 4
+max_steps = 20
+eval_interval = 10
+eval_steps = 2
+learning_rate = 1e-2
+warmup_steps = 2
+min_learning_rate = 1e-3
+jit_compile = false
+"""
+
+
+@pytest.fixture
+def recipe_path(tmp_path):
+    """A recipe over a small, very regular corpus the tests write themselves."""
+    rng = np.random.RandomState(0)
+    paragraphs = [
+        " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))
+        for _ in range(40)
+    ]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.replace('[data]', f'[data]\ndir = "{tmp_path}"\ncache_dir = "{tmp_path / "cache"}"'))
+    return path
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_lowers_the_loss_and_writes_the_run_directory(recipe_path, tmp_path):
+    run_dir = str(tmp_path / "run")
+    result = train(load_recipe(recipe_path), run_dir, verbose=0)
+    assert result.steps == 20 and result.stopped is None
+    for name in ("config.json", "tokenizer", "best.keras", "final.keras", "history.csv", "logs", "backup"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    rows = _history(run_dir)
+    assert len(rows) == 2
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    # Perplexity is exp(loss) of the same tokens (the validation loss and perplexity agree).
+    assert float(rows[1]["val_perplexity"]) == pytest.approx(np.exp(float(rows[1]["val_loss"])), rel=1e-4)
+    for key in ("learning_rate", "tokens_per_second"):
+        assert float(rows[1][key]) > 0
+    final = load_model(os.path.join(run_dir, "final.keras"))
+    assert int(final.optimizer.iterations.numpy()) == 20
+    # Below the loss of a uniform guess over the vocabulary: the model learned something.
+    assert result.history["val_loss"][-1] < 0.9 * np.log(final.model_config.vocabulary_size)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["train"]["max_steps"] == 20
+
+
+def test_rerun_with_the_same_recipe_resumes_and_a_different_one_is_refused(recipe_path, tmp_path):
+    run_dir = str(tmp_path / "run")
+    recipe = load_recipe(recipe_path)
+    train(recipe, run_dir, verbose=0)
+    again = train(recipe, run_dir, verbose=0)  # already finished: nothing more to do
+    assert again.steps == 20 and len(_history(run_dir)) == 2
+    changed = load_recipe(recipe_path, ["train.learning_rate=0.5", "model.hidden_dim=32"])
+    with pytest.raises(ValueError, match=r"model\.hidden_dim \(16 -> 32\).*train\.learning_rate"):
+        train(changed, run_dir, verbose=0)
+
+
+def test_early_stopping_stops(recipe_path, tmp_path):
+    # A learning rate far below float32 resolution leaves the weights unchanged, so val_loss
+    # never improves and patience=1 stops after the second evaluation.
+    overrides = [
+        "train.learning_rate=1e-15", "train.min_learning_rate=0.0", "train.weight_decay=0.0",
+        "train.patience=1", "train.max_steps=50",
+    ]
+    result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
+    assert result.steps == 20
+    assert "early stopping" in result.stopped
+
+
+def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
+    overrides = ["train.learning_rate=1e30", "train.min_learning_rate=1e29", "train.clip_norm=0.0", "train.warmup_steps=0"]
+    result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
+    assert result.steps < 20
+    assert "at step" in result.stopped and "lower train.learning_rate" in result.stopped
+    assert "Training stopped: the loss became nan" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "run" / "final.keras")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.learning_rat=1.0"], r"Unknown key train\.learning_rat\. Did you mean train\.learning_rate"),
+        (["train.batch_size=\"four\""], r"train\.batch_size='four' has type str; expected int"),
+        (["model.num_layer=2"], r"Unknown key model\.num_layer"),
+        (["data.tokenizer=words"], r"Unknown tokenizer='words'"),
+        (["train.max_steps=25"], r"not a multiple of train\.eval_interval"),
+        (["optimizer.lr=1"], r"section one of model, data, train"),
+        (["train.strategy=tpu"], r"train\.strategy='tpu' is not one of"),
+    ],
+)
+def test_recipe_errors_name_the_key(recipe_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(recipe_path, overrides)
+
+
+def test_cli_train_reports_recipe_errors_with_exit_2(recipe_path, capsys):
+    assert main(["train", str(recipe_path), "--set", "train.max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown key train.max_step" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "missing.toml"]) == 2
+    assert "No such recipe: missing.toml" in capsys.readouterr().err
+
+
+def test_cli_train_runs_a_recipe(recipe_path, tmp_path, capsys):
+    run_dir = tmp_path / "cli-run"
+    assert main(["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=10"]) == 0
+    assert "Trained 10 steps" in capsys.readouterr().out
+    assert (run_dir / "final.keras").exists()
+
+
+def _kgpt(args, **kwargs):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kgpt", *args], env=env, **kwargs)
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(recipe_path, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=60"]
+    process = _kgpt(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = run_dir / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not metadata.exists():
+        time.sleep(0.2)
+    assert metadata.exists(), "no backup was written"
+    os.kill(process.pid, signal.SIGKILL)  # mid-run, right after the first backup
+    process.wait(timeout=60)
+    assert not (run_dir / "final.keras").exists()
+    resumed = _kgpt(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "Trained 60 steps" in output
+    assert int(load_model(run_dir / "final.keras").optimizer.iterations.numpy()) == 60
+    epochs = [int(row["epoch"]) for row in _history(run_dir)]
+    assert epochs == list(range(6))  # every evaluation logged once
+    # The resumed run continued the same data stream from the same state: it ends where an
+    # uninterrupted run ends.
+    reference_dir = tmp_path / "reference"
+    reference = _kgpt(["train", str(recipe_path), "--run-dir", str(reference_dir), "--set", "train.max_steps=60"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert reference.wait(timeout=300) == 0
+    resumed_weights = load_model(run_dir / "final.keras").get_weights()
+    reference_weights = load_model(reference_dir / "final.keras").get_weights()
+    assert max(float(np.abs(a - b).max()) for a, b in zip(resumed_weights, reference_weights)) < 1e-5
+
+
+MIRRORED_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+    )
+    from kgpt.train import load_recipe, train
+    results = {}
+    for strategy, batch in (("default", 8), ("mirrored", 4)):
+        # Same global batch (8): one device, or two replicas of 4. A large epsilon makes AdamW's
+        # step linear in the gradient, so float32 summation-order noise stays at ~1e-7.
+        recipe = load_recipe(sys.argv[1], [f"train.strategy={strategy}", f"train.batch_size={batch}",
+            "train.epsilon=1.0", "train.clip_norm=0.05", "train.max_steps=10", "train.learning_rate=0.05"])
+        result = train(recipe, sys.argv[2] + strategy, verbose=0)
+        from kgpt.saving import load_model
+        weights = load_model(sys.argv[2] + strategy + "/final.keras").get_weights()
+        results[strategy] = (result.history["loss"][-1], weights)
+    (loss_a, w_a), (loss_b, w_b) = results["default"], results["mirrored"]
+    print(json.dumps({"loss": abs(loss_a - loss_b),
+                      "weights": max(float(np.abs(a - b).max()) for a, b in zip(w_a, w_b)),
+                      "moved": max(float(np.abs(a).max()) for a in w_a)}))
+    """
+)
+
+
+@pytest.mark.distributed
+def test_mirrored_on_two_devices_equals_one_device(recipe_path, tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(MIRRORED_CHECK)
+    result = subprocess.run(
+        [sys.executable, str(script), str(recipe_path), str(tmp_path / "run-")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = json.loads(result.stdout.strip().splitlines()[-1])
+    assert differences["loss"] < 1e-5
+    assert differences["weights"] < 1e-5
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.distributed
+def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    run_dir = tmp_path / "multi"
+    # A large AdamW epsilon keeps float32 summation-order noise from being amplified.
+    args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.strategy=multiworker",
+            "--set", "train.epsilon=1.0"]
+    processes = []
+    for index in range(2):
+        config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        # Same oneDNN setting as this process, so the one-process reference has equal numerics.
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0")
+        env = {**os.environ, "TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": onednn}
+        processes.append(
+            subprocess.Popen([sys.executable, "-m", "kgpt", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        )
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-3000:]
+    assert "Trained 20 steps" in outputs[0]
+    final = load_model(run_dir / "final.keras")  # written by the chief only
+    assert int(final.optimizer.iterations.numpy()) == 20
+    assert (run_dir / "backup" / "worker-0").is_dir() and (run_dir / "backup" / "worker-1").is_dir()
+    # Two workers of batch 4 see the same global batches as one process of batch 8.
+    single = train(load_recipe(recipe_path, ["train.batch_size=8", "train.epsilon=1.0"]), str(tmp_path / "single"), verbose=0)
+    multi_loss = [float(row["loss"]) for row in _history(run_dir)]
+    np.testing.assert_allclose(multi_loss, single.history["loss"], rtol=1e-4)
