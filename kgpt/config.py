@@ -210,7 +210,8 @@ class TrainConfig:
         max_steps: optimiser steps in the whole run.
         eval_interval: steps between evaluations (one Keras "epoch"; checkpoints, backups,
             early stopping and samples happen at this cadence).
-        eval_steps: validation batches per evaluation; None evaluates the whole split.
+        eval_steps: validation batches per evaluation (the same first batches every time);
+            None evaluates the whole split.
         learning_rate: peak learning rate reached after `warmup_steps`.
         warmup_steps: linear warm-up steps from 0.
         decay_steps: step at which the cosine decay reaches `min_learning_rate`; None means

@@ -53,6 +53,7 @@ from kgpt.config import _coerce, config_from_dict
 
 TOKENIZERS = ("bpe", "gpt2", "char", "tiktoken:NAME")
 MODES = ("packed", "document")
+WINDOW_OFFSETS = ("aligned", "random")
 DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
 CACHE_FORMAT_VERSION = 1
 
@@ -88,6 +89,9 @@ class DataConfig:
         validation_count: `imdb`: reviews per polarity carved from test for validation.
         imdb_unsupervised: `imdb`: add `train/unsup` to the training split.
         errors: `strict` (invalid UTF-8 is an error naming file and byte) or `replace`.
+        window_offsets: training windows in packed mode: `aligned` (the stream cut at multiples
+            of `sequence_length`, reshuffled each pass) or `random` (each window starts at a
+            seeded random position, as nanoGPT samples; `count` windows per pass).
         cache_dir: token cache folder (default `$KGPT_CACHE_DIR` or `~/.cache/kgpt/tokens`).
         shuffle_buffer_size: training shuffle buffer in windows; None shuffles all windows.
         seed: seeds the splits and the shuffle.
@@ -113,6 +117,7 @@ class DataConfig:
     validation_count: int = 2500
     imdb_unsupervised: bool = False
     errors: str = "strict"
+    window_offsets: str = "aligned"
     cache_dir: typing.Optional[str] = None
     shuffle_buffer_size: typing.Optional[int] = None
     seed: int = 1337
@@ -128,6 +133,7 @@ class DataConfig:
         _choice("mode", self.mode, MODES)
         _choice("document_separator", self.document_separator, DOCUMENT_SEPARATORS)
         _choice("errors", self.errors, ("strict", "replace"))
+        _choice("window_offsets", self.window_offsets, WINDOW_OFFSETS)
         minimum = tokenizers.BYTE_ALPHABET_SIZE + 2
         if self.tokenizer == "bpe" and self.vocabulary_size < minimum:
             raise ValueError(
@@ -427,6 +433,21 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
             y = tf.concat([x[:, 1:], tf.gather(next_tokens, index)[:, tf.newaxis]], axis=1)
             return x, y
 
+        if shuffle and config.window_offsets == "random":
+            # nanoGPT's sampling: each window starts anywhere in the stream, so later passes see
+            # new windows rather than the same cut reshuffled. `count` windows per pass.
+            stream_tokens = tf.constant(stream.tokens)
+            offsets = tf.range(length + 1, dtype=tf.int64)
+
+            def gather(start):  # noqa: F811  replaces the aligned gather
+                window = tf.gather(stream_tokens, start[:, tf.newaxis] + offsets)  # (batch, s + 1)
+                return window[:, :-1], window[:, 1:]
+
+            dataset = _random_starts(count, stream.tokens.size - length - 1, seed, repeat)
+            dataset = dataset.batch(batch_size, drop_remainder=True)
+            dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return dataset.prefetch(tf.data.AUTOTUNE)
+
     else:
         rows, lengths = pad_documents(stream, length, tokenizer.padding_id)
         count = len(rows)
@@ -453,6 +474,20 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
     dataset = dataset.batch(batch_size, drop_remainder=shuffle)
     dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _random_starts(count, max_start, seed, repeat):
+    """`count` window start positions in `[0, max_start]` per pass, a pure function of the seed."""
+    passes = tf.data.Dataset.range(2**62 if repeat else 1)
+
+    def one_pass(number):
+        seed_pair = tf.stack([tf.constant(seed, tf.int64), number + 2**40])  # apart from shuffles
+        starts = tf.random.stateless_uniform(
+            [count], seed_pair, minval=0, maxval=max_start + 1, dtype=tf.int64
+        )
+        return tf.data.Dataset.from_tensor_slices(starts)
+
+    return passes.flat_map(one_pass)
 
 
 def _shuffled_indices(count, seed, buffer_size, repeat):

@@ -57,6 +57,12 @@ def resolve_recipe(raw):
             f"{train.eval_interval}; make max_steps a multiple (e.g. "
             f"{-(-train.max_steps // train.eval_interval) * train.eval_interval})."
         )
+    if train.eval_interval % train.steps_per_execution:
+        raise ValueError(
+            f"train.eval_interval={train.eval_interval} is not a multiple of "
+            f"train.steps_per_execution={train.steps_per_execution}; Keras runs whole executions, "
+            "so make eval_interval a multiple (or lower steps_per_execution)."
+        )
     return Recipe(model=model, data=data, train=train)
 
 
@@ -208,13 +214,15 @@ class TrainResult:
     stopped: typing.Optional[str] = None
 
 
-def train(recipe, run_dir, verbose="auto"):
+def train(recipe, run_dir, verbose="auto", build_model=None):
     """Trains a GPT from a recipe into `run_dir` (resuming if it already holds this run).
 
     Args:
         recipe: a `Recipe` (see `load_recipe`).
         run_dir: the run directory.
         verbose: `model.fit` verbosity.
+        build_model: `ModelConfig -> keras.Model`; default `GPT.from_config_object` (the
+            recurrent baseline passes its own, see `kgpt.baselines.train_recurrent`).
 
     Returns:
         A `TrainResult`.
@@ -251,7 +259,7 @@ def train(recipe, run_dir, verbose="auto"):
         init_model = load_model(config.init_from) if config.init_from else None
         model_config = _model_config(recipe, tokenizer, init_model)
         kdata.check_model_compatibility(recipe.data, model_config, tokenizer)
-        model = GPT.from_config_object(model_config)
+        model = (build_model or GPT.from_config_object)(model_config)
         if init_model is not None:
             model.set_weights(init_model.get_weights())
         model.compile(
@@ -274,6 +282,10 @@ def train(recipe, run_dir, verbose="auto"):
     if resuming and worker_index(strategy) == 0:
         trim_history(os.path.join(run_dir, "history.csv"), skip // config.eval_interval)
     validation_data = kdata.make_dataset(recipe.data, tokenizer, "validation", global_batch)
+    if config.eval_steps:
+        # The same first eval_steps batches at every evaluation (or all, if there are fewer),
+        # so validation losses compare across evaluations.
+        validation_data = validation_data.take(config.eval_steps)
     if is_multi_worker(strategy):
         # Every worker builds the same global batches; each takes its replicas' share of each.
         options = tf.data.Options()
@@ -289,7 +301,6 @@ def train(recipe, run_dir, verbose="auto"):
         epochs=config.max_steps // config.eval_interval,
         steps_per_epoch=config.eval_interval,
         validation_data=validation_data,
-        validation_steps=config.eval_steps,
         callbacks=callbacks,
         shuffle=False,  # the dataset shuffles itself, seeded
         verbose=verbose,

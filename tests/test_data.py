@@ -327,3 +327,29 @@ def test_real_corpora(tmp_path):
     assert bpe.tokenize(tf.constant(reviews[:200])).to_list() == [r.tolist() for r in bpe.encode_documents(reviews[:200])]
     batches = list(data.make_dataset(dataclass_replace(imdb, mode="document"), bpe, "validation", batch_size=64))
     assert sum(len(b[0]) for b in batches) == 1000 and batches[-1][0].shape[0] == 1000 % 64
+
+
+def test_random_window_offsets_are_seeded_slices_of_the_stream(shards, tmp_path):
+    config, tokenizer = _packed_setup(shards, tmp_path, window_offsets="random")
+    stream = data.tokenize_corpus(config, tokenizer, "train").tokens
+
+    def run(seed, passes):
+        dataset = data.make_dataset(config, tokenizer, "train", batch_size=4, seed=seed, repeat=True)
+        per_pass = (len(stream) - 1) // 8 // 4
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(per_pass * passes)]
+
+    first, again, other = run(1, 2), run(1, 2), run(2, 1)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(first[0][0], other[0][0])
+    text = stream.tobytes()
+    starts = set()
+    for x, y in first:
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x, y):
+            window = np.concatenate([row_x, row_y[-1:]]).astype(np.int32).tobytes()
+            offset = text.find(window)
+            assert offset >= 0 and offset % 4 == 0  # a contiguous slice of the token stream
+            starts.add(offset // 4)
+    # Not confined to the aligned grid: windows start at arbitrary positions.
+    assert any(start % 8 for start in starts)

@@ -102,6 +102,20 @@ def test_early_stopping_stops(recipe_path, tmp_path):
     assert "early stopping" in result.stopped
 
 
+@pytest.mark.parametrize("eval_steps", [2, 1000])
+def test_every_evaluation_scores_the_same_validation_batches(recipe_path, tmp_path, eval_steps):
+    # Frozen weights (a learning rate below float32 resolution): any change in val_loss would
+    # come from scoring different batches, or none once a short split ran out.
+    overrides = [
+        "train.learning_rate=1e-15", "train.min_learning_rate=0.0", "train.weight_decay=0.0",
+        "train.max_steps=30", f"train.eval_steps={eval_steps}",
+    ]
+    result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
+    losses = result.history["val_loss"]
+    assert len(losses) == 3 and np.all(np.isfinite(losses)) and losses[0] > 1.0
+    assert losses[0] == losses[1] == losses[2]
+
+
 def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
     overrides = ["train.learning_rate=1e30", "train.min_learning_rate=1e29", "train.clip_norm=0.0", "train.warmup_steps=0"]
     result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
@@ -121,6 +135,7 @@ def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
         (["train.max_steps=25"], r"not a multiple of train\.eval_interval"),
         (["optimizer.lr=1"], r"section one of model, data, train"),
         (["train.strategy=tpu"], r"train\.strategy='tpu' is not one of"),
+        (["train.steps_per_execution=3"], r"eval_interval=10 is not a multiple of train\.steps_per_execution=3"),
     ],
 )
 def test_recipe_errors_name_the_key(recipe_path, overrides, message):
