@@ -260,6 +260,10 @@ def make_parser():
     return parser
 
 
+class TrainingStopped(RuntimeError):
+    """Training ended without a usable result (a NaN loss); exit code 1."""
+
+
 def _run_train(args):
     from kgpt.train import load_recipe, train
 

@@ -4,7 +4,7 @@
 `tf.while_loop` of one-token `call_with_cache` steps. Prompts of different lengths share a batch:
 they are right-padded, decoding starts after the shortest prompt, and a row still inside its own
 prompt keeps its prompt token instead of the sampled one. The cache and token buffer are updated
-with gathers and selects only, so the graph runs without XLA (as TensorFlow Serving runs it) and
+with scatters, gathers and selects only, so the graph runs without XLA (as TensorFlow Serving runs it) and
 is also XLA-compilable in-process.
 """
 
@@ -158,8 +158,8 @@ def beam_search(
     extensions: those ending in end-of-text (and, at the last step, all of them) become finished
     hypotheses scored `log_probability / new_tokens ** length_penalty`; the best others stay live.
     A prompt stops once it has `num_beams` finished hypotheses (Hugging Face's
-    `early_stopping=True`) or after `max_new_tokens`. Like `decode`, only gathers and selects:
-    it runs with or without XLA.
+    `early_stopping=True`) or after `max_new_tokens`. Like `decode`, only scatters, gathers and
+    selects: it runs with or without XLA.
 
     Args:
         model: a `kgpt.model.GPT` (anything with `initial_cache` and `call_with_cache`).

@@ -6,9 +6,9 @@ scoring) and `call_with_cache` for incremental decoding against a fixed-size key
 
 A layer's cache is a `(key, value)` pair, each `(batch, num_heads, max_length, head_dim)`: the
 layout the attention matmuls read, so a decode step never slices or restacks it. New positions
-are written with a select against a position mask (`update_cache`), never `ops.slice_update`: on
-the TensorFlow backend that op becomes `XlaDynamicUpdateSlice`, which forces XLA compilation, and
-TensorFlow Serving runs with XLA off.
+are written with a scatter (`update_cache`), never `ops.slice_update`: on the TensorFlow backend
+that op becomes `XlaDynamicUpdateSlice`, which forces XLA compilation, and TensorFlow Serving runs
+with XLA off.
 """
 
 import math
@@ -35,21 +35,23 @@ def update_cache(cache, update, start_index):
             are replaced, all others kept.
 
     Returns:
-        A tensor shaped like `cache`. One new position (a decode step, `update_length` 1 in the
-        static shape) is a broadcast select; several (a prompt prefill) gather, for every cache
-        position, the row of `update` it would take, then select.
+        A tensor shaped like `cache`. The write is a scatter of the new rows (TensorFlow's
+        `TensorScatterUpdate`): a standard kernel that runs without XLA, as TensorFlow Serving
+        runs graphs, where `slice_update` would lower to the XLA-only `XlaDynamicUpdateSlice`;
+        inside an XLA-compiled decode loop it updates the cache in place instead of rewriting
+        it whole, as a masked select would.
     """
-    max_length = ops.shape(cache)[2]
-    positions = ops.arange(max_length, dtype="int32")
-    offset = positions - ops.cast(start_index, "int32")
     update = ops.cast(update, cache.dtype)
-    if update.shape[2] == 1:
-        # (1, 1, max_length, 1) mask against (batch, heads, 1, head_dim): no gather needed.
-        return ops.where(ops.reshape(offset == 0, (1, 1, -1, 1)), update, cache)
-    update_length = ops.shape(update)[2]
-    inside = ops.logical_and(offset >= 0, offset < update_length)
-    gathered = ops.take(update, ops.clip(offset, 0, update_length - 1), axis=2)
-    return ops.where(ops.reshape(inside, (1, 1, -1, 1)), gathered, cache)
+    shape = ops.shape(update)
+    batch, heads, positions = ops.meshgrid(
+        ops.arange(shape[0], dtype="int32"),
+        ops.arange(shape[1], dtype="int32"),
+        ops.arange(shape[2], dtype="int32") + ops.cast(start_index, "int32"),
+        indexing="ij",
+    )
+    # (batch, heads, update_length, 3): the cache row each `head_dim` vector of `update` lands in.
+    indices = ops.stack([batch, heads, positions], axis=-1)
+    return ops.scatter_update(cache, indices, update)
 
 
 @keras.saving.register_keras_serializable(package="kgpt")

@@ -1,5 +1,6 @@
-"""Shared test settings: quiet TensorFlow logs and seed every test."""
+"""Shared test settings and helpers: quiet TensorFlow logs, a seed for every test, run directories."""
 
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -7,7 +8,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+from kgpt.model import build_model  # noqa: E402
+from kgpt.saving import save_model  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def write_run_directory():
+    """`write(path, tokenizer, sequence_length=32) -> (run_dir, model)`: a run directory as
+    `kgpt train` leaves it (a tiny random model in `final.keras`, the tokenizer, `config.json`)."""
+
+    def write(path, tokenizer, sequence_length=32):
+        keras.utils.set_random_seed(0)
+        model = build_model(
+            dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=sequence_length,
+                 num_layers=2, num_heads=2, hidden_dim=16)
+        )
+        os.makedirs(path, exist_ok=True)
+        save_model(model, os.path.join(path, "final.keras"))
+        tokenizer.save(os.path.join(path, "tokenizer"))
+        with open(os.path.join(path, "config.json"), "w") as file:
+            json.dump({"model": model.model_config.to_dict()}, file)
+        return str(path), model
+
+    return write

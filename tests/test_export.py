@@ -18,8 +18,6 @@ import tensorflow as tf
 from kgpt.cli import main
 from kgpt.export import ServingModule, export, operations, xla_findings
 from kgpt.generate import Generator, SavedModelGenerator, load_generator
-from kgpt.model import build_model
-from kgpt.saving import save_model
 from kgpt.tokenizer import train_bpe, train_characters
 
 SEQUENCE_LENGTH = 32
@@ -28,25 +26,10 @@ TEXT = "the cat sat on the mat. a dog ran!\n"
 PROMPTS = ["the cat", "a", "", "dog ran on the mat"]
 
 
-def write_run_directory(path, tokenizer):
-    """A run directory as `kgpt train` leaves it: a tiny random model and its tokenizer."""
-    keras.utils.set_random_seed(0)
-    model = build_model(
-        dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH,
-             num_layers=2, num_heads=2, hidden_dim=16)
-    )
-    os.makedirs(path, exist_ok=True)
-    save_model(model, os.path.join(path, "final.keras"))
-    tokenizer.save(os.path.join(path, "tokenizer"))
-    with open(os.path.join(path, "config.json"), "w") as file:
-        json.dump({"model": model.model_config.to_dict()}, file)
-    return str(path), model
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, write_run_directory):
     tokenizer = train_characters([TEXT])
-    run_dir, model = write_run_directory(tmp_path_factory.mktemp("run"), tokenizer)
+    run_dir, model = write_run_directory(tmp_path_factory.mktemp("run"), tokenizer, SEQUENCE_LENGTH)
     return run_dir, model, tokenizer
 
 
@@ -312,12 +295,14 @@ print(json.dumps({"texts": texts, "new_modules": new}))
 
 @pytest.mark.export
 @pytest.mark.parametrize("kind", ["char", "bpe"])
-def test_fresh_process_with_only_tensorflow_gives_the_in_process_greedy_text(kind, run, exported, tmp_path):
+def test_fresh_process_with_only_tensorflow_gives_the_in_process_greedy_text(
+    kind, run, exported, tmp_path, write_run_directory
+):
     if kind == "char":
         run_dir, path = run[0], exported[1]
     else:
         tokenizer = train_bpe([TEXT * 20, "a dog ran to the cat. " * 20], vocabulary_size=300)
-        run_dir, _ = write_run_directory(tmp_path / "run", tokenizer)
+        run_dir, _ = write_run_directory(tmp_path / "run", tokenizer, SEQUENCE_LENGTH)
         path = export(run_dir, "bpe", base_dir=str(tmp_path), max_new_tokens=MAX_NEW_TOKENS)
     # In-process kgpt generate: the run directory, XLA-compiled decode loop.
     generator = load_generator(run_dir)

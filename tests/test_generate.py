@@ -1,6 +1,5 @@
 import itertools
 import json
-import os
 import warnings
 
 import numpy as np
@@ -10,23 +9,7 @@ import tensorflow as tf
 from kgpt.cli import main
 from kgpt.generate import Decoder, Generator, beam_search, check_options, load_generator, sample_logits
 from kgpt.model import build_model
-from kgpt.saving import save_model
 from kgpt.tokenizer import train_characters
-
-
-def make_run_directory(path, sequence_length=32):
-    """A run directory as `kgpt train` leaves it: a small random model, a tokenizer, config.json."""
-    tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
-    model = build_model(
-        dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=sequence_length,
-             num_layers=2, num_heads=2, hidden_dim=16)
-    )
-    os.makedirs(path, exist_ok=True)
-    save_model(model, os.path.join(path, "final.keras"))
-    tokenizer.save(os.path.join(path, "tokenizer"))
-    with open(os.path.join(path, "config.json"), "w") as file:
-        json.dump({"model": model.model_config.to_dict()}, file)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +152,9 @@ def test_beam_search_on_the_model_ragged_equals_one_by_one(model):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run_directory(tmp_path_factory.mktemp("run"))
+def run_dir(tmp_path_factory, write_run_directory):
+    tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
+    return write_run_directory(tmp_path_factory.mktemp("run"), tokenizer)[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ serves a real `kgpt export` of a tiny model.
 import base64
 import http.client
 import json
-import os
 import threading
 
 import pytest

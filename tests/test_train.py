@@ -123,6 +123,12 @@ def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
     assert "at step" in result.stopped and "lower train.learning_rate" in result.stopped
     assert "Training stopped: the loss became nan" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run" / "final.keras")
+    # Through the CLI: the message, no final model and exit code 1 (not a traceback).
+    arguments = ["train", str(recipe_path), "--run-dir", str(tmp_path / "cli-run")]
+    assert main(arguments + [f"--set={override}" for override in overrides]) == 1
+    printed = capsys.readouterr().out
+    assert "Stopped early:" in printed and "nan at step" in printed
+    assert not os.path.exists(tmp_path / "cli-run" / "final.keras")
 
 
 def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path, tmp_path):

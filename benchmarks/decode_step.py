@@ -1,0 +1,163 @@
+"""What a kgpt decode step costs: cache-write variants, op counts, and the weight-streaming floor.
+
+The A/B figures behind RESULTS.md's generation section. One process, one random model of the
+`generate_throughput.py` "small" size (vocabulary 8,192, 6 layers x 384, context 256), greedy
+decoding of a 32-token prompt plus 224 new tokens through `kgpt.generate.Decoder`, with XLA on
+(as `kgpt generate` runs) and off (as the SavedModel runs). Each variant is traced with its own
+`kgpt.layers.update_cache`; the variants are timed in turn, round after round, and the medians
+reported, so a busy machine slows them alike.
+
+Variants (`--variants NAME:xla|plain,...`):
+- `scatter`: kgpt's `update_cache` (a `tensor_scatter_nd_update` of the new rows).
+- `select`: the previous write, a broadcast select of the new row against a position mask.
+- `dus`: XLA's `dynamic_update_slice` (`XlaDynamicUpdateSlice`: XLA only, so `:xla` only).
+- `matmul`: `scatter`, with Keras' `tf.tensordot` for 3-D Dense inputs replaced by a
+  broadcasting `tf.matmul` (fewer shape ops in the XLA-off graph).
+
+Usage:
+    python benchmarks/decode_step.py [--batch-size 1] [--rounds 5] [--variants ...]
+        [--count-ops] [--bandwidth]
+XLA_FLAGS set in the environment apply to every `:xla` variant.
+"""
+
+import argparse
+import collections
+import os
+import re
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `kgpt` sets it
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+from keras.src.backend.tensorflow import numpy as tf_numpy  # noqa: E402
+from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
+
+from kgpt import layers  # noqa: E402
+from kgpt.generate import Decoder  # noqa: E402
+from kgpt.model import build_model  # noqa: E402
+
+PROMPT_LENGTH = 32
+NEW_TOKENS = 224
+SIZE = dict(vocabulary_size=8192, sequence_length=256, num_layers=6, num_heads=6, hidden_dim=384)
+
+
+def select_update(cache, update, start_index):
+    """The previous `update_cache`: a select against a position mask (whole cache rewritten)."""
+    offset = ops.arange(ops.shape(cache)[2], dtype="int32") - ops.cast(start_index, "int32")
+    update = ops.cast(update, cache.dtype)
+    if update.shape[2] == 1:
+        return ops.where(ops.reshape(offset == 0, (1, 1, -1, 1)), update, cache)
+    length = ops.shape(update)[2]
+    inside = ops.logical_and(offset >= 0, offset < length)
+    gathered = ops.take(update, ops.clip(offset, 0, length - 1), axis=2)
+    return ops.where(ops.reshape(inside, (1, 1, -1, 1)), gathered, cache)
+
+
+def dynamic_update_slice(cache, update, start_index):
+    zero = tf.constant(0, tf.int32)
+    start = tf.stack([zero, zero, tf.cast(start_index, tf.int32), zero])
+    return xla.dynamic_update_slice(cache, tf.cast(update, cache.dtype), start)
+
+
+KERAS_MATMUL = tf_numpy.matmul
+
+
+def broadcast_matmul(x1, x2):
+    x1, x2 = tf.convert_to_tensor(x1), tf.convert_to_tensor(x2)
+    if x1.shape.rank == 3 and x2.shape.rank == 2:
+        return tf.matmul(x1, x2)
+    return KERAS_MATMUL(x1, x2)
+
+
+WRITES = {"scatter": layers.update_cache, "select": select_update, "dus": dynamic_update_slice,
+          "matmul": layers.update_cache}
+
+
+def while_body_ops(decoder, arguments, jit):
+    """Op counts of the decode loop's body: HLO after optimisation, or the TensorFlow graph."""
+    if jit:
+        hlo = decoder._decode.experimental_get_compiler_ir(*arguments)(stage="optimized_hlo")
+        bodies = [c for c in re.split(r"\n(?=\S)", hlo) if "body" in c.split("\n", 1)[0]]
+        body = max(bodies, key=len)
+        names = re.findall(r"=\s*\S+\s+([a-z\-]+)\(", body)
+    else:
+        graph = decoder._decode.get_concrete_function(*arguments).graph.as_graph_def()
+        body = max((f for f in graph.library.function if "body" in f.signature.name),
+                   key=lambda f: len(f.node_def))
+        names = [node.op for node in body.node_def]
+    return len(names), collections.Counter(names).most_common(12)
+
+
+def streaming_bandwidth(parameters):
+    """GB/s of a 1-row matmul over a float32 matrix the size of the model's weights."""
+    matrix = tf.ones([384, parameters // 384])
+    row = tf.ones([1, 384])
+    product = tf.function(lambda: tf.matmul(row, matrix))
+    product()
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        product().numpy()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3, matrix.shape.num_elements() * 4 / min(times) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default="select:xla,dus:xla,scatter:xla,select:plain,scatter:plain")
+    parser.add_argument("--count-ops", action="store_true", help="print each variant's loop-body ops")
+    parser.add_argument("--bandwidth", action="store_true", help="time streaming the weights once")
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(0)
+    model = build_model(SIZE)
+    model(np.zeros((1, 8), "int32"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, SIZE["vocabulary_size"], (args.batch_size, PROMPT_LENGTH)).astype("int32")
+    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, 0.0, 0, 1.0, 0)
+
+    decoders, reference = {}, None
+    for variant in args.variants.split(","):
+        name, mode = variant.split(":")
+        if name not in WRITES or mode not in ("xla", "plain") or (name == "dus" and mode == "plain"):
+            parser.error(f"unknown variant {variant!r}: use scatter|select|matmul with :xla or :plain, dus:xla")
+        # Both swaps take effect when the decoder traces, on its first call below.
+        layers.update_cache = WRITES[name]
+        tf_numpy.matmul = broadcast_matmul if name == "matmul" else KERAS_MATMUL
+        decoder = Decoder(model, jit_compile=mode == "xla")
+        tokens = decoder._decode(*arguments)[0].numpy()
+        if reference is None:
+            reference = tokens
+        elif not np.array_equal(tokens, reference):
+            raise SystemExit(f"{variant} generated other tokens than {args.variants.split(',')[0]}")
+        if args.count_ops:
+            print(variant, "loop-body ops: %d, most common %s" % while_body_ops(decoder, arguments, mode == "xla"))
+        decoders[variant] = decoder
+    layers.update_cache, tf_numpy.matmul = WRITES["scatter"], KERAS_MATMUL
+
+    times = {variant: [] for variant in decoders}
+    for _ in range(args.rounds):
+        for variant, decoder in decoders.items():
+            start = time.perf_counter()
+            decoder._decode(*arguments)[0].numpy()
+            times[variant].append((time.perf_counter() - start) / NEW_TOKENS * 1e3)
+    print(f"batch {args.batch_size}, {NEW_TOKENS} new tokens, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print("| variant | ms / decode step (median) | min | all rounds |")
+    print("|---|---:|---:|---|")
+    for variant, values in times.items():
+        rounds = " ".join(f"{value:.2f}" for value in values)
+        print(f"| {variant} | {statistics.median(values):.2f} | {min(values):.2f} | {rounds} |")
+    if args.bandwidth:
+        milliseconds, rate = streaming_bandwidth(model.count_params())
+        print(f"streaming {model.count_params():,} float32 weights once: {milliseconds:.2f} ms, {rate:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
