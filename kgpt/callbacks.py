@@ -61,13 +61,22 @@ def trim_history(history_csv, epochs):
     _replace_atomically(write, history_csv)
 
 
-def completed_steps(backup_dir):
-    """Optimizer steps recorded by the last backup in `backup_dir` (0 when there is none)."""
+def _backup_metadata(backup_dir):
     path = os.path.join(backup_dir, BACKUP_METADATA)
     if not os.path.exists(path):
-        return 0
+        return {}
     with open(path) as f:
-        return int(json.load(f).get("step", 0))
+        return json.load(f)
+
+
+def completed_steps(backup_dir):
+    """Optimizer steps recorded by the last backup in `backup_dir` (0 when there is none)."""
+    return int(_backup_metadata(backup_dir).get("step", 0))
+
+
+def completed_val_losses(backup_dir):
+    """The `val_loss` of every evaluation the last backup in `backup_dir` covers, in order."""
+    return [float(value) for value in _backup_metadata(backup_dir).get("val_loss", [])]
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
@@ -87,12 +96,20 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir, steps_per_epoch):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
         self.steps_per_epoch = steps_per_epoch
+        self.val_losses = []
 
     def _load_model(self):
         super()._load_model()
         if os.path.exists(self._weights_path):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             self.model._initial_epoch = step // self.steps_per_epoch
+            self.val_losses = completed_val_losses(self.backup_dir)[: self.model._initial_epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
+        if (logs or {}).get("val_loss") is not None:
+            self.val_losses = self.val_losses[:epoch] + [float(logs["val_loss"])]
+        super().on_epoch_end(epoch, logs)
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -100,7 +117,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
             lambda path: self.model.save_weights(path, overwrite=True), self._weights_path
         )
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        metadata = {"epoch": self._current_epoch, "batch": 0, "step": step}
+        metadata = {"epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses}
 
         def write(path):
             with open(path, "w") as f:
@@ -130,6 +147,54 @@ class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs):
         if self._should_save_model(epoch, batch, logs, self.filepath):
             save_model(self.model, self.filepath)
+
+
+def evaluations_since_best(val_losses):
+    """How many evaluations came after the lowest of `val_losses` (0 when it is the last)."""
+    return len(val_losses) - 1 - int(np.argmin(val_losses)) if len(val_losses) else 0
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping on `val_loss`, restoring the best weights, that carries on across a resume.
+
+    Keras' BackupAndRestore brings back the weights, the optimizer and the epoch, not the
+    callbacks' state: a fresh EarlyStopping would forget the best validation loss and how long it
+    has waited, stop later than the run it continues would have, and at the end restore a model
+    worse than `best.keras`. This one starts from the evaluations before the resume (kept in the
+    backup, see `RunBackup`) and the best weights in `best.keras`.
+
+    Args:
+        patience: evaluations without improvement before training stops.
+        previous_val_losses: `val_loss` of each evaluation before the resume, in order.
+        best_path: the run's `best.keras`, holding the weights of the lowest of them. Without it
+            (e.g. a multi-worker run's other machines), the best weights are those Keras keeps
+            from the next evaluation on.
+    """
+
+    def __init__(self, patience, previous_val_losses=(), best_path=None):
+        super().__init__(monitor="val_loss", mode="min", patience=patience, restore_best_weights=True)
+        self.previous_val_losses = [float(value) for value in previous_val_losses]
+        self.best_path = best_path
+
+    @property
+    def patience_spent(self):
+        """True when the evaluations before the resume already stopped the run."""
+        return (
+            len(self.previous_val_losses) > 1
+            and evaluations_since_best(self.previous_val_losses) >= self.patience
+        )
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if not self.previous_val_losses:
+            return
+        self.wait = evaluations_since_best(self.previous_val_losses)
+        self.best_epoch = int(np.argmin(self.previous_val_losses))
+        self.best = self.previous_val_losses[self.best_epoch]
+        if self.best_path and os.path.exists(self.best_path):
+            from kgpt.saving import load_model
+
+            self.best_weights = load_model(self.best_path).get_weights()
 
 
 class StopOnNaN(keras.callbacks.Callback):

@@ -208,7 +208,7 @@ def _backup_dir(run_dir, strategy):
     return os.path.join(backup, f"worker-{worker_index(strategy)}") if is_multi_worker(strategy) else backup
 
 
-def _callbacks(recipe, run_dir, tokenizer, tokens_per_step, strategy):
+def _callbacks(recipe, run_dir, tokenizer, tokens_per_step, strategy, previous_val_losses):
     import keras
 
     from kgpt import callbacks
@@ -219,8 +219,8 @@ def _callbacks(recipe, run_dir, tokenizer, tokens_per_step, strategy):
     is_chief = worker_index(strategy) == 0
     if config.patience:
         result.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.patience, restore_best_weights=True
+            callbacks.ResumableEarlyStopping(
+                config.patience, previous_val_losses, best_path=os.path.join(run_dir, "best.keras")
             )
         )
     if is_chief:
@@ -276,7 +276,13 @@ def train(recipe, run_dir, verbose="auto", build_model=None):
     import tensorflow as tf
 
     from kgpt import data as kdata
-    from kgpt.callbacks import StopOnNaN, completed_steps, trim_history
+    from kgpt.callbacks import (
+        ResumableEarlyStopping,
+        StopOnNaN,
+        completed_steps,
+        completed_val_losses,
+        trim_history,
+    )
     from kgpt.distribute import enable_multi_worker_fit, is_multi_worker, make_strategy, worker_index
     from kgpt.metrics import Perplexity
     from kgpt.model import GPT
@@ -321,8 +327,10 @@ def train(recipe, run_dir, verbose="auto", build_model=None):
     skip = completed_steps(_backup_dir(run_dir, strategy)) if resuming else 0
     if skip:
         train_data = train_data.skip(skip)
+    completed_epochs = skip // config.eval_interval
     if resuming and worker_index(strategy) == 0:
-        trim_history(os.path.join(run_dir, "history.csv"), skip // config.eval_interval)
+        trim_history(os.path.join(run_dir, "history.csv"), completed_epochs)
+    previous_val_losses = completed_val_losses(_backup_dir(run_dir, strategy))[:completed_epochs]
     validation_data = kdata.make_dataset(recipe.data, tokenizer, "validation", global_batch)
     if config.eval_steps:
         # The same first eval_steps batches at every evaluation (or all, if there are fewer),
@@ -336,11 +344,16 @@ def train(recipe, run_dir, verbose="auto", build_model=None):
         validation_data = validation_data.with_options(options)
 
     callbacks = _callbacks(
-        recipe, run_dir, tokenizer, global_batch * recipe.data.sequence_length, strategy
+        recipe, run_dir, tokenizer, global_batch * recipe.data.sequence_length, strategy,
+        previous_val_losses,
     )
+    epochs = config.max_steps // config.eval_interval
+    early_stopping = [c for c in callbacks if isinstance(c, ResumableEarlyStopping)]
+    if early_stopping and early_stopping[0].patience_spent:
+        epochs = completed_epochs  # the run had already stopped early: nothing left to train
     history = model.fit(
         train_data,
-        epochs=config.max_steps // config.eval_interval,
+        epochs=epochs,
         steps_per_epoch=config.eval_interval,
         validation_data=validation_data,
         callbacks=callbacks,

@@ -3,7 +3,16 @@ import json
 
 import numpy as np
 
-from kgpt.callbacks import best_logged, completed_steps, trim_history
+from kgpt.callbacks import (
+    ResumableEarlyStopping,
+    best_logged,
+    completed_steps,
+    completed_val_losses,
+    evaluations_since_best,
+    trim_history,
+)
+from kgpt.model import build_model
+from kgpt.saving import save_model
 
 
 def _write_history(path, losses):
@@ -28,12 +37,49 @@ def test_trim_history_keeps_the_backed_up_evaluations(tmp_path):
 def test_best_logged_and_completed_steps_when_nothing_is_there(tmp_path):
     assert best_logged(tmp_path / "history.csv") is None
     assert completed_steps(tmp_path / "backup") == 0
+    assert completed_val_losses(tmp_path / "backup") == []
     (tmp_path / "backup").mkdir()
     (tmp_path / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 3, "step": 750}))
     assert completed_steps(tmp_path / "backup") == 750
+    assert completed_val_losses(tmp_path / "backup") == []  # a backup from before losses were kept
 
 
 def test_best_logged_is_the_minimum(tmp_path):
     path = tmp_path / "history.csv"
     _write_history(path, [3.0, 1.25, 2.0])
     assert np.isclose(best_logged(path), 1.25)
+
+
+def test_evaluations_since_best():
+    assert evaluations_since_best([]) == 0
+    assert evaluations_since_best([3.0]) == 0
+    assert evaluations_since_best([3.0, 2.0, 2.5, 2.0]) == 2  # a tie is no improvement
+    assert evaluations_since_best([3.0, 2.5, 1.0]) == 0
+
+
+def _tiny_model():
+    model = build_model(dict(vocabulary_size=8, sequence_length=4, num_layers=1, num_heads=1, hidden_dim=4))
+    model(np.zeros((1, 4), "int32"))
+    return model
+
+
+def test_resumed_early_stopping_keeps_its_wait_and_restores_the_checkpointed_best(tmp_path):
+    best = _tiny_model()
+    save_model(best, str(tmp_path / "best.keras"))
+    model = _tiny_model()  # other weights: the run's latest
+    callback = ResumableEarlyStopping(2, [3.0, 2.0, 2.5], best_path=str(tmp_path / "best.keras"))
+    callback.set_model(model)
+    assert not callback.patience_spent
+    callback.on_train_begin()
+    assert (callback.best, callback.best_epoch, callback.wait) == (2.0, 1, 1)
+    callback.on_epoch_end(3, {"val_loss": 2.6})  # the second evaluation without improvement
+    assert model.stop_training
+    callback.on_train_end()
+    for restored, expected in zip(model.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(restored, expected)
+
+
+def test_patience_spent_before_the_resume():
+    assert ResumableEarlyStopping(2, [3.0, 2.0, 2.5, 2.5]).patience_spent
+    assert not ResumableEarlyStopping(2, [3.0, 2.0, 2.5]).patience_spent
+    assert not ResumableEarlyStopping(1, [3.0]).patience_spent  # Keras never stops at the first

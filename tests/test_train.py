@@ -7,9 +7,12 @@ import sys
 import textwrap
 import time
 
+import keras
 import numpy as np
 import pytest
 
+import kgpt.train
+from kgpt.callbacks import completed_steps, completed_val_losses
 from kgpt.cli import main
 from kgpt.saving import load_model
 from kgpt.train import load_recipe, train
@@ -100,6 +103,35 @@ def test_early_stopping_stops(recipe_path, tmp_path):
     result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
     assert result.steps == 20
     assert "early stopping" in result.stopped
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Ends a run like a kill would, right after the first evaluation's backup."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_path, monkeypatch):
+    # Frozen weights: val_loss never improves, so patience=2 stops after the third evaluation.
+    overrides = [
+        "train.learning_rate=1e-15", "train.min_learning_rate=0.0", "train.weight_decay=0.0",
+        "train.patience=2", "train.max_steps=60",
+    ]
+    recipe = load_recipe(recipe_path, overrides)
+    assert train(recipe, str(tmp_path / "whole"), verbose=0).steps == 30
+    run_dir = str(tmp_path / "run")
+    callbacks = kgpt.train._callbacks
+    monkeypatch.setattr(kgpt.train, "_callbacks", lambda *args: callbacks(*args) + [_Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run_dir, verbose=0)
+    assert completed_steps(os.path.join(run_dir, "backup")) == 10
+    monkeypatch.undo()
+    resumed = train(recipe, run_dir, verbose=0)
+    assert resumed.steps == 30 and "early stopping" in resumed.stopped
+    assert len(completed_val_losses(os.path.join(run_dir, "backup"))) == 3
+    # Started once more, the stopped run trains no further.
+    assert train(recipe, run_dir, verbose=0).steps == 30
 
 
 @pytest.mark.parametrize("eval_steps", [2, 1000])
