@@ -132,7 +132,8 @@ class ModelConfig:
         num_heads: attention heads per block; must divide `hidden_dim`.
         hidden_dim: width of the residual stream.
         intermediate_dim: width of the feed-forward layer; defaults to `4 * hidden_dim`.
-        dropout: dropout rate on embeddings and residual branches (0 disables it).
+        dropout: dropout rate on embeddings, attention probabilities and residual branches (0
+            disables it; GPT-2 uses 0.1 for all).
         layer_norm_epsilon: epsilon of every LayerNormalization.
         normalize_first: True for GPT-2's pre-LayerNorm blocks with a final LayerNorm; False for
             the original GPT / Transformer post-LayerNorm arrangement (no final LayerNorm).

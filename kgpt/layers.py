@@ -130,6 +130,8 @@ class CausalSelfAttention(keras.layers.Layer):
 
     Args:
         num_heads: attention heads; must divide the input width.
+        dropout: dropout rate on the attention probabilities in training (GPT-2's
+            `attn_pdrop`); the block applies its own dropout to this layer's output.
         use_bias: biases in the two projections.
         kernel_initializer: initializer of the fused QKV kernel.
         output_kernel_initializer: initializer of the output projection (GPT-2 scales it down by
@@ -137,6 +139,7 @@ class CausalSelfAttention(keras.layers.Layer):
 
     Call args:
         inputs: `(batch, length, hidden)`.
+        training: applies the probability dropout.
 
     `call_with_cache(inputs, cache, start_index)` takes `cache` as a `(key, value)` pair, each
     `(batch, num_heads, max_length, head_dim)`, writes the new keys and values at `start_index`,
@@ -146,6 +149,7 @@ class CausalSelfAttention(keras.layers.Layer):
     def __init__(
         self,
         num_heads,
+        dropout=0.0,
         use_bias=True,
         kernel_initializer="glorot_uniform",
         output_kernel_initializer="glorot_uniform",
@@ -153,6 +157,7 @@ class CausalSelfAttention(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.num_heads = num_heads
+        self.dropout = dropout
         self.use_bias = use_bias
         self.kernel_initializer = _initializer(kernel_initializer)
         self.output_kernel_initializer = _initializer(output_kernel_initializer)
@@ -182,6 +187,7 @@ class CausalSelfAttention(keras.layers.Layer):
             name="output",
         )
         self.output_dense.build(tuple(input_shape[:-1]) + (hidden_dim,))
+        self.probability_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
     def _project(self, inputs):
@@ -196,10 +202,19 @@ class CausalSelfAttention(keras.layers.Layer):
         # (batch, length, heads, head_dim) -> (batch, length, hidden)
         return self.output_dense(ops.reshape(attended, (batch, length, self.hidden_dim)))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         query, key, value = self._project(inputs)
-        attended = ops.dot_product_attention(query, key, value, is_causal=True)
-        return self._merge(attended)
+        if not (training and self.dropout):
+            return self._merge(ops.dot_product_attention(query, key, value, is_causal=True))
+        # Written out, to drop attention probabilities (Keras' fused attention has no dropout).
+        length = ops.shape(inputs)[1]
+        positions = ops.arange(length, dtype="int32")
+        visible = positions[None, :] <= positions[:, None]  # (length, length), causal
+        scores = ops.cast(ops.einsum("blhd,bshd->bhls", query, key), "float32")
+        scores = ops.where(visible[None, None], scores / math.sqrt(self.head_dim), float("-inf"))
+        weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+        weights = self.probability_dropout(weights, training=training)
+        return self._merge(ops.einsum("bhls,bshd->blhd", weights, value))
 
     def call_with_cache(self, inputs, cache, start_index):
         key_cache, value_cache = cache
@@ -229,6 +244,7 @@ class CausalSelfAttention(keras.layers.Layer):
         return {
             **super().get_config(),
             "num_heads": self.num_heads,
+            "dropout": self.dropout,
             "use_bias": self.use_bias,
             "kernel_initializer": _serialize(self.kernel_initializer),
             "output_kernel_initializer": _serialize(self.output_kernel_initializer),
@@ -309,7 +325,8 @@ class DecoderBlock(keras.layers.Layer):
     Args:
         num_heads: attention heads; must divide the input width.
         intermediate_dim: width of the feed-forward layer.
-        dropout: dropout rate on the attention output (the feed-forward applies its own).
+        dropout: dropout rate on the attention probabilities and output (the feed-forward applies
+            its own), as GPT-2 uses one rate for all three.
         layer_norm_epsilon: epsilon of both LayerNormalizations.
         normalize_first: True for GPT-2's pre-LayerNorm block
             (`x + attn(ln(x))`, `x + mlp(ln(x))`); False for the original post-LayerNorm block
@@ -348,6 +365,7 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.attention = CausalSelfAttention(
             self.num_heads,
+            dropout=self.dropout,
             use_bias=self.use_bias,
             kernel_initializer=self.kernel_initializer,
             output_kernel_initializer=self.output_kernel_initializer,
@@ -378,7 +396,7 @@ class DecoderBlock(keras.layers.Layer):
         return norm(inputs + branch(inputs))
 
     def call(self, inputs, training=None):
-        attend = lambda x: self.attention_dropout(self.attention(x), training=training)  # noqa: E731
+        attend = lambda x: self.attention_dropout(self.attention(x, training=training), training=training)  # noqa: E731
         x = self._residual(inputs, attend, self.attention_norm)
         feed = lambda x: self.feed_forward(x, training=training)  # noqa: E731
         return self._residual(x, feed, self.feed_forward_norm)

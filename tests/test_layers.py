@@ -54,6 +54,30 @@ def test_attention_matches_numpy_reference():
     np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
 
 
+def test_attention_probability_dropout_only_in_training():
+    x = np.random.RandomState(3).normal(size=(2, 5, 8)).astype("float32")
+    layer = CausalSelfAttention(num_heads=2, dropout=0.5)
+    layer.build(x.shape)
+    _randomize(layer)
+    expected = _attention_reference(x, *layer.get_weights(), num_heads=2)
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x, training=False)), expected, atol=1e-5)
+    first, second = (ops.convert_to_numpy(layer(x, training=True)) for _ in range(2))
+    assert not np.allclose(first, expected, atol=1e-3) and not np.allclose(first, second, atol=1e-3)
+    # Inverted dropout keeps the expectation: the mean of many training passes nears inference.
+    mean = np.mean([ops.convert_to_numpy(layer(x, training=True)) for _ in range(400)], axis=0)
+    np.testing.assert_allclose(mean, expected, atol=0.15 * np.abs(expected).max())
+
+
+def test_attention_training_path_is_causal_and_matches_the_reference():
+    # A rate too small to drop anything: the written-out training path equals the fused one.
+    x = np.random.RandomState(4).normal(size=(2, 6, 8)).astype("float32")
+    layer = CausalSelfAttention(num_heads=2, dropout=1e-9)
+    layer.build(x.shape)
+    _randomize(layer)
+    expected = _attention_reference(x, *layer.get_weights(), num_heads=2)
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x, training=True)), expected, atol=1e-5)
+
+
 def test_attention_cache_matches_full_pass():
     x = np.random.RandomState(2).normal(size=(2, 6, 8)).astype("float32")
     layer = CausalSelfAttention(num_heads=4)
@@ -139,7 +163,7 @@ def test_embedding_adds_position_from_start_index():
     "make_layer, shape",
     [
         (lambda: TokenAndPositionEmbedding(10, 6, 4, embeddings_initializer="random_normal"), (2, 6)),
-        (lambda: CausalSelfAttention(2, use_bias=False, output_kernel_initializer="zeros"), (2, 5, 8)),
+        (lambda: CausalSelfAttention(2, dropout=0.1, use_bias=False, output_kernel_initializer="zeros"), (2, 5, 8)),
         (lambda: FeedForward(12, dropout=0.1, use_bias=False), (2, 5, 8)),
         (lambda: DecoderBlock(2, 16, dropout=0.1, layer_norm_epsilon=1e-6, normalize_first=False), (2, 5, 8)),
     ],
