@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from kgpt.model import build_model  # noqa: E402
@@ -34,5 +35,26 @@ def write_run_directory():
         with open(os.path.join(path, "config.json"), "w") as file:
             json.dump({"model": model.model_config.to_dict()}, file)
         return str(path), model
+
+    return write
+
+
+@pytest.fixture
+def write_toy_recipe(tmp_path):
+    """`write(recipe_text) -> path`: the recipe, over a small, very regular corpus
+    (`corpus.txt`) written in `tmp_path`; its `[data]` section gets `dir` and `cache_dir` there."""
+
+    def write(recipe_text):
+        rng = np.random.RandomState(0)
+        paragraphs = [
+            " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))
+            for _ in range(40)
+        ]
+        (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
+        path = tmp_path / "recipe.toml"
+        path.write_text(recipe_text.replace(
+            "[data]", f'[data]\ndir = "{tmp_path}"\ncache_dir = "{tmp_path / "cache"}"'
+        ))
+        return path
 
     return write

@@ -38,19 +38,8 @@ jit_compile = false
 
 
 @pytest.fixture
-def recipe_path(tmp_path):
-    """A recipe over a small, very regular corpus the test writes itself."""
-    rng = np.random.RandomState(0)
-    paragraphs = [
-        " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))
-        for _ in range(40)
-    ]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
-    path = tmp_path / "recipe.toml"
-    path.write_text(RECIPE.replace(
-        "[data]", f'[data]\ndir = "{tmp_path}"\ncache_dir = "{tmp_path / "cache"}"'
-    ))
-    return path
+def recipe_path(write_toy_recipe):
+    return write_toy_recipe(RECIPE)
 
 
 def test_bigram_probabilities_match_hand_counts_with_add_k():
