@@ -117,7 +117,9 @@ class RunBackup(keras.callbacks.BackupAndRestore):
             lambda path: self.model.save_weights(path, overwrite=True), self._weights_path
         )
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        metadata = {"epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses}
+        metadata = {
+            "epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses
+        }
 
         def write(path):
             with open(path, "w") as f:
@@ -172,7 +174,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """
 
     def __init__(self, patience, previous_val_losses=(), best_path=None):
-        super().__init__(monitor="val_loss", mode="min", patience=patience, restore_best_weights=True)
+        super().__init__(
+            monitor="val_loss", mode="min", patience=patience, restore_best_weights=True
+        )
         self.previous_val_losses = [float(value) for value in previous_val_losses]
         self.best_path = best_path
 

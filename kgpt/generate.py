@@ -4,8 +4,8 @@
 `tf.while_loop` of one-token `call_with_cache` steps. Prompts of different lengths share a batch:
 they are right-padded, decoding starts after the shortest prompt, and a row still inside its own
 prompt keeps its prompt token instead of the sampled one. The cache and token buffer are updated
-with scatters, gathers and selects only, so the graph runs without XLA (as TensorFlow Serving runs it) and
-is also XLA-compilable in-process.
+with scatters, gathers and selects only, so the graph runs without XLA (as TensorFlow Serving
+runs it) and is also XLA-compilable in-process.
 """
 
 import os

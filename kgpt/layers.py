@@ -396,7 +396,9 @@ class DecoderBlock(keras.layers.Layer):
         return norm(inputs + branch(inputs))
 
     def call(self, inputs, training=None):
-        attend = lambda x: self.attention_dropout(self.attention(x, training=training), training=training)  # noqa: E731
+        def attend(x):
+            return self.attention_dropout(self.attention(x, training=training), training=training)
+
         x = self._residual(inputs, attend, self.attention_norm)
         feed = lambda x: self.feed_forward(x, training=training)  # noqa: E731
         return self._residual(x, feed, self.feed_forward_norm)
