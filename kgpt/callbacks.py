@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -156,6 +157,11 @@ def evaluations_since_best(val_losses):
     return len(val_losses) - 1 - int(np.argmin(val_losses)) if len(val_losses) else 0
 
 
+def patience_spent(val_losses, patience):
+    """True when EarlyStopping with `patience` would already have stopped after `val_losses`."""
+    return len(val_losses) > 1 and evaluations_since_best(val_losses) >= patience
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping on `val_loss`, restoring the best weights, that carries on across a resume.
 
@@ -179,14 +185,6 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         )
         self.previous_val_losses = [float(value) for value in previous_val_losses]
         self.best_path = best_path
-
-    @property
-    def patience_spent(self):
-        """True when the evaluations before the resume already stopped the run."""
-        return (
-            len(self.previous_val_losses) > 1
-            and evaluations_since_best(self.previous_val_losses) >= self.patience
-        )
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -282,24 +280,21 @@ class SampleText(keras.callbacks.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
-        self._decoder = None
+        self._generator = None
 
     def sample(self):
-        from kgpt.generate import Decoder
+        from kgpt.generate import Generator
 
-        if self._decoder is None:
-            self._decoder = Decoder(self.model, end_of_text_id=self.tokenizer.end_of_text_id)
-        context = self.model.model_config.sequence_length
-        ids = np.asarray(self.tokenizer.tokenize([self.prompt]).to_list()[0], "int32").tolist()
-        if not ids:
-            ids = [self.tokenizer.end_of_text_id]
-        max_new_tokens = min(self.max_new_tokens, context - 1)
-        ids = ids[-(context - max_new_tokens) :]
-        new = self._decoder(
-            [ids], max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
-        )[0]
-        text = self.tokenizer.detokenize([new]).numpy()[0].decode("utf-8", "replace")
-        return self.prompt + text
+        if self._generator is None:
+            # Without XLA: one short sample per evaluation does not repay a compilation.
+            self._generator = Generator(self.model, self.tokenizer, jit_compile=False)
+        max_new_tokens = min(self.max_new_tokens, self._generator.sequence_length - 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a long prompt keeps its end, every evaluation
+            return self._generator.generate(
+                [self.prompt], max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                seed=self.seed, keep_prompt=True,
+            )[0]
 
     def on_epoch_end(self, epoch, logs=None):
         print(f"\n--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)

@@ -270,15 +270,18 @@ def _run_train(args):
     recipe = load_recipe(args.recipe, args.overrides)
     name = os.path.splitext(os.path.basename(args.recipe))[0]
     run_dir = args.run_dir or os.path.join("checkpoints", name)
-    result = train(recipe, run_dir)
-    history = result.history
-    summary = f"Trained {result.steps} steps into {run_dir}"
-    if history.get("val_loss"):
-        summary += f"; best val_loss {min(history['val_loss']):.4f}"
+    _report_training(train(recipe, run_dir))
+
+
+def _report_training(result, what=""):
+    """Prints a `TrainResult`; raises `TrainingStopped` when the run left no final model."""
+    summary = f"Trained {what}{result.steps} steps into {result.run_dir}"
+    if result.history.get("val_loss"):
+        summary += f"; best val_loss {min(result.history['val_loss']):.4f}"
     print(summary)
     if result.stopped:
         print(f"Stopped early: {result.stopped}")
-        if not os.path.exists(os.path.join(run_dir, "final.keras")):
+        if not os.path.exists(os.path.join(result.run_dir, "final.keras")):
             raise TrainingStopped(result.stopped)
 
 
@@ -347,15 +350,7 @@ def _run_baseline(args):
             f"into {run_dir}"
         )
         return
-    result = train_recurrent(recipe, run_dir)
-    summary = f"Trained the GRU baseline {result.steps} steps into {run_dir}"
-    if result.history.get("val_loss"):
-        summary += f"; best val_loss {min(result.history['val_loss']):.4f}"
-    print(summary)
-    if result.stopped:
-        print(f"Stopped early: {result.stopped}")
-        if not os.path.exists(os.path.join(run_dir, "final.keras")):
-            raise TrainingStopped(result.stopped)
+    _report_training(train_recurrent(recipe, run_dir), what="the GRU baseline ")
 
 
 def _run_generate(args):

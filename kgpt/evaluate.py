@@ -314,7 +314,7 @@ def evaluate_run(run, config, split, stride=None, batch_size=8, progress=False):
     seconds = time.perf_counter() - started
     return Evaluation(
         run=run.name, model=run.model, parameters=run.parameters, corpus=config.corpus,
-        split=split, context=run.context, stride=min(stride, run.context), tokens=count,
+        split=split, context=run.context, stride=stride, tokens=count,
         bytes=num_bytes, words=words, nll=nll, seconds=seconds,
     )
 

@@ -27,7 +27,7 @@ import tempfile
 
 import tensorflow as tf
 
-from kgpt.generate import decode, version_numbers, default_max_new_tokens
+from kgpt.generate import check_options, decode, default_max_new_tokens, version_numbers
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -58,11 +58,7 @@ class ServingModule(tf.Module):
         config = model.model_config
         if max_new_tokens is None:
             max_new_tokens = default_max_new_tokens(config.sequence_length)
-        if not 1 <= max_new_tokens < config.sequence_length:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} does not fit the model's context of "
-                f"{config.sequence_length}; choose 1 to {config.sequence_length - 1}."
-            )
+        check_options(max_new_tokens, config.sequence_length)
         self.model = model
         self.tokenizer = tokenizer
         self._sequence_length = config.sequence_length

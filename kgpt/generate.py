@@ -22,7 +22,8 @@ def sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, seed=None):
     Args:
         logits: float32 `(batch, vocabulary_size)`.
         temperature: 0 means greedy (argmax); otherwise logits are divided by it and sampled.
-        top_k: keep only the `top_k` most likely tokens (0 keeps all).
+        top_k: keep only the `top_k` most likely tokens (0 keeps all); 1 is greedy at any
+            temperature, and takes the argmax without sorting the vocabulary.
         top_p: keep the smallest set of most likely tokens whose probability reaches `top_p`.
         seed: int32 `(2,)` stateless seed; required when sampling.
 
@@ -50,7 +51,7 @@ def sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, seed=None):
         choice = tf.random.stateless_categorical(filtered, 1, seed=seed, dtype=tf.int32)
         return tf.gather(sorted_ids, choice[:, 0], batch_dims=1)
 
-    return tf.cond(temperature > 0.0, sample, lambda: greedy)
+    return tf.cond(tf.logical_and(temperature > 0.0, tf.not_equal(top_k, 1)), sample, lambda: greedy)
 
 
 def _write_column(tokens, column, index):

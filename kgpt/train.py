@@ -178,7 +178,7 @@ def _model_config(recipe, tokenizer, init_config):
 
 def _init_tokenizer(recipe):
     """The tokenizer of `train.init_from` (None without it), checked against `data.tokenizer`."""
-    from kgpt.tokenizer import load_tokenizer
+    from kgpt.saving import load_run_tokenizer
 
     source = recipe.train.init_from
     if not source:
@@ -188,7 +188,7 @@ def _init_tokenizer(recipe):
             f"train.init_from={source!r} is not a directory; pass a run directory written by "
             "'kgpt train' or 'kgpt import-gpt2'."
         )
-    tokenizer = load_tokenizer(os.path.join(source, TOKENIZER_DIRECTORY))
+    tokenizer = load_run_tokenizer(source)
     if tokenizer.kind != recipe.data.tokenizer:
         fix = f"data.tokenizer = {tokenizer.kind!r}"
         if tokenizer.kind == "gpt2":
@@ -277,10 +277,10 @@ def train(recipe, run_dir, verbose="auto", build_model=None):
 
     from kgpt import data as kdata
     from kgpt.callbacks import (
-        ResumableEarlyStopping,
         StopOnNaN,
         completed_steps,
         completed_val_losses,
+        patience_spent,
         trim_history,
     )
     from kgpt.distribute import enable_multi_worker_fit, is_multi_worker, make_strategy, worker_index
@@ -348,8 +348,7 @@ def train(recipe, run_dir, verbose="auto", build_model=None):
         previous_val_losses,
     )
     epochs = config.max_steps // config.eval_interval
-    early_stopping = [c for c in callbacks if isinstance(c, ResumableEarlyStopping)]
-    if early_stopping and early_stopping[0].patience_spent:
+    if config.patience and patience_spent(previous_val_losses, config.patience):
         epochs = completed_epochs  # the run had already stopped early: nothing left to train
     history = model.fit(
         train_data,

@@ -9,6 +9,7 @@ from kgpt.callbacks import (
     completed_steps,
     completed_val_losses,
     evaluations_since_best,
+    patience_spent,
     trim_history,
 )
 from kgpt.model import build_model
@@ -69,7 +70,6 @@ def test_resumed_early_stopping_keeps_its_wait_and_restores_the_checkpointed_bes
     model = _tiny_model()  # other weights: the run's latest
     callback = ResumableEarlyStopping(2, [3.0, 2.0, 2.5], best_path=str(tmp_path / "best.keras"))
     callback.set_model(model)
-    assert not callback.patience_spent
     callback.on_train_begin()
     assert (callback.best, callback.best_epoch, callback.wait) == (2.0, 1, 1)
     callback.on_epoch_end(3, {"val_loss": 2.6})  # the second evaluation without improvement
@@ -80,6 +80,26 @@ def test_resumed_early_stopping_keeps_its_wait_and_restores_the_checkpointed_bes
 
 
 def test_patience_spent_before_the_resume():
-    assert ResumableEarlyStopping(2, [3.0, 2.0, 2.5, 2.5]).patience_spent
-    assert not ResumableEarlyStopping(2, [3.0, 2.0, 2.5]).patience_spent
-    assert not ResumableEarlyStopping(1, [3.0]).patience_spent  # Keras never stops at the first
+    assert patience_spent([3.0, 2.0, 2.5, 2.5], 2)
+    assert not patience_spent([3.0, 2.0, 2.5], 2)
+    assert not patience_spent([3.0], 1)  # Keras never stops at the first evaluation
+
+
+def test_sample_text_continues_the_prompt_at_each_evaluation(capsys):
+    from kgpt.callbacks import SampleText
+    from kgpt.tokenizer import train_characters
+
+    tokenizer = train_characters(["the cat sat on the mat.\n"])
+    model = build_model(
+        dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=16, num_layers=1,
+             num_heads=1, hidden_dim=8)
+    )
+    # A prompt longer than the context keeps its end; the sample is cut to the context.
+    callback = SampleText(tokenizer, "the cat sat on the mat", max_new_tokens=40, seed=1)
+    callback.set_model(model)
+    sample = callback.sample()
+    assert sample.startswith("the cat sat on the mat")
+    assert 0 < len(sample) - len("the cat sat on the mat") <= 15
+    assert callback.sample() == sample  # the same seed at every evaluation
+    callback.on_epoch_end(0)
+    assert f"--- sample after evaluation 1 ---\n{sample}\n---" in capsys.readouterr().out

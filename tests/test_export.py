@@ -67,6 +67,9 @@ def test_serving_default_is_greedy_generation(run, module):
     assert _texts(_generate(module, PROMPTS, MAX_NEW_TOKENS, top_k=1)) == expected
     sampled = _texts(_generate(module, PROMPTS, MAX_NEW_TOKENS, seed=3))
     assert sampled == _texts(_generate(module, PROMPTS, MAX_NEW_TOKENS, seed=3))
+    # ... and the seed and the temperature are used: another seed, or greedy, gives other text.
+    assert sampled != _texts(_generate(module, PROMPTS, MAX_NEW_TOKENS, seed=4))
+    assert sampled != expected
 
 
 def test_prompts_longer_than_the_context_keep_their_end(module):

@@ -202,22 +202,14 @@ def test_a_folder_without_a_saved_model_is_refused(tmp_path):
 
 
 @pytest.mark.export
-def test_serves_a_kgpt_export(tmp_path):
+def test_serves_a_kgpt_export(tmp_path, write_run_directory):
     from kgpt.export import export
     from kgpt.generate import load_generator
-    from kgpt.model import build_model
-    from kgpt.saving import save_model
     from kgpt.tokenizer import train_characters
 
     tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
-    model = build_model(
-        dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=32, num_layers=2,
-             num_heads=2, hidden_dim=16)
-    )
-    run_dir = tmp_path / "run"
-    save_model(model, str(run_dir / "final.keras"))
-    tokenizer.save(str(run_dir / "tokenizer"))
-    export(str(run_dir), "tiny", base_dir=str(tmp_path / "saved_models"), max_new_tokens=6)
+    run_dir, _ = write_run_directory(tmp_path / "run", tokenizer)
+    export(run_dir, "tiny", base_dir=str(tmp_path / "saved_models"), max_new_tokens=6)
     model_dir = tmp_path / "saved_models" / "tiny"
     expected = load_generator(str(model_dir)).generate(["the cat", "a"], max_new_tokens=6)
     server = start(model_dir)
