@@ -23,6 +23,7 @@ busy machine slows them alike.
 
 Usage:
     python benchmarks/generate_throughput.py [--size small|tiny|gpt2] [--rounds 5]
+        [--batch-sizes 1,8] [--intra-op-threads N] [--inter-op-threads N]
 """
 
 import argparse
@@ -136,7 +137,20 @@ def main():
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per system and batch")
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0,
+        help="TensorFlow's intra-op threads for every system (0: its default, one per core); "
+        "TF Serving's --tensorflow_intra_op_parallelism",
+    )
+    parser.add_argument(
+        "--inter-op-threads", type=int, default=0,
+        help="TensorFlow's inter-op threads (0: its default); TF Serving's "
+        "--tensorflow_inter_op_parallelism",
+    )
     args = parser.parse_args()
+    # Before any op runs: TensorFlow fixes its thread pools at the first one.
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     size = SIZES[args.size]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -173,7 +187,8 @@ def main():
         f"{parameters / 1e6:.1f}M parameters; prompt {PROMPT_LENGTH} + {NEW_TOKENS} new tokens, "
         f"greedy; median of {args.rounds} interleaved rounds after warm-up\n"
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}\n"
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; intra-op threads "
+        f"{args.intra_op_threads or 'default'}, inter-op threads {args.inter_op_threads or 'default'}\n"
     )
     print("| system | batch | new tokens/s | ms / decode step | vs keras-hub | vs kgpt | warm-up s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

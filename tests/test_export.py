@@ -203,6 +203,38 @@ def test_export_refuses_an_existing_version_and_bad_names(run, tmp_path):
         export(run_dir, "tiny", base_dir=tmp_path, max_new_tokens=SEQUENCE_LENGTH)
 
 
+def test_a_save_that_fails_halfway_leaves_no_version_and_no_temporary_folder(
+    run, tmp_path, monkeypatch
+):
+    def save_then_fail(module, directory, signatures=None):
+        # Part of a SavedModel is on disk when the save breaks off.
+        os.makedirs(os.path.join(directory, "variables"))
+        with open(os.path.join(directory, "saved_model.pb"), "wb") as file:
+            file.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
+    with pytest.raises(ValueError, match="Could not publish .*No space left on device"):
+        export(run[0], "tiny", base_dir=tmp_path)
+    assert os.listdir(tmp_path / "tiny") == []
+
+
+def test_cli_export_usage_errors_exit_2(run, tmp_path, capsys):
+    base = ["--base-dir", str(tmp_path)]
+    cases = [
+        (["export", run[0], *base], "--name NAME is required"),
+        (["export", run[0], "--name", "../up", *base], "Model name '../up'"),
+        (["export", str(tmp_path / "missing"), "--name", "tiny", *base], "No run directory"),
+        (["export", run[0], "--name", "tiny", "--version", "0", *base], "must be a positive"),
+        (["export", run[0], "--name", "tiny", "--max-new-tokens", "0", *base], "max_new_tokens=0"),
+        (["export", run[0], "--format", "hf"], "--format hf needs --out DIR"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not os.path.exists(tmp_path / "tiny")
+
+
 # --- real exports (marked: each writes and loads a SavedModel) ----------------------------------
 
 
