@@ -131,33 +131,61 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
         The `BigramModel`.
     """
     from kgpt.data import build_tokenizer
-    from kgpt.saving import load_run_tokenizer
-    from kgpt.train import CONFIG_FILENAME, TOKENIZER_DIRECTORY
+    from kgpt.saving import staged_directory
+    from kgpt.train import CONFIG_FILENAME, TOKENIZER_DIRECTORY, load_matching_tokenizer
 
-    tokenizer_dir = os.path.join(run_dir, TOKENIZER_DIRECTORY)
-    if tokenizer_from:
-        tokenizer = load_run_tokenizer(tokenizer_from)
-        tokenizer.save(tokenizer_dir)
-    else:
-        tokenizer = build_tokenizer(recipe.data, tokenizer_dir)
-    bigram = BigramModel.fit(_stream(recipe.data, tokenizer, "train"), tokenizer.vocabulary_size)
-    validation_nll = {}
-    if k is None:
-        validation = _stream(recipe.data, tokenizer, "validation")
-        for candidate in SMOOTHING_GRID:
-            nll = bigram.with_smoothing(candidate).nll(validation[:-1], validation[1:]).mean()
-            validation_nll[candidate] = float(nll)
-        k = min(validation_nll, key=validation_nll.get)
-    bigram = bigram.with_smoothing(k)
-    bigram.save(run_dir)
-    config = {
-        "model": {"architecture": "bigram", "vocabulary_size": tokenizer.vocabulary_size, "k": k,
-                  "validation_nll_by_k": {str(c): v for c, v in validation_nll.items()}},
-        "data": recipe.data.to_dict(),
-    }
-    with open(os.path.join(run_dir, CONFIG_FILENAME), "w", encoding="utf-8") as file:
-        json.dump(json.loads(json.dumps(config)), file, indent=2, sort_keys=True)
+    data = json.loads(json.dumps(recipe.data.to_dict()))  # tuples -> lists, as stored
+    _check_bigram_run_directory(run_dir, data)  # before anything is fitted or written
+    tokenizer = (
+        load_matching_tokenizer(tokenizer_from, recipe.data, "--tokenizer-from")
+        if tokenizer_from else None
+    )
+    # Fitted into a sibling folder that replaces run_dir at the end: never a half-written run.
+    with staged_directory(run_dir) as staging:
+        tokenizer_dir = os.path.join(staging, TOKENIZER_DIRECTORY)
+        if tokenizer is None:
+            tokenizer = build_tokenizer(recipe.data, tokenizer_dir)
+        else:
+            tokenizer.save(tokenizer_dir)
+        bigram = BigramModel.fit(_stream(recipe.data, tokenizer, "train"), tokenizer.vocabulary_size)
+        validation_nll = {}
+        if k is None:
+            validation = _stream(recipe.data, tokenizer, "validation")
+            for candidate in SMOOTHING_GRID:
+                nll = bigram.with_smoothing(candidate).nll(validation[:-1], validation[1:]).mean()
+                validation_nll[candidate] = float(nll)
+            k = min(validation_nll, key=validation_nll.get)
+        bigram = bigram.with_smoothing(k)
+        bigram.save(staging)
+        config = {
+            "model": {"architecture": "bigram", "vocabulary_size": tokenizer.vocabulary_size,
+                      "k": k, "validation_nll_by_k": {str(c): v for c, v in validation_nll.items()}},
+            "data": data,
+        }
+        with open(os.path.join(staging, CONFIG_FILENAME), "w", encoding="utf-8") as file:
+            json.dump(config, file, indent=2, sort_keys=True)
     return bigram
+
+
+def _check_bigram_run_directory(run_dir, data):
+    """Refuses a `run_dir` that holds anything but a bigram fitted on the same `[data]`."""
+    from kgpt.train import CONFIG_FILENAME, config_differences
+
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return
+    config_path = os.path.join(run_dir, CONFIG_FILENAME)
+    if not is_bigram_run(run_dir) or not os.path.isfile(config_path):
+        raise ValueError(
+            f"{run_dir} already holds something other than a bigram run (a bigram fit replaces "
+            "its whole run directory); choose another --run-dir."
+        )
+    with open(config_path, encoding="utf-8") as file:
+        differing = config_differences(json.load(file).get("data", {}), data)
+    if differing:
+        raise ValueError(
+            f"{run_dir} holds a bigram fitted on other data: {'; '.join(differing)}. Use another "
+            "--run-dir, or the same [data] to fit it again."
+        )
 
 
 @keras.saving.register_keras_serializable(package="kgpt")

@@ -29,9 +29,7 @@ needs no optional package; only `pytorch_model.bin` needs `torch`.
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 
 import numpy as np
 
@@ -366,7 +364,7 @@ def import_gpt2(hf_dir, run_dir, force=False):
     Example:
         import_gpt2("downloads/gpt2", "checkpoints/gpt2")
     """
-    from kgpt.saving import save_model
+    from kgpt.saving import save_model, staged_directory
     from kgpt.tokenizer import load_gpt2_tokenizer
     from kgpt.train import CONFIG_FILENAME, TOKENIZER_DIRECTORY
 
@@ -382,21 +380,13 @@ def import_gpt2(hf_dir, run_dir, force=False):
             f"{model.model_config.vocabulary_size}; the tokenizer files belong to another model."
         )
     # Written into a sibling temporary folder and renamed: no half-imported run directory.
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(run_dir)}.")
-    try:
+    with staged_directory(run_dir) as staging:
         tokenizer.save(os.path.join(staging, TOKENIZER_DIRECTORY))
         recipe = _imported_recipe(model.model_config, run_dir).to_dict()
         recipe["source"] = {"format": "huggingface-gpt2", "directory": os.path.abspath(hf_dir)}
         with open(os.path.join(staging, CONFIG_FILENAME), "w", encoding="utf-8") as file:
             json.dump(json.loads(json.dumps(recipe)), file, indent=2, sort_keys=True)
         save_model(model, os.path.join(staging, "final.keras"))
-        if os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
-        os.replace(staging, run_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return model
 
 
@@ -463,20 +453,12 @@ def export_hf(run_dir, out_dir):
     Example:
         export_hf("checkpoints/gpt2_wikitext2", "exports/gpt2_wikitext2_hf")
     """
-    from kgpt.saving import load_model, load_run_tokenizer
+    from kgpt.saving import load_model, load_run_tokenizer, staged_directory
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} already exists and is not empty; choose another --out.")
     tokenizer = load_run_tokenizer(run_dir)
     model = load_model(run_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
-    try:
+    with staged_directory(out_dir) as staging:  # out_dir is absent or empty, checked above
         export_gpt2(model, tokenizer, staging)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -4,7 +4,9 @@
 Keras' `safe_mode` on, so a file cannot run arbitrary code.
 """
 
+import contextlib
 import os
+import shutil
 import tempfile
 import zipfile
 
@@ -30,6 +32,33 @@ def save_model(model, path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextlib.contextmanager
+def staged_directory(target):
+    """Yields an empty sibling folder of `target` to fill; on success it becomes `target`.
+
+    The folder is published with a rename, replacing any existing `target` (whose removal comes
+    after the rename). An error inside the block leaves `target` as it was and no temporary
+    folder behind, so a reader never sees a half-written directory.
+
+    Example:
+        with staged_directory("checkpoints/bigram") as staging:
+            write_everything_into(staging)
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.")
+    retired = staging + ".old"
+    try:
+        yield staging
+        if os.path.isdir(target):
+            os.replace(target, retired)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def resolve_model_path(path):

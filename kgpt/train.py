@@ -71,13 +71,14 @@ def load_recipe(path, overrides=()):
     return resolve_recipe(read_recipe(path, overrides))
 
 
-def _differences(old, new, prefix=""):
+def config_differences(old, new, prefix=""):
+    """The dotted keys whose values differ between two config dicts, as "key (old -> new)"."""
     keys = sorted(set(old) | set(new))
     found = []
     for key in keys:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
+            found += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
             found.append(f"{prefix}{key} ({a!r} -> {b!r})")
     return found
@@ -94,7 +95,7 @@ def prepare_run_directory(run_dir, recipe):
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        differing = _differences(stored, resolved)
+        differing = config_differences(stored, resolved)
         if differing:
             raise ValueError(
                 f"{run_dir} holds a run with a different recipe: {'; '.join(differing)}. "
@@ -176,28 +177,37 @@ def _model_config(recipe, tokenizer, init_config):
     return ModelConfig(**values)
 
 
-def _init_tokenizer(recipe):
-    """The tokenizer of `train.init_from` (None without it), checked against `data.tokenizer`."""
+def load_matching_tokenizer(source, data, option):
+    """The tokenizer of the run directory `source`, checked against the recipe's `data.tokenizer`.
+
+    Args:
+        source: a run directory written by `kgpt train` or `kgpt import-gpt2`.
+        data: the recipe's `DataConfig`.
+        option: how the user named `source` (e.g. "train.init_from"), for the error messages.
+    """
     from kgpt.saving import load_run_tokenizer
 
-    source = recipe.train.init_from
-    if not source:
-        return None
     if not os.path.isdir(source):
         raise FileNotFoundError(
-            f"train.init_from={source!r} is not a directory; pass a run directory written by "
+            f"{option}={source!r} is not a directory; pass a run directory written by "
             "'kgpt train' or 'kgpt import-gpt2'."
         )
     tokenizer = load_run_tokenizer(source)
-    if tokenizer.kind != recipe.data.tokenizer:
+    if tokenizer.kind != data.tokenizer:
         fix = f"data.tokenizer = {tokenizer.kind!r}"
         if tokenizer.kind == "gpt2":
             fix += f" and data.tokenizer_path = {os.path.join(source, TOKENIZER_DIRECTORY)!r}"
         raise ValueError(
-            f"data.tokenizer: recipe {recipe.data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "
-            f"Fine-tuning keeps the initial run's tokenizer; set {fix}."
+            f"data.tokenizer: recipe {data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "
+            f"{option} keeps that run's tokenizer; set {fix}."
         )
     return tokenizer
+
+
+def _init_tokenizer(recipe):
+    """The tokenizer of `train.init_from` (None without it), checked against `data.tokenizer`."""
+    source = recipe.train.init_from
+    return load_matching_tokenizer(source, recipe.data, "train.init_from") if source else None
 
 
 def _backup_dir(run_dir, strategy):

@@ -108,6 +108,55 @@ def test_fitted_bigram_run_matches_counts_of_the_training_stream(recipe_path, tm
     assert by_stride[0].perplexity < 0.5 * size
 
 
+def _tree(path):
+    return {
+        os.path.relpath(os.path.join(root, name), path): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(path) for name in names
+    }
+
+
+def test_bigram_refits_only_a_bigram_run_of_the_same_data(recipe_path, tmp_path):
+    run_dir = tmp_path / "runs" / "bigram"
+    recipe = load_recipe(recipe_path)
+    train_bigram(recipe, str(run_dir), k=0.1)
+    assert train_bigram(recipe, str(run_dir), k=0.01).k == 0.01  # same data: fitted again
+    with open(run_dir / "bigram.json") as f:
+        assert json.load(f)["k"] == 0.01
+    assert os.listdir(tmp_path / "runs") == ["bigram"]  # no staging folder left beside it
+    before = _tree(run_dir)
+    other_data = load_recipe(recipe_path, ["data.validation_fraction=0.3"])
+    with pytest.raises(ValueError, match=r"fitted on other data: validation_fraction \(0.2 -> 0.3\)"):
+        train_bigram(other_data, str(run_dir))
+    assert _tree(run_dir) == before
+    # A GPT run directory is never overwritten by a bigram.
+    gpt_run = tmp_path / "runs" / "gpt"
+    gpt_run.mkdir()
+    (gpt_run / "config.json").write_text('{"model": {"num_layers": 1}}')
+    (gpt_run / "final.keras").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="something other than a bigram run"):
+        train_bigram(recipe, str(gpt_run))
+    assert _tree(gpt_run) == {"config.json": b'{"model": {"num_layers": 1}}', "final.keras": b"weights"}
+
+
+def test_bigram_tokenizer_from_must_match_the_recipes_tokenizer(recipe_path, tmp_path, capsys):
+    from kgpt.tokenizer import train_bpe
+
+    recipe = load_recipe(recipe_path)
+    char_run = tmp_path / "char_run"
+    train_bigram(recipe, str(char_run))
+    shared = train_bigram(recipe, str(tmp_path / "shared"), tokenizer_from=str(char_run))
+    assert shared.vocabulary_size == BigramModel.load(str(char_run)).vocabulary_size
+    bpe_run = tmp_path / "bpe_run"
+    train_bpe(["the cat sat. a dog ran. " * 20], vocabulary_size=300).save(str(bpe_run / "tokenizer"))
+    argv = ["baseline", "bigram", str(recipe_path), "--run-dir", str(tmp_path / "b"),
+            "--tokenizer-from", str(bpe_run)]
+    assert main(argv) == 2
+    assert "data.tokenizer: recipe 'char' vs" in capsys.readouterr().err
+    assert main(argv[:-1] + [str(tmp_path / "missing")]) == 2
+    assert "--tokenizer-from=" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "b")
+
+
 def _tiny_recurrent(**kwargs):
     return RecurrentLanguageModel(
         vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16, **kwargs
