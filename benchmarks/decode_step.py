@@ -1,4 +1,4 @@
-"""What a kgpt decode step costs: cache-write variants, op counts, and the weight-streaming floor.
+"""What a kgpt decode step costs: cache writes, ablations, op counts, the weight-streaming floor.
 
 The A/B figures behind RESULTS.md's generation section. One process, one random model of the
 `generate_throughput.py` "small" size (vocabulary 8,192, 6 layers x 384, context 256), greedy
@@ -13,15 +13,22 @@ Variants (`--variants NAME:xla|plain,...`):
 - `dus`: XLA's `dynamic_update_slice` (`XlaDynamicUpdateSlice`: XLA only, so `:xla` only).
 - `matmul`: `scatter`, with Keras' `tf.tensordot` for 3-D Dense inputs replaced by a
   broadcasting `tf.matmul` (fewer shape ops in the XLA-off graph).
+- Ablations, to see where a step's time goes (they generate other tokens; only the time counts):
+  `no-write` leaves the one-token steps' cache writes out, `no-attention` their attention (the
+  cache writes and the attention over the cache: the query goes straight to the output
+  projection), `no-feed-forward` their feed-forward layers, `no-head` their final LayerNorm and
+  output head (every logit is the hidden state's first value). `--ablate` runs all of them, plus
+  `scatter`, in both modes.
 
 Usage:
     python benchmarks/decode_step.py [--batch-size 1] [--rounds 5] [--variants ...]
-        [--count-ops] [--bandwidth]
+        [--count-ops] [--bandwidth] [--ablate]
 XLA_FLAGS set in the environment apply to every `:xla` variant.
 """
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import statistics
@@ -39,7 +46,7 @@ from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 
 from kgpt import layers  # noqa: E402
 from kgpt.generate import Decoder  # noqa: E402
-from kgpt.model import build_model  # noqa: E402
+from kgpt.model import GPT, build_model  # noqa: E402
 
 PROMPT_LENGTH = 32
 NEW_TOKENS = 224
@@ -78,6 +85,61 @@ WRITES = {"scatter": layers.update_cache, "select": select_update, "dus": dynami
           "matmul": layers.update_cache}
 
 
+def _one_token(tensor):
+    return tensor.shape.rank is not None and tensor.shape[1] == 1
+
+
+def _skip_write(cache, update, start_index):
+    return cache if update.shape[2] == 1 else WRITES["scatter"](cache, update, start_index)
+
+
+def _skip_attention(self, inputs, cache, start_index):
+    if not _one_token(inputs):
+        return ATTENTION(self, inputs, cache, start_index)
+    # Every column of the fused projection stays in use, so XLA cannot drop part of it.
+    query, key, value = ops.split(self.qkv_dense(inputs), 3, axis=-1)
+    return self.output_dense(query + key + value), cache
+
+
+def _skip_feed_forward(self, inputs, training=None):
+    return ops.zeros_like(inputs) if _one_token(inputs) else FEED_FORWARD(self, inputs, training)
+
+
+def _skip_head(self, hidden):
+    if not _one_token(hidden):
+        return HEAD(self, hidden)
+    # Logits that still depend on the blocks (zeros would let XLA drop the whole model).
+    shape = (ops.shape(hidden)[0], 1, self.model_config.vocabulary_size)
+    return ops.broadcast_to(ops.cast(hidden[..., :1], "float32"), shape)
+
+
+ATTENTION = layers.CausalSelfAttention.call_with_cache
+FEED_FORWARD = layers.FeedForward.call
+HEAD = GPT._head
+# name -> (owner, attribute, replacement while the decoder traces)
+ABLATIONS = {
+    "no-write": (layers, "update_cache", _skip_write),
+    "no-attention": (layers.CausalSelfAttention, "call_with_cache", _skip_attention),
+    "no-feed-forward": (layers.FeedForward, "call", _skip_feed_forward),
+    "no-head": (GPT, "_head", _skip_head),
+}
+
+
+@contextlib.contextmanager
+def ablated(name):
+    """Leaves one part out of the one-token decode steps traced inside the block."""
+    if name not in ABLATIONS:
+        yield
+        return
+    owner, attribute, replacement = ABLATIONS[name]
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
 def while_body_ops(decoder, arguments, jit):
     """Op counts of the decode loop's body: HLO after optimisation, or the TensorFlow graph."""
     if jit:
@@ -114,6 +176,7 @@ def main():
     parser.add_argument("--variants", default="select:xla,dus:xla,scatter:xla,select:plain,scatter:plain")
     parser.add_argument("--count-ops", action="store_true", help="print each variant's loop-body ops")
     parser.add_argument("--bandwidth", action="store_true", help="time streaming the weights once")
+    parser.add_argument("--ablate", action="store_true", help="time each ablation in both modes")
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
@@ -123,20 +186,30 @@ def main():
     ids = rng.integers(1, SIZE["vocabulary_size"], (args.batch_size, PROMPT_LENGTH)).astype("int32")
     arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, 0.0, 0, 1.0, 0)
 
+    variants = args.variants.split(",")
+    if args.ablate:
+        variants = [f"{name}:{mode}" for mode in ("xla", "plain") for name in ["scatter", *ABLATIONS]]
     decoders, reference = {}, None
-    for variant in args.variants.split(","):
+    for variant in variants:
         name, mode = variant.split(":")
-        if name not in WRITES or mode not in ("xla", "plain") or (name == "dus" and mode == "plain"):
-            parser.error(f"unknown variant {variant!r}: use scatter|select|matmul with :xla or :plain, dus:xla")
-        # Both swaps take effect when the decoder traces, on its first call below.
-        layers.update_cache = WRITES[name]
+        known = name in WRITES or name in ABLATIONS
+        if not known or mode not in ("xla", "plain") or (name == "dus" and mode == "plain"):
+            parser.error(
+                f"unknown variant {variant!r}: use scatter|select|matmul|{'|'.join(ABLATIONS)} "
+                "with :xla or :plain, dus:xla"
+            )
+        # The swaps take effect when the decoder traces, on its first call below.
+        layers.update_cache = WRITES.get(name, WRITES["scatter"])
         tf_numpy.matmul = broadcast_matmul if name == "matmul" else KERAS_MATMUL
         decoder = Decoder(model, jit_compile=mode == "xla")
-        tokens = decoder._decode(*arguments)[0].numpy()
-        if reference is None:
+        with ablated(name):
+            tokens = decoder._decode(*arguments)[0].numpy()
+        if name in ABLATIONS:
+            pass  # other tokens by design
+        elif reference is None:
             reference = tokens
         elif not np.array_equal(tokens, reference):
-            raise SystemExit(f"{variant} generated other tokens than {args.variants.split(',')[0]}")
+            raise SystemExit(f"{variant} generated other tokens than {variants[0]}")
         if args.count_ops:
             print(variant, "loop-body ops: %d, most common %s" % while_body_ops(decoder, arguments, mode == "xla"))
         decoders[variant] = decoder
