@@ -238,7 +238,7 @@ def evaluation_data(data, run_data=None, data_dir=None):
             values = {**values, "tokenizer": "bpe"}  # the run's own tokenizer is used anyway
         return DataConfig(**values), None
     if data == "text" and run_data.get("corpus") == "text":
-        return DataConfig(**run_data), None
+        return DataConfig(**{**run_data, **({"dir": data_dir} if data_dir else {})}), None
     if not os.path.isfile(data):
         raise FileNotFoundError(
             f"--data {data!r} is neither a corpus ({', '.join(c for c in corpora.CORPORA if c != 'text')}) "
@@ -366,17 +366,25 @@ def format_table(evaluations):
          f"{e.perplexity:.3f}", f"{e.bits_per_byte:.4f}", f"{e.word_perplexity:.2f}")
         for e in evaluations
     ]
+    # Runs scored on their own corpora name theirs in a "data" column, and the first line
+    # lists every text scored.
+    texts = list(dict.fromkeys((e.corpus, e.split, e.bytes, e.words) for e in evaluations))
+    if len(texts) > 1:
+        header = header[:2] + ("data",) + header[2:]
+        rows = [row[:2] + (f"{e.corpus} {e.split}",) + row[2:] for row, e in zip(rows, evaluations)]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = []
     if evaluations:
-        first = evaluations[0]
         strides = sorted({e.stride for e in evaluations})
-        lines.append(
-            f"{first.corpus} {first.split}: {first.bytes:,} bytes, {first.words:,} words; "
-            f"stride {', '.join(map(str, strides))}"
+        described = "; ".join(
+            f"{corpus} {split}: {num_bytes:,} bytes, {words:,} words"
+            for corpus, split, num_bytes, words in texts
         )
+        lines.append(f"{described}; stride {', '.join(map(str, strides))}")
+    left = 3 if len(texts) > 1 else 2  # text columns, left-aligned
     for row in [header] + rows:
+        cells = zip(row, widths)
         lines.append("  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(cells)
         ))
     return "\n".join(lines)

@@ -6,7 +6,9 @@ import pytest
 
 from kgpt.cli import main
 from kgpt.data import DataConfig, build_tokenizer
-from kgpt.evaluate import Evaluation, evaluate_runs, keras_scorer, score_stream, sliding_windows
+from kgpt.evaluate import (
+    Evaluation, evaluate_runs, format_table, keras_scorer, score_stream, sliding_windows,
+)
 
 # Every character of the hand-made evaluation text below occurs in the training text, so the
 # character tokenizer maps each character to one id (no <unk>).
@@ -209,3 +211,39 @@ def test_evaluate_defaults_to_the_runs_own_corpus(tmp_path, monkeypatch):
     # Character tokens: each document's characters and its <|endoftext|>.
     assert result.tokens == sum(len(d) + 1 for d in documents)
     assert result.words == sum(len(d.split()) for d in documents)
+
+
+def test_data_dir_points_a_text_run_at_its_moved_corpus(tmp_path, monkeypatch):
+    run_dir, _, _ = _make_gpt_run(tmp_path, "run")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "train.txt").rename(moved / "train.txt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        evaluate_runs([run_dir])
+    (result,) = evaluate_runs([run_dir], data_dir=str(moved))
+    assert (result.corpus, result.split) == ("text", "validation") and result.tokens > 0
+
+
+def _evaluation(run, corpus, split, num_bytes, words):
+    return Evaluation(run=run, model="GPT", parameters=10, corpus=corpus, split=split, context=8,
+                      stride=8, tokens=5, bytes=num_bytes, words=words, nll=5.0, seconds=1.0)
+
+
+def test_table_names_each_runs_text_when_they_differ():
+    same = format_table(
+        [_evaluation("a", "text", "test", 100, 20), _evaluation("b", "text", "test", 100, 20)]
+    )
+    lines = same.splitlines()
+    assert lines[0] == "text test: 100 bytes, 20 words; stride 8"
+    assert "data" not in lines[1].split()
+    mixed = format_table([
+        _evaluation("a", "imdb", "test", 900, 150),
+        _evaluation("b", "tinyshakespeare", "validation", 100, 20),
+    ]).splitlines()
+    assert mixed[0] == (
+        "imdb test: 900 bytes, 150 words; tinyshakespeare validation: 100 bytes, 20 words; stride 8"
+    )
+    assert mixed[1].split()[:3] == ["run", "model", "data"]
+    assert mixed[2].split()[:4] == ["a", "GPT", "imdb", "test"]
+    assert mixed[3].split()[:4] == ["b", "GPT", "tinyshakespeare", "validation"]
