@@ -188,7 +188,8 @@ def main():
 
     variants = args.variants.split(",")
     if args.ablate:
-        variants = [f"{name}:{mode}" for mode in ("xla", "plain") for name in ["scatter", *ABLATIONS]]
+        names = ["scatter", *ABLATIONS]
+        variants = [f"{name}:{mode}" for mode in ("xla", "plain") for name in names]
     decoders, reference = {}, None
     for variant in variants:
         name, mode = variant.split(":")

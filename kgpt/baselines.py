@@ -16,7 +16,6 @@ Command line (the `[model]` section of the recipe sizes the GRU; the bigram igno
     kgpt evaluate checkpoints/shakespeare_char checkpoints/gru checkpoints/bigram
 """
 
-import dataclasses
 import json
 import os
 
@@ -147,7 +146,8 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
             tokenizer = build_tokenizer(recipe.data, tokenizer_dir)
         else:
             tokenizer.save(tokenizer_dir)
-        bigram = BigramModel.fit(_stream(recipe.data, tokenizer, "train"), tokenizer.vocabulary_size)
+        stream = _stream(recipe.data, tokenizer, "train")
+        bigram = BigramModel.fit(stream, tokenizer.vocabulary_size)
         validation_nll = {}
         if k is None:
             validation = _stream(recipe.data, tokenizer, "validation")
@@ -157,9 +157,10 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
             k = min(validation_nll, key=validation_nll.get)
         bigram = bigram.with_smoothing(k)
         bigram.save(staging)
+        by_k = {str(c): v for c, v in validation_nll.items()}
         config = {
             "model": {"architecture": "bigram", "vocabulary_size": tokenizer.vocabulary_size,
-                      "k": k, "validation_nll_by_k": {str(c): v for c, v in validation_nll.items()}},
+                      "k": k, "validation_nll_by_k": by_k},
             "data": data,
         }
         with open(os.path.join(staging, CONFIG_FILENAME), "w", encoding="utf-8") as file:
@@ -282,14 +283,13 @@ def train_recurrent(recipe, run_dir, verbose="auto"):
     """Trains `RecurrentLanguageModel` with `kgpt.train.train`: same data, schedule, callbacks.
 
     The recipe's `[model]` sizes it (`num_layers` GRU layers of width `hidden_dim`, `num_heads`
-    attention heads). Text samples during training are turned off (they use the GPT's cached
-    decoder).
+    attention heads). It prints no text samples (`kgpt.callbacks.SampleText` needs the GPT's
+    cached decoder), and its run directory keeps the recipe as given.
 
     Returns:
         The `kgpt.train.TrainResult`.
     """
     from kgpt.train import train
 
-    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, sample_prompt=""))
     return train(recipe, run_dir, verbose=verbose, build_model=RecurrentLanguageModel.from_config_object)
 

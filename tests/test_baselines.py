@@ -125,7 +125,8 @@ def test_bigram_refits_only_a_bigram_run_of_the_same_data(recipe_path, tmp_path)
     assert os.listdir(tmp_path / "runs") == ["bigram"]  # no staging folder left beside it
     before = _tree(run_dir)
     other_data = load_recipe(recipe_path, ["data.validation_fraction=0.3"])
-    with pytest.raises(ValueError, match=r"fitted on other data: validation_fraction \(0.2 -> 0.3\)"):
+    differs = r"fitted on other data: validation_fraction \(0.2 -> 0.3\)"
+    with pytest.raises(ValueError, match=differs):
         train_bigram(other_data, str(run_dir))
     assert _tree(run_dir) == before
     # A GPT run directory is never overwritten by a bigram.
@@ -135,7 +136,9 @@ def test_bigram_refits_only_a_bigram_run_of_the_same_data(recipe_path, tmp_path)
     (gpt_run / "final.keras").write_bytes(b"weights")
     with pytest.raises(ValueError, match="something other than a bigram run"):
         train_bigram(recipe, str(gpt_run))
-    assert _tree(gpt_run) == {"config.json": b'{"model": {"num_layers": 1}}', "final.keras": b"weights"}
+    assert _tree(gpt_run) == {
+        "config.json": b'{"model": {"num_layers": 1}}', "final.keras": b"weights"
+    }
 
 
 def test_bigram_tokenizer_from_must_match_the_recipes_tokenizer(recipe_path, tmp_path, capsys):
@@ -147,7 +150,8 @@ def test_bigram_tokenizer_from_must_match_the_recipes_tokenizer(recipe_path, tmp
     shared = train_bigram(recipe, str(tmp_path / "shared"), tokenizer_from=str(char_run))
     assert shared.vocabulary_size == BigramModel.load(str(char_run)).vocabulary_size
     bpe_run = tmp_path / "bpe_run"
-    train_bpe(["the cat sat. a dog ran. " * 20], vocabulary_size=300).save(str(bpe_run / "tokenizer"))
+    bpe = train_bpe(["the cat sat. a dog ran. " * 20], vocabulary_size=300)
+    bpe.save(str(bpe_run / "tokenizer"))
     argv = ["baseline", "bigram", str(recipe_path), "--run-dir", str(tmp_path / "b"),
             "--tokenizer-from", str(bpe_run)]
     assert main(argv) == 2
@@ -192,8 +196,15 @@ def test_gru_baseline_trains_with_the_gpt_pipeline_and_its_loss_falls(recipe_pat
     from kgpt.saving import load_model
 
     run_dir = str(tmp_path / "gru")
-    assert main(["baseline", "gru", str(recipe_path), "--run-dir", run_dir]) == 0
-    assert "Trained the GRU baseline 30 steps" in capsys.readouterr().out
+    argv = ["baseline", "gru", str(recipe_path), "--run-dir", run_dir,
+            "--set", "train.sample_prompt=the"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Trained the GRU baseline 30 steps" in out
+    assert "No text samples during training: RecurrentLanguageModel" in out
+    assert "--- sample" not in out
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["train"]["sample_prompt"] == "the"  # the recipe as given
     for name in ("config.json", "tokenizer", "best.keras", "final.keras", "history.csv"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "history.csv")) as f:
