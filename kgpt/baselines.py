@@ -110,10 +110,10 @@ def is_bigram_run(run_dir):
 
 
 def _stream(data, tokenizer, split):
-    from kgpt.data import tokenize_corpus
+    from kgpt.data import scoring_tokens
 
-    tokens = tokenize_corpus(data, tokenizer, split).tokens
-    return np.concatenate([[tokenizer.end_of_text_id], tokens]).astype(np.int64)
+    # int64: the bigram keys are `a * V + b`, beyond int32 for GPT-2's vocabulary.
+    return scoring_tokens(data, tokenizer, split).astype(np.int64)
 
 
 def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):

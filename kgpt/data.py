@@ -8,6 +8,8 @@ Entry points (what training, evaluation and export call):
   there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there.
 - `tokenize_corpus(config, tokenizer, split) -> TokenStream`: the split's token stream, every
   document followed by `<|endoftext|>`, read from / written to the token cache.
+- `scoring_tokens(config, tokenizer, split)`: that stream with one `<|endoftext|>` in front, the
+  text that evaluation and the bigram baseline score.
 - `make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False)`:
   packed mode yields `(x, y)`, document mode `(x, y, sample_weight)`, all `[batch,
   sequence_length]` (int32, int32, float32); `y` is `x` shifted by one token.
@@ -386,6 +388,16 @@ def pad_documents(stream, sequence_length, padding_id):
     index = np.minimum(starts[:, None] + positions[None, :], len(stream.tokens) - 1)
     rows = np.where(positions[None, :] < lengths[:, None], stream.tokens[index], padding_id)
     return rows.astype(np.int32), lengths.astype(np.int32)
+
+
+def scoring_tokens(config, tokenizer, split):
+    """The split's token stream with one end-of-text in front, as int32 `[num_tokens + 1]`.
+
+    Every document then follows an end-of-text, so its first token is predicted too (GPT-2's
+    convention for scoring text), and the stream has as many targets as `tokenize_corpus` tokens.
+    """
+    stream = tokenize_corpus(config, tokenizer, split)
+    return np.concatenate([[tokenizer.end_of_text_id], stream.tokens]).astype(np.int32)
 
 
 def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False):

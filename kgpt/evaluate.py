@@ -302,11 +302,10 @@ def evaluate_run(run, config, split, stride=None, batch_size=8, progress=False):
     Returns:
         An `Evaluation`.
     """
-    from kgpt.data import tokenize_corpus
+    from kgpt.data import scoring_tokens
 
     stride = run.context if stride is None else stride
-    stream = tokenize_corpus(config, run.tokenizer, split)
-    tokens = np.concatenate([[run.tokenizer.end_of_text_id], stream.tokens]).astype(np.int32)
+    tokens = scoring_tokens(config, run.tokenizer, split)
     num_bytes, words = _count_text(config, split)
     reporter = _progress_printer(run.name) if progress else None
     started = time.perf_counter()
