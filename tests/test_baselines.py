@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kgpt.baselines import BigramModel, RecurrentLanguageModel, train_bigram
+from kgpt.baselines import SMOOTHING_GRID, BigramModel, RecurrentLanguageModel, train_bigram
 from kgpt.cli import main
 from kgpt.evaluate import evaluate_runs
 from kgpt.train import load_recipe
@@ -97,10 +97,23 @@ def test_fitted_bigram_run_matches_counts_of_the_training_stream(recipe_path, tm
     size, k = tokenizer.vocabulary_size, bigram.k
     for (a, b), count in list(pairs.items())[:20]:
         assert bigram.probability([a], [b])[0] == pytest.approx((count + k) / (totals[a] + k * size))
-    # k is the grid value with the lowest validation NLL, as recorded in config.json.
+    # k is the grid value with the lowest validation NLL, computed here from the counts.
+    validation = [tokenizer.end_of_text_id] + tokenize_corpus(
+        recipe.data, tokenizer, "validation"
+    ).tokens.tolist()
+
+    def validation_nll(k):
+        return sum(
+            -math.log((pairs[a, b] + k) / (totals[a] + k * size))
+            for a, b in zip(validation[:-1], validation[1:])
+        ) / (len(validation) - 1)
+
+    by_k = {candidate: validation_nll(candidate) for candidate in SMOOTHING_GRID}
+    assert min(by_k, key=by_k.get) == k
     with open(os.path.join(run_dir, "config.json")) as f:
-        by_k = json.load(f)["model"]["validation_nll_by_k"]
-    assert float(min(by_k, key=by_k.get)) == k
+        recorded = json.load(f)["model"]["validation_nll_by_k"]
+    for candidate, nll in by_k.items():
+        assert recorded[str(candidate)] == pytest.approx(nll, rel=1e-9)
     # A bigram only looks one token back: the stride changes nothing.
     by_stride = [evaluate_runs([run_dir], stride=s)[0] for s in (16, 1)]
     assert by_stride[0].tokens == by_stride[1].tokens
