@@ -223,6 +223,7 @@ def evaluation_data(data, run_data=None, data_dir=None):
     run_data = dict(run_data or {})
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     run_data = {k: v for k, v in run_data.items() if k in fields}
+    relocated = {"dir": data_dir} if data_dir else {}
     if data is None:
         if not run_data:
             raise ValueError(
@@ -231,14 +232,12 @@ def evaluation_data(data, run_data=None, data_dir=None):
             )
         data = run_data["corpus"]
     if data in corpora.CORPORA and data != "text":
-        values = run_data if run_data.get("corpus") == data else {"corpus": data}
-        if data_dir:
-            values = {**values, "dir": data_dir}
+        values = {**(run_data if run_data.get("corpus") == data else {"corpus": data}), **relocated}
         if values.get("tokenizer") == "gpt2" and not values.get("tokenizer_path"):
             values = {**values, "tokenizer": "bpe"}  # the run's own tokenizer is used anyway
         return DataConfig(**values), None
     if data == "text" and run_data.get("corpus") == "text":
-        return DataConfig(**{**run_data, **({"dir": data_dir} if data_dir else {})}), None
+        return DataConfig(**{**run_data, **relocated}), None
     if not os.path.isfile(data):
         raise FileNotFoundError(
             f"--data {data!r} is neither a corpus ({', '.join(c for c in corpora.CORPORA if c != 'text')}) "

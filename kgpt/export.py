@@ -22,8 +22,6 @@ Serving with XLA off. Bad arguments fail with INVALID_ARGUMENT and a message, ne
 
 import os
 import re
-import shutil
-import tempfile
 
 import tensorflow as tf
 
@@ -294,7 +292,7 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
     Example:
         export("checkpoints/shakespeare_char", "shakespeare")  # saved_models/shakespeare/1
     """
-    from kgpt.saving import load_model, load_run_tokenizer
+    from kgpt.saving import load_model, load_run_tokenizer, staged_directory
 
     if not _NAME.match(name or ""):
         raise ValueError(
@@ -324,19 +322,17 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
             "exported; train with tokenizer 'bpe', 'gpt2' or 'char'."
         )
     module = ServingModule(load_model(run_dir), tokenizer, max_new_tokens=max_new_tokens)
-    os.makedirs(model_dir, exist_ok=True)
-    # TF Serving ignores folders whose name is not a number, so a half-written export is never
-    # loaded; the rename publishes it at once.
-    temporary = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    # Staged in a dot-folder beside the versions, which TF Serving ignores (not a number), so a
+    # half-written export is never loaded; the rename publishes it at once and, should another
+    # export have taken this version meanwhile, fails rather than replace it.
     try:
-        tf.saved_model.save(module, temporary, signatures=module.signatures())
-        findings = xla_findings(temporary)
-        if findings:
-            raise RuntimeError(f"The serving graph needs XLA, which TF Serving runs without: {findings}")
-        os.rename(temporary, final)
+        with staged_directory(final, replace=False) as staging:
+            tf.saved_model.save(module, staging, signatures=module.signatures())
+            findings = xla_findings(staging)
+            if findings:
+                raise RuntimeError(
+                    f"The serving graph needs XLA, which TF Serving runs without: {findings}"
+                )
     except OSError as error:
         raise ValueError(f"Could not publish {final}: {error}") from error
-    finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary)
     return final

@@ -35,12 +35,13 @@ def save_model(model, path):
 
 
 @contextlib.contextmanager
-def staged_directory(target):
+def staged_directory(target, replace=True):
     """Yields an empty sibling folder of `target` to fill; on success it becomes `target`.
 
-    The folder is published with a rename, replacing any existing `target` (whose removal comes
-    after the rename). An error inside the block leaves `target` as it was and no temporary
-    folder behind, so a reader never sees a half-written directory.
+    The folder is published with a rename. With `replace`, it replaces any existing `target`
+    (whose removal comes after the rename); without, an existing non-empty `target` makes the
+    rename fail with `OSError` and is kept. An error inside the block leaves `target` as it was
+    and no temporary folder behind, so a reader never sees a half-written directory.
 
     Example:
         with staged_directory("checkpoints/bigram") as staging:
@@ -53,7 +54,7 @@ def staged_directory(target):
     retired = staging + ".old"
     try:
         yield staging
-        if os.path.isdir(target):
+        if replace and os.path.isdir(target):
             os.replace(target, retired)
         os.replace(staging, target)
     finally:
