@@ -1,8 +1,16 @@
 """kgpt: GPT-style language models in Keras 3 / TensorFlow.
 
-The package imports TensorFlow lazily: `import kgpt` is cheap, and the public names below load
-their modules on first use.
+`import kgpt` is cheap: it does not import TensorFlow. The public names below load their modules
+on first use, and kgpt's Keras classes (layers, models, metric, schedule, optimizer) are
+registered with Keras as soon as Keras itself is imported, before or after kgpt, so that
+`keras.saving.load_model("checkpoints/run/final.keras")` works after `import kgpt`, as it does
+after `import keras_hub`.
 """
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
@@ -11,17 +19,47 @@ _EXPORTS = {
     "GPT": "kgpt.model",
     "build_model": "kgpt.model",
     "count_parameters": "kgpt.model",
-    "load_model": "kgpt.saving",
+    "load_model": "kgpt.rundir",
     "save_model": "kgpt.saving",
 }
+# Importing it registers every kgpt class a `.keras` file may name.
+_REGISTRY_MODULE = "kgpt.saving"
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kgpt' has no attribute {name!r}")
 
+
+class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
+    """Imports kgpt's Keras classes right after `keras` itself has been imported.
+
+    A documented lazy import: registering needs Keras (and so TensorFlow, seconds to import),
+    which `import kgpt` and `kgpt --help` must not pay for.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            sys.modules["keras"] = module
+            importlib.import_module(_REGISTRY_MODULE)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "keras" in sys.modules:
+    importlib.import_module(_REGISTRY_MODULE)
+else:
+    sys.meta_path.insert(0, _RegisterAfterKeras())
 
 __all__ = sorted(_EXPORTS)

@@ -5,9 +5,9 @@
   `<|endoftext|>`, one in front). `k` is chosen on the validation split unless given. Saved as a
   run directory that `kgpt evaluate` reads: `bigram.json` + `bigram_counts.npy` (no pickle),
   `tokenizer/`, `config.json`.
-- `RecurrentLanguageModel`: embeddings -> GRU layers -> causal multi-head attention over the GRU's
-  own states -> tied output head; a registered Keras model trained by `kgpt.train.train` (same
-  data pipeline, schedule, optimiser and callbacks as the GPT) through `train_recurrent`.
+- The GRU with attention (`kgpt.recurrent.RecurrentLanguageModel`, `[model] kind = "gru"`), trained
+  by `kgpt.train.train` like the GPT (same data pipeline, schedule, optimiser and callbacks);
+  `train_recurrent` sets the kind.
 
 Command line (the `[model]` section of the recipe sizes the GRU; the bigram ignores it):
 
@@ -16,17 +16,18 @@ Command line (the `[model]` section of the recipe sizes the GRU; the bigram igno
     kgpt evaluate checkpoints/shakespeare_char checkpoints/gru checkpoints/bigram
 """
 
+import dataclasses
 import json
 import os
 
-import keras
 import numpy as np
-from keras import ops
 
-from kgpt.config import ModelConfig
+from kgpt import files
+from kgpt.config import DataConfig, config_differences, identity
+from kgpt.data import build_tokenizer, scoring_tokens
+from kgpt.rundir import BIGRAM, BIGRAM_COUNTS, RunDirectory
+from kgpt.train import load_matching_tokenizer, train
 
-BIGRAM_FILENAME = "bigram.json"
-BIGRAM_COUNTS_FILENAME = "bigram_counts.npy"
 SMOOTHING_GRID = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
@@ -91,27 +92,22 @@ class BigramModel:
         return -np.log(self.probability(x, y))
 
     def save(self, run_dir):
+        """Writes `bigram.json` and `bigram_counts.npy` into a folder being staged (no pickle)."""
         os.makedirs(run_dir, exist_ok=True)
-        np.save(os.path.join(run_dir, BIGRAM_COUNTS_FILENAME), np.stack([self.keys, self.counts], 1))
-        with open(os.path.join(run_dir, BIGRAM_FILENAME), "w", encoding="utf-8") as file:
+        np.save(os.path.join(run_dir, BIGRAM_COUNTS), np.stack([self.keys, self.counts], 1))
+        with open(os.path.join(run_dir, BIGRAM), "w", encoding="utf-8") as file:
             json.dump({"vocabulary_size": self.vocabulary_size, "k": self.k,
-                       "counts_file": BIGRAM_COUNTS_FILENAME}, file, indent=2)
+                       "counts_file": BIGRAM_COUNTS}, file, indent=2)
 
     @classmethod
     def load(cls, run_dir):
-        with open(os.path.join(run_dir, BIGRAM_FILENAME), encoding="utf-8") as file:
+        with open(os.path.join(run_dir, BIGRAM), encoding="utf-8") as file:
             meta = json.load(file)
         table = np.load(os.path.join(run_dir, meta["counts_file"]), allow_pickle=False)
         return cls(table[:, 0], table[:, 1], meta["vocabulary_size"], meta["k"])
 
 
-def is_bigram_run(run_dir):
-    return os.path.isfile(os.path.join(run_dir, BIGRAM_FILENAME))
-
-
 def _stream(data, tokenizer, split):
-    from kgpt.data import scoring_tokens
-
     # int64: the bigram keys are `a * V + b`, beyond int32 for GPT-2's vocabulary.
     return scoring_tokens(data, tokenizer, split).astype(np.int64)
 
@@ -120,7 +116,7 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
     """Fits the add-k bigram baseline on a recipe's training split into a run directory.
 
     Args:
-        recipe: a `kgpt.train.Recipe` (only `[data]` is used).
+        recipe: a `kgpt.config.Recipe` (only `[data]` is used).
         run_dir: the run directory to write.
         k: the smoothing constant; None picks the best of `SMOOTHING_GRID` on validation.
         tokenizer_from: a run directory whose tokenizer to use (default: build it from `[data]`,
@@ -129,23 +125,17 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
     Returns:
         The `BigramModel`.
     """
-    from kgpt.data import build_tokenizer
-    from kgpt.saving import staged_directory
-    from kgpt.train import CONFIG_FILENAME, TOKENIZER_DIRECTORY, load_matching_tokenizer
-
-    data = json.loads(json.dumps(recipe.data.to_dict()))  # tuples -> lists, as stored
+    data = recipe.data.to_dict()
     _check_bigram_run_directory(run_dir, data)  # before anything is fitted or written
     tokenizer = (
         load_matching_tokenizer(tokenizer_from, recipe.data, "--tokenizer-from")
-        if tokenizer_from else None
+        if tokenizer_from else build_tokenizer(recipe.data)
     )
     # Fitted into a sibling folder that replaces run_dir at the end: never a half-written run.
-    with staged_directory(run_dir) as staging:
-        tokenizer_dir = os.path.join(staging, TOKENIZER_DIRECTORY)
-        if tokenizer is None:
-            tokenizer = build_tokenizer(recipe.data, tokenizer_dir)
-        else:
-            tokenizer.save(tokenizer_dir)
+    files.remove_stale(os.path.dirname(os.path.abspath(run_dir)))
+    with files.staged_directory(run_dir) as staging:
+        staged = RunDirectory(staging)
+        tokenizer.save(staged.tokenizer_dir)
         stream = _stream(recipe.data, tokenizer, "train")
         bigram = BigramModel.fit(stream, tokenizer.vocabulary_size)
         validation_nll = {}
@@ -163,25 +153,28 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
                       "k": k, "validation_nll_by_k": by_k},
             "data": data,
         }
-        with open(os.path.join(staging, CONFIG_FILENAME), "w", encoding="utf-8") as file:
-            json.dump(config, file, indent=2, sort_keys=True)
+        staged.write_config(config)
     return bigram
 
 
 def _check_bigram_run_directory(run_dir, data):
     """Refuses a `run_dir` that holds anything but a bigram fitted on the same `[data]`."""
-    from kgpt.train import CONFIG_FILENAME, config_differences
-
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    run = RunDirectory(run_dir)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir} is a file, not a run directory; choose another --run-dir.")
+    if not os.path.isdir(run_dir) or not any(not n.startswith(".") for n in os.listdir(run_dir)):
         return
-    config_path = os.path.join(run_dir, CONFIG_FILENAME)
-    if not is_bigram_run(run_dir) or not os.path.isfile(config_path):
+    if not (run.is_bigram() and run.is_run()):
         raise ValueError(
             f"{run_dir} already holds something other than a bigram run (a bigram fit replaces "
             "its whole run directory); choose another --run-dir."
         )
-    with open(config_path, encoding="utf-8") as file:
-        differing = config_differences(json.load(file).get("data", {}), data)
+    stored = run.read_config().get("data", {})
+    try:
+        stored = DataConfig.from_dict(stored).to_dict()
+    except ValueError:
+        pass  # written by another schema: compare what is there
+    differing = config_differences(identity({"data": stored}), identity({"data": data}))
     if differing:
         raise ValueError(
             f"{run_dir} holds a bigram fitted on other data: {'; '.join(differing)}. Use another "
@@ -189,107 +182,13 @@ def _check_bigram_run_directory(run_dir, data):
         )
 
 
-@keras.saving.register_keras_serializable(package="kgpt")
-class RecurrentLanguageModel(keras.Model):
-    """GRU language model with causal attention over its own past states (pre-Transformer LM).
-
-    token embedding -> dropout -> `num_layers` GRUs -> x + MultiHeadAttention(x, causal) ->
-    LayerNorm -> tied head (logits = x @ token_embedding^T, float32). The attention lets each
-    position look back at every earlier GRU state instead of only the last one.
-
-    Args:
-        vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim, dropout,
-        layer_norm_epsilon, initializer_range: as in `ModelConfig` (`sequence_length` is the
-            training and evaluation window; the GRU itself has no length limit).
-
-    Call args:
-        token_ids: int `(batch, length)`.
-
-    Returns:
-        float32 logits `(batch, length, vocabulary_size)`.
-
-    Example:
-        model = RecurrentLanguageModel.from_config_object(ModelConfig(vocabulary_size=65, sequence_length=64))
-    """
-
-    def __init__(self, vocabulary_size, sequence_length, num_layers=1, num_heads=4, hidden_dim=128,
-                 dropout=0.0, layer_norm_epsilon=1e-5, initializer_range=0.02, **kwargs):
-        super().__init__(**kwargs)
-        self.model_config = ModelConfig(
-            vocabulary_size=vocabulary_size, sequence_length=sequence_length,
-            num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim, dropout=dropout,
-            layer_norm_epsilon=layer_norm_epsilon, initializer_range=initializer_range,
-        )
-        initializer = keras.initializers.RandomNormal(stddev=initializer_range)
-        self.token_embedding = keras.layers.Embedding(
-            vocabulary_size, hidden_dim, embeddings_initializer=initializer,
-            dtype=self.dtype_policy, name="token_embedding",
-        )
-        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
-        self.recurrent_layers = [
-            keras.layers.GRU(hidden_dim, return_sequences=True, dropout=dropout,
-                             dtype=self.dtype_policy, name=f"gru_{index}")
-            for index in range(num_layers)
-        ]
-        self.attention = keras.layers.MultiHeadAttention(
-            num_heads, hidden_dim // num_heads, dropout=dropout, kernel_initializer=initializer,
-            dtype=self.dtype_policy, name="attention",
-        )
-        self.norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
-        )
-        self.build((None, sequence_length))
-
-    @classmethod
-    def from_config_object(cls, config, **kwargs):
-        """Builds from a `ModelConfig`; its GPT-only fields (intermediate_dim, ...) are unused."""
-        used = ("vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim",
-                "dropout", "layer_norm_epsilon", "initializer_range")
-        return cls(**{name: getattr(config, name) for name in used}, **kwargs)
-
-    def build(self, input_shape):
-        hidden_shape = tuple(input_shape) + (self.model_config.hidden_dim,)
-        self.token_embedding.build(input_shape)
-        for layer in self.recurrent_layers:
-            layer.build(hidden_shape)
-        self.attention.build(hidden_shape, hidden_shape)
-        self.norm.build(hidden_shape)
-        self.built = True
-
-    def call(self, token_ids, training=None):
-        x = self.embedding_dropout(self.token_embedding(token_ids), training=training)
-        for layer in self.recurrent_layers:
-            x = layer(x, training=training)  # (batch, length, hidden)
-        x = x + self.attention(x, x, use_causal_mask=True, training=training)
-        x = ops.cast(self.norm(x), "float32")
-        table = ops.cast(self.token_embedding.embeddings, "float32")
-        return ops.matmul(x, ops.transpose(table))  # (batch, length, vocabulary)
-
-    def get_config(self):
-        config = self.model_config
-        return {
-            **super().get_config(),
-            **{name: getattr(config, name) for name in (
-                "vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim",
-                "dropout", "layer_norm_epsilon", "initializer_range")},
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-
 def train_recurrent(recipe, run_dir, verbose="auto"):
-    """Trains `RecurrentLanguageModel` with `kgpt.train.train`: same data, schedule, callbacks.
+    """Trains the GRU baseline (`kgpt.recurrent.RecurrentLanguageModel`) with `kgpt.train.train`.
 
     The recipe's `[model]` sizes it (`num_layers` GRU layers of width `hidden_dim`, `num_heads`
-    attention heads). It prints no text samples (`kgpt.callbacks.SampleText` needs the GPT's
-    cached decoder), and its run directory keeps the recipe as given.
+    attention heads); its `config.json` records `[model] kind = "gru"`.
 
     Returns:
         The `kgpt.train.TrainResult`.
     """
-    from kgpt.train import train
-
-    return train(recipe, run_dir, verbose=verbose, build_model=RecurrentLanguageModel.from_config_object)
-
+    return train(dataclasses.replace(recipe, model_kind="gru"), run_dir, verbose=verbose)

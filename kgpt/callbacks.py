@@ -6,7 +6,6 @@ says what to try, learning-rate and tokens/s logging, and a sample of generated 
 evaluation.
 """
 
-import csv
 import json
 import math
 import os
@@ -16,68 +15,16 @@ import warnings
 import keras
 import numpy as np
 
-from kgpt.saving import save_model
+from kgpt import files
+from kgpt.generate import Generator
+from kgpt.rundir import BACKUP_METADATA
+from kgpt.saving import load_model, save_model
 
-BACKUP_METADATA = "training_metadata.json"
-
-
-def _replace_atomically(write, path):
-    """Calls `write(temporary_path)`, then renames the result onto `path`."""
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".tmp-{name}")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def best_logged(history_csv, key="val_loss"):
-    """The lowest `key` in a CSVLogger file, or None when there is none yet."""
-    if not os.path.exists(history_csv):
-        return None
-    with open(history_csv) as f:
-        rows = list(csv.DictReader(f))
-    values = [float(row[key]) for row in rows if row.get(key) not in (None, "")]
-    return min(values) if values else None
-
-
-def trim_history(history_csv, epochs):
-    """Keeps only the first `epochs` evaluations in a CSVLogger file (those the backup holds).
-
-    A run killed after logging an evaluation but before backing it up repeats that evaluation
-    on resume; trimming first keeps one row per evaluation.
-    """
-    if not os.path.exists(history_csv):
-        return
-    with open(history_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [row for row in reader if int(row["epoch"]) < epochs]
-    if not fields:
-        return
-
-    def write(path):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    _replace_atomically(write, history_csv)
-
-
-def _backup_metadata(backup_dir):
-    path = os.path.join(backup_dir, BACKUP_METADATA)
-    if not os.path.exists(path):
+def _read_json(path):
+    if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def completed_steps(backup_dir):
-    """Optimizer steps recorded by the last backup in `backup_dir` (0 when there is none)."""
-    return int(_backup_metadata(backup_dir).get("step", 0))
-
-
-def completed_val_losses(backup_dir):
-    """The `val_loss` of every evaluation the last backup in `backup_dir` covers, in order."""
-    return [float(value) for value in _backup_metadata(backup_dir).get("val_loss", [])]
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
@@ -104,7 +51,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if os.path.exists(self._weights_path):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             self.model._initial_epoch = step // self.steps_per_epoch
-            self.val_losses = completed_val_losses(self.backup_dir)[: self.model._initial_epoch]
+            metadata = _read_json(os.path.join(self.backup_dir, BACKUP_METADATA))
+            self.val_losses = [float(v) for v in metadata.get("val_loss", [])][: self.model._initial_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
@@ -113,20 +61,15 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         super().on_epoch_end(epoch, logs)
 
     def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        _replace_atomically(
-            lambda path: self.model.save_weights(path, overwrite=True), self._weights_path
-        )
+        with files.atomic_file(self._weights_path) as temporary:
+            self.model.save_weights(temporary, overwrite=True)
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         metadata = {
             "epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses
         }
-
-        def write(path):
-            with open(path, "w") as f:
+        with files.atomic_file(self._training_metadata_path) as temporary:
+            with open(temporary, "w") as f:
                 json.dump(metadata, f)
-
-        _replace_atomically(write, self._training_metadata_path)
 
 
 class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -194,8 +137,6 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         self.best_epoch = int(np.argmin(self.previous_val_losses))
         self.best = self.previous_val_losses[self.best_epoch]
         if self.best_path and os.path.exists(self.best_path):
-            from kgpt.saving import load_model
-
             self.best_weights = load_model(self.best_path).get_weights()
 
 
@@ -286,8 +227,6 @@ class SampleText(keras.callbacks.Callback):
         self._generator = None
 
     def sample(self):
-        from kgpt.generate import Generator
-
         if self._generator is None:
             # Without XLA: one short sample per evaluation does not repay a compilation.
             self._generator = Generator(self.model, self.tokenizer, jit_compile=False)

@@ -265,7 +265,8 @@ class TrainingStopped(RuntimeError):
 
 
 def _run_train(args):
-    from kgpt.train import load_recipe, train
+    from kgpt.config import load_recipe
+    from kgpt.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     name = os.path.splitext(os.path.basename(args.recipe))[0]
@@ -275,13 +276,23 @@ def _run_train(args):
 
 def _report_training(result, what=""):
     """Prints a `TrainResult`; raises `TrainingStopped` when the run left no final model."""
-    summary = f"Trained {what}{result.steps} steps into {result.run_dir}"
-    if result.history.get("val_loss"):
-        summary += f"; best val_loss {min(result.history['val_loss']):.4f}"
-    print(summary)
+    from kgpt.rundir import RunDirectory
+
+    if not result.trained_steps:
+        print(
+            f"Nothing left to train in {result.run_dir}: its {result.steps} steps were already "
+            "done (use another --run-dir for a new run)."
+        )
+    else:
+        summary = f"Trained {what}{result.trained_steps} steps into {result.run_dir}"
+        if result.initial_steps:
+            summary += f" (resumed at step {result.initial_steps}; {result.steps} in all)"
+        if result.history.get("val_loss"):
+            summary += f"; best val_loss {min(result.history['val_loss']):.4f}"
+        print(summary)
     if result.stopped:
         print(f"Stopped early: {result.stopped}")
-        if not os.path.exists(os.path.join(result.run_dir, "final.keras")):
+        if not os.path.exists(RunDirectory(result.run_dir).final_model_path):
             raise TrainingStopped(result.stopped)
 
 
@@ -333,7 +344,7 @@ def _run_evaluate(args):
 
 def _run_baseline(args):
     from kgpt.baselines import train_bigram, train_recurrent
-    from kgpt.train import load_recipe
+    from kgpt.config import load_recipe
 
     if args.kind == "gru" and (args.k is not None or args.tokenizer_from):
         raise UsageError(
@@ -418,7 +429,8 @@ def _run_serve(args):
 
 
 def _run_info(args):
-    from kgpt.saving import describe_model, load_model
+    from kgpt.rundir import load_model
+    from kgpt.saving import describe_model
 
     print(describe_model(load_model(args.path)))
 

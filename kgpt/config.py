@@ -1,14 +1,25 @@
-"""Configuration dataclasses, validated on creation, and the helpers that build them from dicts.
+"""The whole recipe schema: `ModelConfig`, `DataConfig`, `TrainConfig` and `Recipe`, on one validated base.
 
-Every config is a frozen dataclass whose `__post_init__` rejects bad values with a `ValueError`
-naming the field and the fix. `config_from_dict` turns a recipe section (or a `--set` override)
-into one, rejecting unknown keys and wrong types by name.
+Every config is a frozen dataclass derived from `Config`: on creation each field is checked
+against its annotation (ints are accepted where floats are expected, lists become tuples) and
+`validate` rejects bad values with a `ValueError` naming the key and the fix. `from_dict` builds
+one from a recipe section, rejecting unknown keys with a did-you-mean hint; `to_dict` is its
+inverse. A recipe is a TOML file (`pipelines/*.toml`) with `[model]`, `[data]` and `[train]`
+sections; `load_recipe(path, overrides)` reads it, applies `--set section.key=value` overrides
+and validates it into a `Recipe`.
+
+Names are checked against the registries that own them: corpora (`kgpt.corpora`) and tokenizer
+kinds (`kgpt.tokenizer`), which import nothing from kgpt, so this module can sit below them.
 """
 
 import dataclasses
-import os
 import difflib
+import os
+import tomllib
 import typing
+
+from kgpt import corpora
+from kgpt import tokenizer as tokenizers
 
 
 def _type_name(annotation):
@@ -18,15 +29,13 @@ def _type_name(annotation):
 
 
 def _coerce(key, value, annotation):
-    """Checks `value` against a field annotation; ints are accepted where floats are expected."""
+    """Checks `value` against a field annotation; returns it with ints as floats, lists as tuples."""
     origin = typing.get_origin(annotation)
     if origin is typing.Union:  # Optional[X] and friends
-        for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
         errors = []
-        for option in options:
+        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
             try:
                 return _coerce(key, value, option)
             except ValueError as error:
@@ -55,74 +64,102 @@ def _coerce(key, value, annotation):
     return value
 
 
-def config_from_dict(cls, data, section=None):
-    """Builds the dataclass `cls` from a dict, rejecting unknown keys and wrong types.
+def _did_you_mean(value, options):
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
-    Args:
-        cls: a dataclass type such as `ModelConfig`.
-        data: mapping of field name to value (e.g. a parsed TOML section).
-        section: name used in error messages (e.g. `"model"` gives `model.num_heads`).
 
-    Returns:
-        An instance of `cls`.
+class Config:
+    """Base of every configuration dataclass: field checks, `from_dict`/`to_dict`, clear errors.
+
+    Subclasses are `@dataclasses.dataclass(frozen=True)`, set `section` (the recipe section their
+    keys live in, used in messages as `section.key`) and override `validate` for value checks.
 
     Example:
-        config = config_from_dict(ModelConfig, {"vocabulary_size": 32, ...}, "model")
+        @dataclasses.dataclass(frozen=True)
+        class EvalConfig(Config):
+            section = "eval"
+            batch_size: int = 8
+
+            def validate(self):
+                self.check_positive("batch_size")
     """
-    prefix = f"{section}." if section else ""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+
+    section = None
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = _coerce(self.key(field.name), getattr(self, field.name), hints[field.name])
+            object.__setattr__(self, field.name, value)
+        self.validate()
+
+    def validate(self):
+        """Raises `ValueError` naming the key and the fix for a value that cannot work."""
+
+    def key(self, name):
+        """`name` as the user writes it in a recipe: `section.name`."""
+        return f"{self.section}.{name}" if self.section else name
+
+    def check_positive(self, *names):
+        for name in names:
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(
+                    f"{self.key(name)}={value} must be a positive integer; set it to at least 1."
+                )
+
+    def check_choice(self, name, options):
+        value = getattr(self, name)
+        if value not in options:
             raise ValueError(
-                f"Unknown key {prefix}{key}.{hint} Valid keys: {', '.join(sorted(fields))}."
+                f"Unknown {self.key(name)}={value!r}.{_did_you_mean(value, options)} "
+                f"Set {self.key(name)} to one of: {', '.join(map(str, options))}."
             )
-        values[key] = _coerce(prefix + key, value, hints[key])
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in values
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ValueError(f"Missing required key(s): {', '.join(prefix + m for m in missing)}.")
-    return cls(**values)
 
+    @classmethod
+    def check_keys(cls, keys):
+        """Raises for a key that is not a field, with a did-you-mean hint."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        prefix = f"{cls.section}." if cls.section else ""
+        for key in keys:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+                raise ValueError(
+                    f"Unknown key {prefix}{key}.{hint} Valid keys: {', '.join(sorted(fields))}."
+                )
 
-def parse_override(text):
-    """Parses one `--set key=value` override into `(key, value)`.
+    @classmethod
+    def from_dict(cls, data):
+        """Builds the config from a `{key: value}` mapping (a recipe section or `to_dict()`).
 
-    The value is read as a TOML value when it parses as one (`4`, `1e-3`, `true`, `"x"`,
-    `[1, 2]`) and as a bare string otherwise, so `--set data.corpus=wikitext2` works unquoted.
-    """
-    import tomllib
+        Raises:
+            ValueError: an unknown key (with a did-you-mean hint), a missing required key, or
+                a value of the wrong type or range, each named as `section.key`.
+        """
+        cls.check_keys(data)
+        prefix = f"{cls.section}." if cls.section else ""
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"Missing required key(s): {', '.join(prefix + m for m in missing)}.")
+        return cls(**data)
 
-    if "=" not in text:
-        raise ValueError(f"--set {text!r} is not of the form key=value (e.g. model.num_layers=4).")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ValueError(f"--set {text!r} has an empty key; write it as key=value.")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
-def _positive(config, *names):
-    for name in names:
-        value = getattr(config, name)
-        if value <= 0:
-            raise ValueError(f"{name}={value} must be a positive integer; set {name} to at least 1.")
+    def to_dict(self):
+        """The fields as a JSON-ready dict (tuples become lists, as `config.json` stores them)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Size and arrangement of a GPT model.
 
     Args:
@@ -154,18 +191,16 @@ class ModelConfig:
     use_bias: bool = True
     initializer_range: float = 0.02
 
+    section = "model"
+
     def __post_init__(self):
         if self.intermediate_dim is None:
             object.__setattr__(self, "intermediate_dim", 4 * self.hidden_dim)
-        for f in dataclasses.fields(self):
-            _coerce(f.name, getattr(self, f.name), typing.get_type_hints(type(self))[f.name])
-        _positive(
-            self,
-            "vocabulary_size",
-            "sequence_length",
-            "num_layers",
-            "num_heads",
-            "hidden_dim",
+        super().__post_init__()
+
+    def validate(self):
+        self.check_positive(
+            "vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim",
             "intermediate_dim",
         )
         if self.hidden_dim % self.num_heads:
@@ -189,12 +224,111 @@ class ModelConfig:
     def head_dim(self):
         return self.hidden_dim // self.num_heads
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data, section="model"):
-        return config_from_dict(cls, data, section)
+MODES = ("packed", "document")
+WINDOW_OFFSETS = ("aligned", "random")
+DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    """What to read, how to tokenize it and how to cut it into training windows.
+
+    Args:
+        corpus: `wikitext2`, `wikitext2_tokens`, `wikitext103`, `wikitext103_tokens`, `imdb`,
+            `tinyshakespeare` or `text` (see `kgpt.corpora`).
+        dir: data directory (else `$KGPT_DATA_DIR`; else the Keras cache, downloading there).
+        files: `text` corpus: file paths or globs (relative ones are under `dir`).
+        validation_files: `text` corpus: validation files; else `validation_fraction` is used.
+        tokenizer: `bpe` (trained byte-level BPE), `gpt2`, `char` or `tiktoken:NAME`.
+        tokenizer_path: `gpt2`: folder with `vocab.json` + `merges.txt` (or a saved tokenizer).
+        vocabulary_size: `bpe`: ids to train, at least 258 (256 bytes + 2 specials).
+        sequence_length: tokens per example (`x` and `y`); at most the model's.
+        mode: `packed` (documents joined, cut into windows) or `document` (one per example).
+        lowercase / strip_punctuation / strip_html: text options (IMDB always maps `<br />`).
+        document_separator: `text` corpus: `file`, `blank_line` or `line`.
+        validation_fraction: `text`: fraction of documents held out (seeded);
+            `tinyshakespeare`: the last fraction of characters (0.1 = nanoGPT's 90/10).
+        validation_count: `imdb`: reviews per polarity carved from test for validation.
+        imdb_unsupervised: `imdb`: add `train/unsup` to the training split.
+        errors: `strict` (invalid UTF-8 is an error naming file and byte) or `replace`.
+        window_offsets: training windows in packed mode: `aligned` (the stream cut at multiples
+            of `sequence_length`, reshuffled each pass) or `random` (each window starts at a
+            seeded random position, as nanoGPT samples; `count` windows per pass).
+        cache_dir: token cache folder (default `$KGPT_CACHE_DIR` or `~/.cache/kgpt/tokens`).
+        shuffle_buffer_size: training shuffle buffer in windows; None shuffles all windows.
+        seed: seeds the splits and the shuffle.
+
+    Example:
+        config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
+    """
+
+    corpus: str = "text"
+    dir: typing.Optional[str] = None
+    files: typing.Tuple[str, ...] = ()
+    validation_files: typing.Tuple[str, ...] = ()
+    tokenizer: str = "bpe"
+    tokenizer_path: typing.Optional[str] = None
+    vocabulary_size: int = 8192
+    sequence_length: int = 256
+    mode: str = "packed"
+    lowercase: bool = False
+    strip_punctuation: bool = False
+    strip_html: bool = False
+    document_separator: str = "blank_line"
+    validation_fraction: float = 0.1
+    validation_count: int = 2500
+    imdb_unsupervised: bool = False
+    errors: str = "strict"
+    window_offsets: str = "aligned"
+    cache_dir: typing.Optional[str] = None
+    shuffle_buffer_size: typing.Optional[int] = None
+    seed: int = 1337
+
+    section = "data"
+
+    def validate(self):
+        self.check_choice("corpus", corpora.CORPORA)
+        if not self.tokenizer.startswith("tiktoken:") or self.tokenizer == "tiktoken:":
+            self.check_choice("tokenizer", ("bpe", "gpt2", "char", "tiktoken:NAME"))
+        self.check_choice("mode", MODES)
+        self.check_choice("document_separator", DOCUMENT_SEPARATORS)
+        self.check_choice("errors", ("strict", "replace"))
+        self.check_choice("window_offsets", WINDOW_OFFSETS)
+        minimum = tokenizers.BYTE_ALPHABET_SIZE + 2
+        if self.tokenizer == "bpe" and self.vocabulary_size < minimum:
+            raise ValueError(
+                f"data.vocabulary_size={self.vocabulary_size} is smaller than the byte alphabet "
+                f"(256) plus 2 special tokens; set it to at least {minimum} (e.g. 8192)."
+            )
+        if self.sequence_length < 1:
+            raise ValueError(
+                f"data.sequence_length={self.sequence_length} must be at least 1 (e.g. 256)."
+            )
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"data.validation_fraction={self.validation_fraction} must be in [0, 1); "
+                "0.1 holds out a tenth."
+            )
+        if self.validation_count < 1:
+            raise ValueError(
+                f"data.validation_count={self.validation_count} must be at least 1 (default 2500)."
+            )
+        if self.shuffle_buffer_size is not None and self.shuffle_buffer_size < 1:
+            raise ValueError(
+                f"data.shuffle_buffer_size={self.shuffle_buffer_size} must be positive, or unset "
+                "to shuffle all windows."
+            )
+        if self.corpus == "text" and not self.files:
+            raise ValueError(
+                "data.corpus = \"text\" needs data.files: a list of paths or globs, e.g. "
+                "[\"shards/wiki_books_*.txt\"]."
+            )
+        if self.tokenizer == "gpt2" and not self.tokenizer_path:
+            raise ValueError(
+                "data.tokenizer = \"gpt2\" needs data.tokenizer_path: the folder holding GPT-2's "
+                "vocab.json (or encoder.json) and merges.txt."
+            )
 
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -202,7 +336,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How to train: batch, schedule, optimiser, evaluation, callbacks and distribution.
 
     Args:
@@ -231,7 +365,10 @@ class TrainConfig:
         steps_per_execution: train steps per compiled call.
         init_from: a run directory whose weights and tokenizer start this run (fine-tuning).
         sample_prompt: text continued at each evaluation; empty disables samples.
-        sample_length: new tokens in each sample.
+        sample_length: new tokens in each sample (at most what fits in the context after the
+            prompt; training says so when it asks for more).
+        sample_temperature: sampling temperature of the samples (nanoGPT: 0.8).
+        sample_top_k: samples draw among the `sample_top_k` likeliest tokens (0: all; nanoGPT: 200).
     """
 
     batch_size: int = 12
@@ -256,19 +393,20 @@ class TrainConfig:
     init_from: typing.Optional[str] = None
     sample_prompt: str = ""
     sample_length: int = 100
+    sample_temperature: float = 0.8
+    sample_top_k: int = 200
 
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _coerce(f"train.{f.name}", getattr(self, f.name), hints[f.name])
-        _positive(self, "batch_size", "max_steps", "eval_interval", "steps_per_execution")
+    section = "train"
+
+    def validate(self):
+        self.check_positive("batch_size", "max_steps", "eval_interval", "steps_per_execution")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ValueError(f"train.eval_steps={self.eval_steps} must be positive, or omitted for all.")
-        for name in ("learning_rate", "epsilon"):
+        for name in ("learning_rate", "epsilon", "sample_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be positive (e.g. 1e-3).")
         for name in ("warmup_steps", "min_learning_rate", "weight_decay", "clip_norm", "patience",
-                     "sample_length"):
+                     "sample_length", "sample_top_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must not be negative.")
         if self.min_learning_rate > self.learning_rate:
@@ -284,21 +422,141 @@ class TrainConfig:
         for name in ("beta_1", "beta_2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1).")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"train.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+        self.check_choice("strategy", STRATEGIES)
+        self.check_choice("precision", PRECISIONS)
+        if self.max_steps % self.eval_interval:
+            raise ValueError(
+                f"train.max_steps={self.max_steps} is not a multiple of train.eval_interval="
+                f"{self.eval_interval}; make max_steps a multiple (e.g. "
+                f"{-(-self.max_steps // self.eval_interval) * self.eval_interval})."
+            )
+        if self.eval_interval % self.steps_per_execution:
+            raise ValueError(
+                f"train.eval_interval={self.eval_interval} is not a multiple of "
+                f"train.steps_per_execution={self.steps_per_execution}; Keras runs whole "
+                "executions, so make eval_interval a multiple (or lower steps_per_execution)."
+            )
 
     @property
     def total_decay_steps(self):
         return self.max_steps if self.decay_steps is None else self.decay_steps
 
-    @classmethod
-    def from_dict(cls, data, section="train"):
-        return config_from_dict(cls, data, section)
 
-
+# Model kinds a recipe may train (`[model] kind`); `kgpt.saving.MODEL_CLASSES` maps each to its
+# Keras class.
+MODEL_KINDS = ("gpt", "gru")
 RECIPE_SECTIONS = ("model", "data", "train")
+# Where things are, not what they are: a run resumes after its data or its initial run moved, and
+# samples shown during training do not change the model.
+_NOT_IDENTITY = {
+    "data": ("dir", "cache_dir", "tokenizer_path"),
+    "train": ("init_from", "sample_prompt", "sample_length", "sample_temperature", "sample_top_k"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: model kind and overrides, data and training settings.
+
+    Attributes:
+        model: the `ModelConfig` fields the recipe sets (`vocabulary_size` defaults to the
+            tokenizer's and `sequence_length` to `data.sequence_length`).
+        data: the `DataConfig`.
+        train: the `TrainConfig`.
+        model_kind: `"gpt"` (`kgpt.model.GPT`) or `"gru"` (the recurrent baseline), the
+            `[model]` key `kind`.
+    """
+
+    model: dict
+    data: DataConfig
+    train: TrainConfig
+    model_kind: str = "gpt"
+
+    @classmethod
+    def from_dict(cls, raw):
+        """Validates a `{section: {key: value}}` dict (a parsed recipe or `config.json`)."""
+        model = dict(raw.get("model", {}))
+        kind = model.pop("kind", "gpt")
+        if kind not in MODEL_KINDS:
+            raise ValueError(
+                f"Unknown model.kind={kind!r}.{_did_you_mean(kind, MODEL_KINDS)} Set model.kind "
+                f"to one of: {', '.join(MODEL_KINDS)}."
+            )
+        ModelConfig.check_keys(model)
+        hints = typing.get_type_hints(ModelConfig)
+        model = {key: _coerce(f"model.{key}", value, hints[key]) for key, value in model.items()}
+        return cls(
+            model=model,
+            data=DataConfig.from_dict(raw.get("data", {})),
+            train=TrainConfig.from_dict(raw.get("train", {})),
+            model_kind=kind,
+        )
+
+    def to_dict(self):
+        """The recipe as `config.json` stores it (`kind` only when not the default)."""
+        model = {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in self.model.items()
+        }
+        if self.model_kind != "gpt":
+            model["kind"] = self.model_kind
+        return {"model": model, "data": self.data.to_dict(), "train": self.train.to_dict()}
+
+    def identity(self):
+        """What makes two recipes the same run: `to_dict` without locations and sample display."""
+        return identity(self.to_dict())
+
+    def model_config(self, vocabulary_size):
+        """The `ModelConfig` of a new model for a tokenizer of `vocabulary_size` ids."""
+        return ModelConfig(
+            **{"vocabulary_size": vocabulary_size, "sequence_length": self.data.sequence_length,
+               **self.model}
+        )
+
+
+def identity(config):
+    """A `{section: {key: value}}` config without the keys that are not identity (locations such
+    as `data.dir`, and the training samples' settings); sections it lacks stay absent."""
+    return {
+        section: {k: v for k, v in values.items() if k not in _NOT_IDENTITY.get(section, ())}
+        if isinstance(values, dict) else values
+        for section, values in config.items()
+    }
+
+
+def config_differences(old, new, prefix=""):
+    """The dotted keys whose values differ between two config dicts, as "key (old -> new)".
+
+    Example:
+        config_differences({"a": {"b": 1}}, {"a": {"b": 2}})  # ["a.b (1 -> 2)"]
+    """
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return found
+
+
+def parse_override(text):
+    """Parses one `--set key=value` override into `(key, value)`.
+
+    The value is read as a TOML value when it parses as one (`4`, `1e-3`, `true`, `"x"`,
+    `[1, 2]`) and as a bare string otherwise, so `--set data.corpus=wikitext2` works unquoted.
+    """
+    if "=" not in text:
+        raise ValueError(f"--set {text!r} is not of the form key=value (e.g. model.num_layers=4).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"--set {text!r} has an empty key; write it as key=value.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
 
 
 def apply_overrides(recipe, overrides):
@@ -317,12 +575,7 @@ def apply_overrides(recipe, overrides):
 
 
 def read_recipe(path, overrides=()):
-    """Reads a TOML recipe and applies overrides; returns `{section: {key: value}}`.
-
-    Only the section names are checked here; `kgpt.train.resolve_recipe` validates the keys.
-    """
-    import tomllib
-
+    """Reads a TOML recipe and applies overrides; returns `{section: {key: value}}` (unvalidated)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such recipe: {path}. Recipes live in pipelines/*.toml.")
@@ -341,3 +594,12 @@ def read_recipe(path, overrides=()):
         if not isinstance(values, dict):
             raise ValueError(f"{path}: {name} must be a [{name}] table, not a value.")
     return apply_overrides(recipe, overrides)
+
+
+def load_recipe(path, overrides=()):
+    """Reads, overrides and validates a TOML recipe (see `pipelines/`).
+
+    Example:
+        recipe = load_recipe("pipelines/tiny.toml", ["train.max_steps=100"])
+    """
+    return Recipe.from_dict(read_recipe(path, overrides))

@@ -2,7 +2,7 @@
 
 Entry points (what training, evaluation and export call):
 
-- `DataConfig`: the `[data]` recipe section (`DataConfig.from_dict(section)`).
+- `DataConfig` (defined in `kgpt.config`): the `[data]` recipe section.
 - `read_documents(config, split) -> tf.data.Dataset` of `tf.string` documents.
 - `build_tokenizer(config, directory=None) -> Tokenizer`: load it from `directory` when saved
   there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there.
@@ -51,132 +51,9 @@ import tensorflow as tf
 
 from kgpt import corpora
 from kgpt import tokenizer as tokenizers
-from kgpt.config import _coerce, config_from_dict
+from kgpt.config import DataConfig  # noqa: F401  (re-exported: kgpt.data.DataConfig)
 
-TOKENIZERS = ("bpe", "gpt2", "char", "tiktoken:NAME")
-MODES = ("packed", "document")
-WINDOW_OFFSETS = ("aligned", "random")
-DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
 CACHE_FORMAT_VERSION = 1
-
-
-def _choice(name, value, options):
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown {name}={value!r}.{hint} Set data.{name} to one of: {', '.join(options)}."
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What to read, how to tokenize it and how to cut it into training windows.
-
-    Args:
-        corpus: `wikitext2`, `wikitext2_tokens`, `wikitext103`, `wikitext103_tokens`, `imdb`,
-            `tinyshakespeare` or `text` (see `kgpt.corpora`).
-        dir: data directory (else `$KGPT_DATA_DIR`; else the Keras cache, downloading there).
-        files: `text` corpus: file paths or globs (relative ones are under `dir`).
-        validation_files: `text` corpus: validation files; else `validation_fraction` is used.
-        tokenizer: `bpe` (trained byte-level BPE), `gpt2`, `char` or `tiktoken:NAME`.
-        tokenizer_path: `gpt2`: folder with `vocab.json` + `merges.txt` (or a saved tokenizer).
-        vocabulary_size: `bpe`: ids to train, at least 258 (256 bytes + 2 specials).
-        sequence_length: tokens per example (`x` and `y`); at most the model's.
-        mode: `packed` (documents joined, cut into windows) or `document` (one per example).
-        lowercase / strip_punctuation / strip_html: text options (IMDB always maps `<br />`).
-        document_separator: `text` corpus: `file`, `blank_line` or `line`.
-        validation_fraction: `text`: fraction of documents held out (seeded);
-            `tinyshakespeare`: the last fraction of characters (0.1 = nanoGPT's 90/10).
-        validation_count: `imdb`: reviews per polarity carved from test for validation.
-        imdb_unsupervised: `imdb`: add `train/unsup` to the training split.
-        errors: `strict` (invalid UTF-8 is an error naming file and byte) or `replace`.
-        window_offsets: training windows in packed mode: `aligned` (the stream cut at multiples
-            of `sequence_length`, reshuffled each pass) or `random` (each window starts at a
-            seeded random position, as nanoGPT samples; `count` windows per pass).
-        cache_dir: token cache folder (default `$KGPT_CACHE_DIR` or `~/.cache/kgpt/tokens`).
-        shuffle_buffer_size: training shuffle buffer in windows; None shuffles all windows.
-        seed: seeds the splits and the shuffle.
-
-    Example:
-        config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
-    """
-
-    corpus: str = "text"
-    dir: typing.Optional[str] = None
-    files: typing.Tuple[str, ...] = ()
-    validation_files: typing.Tuple[str, ...] = ()
-    tokenizer: str = "bpe"
-    tokenizer_path: typing.Optional[str] = None
-    vocabulary_size: int = 8192
-    sequence_length: int = 256
-    mode: str = "packed"
-    lowercase: bool = False
-    strip_punctuation: bool = False
-    strip_html: bool = False
-    document_separator: str = "blank_line"
-    validation_fraction: float = 0.1
-    validation_count: int = 2500
-    imdb_unsupervised: bool = False
-    errors: str = "strict"
-    window_offsets: str = "aligned"
-    cache_dir: typing.Optional[str] = None
-    shuffle_buffer_size: typing.Optional[int] = None
-    seed: int = 1337
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(f"data.{f.name}", getattr(self, f.name), hints[f.name])
-            object.__setattr__(self, f.name, value)  # lists become tuples
-        _choice("corpus", self.corpus, corpora.CORPORA)
-        if not self.tokenizer.startswith("tiktoken:") or self.tokenizer == "tiktoken:":
-            _choice("tokenizer", self.tokenizer, TOKENIZERS[:3])
-        _choice("mode", self.mode, MODES)
-        _choice("document_separator", self.document_separator, DOCUMENT_SEPARATORS)
-        _choice("errors", self.errors, ("strict", "replace"))
-        _choice("window_offsets", self.window_offsets, WINDOW_OFFSETS)
-        minimum = tokenizers.BYTE_ALPHABET_SIZE + 2
-        if self.tokenizer == "bpe" and self.vocabulary_size < minimum:
-            raise ValueError(
-                f"data.vocabulary_size={self.vocabulary_size} is smaller than the byte alphabet "
-                f"(256) plus 2 special tokens; set it to at least {minimum} (e.g. 8192)."
-            )
-        if self.sequence_length < 1:
-            raise ValueError(
-                f"data.sequence_length={self.sequence_length} must be at least 1 (e.g. 256)."
-            )
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(
-                f"data.validation_fraction={self.validation_fraction} must be in [0, 1); "
-                "0.1 holds out a tenth."
-            )
-        if self.validation_count < 1:
-            raise ValueError(
-                f"data.validation_count={self.validation_count} must be at least 1 (default 2500)."
-            )
-        if self.shuffle_buffer_size is not None and self.shuffle_buffer_size < 1:
-            raise ValueError(
-                f"data.shuffle_buffer_size={self.shuffle_buffer_size} must be positive, or unset "
-                "to shuffle all windows."
-            )
-        if self.corpus == "text" and not self.files:
-            raise ValueError(
-                "data.corpus = \"text\" needs data.files: a list of paths or globs, e.g. "
-                "[\"shards/wiki_books_*.txt\"]."
-            )
-        if self.tokenizer == "gpt2" and not self.tokenizer_path:
-            raise ValueError(
-                "data.tokenizer = \"gpt2\" needs data.tokenizer_path: the folder holding GPT-2's "
-                "vocab.json (or encoder.json) and merges.txt."
-            )
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data, section="data"):
-        return config_from_dict(cls, data, section)
 
 
 def read_documents(config, split):

@@ -19,13 +19,19 @@ log-likelihood `NLL` (nats) over all scored tokens:
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 
 import numpy as np
+import tensorflow as tf
+
+from kgpt import corpora
+from kgpt.baselines import BigramModel
+from kgpt.config import DataConfig
+from kgpt.data import scoring_tokens
+from kgpt.rundir import RunDirectory
 
 
 @dataclasses.dataclass
@@ -145,7 +151,6 @@ def score_stream(score, tokens, context, stride, batch_size=8, progress=None):
 
 def keras_scorer(model, jit_compile=False):
     """`score(x, y)` for a Keras model returning `(batch, length, vocabulary)` logits."""
-    import tensorflow as tf
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def nll(x, y):
@@ -178,25 +183,16 @@ def load_run(run_dir, jit_compile=False):
     Returns:
         A `LoadedRun`.
     """
-    from kgpt import baselines
-    from kgpt.saving import load_model, load_run_tokenizer
-    from kgpt.train import CONFIG_FILENAME
-
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"No such run directory: {run_dir}.")
-    tokenizer = load_run_tokenizer(run_dir)
-    data = {}
-    config_path = os.path.join(run_dir, CONFIG_FILENAME)
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as file:
-            data = json.load(file).get("data", {})
+    run = RunDirectory(run_dir)
+    tokenizer = run.load_tokenizer()
+    data = run.read_config().get("data", {})
     name = os.path.basename(os.path.normpath(run_dir))
-    if baselines.is_bigram_run(run_dir):
-        bigram = baselines.BigramModel.load(run_dir)
+    if run.is_bigram():
+        bigram = BigramModel.load(run_dir)
         context = data.get("sequence_length", 256)
         return LoadedRun(name, f"bigram (k={bigram.k:g})", bigram.parameters, context, tokenizer,
                          bigram.nll, data)
-    model = load_model(run_dir)
+    model = run.load_model()
     return LoadedRun(
         name, type(model).__name__, model.count_params(), model.model_config.sequence_length,
         tokenizer, keras_scorer(model, jit_compile), data,
@@ -217,9 +213,6 @@ def evaluation_data(data, run_data=None, data_dir=None):
         `(DataConfig, fixed_split)`: `fixed_split` is `"train"` for a text file (the whole file
         is scored, whatever the split), else None.
     """
-    from kgpt import corpora
-    from kgpt.data import DataConfig
-
     run_data = dict(run_data or {})
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     run_data = {k: v for k, v in run_data.items() if k in fields}
@@ -255,8 +248,6 @@ def _default_split(config):
 
 
 def _count_text(config, split):
-    from kgpt import corpora
-
     num_bytes = words = 0
     for document in corpora.iter_documents(config, split):
         num_bytes += len(document.encode("utf-8"))
@@ -301,8 +292,6 @@ def evaluate_run(run, config, split, stride=None, batch_size=8, progress=False):
     Returns:
         An `Evaluation`.
     """
-    from kgpt.data import scoring_tokens
-
     stride = run.context if stride is None else stride
     tokens = scoring_tokens(config, run.tokenizer, split)
     num_bytes, words = _count_text(config, split)

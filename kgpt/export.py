@@ -25,7 +25,9 @@ import re
 
 import tensorflow as tf
 
+from kgpt.files import staged_directory
 from kgpt.generate import check_options, decode, default_max_new_tokens, version_numbers
+from kgpt.rundir import RunDirectory
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -292,8 +294,6 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
     Example:
         export("checkpoints/shakespeare_char", "shakespeare")  # saved_models/shakespeare/1
     """
-    from kgpt.saving import load_model, load_run_tokenizer, staged_directory
-
     if not _NAME.match(name or ""):
         raise ValueError(
             f"Model name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder "
@@ -315,13 +315,14 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
             f"{final} already exists; versions are never overwritten. Leave --version out to "
             "write the next one."
         )
-    tokenizer = load_run_tokenizer(run_dir)
+    run = RunDirectory(run_dir)
+    tokenizer = run.load_tokenizer()
     if not tokenizer.graph_compatible:
         raise ValueError(
             f"Tokenizer {tokenizer.kind!r} runs outside the TensorFlow graph and cannot be "
             "exported; train with tokenizer 'bpe', 'gpt2' or 'char'."
         )
-    module = ServingModule(load_model(run_dir), tokenizer, max_new_tokens=max_new_tokens)
+    module = ServingModule(run.load_model(), tokenizer, max_new_tokens=max_new_tokens)
     # Staged in a dot-folder beside the versions, which TF Serving ignores (not a number), so a
     # half-written export is never loaded; the rename publishes it at once and, should another
     # export have taken this version meanwhile, fails rather than replace it.

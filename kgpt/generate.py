@@ -13,6 +13,8 @@ import warnings
 
 import tensorflow as tf
 
+from kgpt.rundir import RunDirectory
+
 _NEGATIVE_INFINITY = float("-inf")
 
 
@@ -504,10 +506,8 @@ class Generator:
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
         """Loads the run's model (`best.keras`, else `final.keras`) and `tokenizer/`."""
-        from kgpt.saving import load_model, load_run_tokenizer
-
-        tokenizer = load_run_tokenizer(run_dir)
-        return cls(load_model(run_dir), tokenizer, **kwargs)
+        run = RunDirectory(run_dir)
+        return cls(run.load_model(), run.load_tokenizer(), **kwargs)
 
     def generate(
         self,

@@ -33,7 +33,12 @@ import struct
 
 import numpy as np
 
-from kgpt.config import ModelConfig
+from kgpt import files
+from kgpt.config import DataConfig, ModelConfig, Recipe, TrainConfig
+from kgpt.model import GPT
+from kgpt.rundir import FINAL_MODEL, RunDirectory
+from kgpt.saving import save_model
+from kgpt.tokenizer import load_gpt2_tokenizer
 
 SAFETENSORS_FILENAME = "model.safetensors"
 SAFETENSORS_INDEX_FILENAME = "model.safetensors.index.json"
@@ -320,8 +325,6 @@ def load_gpt2(directory):
     Example:
         model = load_gpt2("downloads/gpt2")
     """
-    from kgpt.model import GPT
-
     config = model_config_from_hf(read_hf_config(directory))
     weights = convert_weights(read_checkpoint(directory), config)
     model = GPT.from_config_object(config)
@@ -332,14 +335,10 @@ def load_gpt2(directory):
 
 def _imported_recipe(config, run_dir):
     """The `config.json` of an imported run: the format `kgpt train` writes."""
-    from kgpt.config import TrainConfig
-    from kgpt.data import DataConfig
-    from kgpt.train import Recipe
-
     data = DataConfig(
         corpus="wikitext2",
         tokenizer="gpt2",
-        tokenizer_path=os.path.abspath(os.path.join(run_dir, "tokenizer")),
+        tokenizer_path=os.path.abspath(RunDirectory(run_dir).tokenizer_dir),
         sequence_length=config.sequence_length,
     )
     return Recipe(model=config.to_dict(), data=data, train=TrainConfig())
@@ -364,10 +363,6 @@ def import_gpt2(hf_dir, run_dir, force=False):
     Example:
         import_gpt2("downloads/gpt2", "checkpoints/gpt2")
     """
-    from kgpt.saving import save_model, staged_directory
-    from kgpt.tokenizer import load_gpt2_tokenizer
-    from kgpt.train import CONFIG_FILENAME, TOKENIZER_DIRECTORY
-
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"No such folder: {hf_dir}; pass a Hugging Face GPT-2 folder.")
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not force:
@@ -380,13 +375,14 @@ def import_gpt2(hf_dir, run_dir, force=False):
             f"{model.model_config.vocabulary_size}; the tokenizer files belong to another model."
         )
     # Written into a sibling temporary folder and renamed: no half-imported run directory.
-    with staged_directory(run_dir) as staging:
-        tokenizer.save(os.path.join(staging, TOKENIZER_DIRECTORY))
+    files.remove_stale(os.path.dirname(os.path.abspath(run_dir)))
+    with files.staged_directory(run_dir) as staging:
+        staged = RunDirectory(staging)
+        tokenizer.save(staged.tokenizer_dir)
         recipe = _imported_recipe(model.model_config, run_dir).to_dict()
         recipe["source"] = {"format": "huggingface-gpt2", "directory": os.path.abspath(hf_dir)}
-        with open(os.path.join(staging, CONFIG_FILENAME), "w", encoding="utf-8") as file:
-            json.dump(json.loads(json.dumps(recipe)), file, indent=2, sort_keys=True)
-        save_model(model, os.path.join(staging, "final.keras"))
+        staged.write_config(recipe)
+        save_model(model, staged.file(FINAL_MODEL))
     return model
 
 
@@ -453,12 +449,11 @@ def export_hf(run_dir, out_dir):
     Example:
         export_hf("checkpoints/gpt2_wikitext2", "exports/gpt2_wikitext2_hf")
     """
-    from kgpt.saving import load_model, load_run_tokenizer, staged_directory
-
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} already exists and is not empty; choose another --out.")
-    tokenizer = load_run_tokenizer(run_dir)
-    model = load_model(run_dir)
-    with staged_directory(out_dir) as staging:  # out_dir is absent or empty, checked above
+    run = RunDirectory(run_dir)
+    tokenizer = run.load_tokenizer()
+    model = run.load_model()
+    with files.staged_directory(out_dir) as staging:  # out_dir is absent or empty, checked above
         export_gpt2(model, tokenizer, staging)
     return out_dir

@@ -1,17 +1,22 @@
-"""Saving and loading `.keras` checkpoints: atomic writes, run-directory lookup, safe loading.
+"""`.keras` checkpoints: atomic saving, safe loading, the Keras classes a checkpoint may name.
 
 `.keras` files are kgpt's checkpoints (SavedModels are only for serving). Loading always keeps
-Keras' `safe_mode` on, so a file cannot run arbitrary code.
+Keras' `safe_mode` on, so a file cannot run arbitrary code. Importing this module registers every
+kgpt serializable (layers, models, metric, schedule, optimizer) with Keras.
 """
 
-import contextlib
 import os
-import shutil
-import tempfile
 import zipfile
 
-# Where a run directory keeps its models, in order of preference.
-RUN_DIRECTORY_MODELS = ("best.keras", "final.keras", "model.keras")
+import keras
+
+from kgpt import distribute, layers, metrics, schedule  # noqa: F401  (register their classes)
+from kgpt import files
+from kgpt.model import GPT
+from kgpt.recurrent import RecurrentLanguageModel
+
+# `[model] kind` -> the Keras model class that trains it (names in `kgpt.config.MODEL_KINDS`).
+MODEL_CLASSES = {"gpt": GPT, "gru": RecurrentLanguageModel}
 
 
 def save_model(model, path):
@@ -22,81 +27,20 @@ def save_model(model, path):
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise ValueError(f"Model path {path!r} must end in .keras.")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=directory)
-    os.close(handle)
-    try:
+    with files.atomic_file(path) as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-@contextlib.contextmanager
-def staged_directory(target, replace=True):
-    """Yields an empty sibling folder of `target` to fill; on success it becomes `target`.
-
-    The folder is published with a rename. With `replace`, it replaces any existing `target`
-    (whose removal comes after the rename); without, an existing non-empty `target` makes the
-    rename fail with `OSError` and is kept. An error inside the block leaves `target` as it was
-    and no temporary folder behind, so a reader never sees a half-written directory.
-
-    Example:
-        with staged_directory("checkpoints/bigram") as staging:
-            write_everything_into(staging)
-    """
-    target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.")
-    retired = staging + ".old"
-    try:
-        yield staging
-        if replace and os.path.isdir(target):
-            os.replace(target, retired)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
-
-
-def resolve_model_path(path):
-    """Returns the `.keras` file for `path`: the file itself, or the model of a run directory."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in RUN_DIRECTORY_MODELS:
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return candidate
-        raise FileNotFoundError(
-            f"No model in directory {path}: looked for {', '.join(RUN_DIRECTORY_MODELS)}. "
-            "Pass a .keras file or a run directory written by 'kgpt train'."
-        )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No such model file: {path}. Check the path.")
-    return path
 
 
 def load_model(path):
-    """Loads a kgpt model from a `.keras` file or a run directory, with `safe_mode` on.
+    """Loads a kgpt model from a `.keras` file, with `safe_mode` on.
 
     Raises:
-        FileNotFoundError: nothing at `path`, or a run directory without a model.
+        FileNotFoundError: no file at `path`.
         ValueError: the file is not a readable `.keras` archive.
     """
-    import keras
-
-    # Register every kgpt serializable a checkpoint may name: layers, GPT, and the optimizer,
-    # schedule and metric saved with a compiled model.
-    import kgpt.distribute  # noqa: F401
-    import kgpt.layers  # noqa: F401
-    import kgpt.metrics  # noqa: F401
-    import kgpt.model  # noqa: F401
-    import kgpt.schedule  # noqa: F401
-
-    path = resolve_model_path(path)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such model file: {path}. Check the path.")
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not a .keras archive (a zip file written by model.save); "
@@ -106,34 +50,6 @@ def load_model(path):
         return keras.saving.load_model(path, safe_mode=True)
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"Could not load the Keras model in {path}: {error}") from error
-
-
-def load_run_tokenizer(run_dir):
-    """The tokenizer a run directory keeps in `tokenizer/`."""
-    from kgpt.tokenizer import load_tokenizer
-    from kgpt.train import TOKENIZER_DIRECTORY
-
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(
-            f"No run directory at {run_dir}; pass a folder written by 'kgpt train' (or "
-            "'kgpt import-gpt2')."
-        )
-    return load_tokenizer(os.path.join(run_dir, TOKENIZER_DIRECTORY))
-
-
-def read_model_config(path):
-    """The `get_config()` dict saved in a `.keras` file or run directory, without loading weights."""
-    import json
-
-    path = resolve_model_path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))["config"]
-    except (zipfile.BadZipFile, KeyError, ValueError) as error:
-        raise ValueError(
-            f"{path} is not a .keras archive with a model config ({error}); pass a file saved by "
-            "kgpt or Keras 3."
-        ) from error
 
 
 def describe_model(model):

@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from kgpt.baselines import SMOOTHING_GRID, BigramModel, RecurrentLanguageModel, train_bigram
+from kgpt.baselines import SMOOTHING_GRID, BigramModel, train_bigram
 from kgpt.cli import main
 from kgpt.evaluate import evaluate_runs
-from kgpt.train import load_recipe
+from kgpt.config import load_recipe
+from kgpt.recurrent import RecurrentLanguageModel
 
 RECIPE = """
 [model]
@@ -194,7 +195,8 @@ def test_recurrent_model_is_causal():
 
 
 def test_recurrent_model_round_trips_through_a_keras_file(tmp_path):
-    from kgpt.saving import load_model, save_model
+    from kgpt.rundir import load_model
+    from kgpt.saving import save_model
 
     model = _tiny_recurrent(dropout=0.1)
     ids = np.random.default_rng(1).integers(0, 32, (2, 8))
@@ -206,7 +208,7 @@ def test_recurrent_model_round_trips_through_a_keras_file(tmp_path):
 
 
 def test_gru_baseline_trains_with_the_gpt_pipeline_and_its_loss_falls(recipe_path, tmp_path, capsys):
-    from kgpt.saving import load_model
+    from kgpt.rundir import load_model
 
     run_dir = str(tmp_path / "gru")
     argv = ["baseline", "gru", str(recipe_path), "--run-dir", run_dir,

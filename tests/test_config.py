@@ -1,6 +1,6 @@
 import pytest
 
-from kgpt.config import ModelConfig, config_from_dict, parse_override
+from kgpt.config import ModelConfig, parse_override
 
 TINY = dict(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16)
 
@@ -57,7 +57,7 @@ def test_from_dict_reports_missing_required_keys():
 
 
 def test_from_dict_accepts_int_for_float_and_round_trips():
-    config = config_from_dict(ModelConfig, {**TINY, "dropout": 0}, "model")
+    config = ModelConfig.from_dict({**TINY, "dropout": 0})
     assert config.dropout == 0.0 and isinstance(config.dropout, float)
     assert ModelConfig.from_dict(config.to_dict()) == config
 

@@ -7,7 +7,7 @@ import pytest
 
 from kgpt import gpt2
 from kgpt.cli import main
-from kgpt.saving import load_model
+from kgpt.rundir import load_model
 from kgpt.tokenizer import load_tokenizer
 
 SIZES = {"n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
@@ -134,9 +134,9 @@ def test_import_writes_a_run_directory_that_loads(hf_folder, tmp_path):
     assert tokenizer.tokenize("the cat").numpy().tolist() == [83, 257, 263, 260]  # t he Ġc at
     with open(os.path.join(run_dir, "config.json")) as f:
         stored = json.load(f)
-    from kgpt.train import resolve_recipe
+    from kgpt.config import Recipe
 
-    assert resolve_recipe(stored).model["num_layers"] == 2
+    assert Recipe.from_dict(stored).model["num_layers"] == 2
     # An existing run directory is not overwritten without --force.
     assert main(["import-gpt2", str(folder), "--out", run_dir]) == 2
     assert main(["import-gpt2", str(folder), "--out", run_dir, "--force"]) == 0
@@ -267,7 +267,8 @@ jit_compile = false
 
 def test_fine_tuning_an_imported_model_lowers_the_loss(hf_folder, tmp_path, monkeypatch):
     from kgpt.evaluate import evaluate_runs
-    from kgpt.train import load_recipe, train
+    from kgpt.config import load_recipe
+    from kgpt.train import train
 
     folder, _ = hf_folder
     imported = str(tmp_path / "imported")

@@ -11,11 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-import kgpt.train
-from kgpt.callbacks import completed_steps, completed_val_losses
 from kgpt.cli import main
-from kgpt.saving import load_model
-from kgpt.train import load_recipe, train
+from kgpt.config import load_recipe
+from kgpt.rundir import RunDirectory, load_model
+from kgpt.train import train
 
 RECIPE = """
 [model]
@@ -103,7 +102,7 @@ class _Interrupt(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
-def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_path, monkeypatch):
+def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_path):
     # Frozen weights: val_loss never improves, so patience=2 stops after the third evaluation.
     overrides = [
         "train.learning_rate=1e-15", "train.min_learning_rate=0.0", "train.weight_decay=0.0",
@@ -112,15 +111,12 @@ def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_
     recipe = load_recipe(recipe_path, overrides)
     assert train(recipe, str(tmp_path / "whole"), verbose=0).steps == 30
     run_dir = str(tmp_path / "run")
-    callbacks = kgpt.train._callbacks
-    monkeypatch.setattr(kgpt.train, "_callbacks", lambda *args: callbacks(*args) + [_Interrupt()])
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, run_dir, verbose=0)
-    assert completed_steps(os.path.join(run_dir, "backup")) == 10
-    monkeypatch.undo()
+        train(recipe, run_dir, verbose=0, callbacks=[_Interrupt()])
+    assert RunDirectory(run_dir).backup_state()[0] == 10
     resumed = train(recipe, run_dir, verbose=0)
     assert resumed.steps == 30 and "early stopping" in resumed.stopped
-    assert len(completed_val_losses(os.path.join(run_dir, "backup"))) == 3
+    assert len(RunDirectory(run_dir).backup_state()[1]) == 3
     # Started once more, the stopped run trains no further.
     assert train(recipe, run_dir, verbose=0).steps == 30
 
@@ -181,10 +177,10 @@ def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path,
         (["train.learning_rat=1.0"], r"Unknown key train\.learning_rat\. Did you mean train\.learning_rate"),
         (["train.batch_size=\"four\""], r"train\.batch_size='four' has type str; expected int"),
         (["model.num_layer=2"], r"Unknown key model\.num_layer"),
-        (["data.tokenizer=words"], r"Unknown tokenizer='words'"),
+        (["data.tokenizer=words"], r"Unknown data\.tokenizer='words'"),
         (["train.max_steps=25"], r"not a multiple of train\.eval_interval"),
         (["optimizer.lr=1"], r"section one of model, data, train"),
-        (["train.strategy=tpu"], r"train\.strategy='tpu' is not one of"),
+        (["train.strategy=tpu"], r"Unknown train\.strategy='tpu'.*one of: auto"),
         (["train.steps_per_execution=3"], r"eval_interval=10 is not a multiple of train\.steps_per_execution=3"),
     ],
 )
@@ -229,7 +225,7 @@ def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(r
     resumed = _kgpt(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
-    assert "Trained 60 steps" in output
+    assert "resumed at step 10; 60 in all" in output
     assert int(load_model(run_dir / "final.keras").optimizer.iterations.numpy()) == 60
     epochs = [int(row["epoch"]) for row in _history(run_dir)]
     assert epochs == list(range(6))  # every evaluation logged once
@@ -253,7 +249,9 @@ MIRRORED_CHECK = textwrap.dedent(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
     )
-    from kgpt.train import load_recipe, train
+    from kgpt.config import load_recipe
+    from kgpt.rundir import load_model
+    from kgpt.train import train
     results = {}
     for strategy, batch in (("default", 8), ("mirrored", 4)):
         # Same global batch (8): one device, or two replicas of 4. A large epsilon makes AdamW's
@@ -261,7 +259,6 @@ MIRRORED_CHECK = textwrap.dedent(
         recipe = load_recipe(sys.argv[1], [f"train.strategy={strategy}", f"train.batch_size={batch}",
             "train.epsilon=1.0", "train.clip_norm=0.05", "train.max_steps=10", "train.learning_rate=0.05"])
         result = train(recipe, sys.argv[2] + strategy, verbose=0)
-        from kgpt.saving import load_model
         weights = load_model(sys.argv[2] + strategy + "/final.keras").get_weights()
         results[strategy] = (result.history["loss"][-1], weights)
     (loss_a, w_a), (loss_b, w_b) = results["default"], results["mirrored"]

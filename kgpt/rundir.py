@@ -1,0 +1,334 @@
+"""The run directory: its layout, `config.json`, the tokenizer and model in it, recipe identity,
+resume state and the lock that keeps two trainings out of one run.
+
+```
+checkpoints/<run>/config.json     the resolved recipe; written when training starts (a folder
+                                  whose start failed is not a run, and the fixed command starts
+                                  afresh)
+                  tokenizer/      the tokenizer
+                  best.keras      lowest val_loss so far;  final.keras  the model at the end
+                  history.csv     one row per evaluation;  logs/  TensorBoard
+                  backup/         BackupAndRestore state (backup/worker-N/ per worker)
+                  bigram.json     a bigram baseline (with bigram_counts.npy) instead of a model
+                  .lock           held by the training process (released by the OS when it dies)
+```
+
+Every command reaches a run directory through `RunDirectory`; no other module spells these names.
+"""
+
+import contextlib
+import csv
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import zipfile
+
+from kgpt import files, saving
+from kgpt.config import Recipe, config_differences
+from kgpt.tokenizer import load_tokenizer
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer"
+BEST_MODEL = "best.keras"
+FINAL_MODEL = "final.keras"
+# Where a run directory keeps its model, in order of preference (`model.keras`: `kgpt build`).
+MODEL_FILES = (BEST_MODEL, FINAL_MODEL, "model.keras")
+HISTORY = "history.csv"
+LOGS = "logs"
+BACKUP = "backup"
+# Keras' BackupAndRestore writes this next to the weights; RunBackup adds `step` and `val_loss`.
+BACKUP_METADATA = "training_metadata.json"
+BIGRAM = "bigram.json"
+BIGRAM_COUNTS = "bigram_counts.npy"
+LOCK = ".lock"
+# Temporaries of kgpt versions before `kgpt.files`: under the lock, they are all stale.
+_LEGACY_TEMPORARY_PREFIXES = (".tmp-", ".vocab.json.", ".merges.txt.", ".tokenizer.json.")
+
+
+class RunDirectory:
+    """A run directory (`checkpoints/<run>/`): paths, config, tokenizer, model, resume state.
+
+    Args:
+        path: the folder (it need not exist yet).
+
+    Example:
+        run = RunDirectory("checkpoints/shakespeare_char")
+        model, tokenizer = run.load_model(), run.load_tokenizer()
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __repr__(self):
+        return f"RunDirectory({self.path!r})"
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    @property
+    def config_path(self):
+        return self.file(CONFIG)
+
+    @property
+    def tokenizer_dir(self):
+        return self.file(TOKENIZER)
+
+    @property
+    def best_model_path(self):
+        return self.file(BEST_MODEL)
+
+    @property
+    def final_model_path(self):
+        return self.file(FINAL_MODEL)
+
+    @property
+    def history_path(self):
+        return self.file(HISTORY)
+
+    @property
+    def logs_dir(self):
+        return self.file(LOGS)
+
+    def backup_dir(self, worker=None):
+        """`backup/`, or `backup/worker-N/` for worker N of a multi-worker run."""
+        backup = self.file(BACKUP)
+        return backup if worker is None else os.path.join(backup, f"worker-{worker}")
+
+    # --- what is there ------------------------------------------------------------------
+
+    def is_run(self):
+        """True once training (or an import, or a baseline fit) has written `config.json`."""
+        return os.path.isfile(self.config_path)
+
+    def is_bigram(self):
+        return os.path.isfile(self.file(BIGRAM))
+
+    def check_exists(self):
+        """Raises `FileNotFoundError` unless this is a run directory written by kgpt."""
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(
+                f"No run directory at {self.path}; pass a folder written by 'kgpt train' (or "
+                "'kgpt import-gpt2', 'kgpt baseline')."
+            )
+
+    def read_config(self):
+        """The `config.json` dict; `{}` for a folder that has none (e.g. a bare model folder)."""
+        if not os.path.isfile(self.config_path):
+            return {}
+        try:
+            with open(self.config_path, encoding="utf-8") as file:
+                return json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{self.config_path} is not valid JSON ({error}); restore it or start a new run."
+            ) from error
+
+    def write_config(self, config):
+        """Writes `config.json` atomically (a `Recipe` or a dict)."""
+        if isinstance(config, Recipe):
+            config = config.to_dict()
+        with files.atomic_file(self.config_path) as temporary:
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(config, file, indent=2, sort_keys=True)
+
+    def check_recipe(self, recipe):
+        """Checks that an existing run was trained with the same recipe identity.
+
+        Locations (data directory, token cache, tokenizer path, initial run) and the sample
+        settings are not identity: a run resumes after its data moved.
+
+        Returns:
+            True when the folder already holds this run (training resumes), False when it holds
+            no run yet.
+
+        Raises:
+            ValueError: the run's recipe differs, naming the differing keys.
+        """
+        if not self.is_run():
+            return False
+        stored = self.read_config()
+        try:
+            stored_identity = Recipe.from_dict(stored).identity()
+        except ValueError:
+            stored_identity = stored  # written by another schema: compare what is there
+        differing = config_differences(stored_identity, recipe.identity())
+        if differing:
+            raise ValueError(
+                f"{self.path} holds a run with a different recipe: {'; '.join(differing)}. "
+                "Use another --run-dir, or the same settings to resume."
+            )
+        return True
+
+    def load_tokenizer(self):
+        """The tokenizer in `tokenizer/`."""
+        self.check_exists()
+        return load_tokenizer(self.tokenizer_dir)
+
+    def model_path(self):
+        """The `.keras` file of the run: `best.keras`, else `final.keras`, else `model.keras`."""
+        self.check_exists()
+        for name in MODEL_FILES:
+            if os.path.isfile(self.file(name)):
+                return self.file(name)
+        if self.is_bigram():
+            raise ValueError(
+                f"{self.path} holds a bigram baseline, which only scores text ('kgpt evaluate'); "
+                "it has no neural model to generate with, export or describe. Use a GPT or GRU run."
+            )
+        raise FileNotFoundError(
+            f"No model in directory {self.path}: looked for {', '.join(MODEL_FILES)}. Pass a "
+            ".keras file or a run directory written by 'kgpt train'."
+        )
+
+    def load_model(self):
+        """The run's Keras model (GPT or GRU baseline), loaded with `safe_mode` on."""
+        return saving.load_model(self.model_path())
+
+    # --- resume state -------------------------------------------------------------------
+
+    def backup_state(self, worker=None):
+        """`(step, val_losses)` of the last backup: optimizer steps and each evaluation's val_loss."""
+        path = os.path.join(self.backup_dir(worker), BACKUP_METADATA)
+        if not os.path.isfile(path):
+            return 0, []
+        with open(path, encoding="utf-8") as file:
+            metadata = json.load(file)
+        return int(metadata.get("step", 0)), [float(v) for v in metadata.get("val_loss", [])]
+
+    def best_logged(self, key="val_loss"):
+        """The lowest `key` in `history.csv`, or None when there is none yet."""
+        if not os.path.exists(self.history_path):
+            return None
+        with open(self.history_path, newline="") as file:
+            values = [float(row[key]) for row in csv.DictReader(file) if row.get(key) not in (None, "")]
+        return min(values) if values else None
+
+    def trim_history(self, epochs):
+        """Keeps the first `epochs` rows of `history.csv` (those the backup holds).
+
+        A run killed after logging an evaluation but before backing it up repeats that
+        evaluation on resume; trimming first keeps one row per evaluation.
+        """
+        if not os.path.exists(self.history_path):
+            return
+        with open(self.history_path, newline="") as file:
+            reader = csv.DictReader(file)
+            fields = reader.fieldnames
+            rows = [row for row in reader if row.get("epoch", "").isdigit() and int(row["epoch"]) < epochs]
+        if not fields:
+            return
+        with files.atomic_file(self.history_path) as temporary:
+            with open(temporary, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    # --- training: start, lock, stale files ------------------------------------------------
+
+    def start(self, recipe, tokenizer):
+        """Makes the folder a run: its tokenizer, then `config.json` (the marker, written last)."""
+        tokenizer.save(self.tokenizer_dir)
+        self.write_config(recipe)
+
+    @contextlib.contextmanager
+    def lock(self, worker=0):
+        """Holds the run for one training process (one per worker of a multi-worker run).
+
+        The lock is an OS file lock on `.lock` (`.lock-worker-N`), released when the process
+        exits, however it exits, so a `kill -9` never leaves the run stuck. A folder this call
+        created is removed again when it leaves without becoming a run.
+
+        Raises:
+            ValueError: another process holds the run, or the path is a file.
+        """
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ValueError(
+                f"{self.path} is a file, not a run directory; choose another --run-dir."
+            )
+        created = not os.path.exists(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        lock_path = self.file(LOCK if not worker else f"{LOCK}-worker-{worker}")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ValueError(
+                f"{self.path} is in use by another kgpt training ({holder}); wait for it to "
+                "finish, or choose another --run-dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield self
+        finally:
+            if created and not self.is_run():
+                shutil.rmtree(self.path, ignore_errors=True)
+            handle.close()
+
+    def remove_stale_files(self, worker=None):
+        """Deletes the temporaries a killed run left (call it holding `lock(worker)`).
+
+        Worker 0 (or a single process) cleans the run's own files; worker N its backup folder.
+
+        Returns:
+            The paths removed.
+        """
+        removed = []
+        folders = [self.backup_dir(worker)]
+        if not worker:
+            folders += [self.path, self.tokenizer_dir, self.backup_dir()]
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if files.is_temporary(name) or name.startswith(_LEGACY_TEMPORARY_PREFIXES):
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.remove(path)
+                    removed.append(path)
+        return removed
+
+
+def model_file(path):
+    """The `.keras` file for `path`: the file itself, or the model of a run directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return RunDirectory(path).model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No such model file or run directory: {path}. Check the path.")
+    return path
+
+
+def load_model(path):
+    """Loads a kgpt model from a `.keras` file or a run directory, with `safe_mode` on.
+
+    Example:
+        model = load_model("checkpoints/shakespeare_char")
+    """
+    return saving.load_model(model_file(path))
+
+
+def read_model_config(path):
+    """The model's `get_config()` dict in a `.keras` file or run directory, without its weights."""
+    path = model_file(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))["config"]
+    except (zipfile.BadZipFile, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a .keras archive with a model config ({error}); pass a file saved by "
+            "kgpt or Keras 3."
+        ) from error
