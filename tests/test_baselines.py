@@ -139,7 +139,7 @@ def test_bigram_refits_only_a_bigram_run_of_the_same_data(recipe_path, tmp_path)
     assert os.listdir(tmp_path / "runs") == ["bigram"]  # no staging folder left beside it
     before = _tree(run_dir)
     other_data = load_recipe(recipe_path, ["data.validation_fraction=0.3"])
-    differs = r"fitted on other data: validation_fraction \(0.2 -> 0.3\)"
+    differs = r"fitted on other data: data\.validation_fraction \(0.2 -> 0.3\)"
     with pytest.raises(ValueError, match=differs):
         train_bigram(other_data, str(run_dir))
     assert _tree(run_dir) == before

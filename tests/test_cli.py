@@ -52,7 +52,7 @@ def test_info_accepts_a_run_directory(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["info", "missing.keras"], "No such model file: missing.keras"),
+        (["info", "missing.keras"], "No such model file or run directory: missing.keras"),
         (["build", "m.keras", "--set", "vocabulary_size=32"], "sequence_length"),
         (["build", "m.keras", *TINY, "--set", "num_heads=3"], "not divisible by num_heads=3"),
         (["build", "m.keras", *TINY, "--set", "num_layer=3"], "Did you mean model.num_layers"),

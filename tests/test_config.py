@@ -1,16 +1,53 @@
+import json
+
 import pytest
 
-from kgpt.config import ModelConfig, parse_override
+from kgpt.config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe, parse_override
 
 TINY = dict(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16)
 
 
-def test_defaults_fill_intermediate_dim():
-    config = ModelConfig(**TINY)
-    assert config.intermediate_dim == 64
-    assert config.head_dim == 8
-    assert config.layer_norm_epsilon == 1e-5
-    assert config.normalize_first is True
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(**TINY),
+        DataConfig(corpus="text", files=("a.txt", "b/*.txt"), tokenizer="char"),
+        TrainConfig(max_steps=500, eval_interval=50, decay_steps=400, init_from="runs/x"),
+    ],
+)
+def test_every_config_round_trips_through_json(config):
+    stored = json.loads(json.dumps(config.to_dict()))
+    assert type(config).from_dict(stored) == config
+
+
+@pytest.mark.parametrize("path", ["pipelines/shakespeare_char.toml", "pipelines/wikitext2.toml", "pipelines/imdb.toml"])
+def test_a_recipe_round_trips_through_its_config_json(path):
+    recipe = load_recipe(path, ["model.kind=gru"])
+    stored = json.loads(json.dumps(recipe.to_dict()))
+    assert stored["model"]["kind"] == "gru"
+    assert Recipe.from_dict(stored) == recipe
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ("data", {"sequence_len": 8}, r"Unknown key data\.sequence_len\. Did you mean data\.sequence_length"),
+        ("train", {"max_step": 8}, r"Unknown key train\.max_step\. Did you mean train\.max_steps"),
+        ("data", {"mode": "packd"}, r"Unknown data\.mode='packd'\. Did you mean 'packed'"),
+        ("model", {"kind": "lstm"}, r"Unknown model\.kind='lstm'.*one of: gpt, gru"),
+    ],
+)
+def test_every_section_names_unknown_keys_and_values(section, key, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe.from_dict({"data": {"corpus": "imdb"}, section: key})
+
+
+def test_locations_and_sample_settings_are_not_recipe_identity():
+    recipe = load_recipe("pipelines/tiny.toml")
+    moved = load_recipe("pipelines/tiny.toml", ["data.dir=/elsewhere", "data.cache_dir=/tmp/c",
+                                                  "train.sample_prompt=JULIET:"])
+    assert moved.identity() == recipe.identity() and moved != recipe
+    assert load_recipe("pipelines/tiny.toml", ["data.lowercase=true"]).identity() != recipe.identity()
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,7 @@ def test_evaluate_command_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["evaluate", run_dir, "--stride", "9"]) == 2
     assert "exceeds run's context of 8 tokens" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
-    assert "No such run directory" in capsys.readouterr().err
+    assert "No run directory at" in capsys.readouterr().err
 
 
 def test_evaluate_defaults_to_the_runs_own_corpus(tmp_path, monkeypatch):
@@ -219,7 +219,7 @@ def test_data_dir_points_a_text_run_at_its_moved_corpus(tmp_path, monkeypatch):
     moved.mkdir()
     (tmp_path / "train.txt").rename(moved / "train.txt")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="train.txt"):
         evaluate_runs([run_dir])
     (result,) = evaluate_runs([run_dir], data_dir=str(moved))
     assert (result.corpus, result.split) == ("text", "validation") and result.tokens > 0

@@ -98,8 +98,9 @@ def test_early_stopping_stops(recipe_path, tmp_path):
 class _Interrupt(keras.callbacks.Callback):
     """Ends a run like a kill would, right after the first evaluation's backup."""
 
-    def on_epoch_end(self, epoch, logs=None):
-        raise KeyboardInterrupt
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
 
 
 def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_path):
@@ -111,7 +112,7 @@ def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_
     recipe = load_recipe(recipe_path, overrides)
     assert train(recipe, str(tmp_path / "whole"), verbose=0).steps == 30
     run_dir = str(tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # _Interrupt, right after the first backup
         train(recipe, run_dir, verbose=0, callbacks=[_Interrupt()])
     assert RunDirectory(run_dir).backup_state()[0] == 10
     resumed = train(recipe, run_dir, verbose=0)
@@ -327,3 +328,25 @@ def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, 
     single = train(load_recipe(recipe_path, ["train.batch_size=8", "train.epsilon=1.0"]), str(tmp_path / "single"), verbose=0)
     multi_loss = [float(row["loss"]) for row in _history(run_dir)]
     np.testing.assert_allclose(multi_loss, single.history["loss"], rtol=1e-4)
+
+
+def test_samples_follow_the_recipe_and_say_when_they_do_not_fit(recipe_path, tmp_path, capsys):
+    import tensorflow as tf
+
+    from kgpt.callbacks import SampleText
+    from kgpt.train import build_model, make_callbacks, make_tokenizer
+
+    overrides = ["train.sample_prompt=the cat", "train.sample_length=40",
+                 "train.sample_temperature=0.5", "train.sample_top_k=7"]
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizer = make_tokenizer(recipe)
+    model = build_model(recipe, tokenizer)
+    callbacks = make_callbacks(recipe, RunDirectory(tmp_path / "run"), tokenizer, model,
+                               tf.distribute.get_strategy())
+    (sample,) = [c for c in callbacks if isinstance(c, SampleText)]
+    # A 16-token context holds the 7-token prompt and 9 new tokens, not the 40 asked for.
+    assert (sample.temperature, sample.top_k, sample.max_new_tokens, sample.seed) == (0.5, 7, 9, 1337)
+    assert "sample_length=40 does not fit the context of 16 tokens after the 7-token prompt" in capsys.readouterr().out
+    sample.set_model(model)
+    text = sample.sample()
+    assert text.startswith("the cat") and len(text) <= len("the cat") + 9
