@@ -140,6 +140,8 @@ class ModelConfig:
         use_bias: biases in the attention and feed-forward projections (GPT-2 has them).
         initializer_range: standard deviation of the normal initialiser (GPT-2: 0.02); residual
             output projections use `initializer_range / sqrt(2 * num_layers)`.
+        position_embedding: kind of position embedding, a name registered in `kgpt.layers`
+            (`"learned"`: GPT-2's learned absolute positions); checked when the model is built.
     """
 
     vocabulary_size: int
@@ -153,6 +155,7 @@ class ModelConfig:
     normalize_first: bool = True
     use_bias: bool = True
     initializer_range: float = 0.02
+    position_embedding: str = "learned"
 
     def __post_init__(self):
         if self.intermediate_dim is None:
