@@ -71,7 +71,7 @@ def causal_mask(query_length, key_length, start_index=0):
     return key_positions[None, :] <= query_positions[:, None]
 
 
-def attend(query, key, value, mask, dropout=None, training=None):
+def attend(query, key, value, mask, dropout_layer=None, training=None):
     """The attention core: `softmax(mask(query @ key^T / sqrt(head_dim))) @ value`.
 
     The one place that scales, masks, normalizes (in float32, also under mixed precision) and
@@ -83,8 +83,8 @@ def attend(query, key, value, mask, dropout=None, training=None):
             einsums read without transposing it.
         mask: bool `(length, key_length)` (see `causal_mask`); False positions get no weight.
             Every query must see at least one key.
-        dropout: a `keras.layers.Dropout` applied to the probabilities, or None.
-        training: passed to `dropout`.
+        dropout_layer: a `keras.layers.Dropout` applied to the probabilities, or None.
+        training: passed to `dropout_layer`.
 
     Returns:
         `(batch, num_heads, length, head_dim)` in the dtype of `value`.
@@ -93,12 +93,12 @@ def attend(query, key, value, mask, dropout=None, training=None):
     scores = ops.cast(ops.einsum("bhld,bhsd->bhls", query, key), "float32")
     scores = ops.where(mask[None, None], scores / math.sqrt(query.shape[-1]), float("-inf"))
     weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-    if dropout is not None:
-        weights = dropout(weights, training=training)
+    if dropout_layer is not None:
+        weights = dropout_layer(weights, training=training)
     return ops.einsum("bhls,bhsd->bhld", weights, value)
 
 
-# Position-embedding kinds by name: `GPT(position_embedding=name)` and `ModelConfig.position_embedding`.
+# Position-embedding kinds by name, as `ModelConfig.position_embedding` and GPT name them.
 POSITION_EMBEDDINGS = {}
 
 
@@ -110,7 +110,9 @@ def register_position_embedding(name):
     `layer(token_embeddings, start_index=0)` on `(batch, length, hidden_dim)` token embeddings of
     positions `[start_index, start_index + length)` and returning them, same shape, with the
     positions added; its classmethod `parameter_count(sequence_length, hidden_dim)` gives its
-    number of weights. Adding a kind is a class here plus its name; attention is not involved.
+    number of weights. Adding a kind is one such class in this module, registered by name; the
+    model, configs and checkpoints need no change. (Kinds that act inside attention, such as
+    rotary embeddings, would also need a hook in `attend`, which this contract does not have.)
 
     Args:
         name: the kind's name in configs and recipes.
@@ -177,7 +179,9 @@ class LearnedPositionEmbedding(keras.layers.Layer):
         `inputs` plus the table rows of positions `[start_index, start_index + length)`.
     """
 
-    def __init__(self, sequence_length, hidden_dim, embeddings_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self, sequence_length, hidden_dim, embeddings_initializer="glorot_uniform", **kwargs
+    ):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
         self.hidden_dim = hidden_dim
@@ -427,8 +431,6 @@ class CausalSelfAttention(keras.layers.Layer):
             "kernel_initializer": _serialize(self.kernel_initializer),
             "output_kernel_initializer": _serialize(self.output_kernel_initializer),
         }
-
-
 
 
 @keras.saving.register_keras_serializable(package="kgpt")

@@ -216,7 +216,8 @@ def count_parameters(config):
     h, i = config.hidden_dim, config.intermediate_dim
     bias = 1 if config.use_bias else 0
     block = 4 * h + (3 * h * h + bias * 3 * h) + (h * h + bias * h) + (2 * h * i + bias * (i + h))
-    positions = get_position_embedding(config.position_embedding).parameter_count(config.sequence_length, h)
+    kind = get_position_embedding(config.position_embedding)
+    positions = kind.parameter_count(config.sequence_length, h)
     total = config.vocabulary_size * h + positions + config.num_layers * block
     if config.normalize_first:
         total += 2 * h

@@ -309,6 +309,8 @@ def test_a_registered_position_embedding_kind_drives_the_whole_model(monkeypatch
     full = _numpy(model(ids))
     prefix, cache = model.call_with_cache(ids[:, :5], model.initial_cache(2), 0)
     np.testing.assert_allclose(_numpy(prefix), full[:, :5], atol=1e-5)
+    step, _ = model.call_with_cache(ids[:, 5:6], cache, 5)
+    np.testing.assert_allclose(_numpy(step)[:, 0], full[:, 5], atol=1e-5)
     clone = GPT.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     np.testing.assert_array_equal(_numpy(clone(ids)), full)
