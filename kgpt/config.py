@@ -177,6 +177,8 @@ class ModelConfig(Config):
         use_bias: biases in the attention and feed-forward projections (GPT-2 has them).
         initializer_range: standard deviation of the normal initialiser (GPT-2: 0.02); residual
             output projections use `initializer_range / sqrt(2 * num_layers)`.
+        position_embedding: kind of position embedding, a name registered in `kgpt.layers`
+            (`"learned"`: GPT-2's learned absolute positions); checked when the model is built.
     """
 
     vocabulary_size: int
@@ -190,6 +192,7 @@ class ModelConfig(Config):
     normalize_first: bool = True
     use_bias: bool = True
     initializer_range: float = 0.02
+    position_embedding: str = "learned"
 
     section = "model"
 

@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from kgpt.config import ModelConfig
-from kgpt.layers import DecoderBlock, TokenAndPositionEmbedding
+from kgpt.layers import DecoderBlock, TokenAndPositionEmbedding, get_position_embedding
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
@@ -21,8 +21,10 @@ class GPT(keras.Model):
 
     Args:
         vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim, intermediate_dim,
-        dropout, layer_norm_epsilon, normalize_first, use_bias, initializer_range: the fields of
-            `ModelConfig`, validated the same way.
+        dropout, layer_norm_epsilon, normalize_first, use_bias, initializer_range,
+            position_embedding: the fields of `ModelConfig`, validated the same way;
+            `position_embedding` names a kind registered in `kgpt.layers`
+            (`register_position_embedding`).
 
     Call args:
         token_ids: int tensor `(batch, length)`, `length <= sequence_length`.
@@ -49,6 +51,7 @@ class GPT(keras.Model):
         normalize_first=True,
         use_bias=True,
         initializer_range=0.02,
+        position_embedding="learned",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -64,6 +67,7 @@ class GPT(keras.Model):
             normalize_first=normalize_first,
             use_bias=use_bias,
             initializer_range=initializer_range,
+            position_embedding=position_embedding,
         )
         self.model_config = config
         initializer = keras.initializers.RandomNormal(stddev=config.initializer_range)
@@ -77,6 +81,7 @@ class GPT(keras.Model):
             config.sequence_length,
             config.hidden_dim,
             embeddings_initializer=initializer,
+            position_embedding=config.position_embedding,
             dtype=self.dtype_policy,
             name="embeddings",
         )
@@ -181,7 +186,7 @@ class GPT(keras.Model):
         x = self.embeddings(token_ids, start_index=start_index)
         updated = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.call_with_cache(x, layer_cache, start_index)
+            x, layer_cache = block(x, cache=layer_cache, start_index=start_index)
             updated.append(layer_cache)
         return self._head(x), tuple(updated)
 
@@ -205,13 +210,15 @@ def count_parameters(config):
     """Closed-form parameter count of `GPT` for a `ModelConfig` (tied head counted once).
 
     Per block: two LayerNorms (`4h`), fused QKV (`3h^2 + 3h`), output (`h^2 + h`), and the MLP
-    (`2hi + i + h`); biases only when `use_bias`. Plus token and position tables and, for
-    pre-LayerNorm models, the final LayerNorm.
+    (`2hi + i + h`); biases only when `use_bias`. Plus the token table, the position embedding's
+    weights (its kind's `parameter_count`) and, for pre-LayerNorm models, the final LayerNorm.
     """
     h, i = config.hidden_dim, config.intermediate_dim
     bias = 1 if config.use_bias else 0
     block = 4 * h + (3 * h * h + bias * 3 * h) + (h * h + bias * h) + (2 * h * i + bias * (i + h))
-    total = (config.vocabulary_size + config.sequence_length) * h + config.num_layers * block
+    kind = get_position_embedding(config.position_embedding)
+    positions = kind.parameter_count(config.sequence_length, h)
+    total = config.vocabulary_size * h + positions + config.num_layers * block
     if config.normalize_first:
         total += 2 * h
     return total

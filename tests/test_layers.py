@@ -6,7 +6,10 @@ from kgpt.layers import (
     CausalSelfAttention,
     DecoderBlock,
     FeedForward,
+    LearnedPositionEmbedding,
     TokenAndPositionEmbedding,
+    attend,
+    causal_mask,
     update_cache,
 )
 
@@ -101,6 +104,22 @@ def test_attention_cache_matches_full_pass():
     assert not np.any(key[:, :, 6:]) and not np.any(value[:, :, 6:])
 
 
+def test_causal_mask_offsets_queries_by_start_index():
+    expected = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], bool)  # queries at 3 and 4
+    np.testing.assert_array_equal(ops.convert_to_numpy(causal_mask(2, 6, start_index=3)), expected)
+    np.testing.assert_array_equal(ops.convert_to_numpy(causal_mask(4, 4)), np.tril(np.ones((4, 4), bool)))
+
+
+def test_attend_matches_numpy_reference_over_longer_keys():
+    rng = np.random.RandomState(5)
+    query = rng.normal(size=(2, 3, 2, 4)).astype("float32")  # (batch, heads, length, head_dim)
+    key, value = (rng.normal(size=(2, 3, 7, 4)).astype("float32") for _ in range(2))
+    mask = ops.convert_to_numpy(causal_mask(2, 7, start_index=4))
+    scores = np.where(mask, query @ key.transpose(0, 1, 3, 2) / 2.0, -np.inf)
+    expected = _softmax(scores) @ value
+    np.testing.assert_allclose(ops.convert_to_numpy(attend(query, key, value, mask)), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("start, length", [(3, 2), (0, 6), (5, 1), (0, 1)])
 def test_update_cache_writes_only_the_target_positions(start, length):
     cache = np.arange(2 * 3 * 6 * 4, dtype="float32").reshape(2, 3, 6, 4)
@@ -149,6 +168,23 @@ def test_decoder_block_matches_numpy_reference(normalize_first):
     np.testing.assert_allclose(ops.convert_to_numpy(block(x)), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("normalize_first", [True, False])
+def test_decoder_block_with_cache_equals_full_pass(normalize_first):
+    x = np.random.RandomState(6).normal(size=(2, 6, 8)).astype("float32")
+    block = DecoderBlock(num_heads=2, intermediate_dim=16, normalize_first=normalize_first)
+    block.build(x.shape)
+    _randomize(block)
+    full = ops.convert_to_numpy(block(x))
+    cache = (np.zeros((2, 2, 6, 4), "float32"), np.zeros((2, 2, 6, 4), "float32"))
+    prefix, cache = block(x[:, :3], cache=cache, start_index=0)
+    steps = [prefix]
+    for t in range(3, 6):
+        out, cache = block(x[:, t : t + 1], cache=cache, start_index=t)
+        steps.append(out)
+    assert [tuple(c.shape) for c in cache] == [(2, 2, 6, 4)] * 2
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.concatenate(steps, 1)), full, atol=1e-5)
+
+
 def test_embedding_adds_position_from_start_index():
     layer = TokenAndPositionEmbedding(vocabulary_size=10, sequence_length=6, hidden_dim=4)
     layer.build((None, 6))
@@ -163,6 +199,7 @@ def test_embedding_adds_position_from_start_index():
     "make_layer, shape",
     [
         (lambda: TokenAndPositionEmbedding(10, 6, 4, embeddings_initializer="random_normal"), (2, 6)),
+        (lambda: LearnedPositionEmbedding(6, 4, embeddings_initializer="random_normal"), (2, 5, 4)),
         (lambda: CausalSelfAttention(2, dropout=0.1, use_bias=False, output_kernel_initializer="zeros"), (2, 5, 8)),
         (lambda: FeedForward(12, dropout=0.1, use_bias=False), (2, 5, 8)),
         (lambda: DecoderBlock(2, 16, dropout=0.1, layer_norm_epsilon=1e-6, normalize_first=False), (2, 5, 8)),
@@ -182,3 +219,13 @@ def test_get_config_round_trip_gives_identical_outputs(make_layer, shape):
     clone.set_weights(layer.get_weights())
     assert clone.get_config() == layer.get_config()
     np.testing.assert_array_equal(ops.convert_to_numpy(clone(inputs)), ops.convert_to_numpy(layer(inputs)))
+
+
+def test_unknown_position_embedding_kind_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"position_embedding='learnt'\. Did you mean 'learned'\?"):
+        TokenAndPositionEmbedding(10, 6, 4, position_embedding="learnt")
+
+
+def test_attention_width_must_divide_into_heads():
+    with pytest.raises(ValueError, match="Input width 8 is not divisible by num_heads=3"):
+        CausalSelfAttention(num_heads=3).build((2, 5, 8))
