@@ -3,6 +3,7 @@ packing and the tf.data pipeline."""
 
 import collections
 import dataclasses
+import json
 import os
 import pathlib
 
@@ -46,6 +47,12 @@ def test_config_validates_names_and_values():
     config = data.DataConfig.from_dict({"corpus": "text", "files": ["a.txt"]})
     assert config.files == ("a.txt",)
     assert data.DataConfig(corpus="imdb", tokenizer="tiktoken:o200k_base").tokenizer.endswith("o200k_base")
+    with pytest.raises(ValueError, match="Did you mean 'char'"):
+        data.DataConfig(corpus="imdb", tokenizer="chars")
+    with pytest.raises(ValueError, match="needs a tiktoken encoding name"):
+        data.DataConfig(corpus="imdb", tokenizer="tiktoken:")
+    with pytest.raises(ValueError, match="needs data.tokenizer_path"):
+        data.DataConfig(corpus="imdb", tokenizer="gpt2")
 
 
 def test_sequence_length_larger_than_model_is_an_error():
@@ -151,6 +158,31 @@ def test_build_tokenizer_saves_and_reloads(shards, tmp_path):
     assert again.fingerprint == saved.fingerprint == tokenizer.fingerprint
     with pytest.raises(ValueError, match="holds a 'char' tokenizer"):
         data.build_tokenizer(dataclass_replace(config, tokenizer="bpe"), str(tmp_path / "run" / "tokenizer"))
+
+
+def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards, tmp_path):
+    _write(shards / "wiki_books_3.txt", "LOUD Words, Here!\n\n--- *** ---\n")
+    config, _ = _packed_setup(shards, tmp_path, lowercase=True, strip_punctuation=True, validation_fraction=0.0)
+    directory = str(tmp_path / "run" / "tokenizer")
+    tokenizer = data.build_tokenizer(config, directory)
+    assert tokenizer.normalization == tk.Normalization(lowercase=True, strip_punctuation=True)
+    assert tokenizer.normalization == data.text_normalization(config)
+    # Trained on normalised text: no capitals, no punctuation in the vocabulary.
+    assert not any(c.isupper() or c in ",.:!-*" for c in tokenizer.characters)
+    stream = data.tokenize_corpus(config, tokenizer, "train")
+    documents = [d for d in corpora.iter_documents(config, "train") if set(d) - set("-* \n")]
+    assert len(stream.document_ends) == len(documents)  # "--- *** ---" is blank once stripped
+    expected = tokenizer.tokenize(tf.constant(documents))  # in-graph normalisation
+    np.testing.assert_array_equal(stream.tokens[: stream.document_ends[0] - 1], expected[0].numpy())
+    assert data.build_tokenizer(config, directory).fingerprint == tokenizer.fingerprint
+    with pytest.raises(ValueError, match="lowercase=True, strip_punctuation=True but data.lowercase = False"):
+        data.build_tokenizer(dataclass_replace(config, lowercase=False, strip_punctuation=False), directory)
+    # A tokenizer.json from before the normalisation was saved: the error says what to add.
+    saved = pathlib.Path(directory) / tk.CONFIG_FILENAME
+    legacy = {k: v for k, v in json.loads(saved.read_text()).items() if k != "normalization"}
+    saved.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match='add "normalization": {"lowercase": true, "strip_punctuation": true}'):
+        data.build_tokenizer(config, directory)
 
 
 def test_bad_text_inputs(tmp_path):
