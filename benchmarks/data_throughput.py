@@ -40,9 +40,10 @@ def main():
     import tensorflow as tf
 
     from kgpt import corpora, data
+    from kgpt.config import DataConfig
 
     with tempfile.TemporaryDirectory() as cache:
-        config = data.DataConfig(
+        config = DataConfig(
             corpus="imdb", dir=args.data_dir, tokenizer="bpe", vocabulary_size=args.vocabulary_size,
             sequence_length=args.sequence_length, validation_count=500, cache_dir=cache,
         )

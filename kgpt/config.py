@@ -248,7 +248,9 @@ class DataConfig(Config):
         vocabulary_size: `bpe`: ids to train, at least 258 (256 bytes + 2 specials).
         sequence_length: tokens per example (`x` and `y`); at most the model's.
         mode: `packed` (documents joined, cut into windows) or `document` (one per example).
-        lowercase / strip_punctuation / strip_html: text options (IMDB always maps `<br />`).
+        lowercase / strip_punctuation: the tokenizer's text normalisation (lowercase; replace
+            punctuation and symbols with spaces), saved with it and applied wherever it runs.
+        strip_html: map `<br />` to a space when reading (IMDB always does).
         document_separator: `text` corpus: `file`, `blank_line` or `line`.
         validation_fraction: `text`: fraction of documents held out (seeded);
             `tinyshakespeare`: the last fraction of characters (0.1 = nanoGPT's 90/10).
@@ -291,18 +293,18 @@ class DataConfig(Config):
     section = "data"
 
     def validate(self):
-        self.check_choice("corpus", corpora.CORPORA)
-        if not self.tokenizer.startswith("tiktoken:") or self.tokenizer == "tiktoken:":
-            self.check_choice("tokenizer", ("bpe", "gpt2", "char", "tiktoken:NAME"))
+        corpus = corpora.get_corpus(self.corpus)
+        kind = tokenizers.tokenizer_kind(self.tokenizer)
         self.check_choice("mode", MODES)
         self.check_choice("document_separator", DOCUMENT_SEPARATORS)
         self.check_choice("errors", ("strict", "replace"))
         self.check_choice("window_offsets", WINDOW_OFFSETS)
-        minimum = tokenizers.BYTE_ALPHABET_SIZE + 2
-        if self.tokenizer == "bpe" and self.vocabulary_size < minimum:
+        minimum = kind.minimum_vocabulary_size
+        if minimum is not None and self.vocabulary_size < minimum:
             raise ValueError(
-                f"data.vocabulary_size={self.vocabulary_size} is smaller than the byte alphabet "
-                f"(256) plus 2 special tokens; set it to at least {minimum} (e.g. 8192)."
+                f"data.vocabulary_size={self.vocabulary_size} is too small for tokenizer "
+                f"{self.tokenizer!r} (for bpe: the byte alphabet (256) plus 2 special tokens); "
+                f"set it to at least {minimum} (e.g. 8192)."
             )
         if self.sequence_length < 1:
             raise ValueError(
@@ -322,15 +324,15 @@ class DataConfig(Config):
                 f"data.shuffle_buffer_size={self.shuffle_buffer_size} must be positive, or unset "
                 "to shuffle all windows."
             )
-        if self.corpus == "text" and not self.files:
+        if corpus.needs_files and not self.files:
             raise ValueError(
-                "data.corpus = \"text\" needs data.files: a list of paths or globs, e.g. "
+                f"data.corpus = \"{self.corpus}\" needs data.files: a list of paths or globs, e.g. "
                 "[\"shards/wiki_books_*.txt\"]."
             )
-        if self.tokenizer == "gpt2" and not self.tokenizer_path:
+        if kind.needs_tokenizer_path and not self.tokenizer_path:
             raise ValueError(
-                "data.tokenizer = \"gpt2\" needs data.tokenizer_path: the folder holding GPT-2's "
-                "vocab.json (or encoder.json) and merges.txt."
+                f"data.tokenizer = \"{self.tokenizer}\" needs data.tokenizer_path: the folder "
+                "holding GPT-2's vocab.json (or encoder.json) and merges.txt."
             )
 
 

@@ -1,5 +1,6 @@
-"""Corpus readers: find (or download, checksum-verified) WikiText, IMDB, Tiny Shakespeare and text
-files, and yield their documents as Python strings, split into train / validation / test.
+"""The corpora: one `Corpus` object per corpus (its download, the files of each split, its splits,
+its document reader, the options that change its documents, its default evaluation split), in a
+registry by name (`CORPORA`, `get_corpus`), and the readers that yield documents as Python strings.
 
 Corpora (`data.corpus`):
 
@@ -11,26 +12,34 @@ Corpora (`data.corpus`):
 | `tinyshakespeare` | `input.txt` | one | train = first `1 - validation_fraction` of the characters, validation = the rest |
 | `text` | `files` (paths or globs) | per file, blank-line block or line (`document_separator`) | train; validation = `validation_files` or a seeded `validation_fraction` of the documents |
 
+Adding a corpus is one `Corpus(...)` in `CORPORA` below (plus its tests and README line).
+
 Where files are looked for, in order: the data directory (`data.dir`, else `$KGPT_DATA_DIR`), both
 the corpus' folder in it (`wikitext-2-raw/`, `aclImdb/`, `tinyshakespeare/`, ...) and the
 directory itself; then `<KERAS_HOME or ~/.keras>/datasets/kgpt/<folder>/`. If the files are in
 neither, the official archive is downloaded there with `keras.utils.get_file` and verified by
-sha256 (see `ARCHIVES`), then extracted to a temporary folder and renamed, so nothing is left
-half-written. Relative `files` are resolved against the data directory when one is set.
+sha256 (see `Corpus.archive`), then extracted to a temporary folder and renamed, so nothing is
+left half-written. Relative `files` are resolved against the data directory when one is set.
+
+Documents come out as the corpus holds them (`strip_html` maps `<br />` to a space); lowercasing
+and punctuation stripping belong to the tokenizer (`kgpt.tokenizer.Normalization`).
 """
 
 import dataclasses
+import difflib
 import glob
 import os
 import re
 import shutil
-import sys
 import tempfile
-import unicodedata
+import typing
 
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
+# DataConfig fields that change the documents of every corpus.
+TEXT_OPTIONS = ("strip_html", "errors")
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,54 +52,39 @@ class Archive:
     folder: str
 
 
-# sha256 values: WikiText from Apple's mlx-data (`mlx/data/datasets/wikitext.py`), the raw-v1 zip also
-# in ../shared/data/PROVENANCE.md; aclImdb_v1.tar.gz as published by several independent loaders
-# (e.g. the Julia MLDatasets and gomlx IMDB loaders); Tiny Shakespeare = karpathy/char-rnn's
-# input.txt (also in PROVENANCE.md). The Salesforce S3 bucket is the original WikiText host;
-# wikitext.smerity.com is the author's mirror of the same archives.
-_WIKITEXT_MIRRORS = ("https://wikitext.smerity.com/", "https://s3.amazonaws.com/research.metamind.io/wikitext/")
-ARCHIVES = {
-    "wikitext2": Archive(
-        "wikitext-2-raw-v1.zip",
-        tuple(m + "wikitext-2-raw-v1.zip" for m in _WIKITEXT_MIRRORS),
-        "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
-        "wikitext-2-raw",
-    ),
-    "wikitext2_tokens": Archive(
-        "wikitext-2-v1.zip",
-        tuple(m + "wikitext-2-v1.zip" for m in _WIKITEXT_MIRRORS),
-        "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
-        "wikitext-2",
-    ),
-    "wikitext103": Archive(
-        "wikitext-103-raw-v1.zip",
-        tuple(m + "wikitext-103-raw-v1.zip" for m in _WIKITEXT_MIRRORS),
-        "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
-        "wikitext-103-raw",
-    ),
-    "wikitext103_tokens": Archive(
-        "wikitext-103-v1.zip",
-        tuple(m + "wikitext-103-v1.zip" for m in _WIKITEXT_MIRRORS),
-        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
-        "wikitext-103",
-    ),
-    "imdb": Archive(
-        "aclImdb_v1.tar.gz",
-        ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
-        "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
-        "aclImdb",
-    ),
-    "tinyshakespeare": Archive(
-        "input.txt",
-        ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "tinyshakespeare",
-    ),
-}
-CORPORA = tuple(ARCHIVES) + ("text",)
-_WIKITEXT_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
-_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
-_PUNCTUATION = None
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """One corpus: its files, its splits, how its documents are read.
+
+    Args:
+        name: the `data.corpus` value.
+        archive: its official download (`Archive`: file, mirrors, sha256, folder), or None for a
+            corpus of the user's own files (`data.files`).
+        splits: the splits it has, from `SPLITS`.
+        split_files: split -> the paths, relative to the corpus folder, that hold it (also what
+            `find_corpus` checks for); empty for the user's files.
+        reader: `(config, split, files) -> iterable of str`: the split's documents, from the
+            paths `corpus_files` returns.
+        options: `(config, split) -> tuple of DataConfig field names` that change the split's
+            documents besides `TEXT_OPTIONS` (part of the token cache key).
+        evaluation_split: the split `kgpt evaluate` scores by default.
+        list_files: optional `(config, split) -> paths` when the files are not `split_files`
+            (IMDB's review files, the user's globs).
+    """
+
+    name: str
+    archive: typing.Optional[Archive]
+    splits: tuple
+    split_files: typing.Mapping[str, tuple]
+    reader: typing.Callable
+    options: typing.Callable
+    evaluation_split: str
+    list_files: typing.Optional[typing.Callable] = None
+
+    @property
+    def needs_files(self):
+        """True when `data.files` names its files (no download, no standard layout)."""
+        return self.archive is None
 
 
 def data_directory(config):
@@ -104,24 +98,13 @@ def keras_cache_directory():
     return os.path.join(home, "datasets", "kgpt")
 
 
-def _required(corpus, split):
-    """Files (relative to the corpus folder) that must exist to read `split`."""
-    if corpus.startswith("wikitext"):
-        suffix = "tokens" if corpus.endswith("_tokens") else "raw"
-        return [f"wiki.{_WIKITEXT_SPLIT[split]}.{suffix}"]
-    if corpus == "imdb":
-        folders = ["train/pos", "train/neg"] if split == "train" else ["test/pos", "test/neg"]
-        return folders
-    return ["input.txt"]  # tinyshakespeare
-
-
-def _check_split(config, split):
+def _check_split(corpus, split):
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}; pass 'train', 'validation' or 'test'.")
-    if split == "test" and config.corpus in ("tinyshakespeare", "text"):
+    if split not in corpus.splits:
         raise ValueError(
-            f"corpus {config.corpus!r} has no test split (only train and validation); "
-            "evaluate on split='validation'."
+            f"corpus {corpus.name!r} has no {split} split (only {' and '.join(corpus.splits)}); "
+            f"evaluate on split={corpus.evaluation_split!r}."
         )
 
 
@@ -139,8 +122,13 @@ def find_corpus(config, split, download=True):
     Raises:
         FileNotFoundError: naming the files expected, where they were looked for and the setting.
     """
-    archive = ARCHIVES[config.corpus]
-    required = _required(config.corpus, split)
+    corpus = get_corpus(config.corpus)
+    archive = corpus.archive
+    if archive is None:
+        raise ValueError(
+            f"corpus {corpus.name!r} has no standard folder to find; its files are data.files."
+        )
+    required = list(corpus.split_files[split])
     candidates = []
     root = data_directory(config)
     if root:
@@ -234,23 +222,6 @@ def read_text(path, errors="strict"):
             f"(byte 0x{data[error.start]:02x}). Fix or re-encode the file, or set "
             'data.errors = "replace" to substitute U+FFFD for invalid bytes.'
         ) from None
-
-
-def clean(text, config):
-    """Applies the text options: `strip_html` (`<br />` -> space), `lowercase`, `strip_punctuation`."""
-    if config.strip_html:
-        text = _BR.sub(" ", text)
-    if config.lowercase:
-        text = text.lower()
-    if config.strip_punctuation:
-        global _PUNCTUATION
-        if _PUNCTUATION is None:
-            _PUNCTUATION = {
-                i: None for i in range(sys.maxunicode + 1)
-                if unicodedata.category(chr(i)).startswith("P")
-            }
-        text = text.translate(_PUNCTUATION)
-    return text
 
 
 def split_wikitext_articles(text):
@@ -362,15 +333,12 @@ def corpus_files(config, split):
     Returns:
         A list of file paths.
     """
-    _check_split(config, split)
-    if config.corpus == "text":
-        if split == "validation" and config.validation_files:
-            return expand_files(config.validation_files, config, "data.validation_files")
-        return expand_files(config.files, config)
-    if config.corpus == "imdb":
-        return imdb_files(config, split)
+    corpus = get_corpus(config.corpus)
+    _check_split(corpus, split)
+    if corpus.list_files is not None:
+        return corpus.list_files(config, split)
     root = find_corpus(config, split)
-    return [os.path.join(root, r) for r in _required(config.corpus, split)]
+    return [os.path.join(root, r) for r in corpus.split_files[split]]
 
 
 def _in_validation(config, count):
@@ -387,8 +355,52 @@ def _in_validation(config, count):
     return chosen
 
 
+def _text_files(config, split):
+    if split == "validation" and config.validation_files:
+        return expand_files(config.validation_files, config, "data.validation_files")
+    return expand_files(config.files, config)
+
+
+def _read_text_files(config, split, files):
+    if config.validation_files:
+        selected = None  # corpus_files already picked files or validation_files
+    elif not config.validation_fraction:
+        if split == "validation":
+            raise ValueError(
+                "The text corpus has no validation split: data.validation_fraction is 0 and "
+                "data.validation_files is empty; set one of them."
+            )
+        selected = None
+    else:
+        counts = [len(_file_documents(p, config)) for p in files]
+        selected = _in_validation(config, sum(counts))
+        if split == "train":
+            selected = ~selected
+    index = 0
+    for path in files:
+        for document in _file_documents(path, config):
+            if selected is None or selected[index]:
+                yield document
+            index += 1
+
+
+def _read_imdb(config, split, files):
+    for path in files:
+        yield _BR.sub(" ", read_text(path, config.errors))  # always: IMDB's line breaks
+
+
+def _read_tinyshakespeare(config, split, files):
+    text = read_text(files[0], config.errors)
+    cut = int(len(text) * (1.0 - config.validation_fraction))
+    yield text[:cut] if split == "train" else text[cut:]
+
+
+def _read_wikitext(config, split, files):
+    yield from split_wikitext_articles(read_text(files[0], config.errors))
+
+
 def iter_documents(config, split):
-    """Yields the documents of `split` as Python strings, options applied, empty ones skipped.
+    """Yields the documents of `split` as Python strings, `strip_html` applied, blank ones skipped.
 
     Args:
         config: a `DataConfig`.
@@ -397,48 +409,26 @@ def iter_documents(config, split):
     Yields:
         Document strings, in a deterministic order.
     """
+    corpus = get_corpus(config.corpus)
     files = corpus_files(config, split)
-    corpus = config.corpus
-    if corpus == "text":
-        if config.validation_files:
-            selected = None  # corpus_files already picked files or validation_files
-        elif not config.validation_fraction:
-            if split == "validation":
-                raise ValueError(
-                    "The text corpus has no validation split: data.validation_fraction is 0 and "
-                    "data.validation_files is empty; set one of them."
-                )
-            selected = None
-        else:
-            counts = [len(_file_documents(p, config)) for p in files]
-            selected = _in_validation(config, sum(counts))
-            if split == "train":
-                selected = ~selected
-        index = 0
-        for path in files:
-            for document in _file_documents(path, config):
-                if selected is None or selected[index]:
-                    document = clean(document, config)
-                    if document.strip():
-                        yield document
-                index += 1
-        return
-    if corpus == "imdb":
-        for path in files:
-            document = clean(_BR.sub(" ", read_text(path, config.errors)), config)
-            if document.strip():
-                yield document
-        return
-    text = read_text(files[0], config.errors)
-    if corpus == "tinyshakespeare":
-        cut = int(len(text) * (1.0 - config.validation_fraction))
-        documents = [text[:cut] if split == "train" else text[cut:]]
-    else:
-        documents = split_wikitext_articles(text)
-    for document in documents:
-        document = clean(document, config)
+    for document in corpus.reader(config, split, files):
+        if config.strip_html:
+            document = _BR.sub(" ", document)
         if document.strip():
             yield document
+
+
+def document_options(config, split):
+    """The `DataConfig` field names whose values change the documents of `split` (cache key).
+
+    Args:
+        config: a `DataConfig`.
+        split: `"train"`, `"validation"` or `"test"`.
+
+    Returns:
+        A tuple of field names: `TEXT_OPTIONS` and the corpus' own.
+    """
+    return TEXT_OPTIONS + tuple(get_corpus(config.corpus).options(config, split))
 
 
 def file_identity(paths):
@@ -449,3 +439,126 @@ def file_identity(paths):
         identity.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
     return identity
 
+
+
+# sha256 values: WikiText from Apple's mlx-data (`mlx/data/datasets/wikitext.py`), the raw-v1 zip also
+# in ../shared/data/PROVENANCE.md; aclImdb_v1.tar.gz as published by several independent loaders
+# (e.g. the Julia MLDatasets and gomlx IMDB loaders); Tiny Shakespeare = karpathy/char-rnn's
+# input.txt (also in PROVENANCE.md). The Salesforce S3 bucket is the original WikiText host;
+# wikitext.smerity.com is the author's mirror of the same archives.
+_WIKITEXT_MIRRORS = ("https://wikitext.smerity.com/", "https://s3.amazonaws.com/research.metamind.io/wikitext/")
+
+
+def _wikitext(name, zip_name, folder, suffix, sha256):
+    short = {"train": "train", "validation": "valid", "test": "test"}
+    return Corpus(
+        name=name,
+        archive=Archive(zip_name, tuple(m + zip_name for m in _WIKITEXT_MIRRORS), sha256, folder),
+        splits=SPLITS,
+        split_files={split: (f"wiki.{short[split]}.{suffix}",) for split in SPLITS},
+        reader=_read_wikitext,
+        options=lambda config, split: (),
+        evaluation_split="test",
+    )
+
+
+def _text_options(config, split):
+    held_out = () if config.validation_files else ("validation_fraction", "seed")
+    return ("files", "validation_files", "document_separator") + held_out
+
+
+def _imdb_options(config, split):
+    return ("imdb_unsupervised",) + (("validation_count", "seed") if split != "train" else ())
+
+
+_IMDB_TEST = ("test/pos", "test/neg")
+CORPORA = {
+    corpus.name: corpus
+    for corpus in (
+        _wikitext(
+            "wikitext2", "wikitext-2-raw-v1.zip", "wikitext-2-raw", "raw",
+            "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+        ),
+        _wikitext(
+            "wikitext2_tokens", "wikitext-2-v1.zip", "wikitext-2", "tokens",
+            "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
+        ),
+        _wikitext(
+            "wikitext103", "wikitext-103-raw-v1.zip", "wikitext-103-raw", "raw",
+            "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
+        ),
+        _wikitext(
+            "wikitext103_tokens", "wikitext-103-v1.zip", "wikitext-103", "tokens",
+            "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+        ),
+        Corpus(
+            name="imdb",
+            archive=Archive(
+                "aclImdb_v1.tar.gz",
+                ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
+                "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+                "aclImdb",
+            ),
+            splits=SPLITS,
+            # validation and test are both carved from test/ (imdb_files).
+            split_files={"train": ("train/pos", "train/neg"), "validation": _IMDB_TEST, "test": _IMDB_TEST},
+            reader=_read_imdb,
+            options=_imdb_options,
+            evaluation_split="test",
+            list_files=imdb_files,
+        ),
+        Corpus(
+            name="tinyshakespeare",
+            archive=Archive(
+                "input.txt",
+                ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
+                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                "tinyshakespeare",
+            ),
+            splits=("train", "validation"),
+            split_files={"train": ("input.txt",), "validation": ("input.txt",)},
+            reader=_read_tinyshakespeare,
+            options=lambda config, split: ("validation_fraction",),
+            evaluation_split="validation",
+        ),
+        Corpus(
+            name="text",
+            archive=None,
+            splits=("train", "validation"),
+            split_files={},
+            reader=_read_text_files,
+            options=_text_options,
+            evaluation_split="validation",
+            list_files=_text_files,
+        ),
+    )
+}
+# The corpora found by name in the data directory or downloaded (no data.files).
+STANDARD_CORPORA = tuple(name for name, corpus in CORPORA.items() if not corpus.needs_files)
+
+
+def get_corpus(name):
+    """The registered `Corpus` called `name`.
+
+    Args:
+        name: a `data.corpus` value, e.g. `"wikitext2"`.
+
+    Returns:
+        A `Corpus` from `CORPORA`.
+
+    Raises:
+        ValueError: for an unknown name, with the closest known one and the list.
+
+    Example:
+        get_corpus("tinyshakespeare").evaluation_split  # "validation"
+    """
+    if name in CORPORA:
+        return CORPORA[name]
+    close = difflib.get_close_matches(str(name), list(CORPORA), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown corpus={name!r}.{hint} Set data.corpus to one of: {', '.join(CORPORA)}.")
+
+
+def evaluation_split(name):
+    """The split `kgpt evaluate` scores by default for corpus `name` (test where there is one)."""
+    return get_corpus(name).evaluation_split

@@ -5,7 +5,9 @@ Entry points (what training, evaluation and export call):
 - `DataConfig` (defined in `kgpt.config`): the `[data]` recipe section.
 - `read_documents(config, split) -> tf.data.Dataset` of `tf.string` documents.
 - `build_tokenizer(config, directory=None) -> Tokenizer`: load it from `directory` when saved
-  there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there.
+  there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there,
+  with the text normalisation of `data.lowercase` / `data.strip_punctuation`
+  (`text_normalization(config)`), which the tokenizer then applies wherever it runs.
 - `tokenize_corpus(config, tokenizer, split) -> TokenStream`: the split's token stream, every
   document followed by `<|endoftext|>`, read from / written to the token cache.
 - `scoring_tokens(config, tokenizer, split)`: that stream with one `<|endoftext|>` in front, the
@@ -30,8 +32,8 @@ batched with `drop_remainder=True`. Validation/test: in order, final partial bat
 are prefetched; the whole pipeline is deterministic given the seed.
 
 Token cache: `<cache_dir>/<corpus>-<split>-<key>/{tokens.npy, document_ends.npy, meta.json}`,
-key = sha256 of the split's files (path, size, mtime), the tokenizer's fingerprint and every
-option that changes the documents. It is written to a temporary folder and renamed, reused by
+key = sha256 of the split's files (path, size, mtime), the tokenizer's fingerprint (which covers
+its normalisation) and every option that changes the documents (`corpora.document_options`). It is written to a temporary folder and renamed, reused by
 later runs, and a changed file, tokenizer or option gives a new key. `cache_dir` defaults to
 `$KGPT_CACHE_DIR`, else `~/.cache/kgpt/tokens`. Sequence length, mode and batch size are applied
 when packing, so they never invalidate the cache.
@@ -42,18 +44,16 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import typing
 
 import numpy as np
 import tensorflow as tf
 
-from kgpt import corpora
+from kgpt import corpora, files
 from kgpt import tokenizer as tokenizers
-from kgpt.config import DataConfig  # noqa: F401  (re-exported: kgpt.data.DataConfig)
+from kgpt.config import DataConfig  # noqa: F401  (the `[data]` section these functions take)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: normalisation moved from the documents into the tokenizer
 
 
 def read_documents(config, split):
@@ -76,11 +76,54 @@ def read_documents(config, split):
     )
 
 
+def text_normalization(config):
+    """The `kgpt.tokenizer.Normalization` that `data.lowercase` / `data.strip_punctuation` ask for.
+
+    Args:
+        config: a `DataConfig`.
+
+    Returns:
+        A `Normalization`.
+    """
+    return tokenizers.Normalization(lowercase=config.lowercase, strip_punctuation=config.strip_punctuation)
+
+
+def check_tokenizer(config, tokenizer, source):
+    """Raises unless `tokenizer` is what `config` asks for: its kind and its text normalisation.
+
+    Args:
+        config: a `DataConfig`.
+        tokenizer: a loaded `Tokenizer`.
+        source: where it came from, for the message (e.g. the tokenizer folder).
+
+    Raises:
+        ValueError: naming the setting that differs and the value to set.
+    """
+    if tokenizer.kind != config.tokenizer:
+        raise ValueError(
+            f"{source} holds a {tokenizer.kind!r} tokenizer but data.tokenizer = "
+            f"{config.tokenizer!r}; use another run directory or set data.tokenizer = "
+            f"{tokenizer.kind!r}."
+        )
+    wanted = text_normalization(config)
+    if tokenizer.normalization != wanted:
+        have = tokenizer.normalization
+        raise ValueError(
+            f"{source} holds a tokenizer with lowercase={have.lowercase}, strip_punctuation="
+            f"{have.strip_punctuation} but data.lowercase = {config.lowercase}, "
+            f"data.strip_punctuation = {config.strip_punctuation}; set those to the tokenizer's "
+            "values or use another run directory. (A tokenizer saved before kgpt stored its "
+            "normalisation has none; add \"normalization\": "
+            f"{json.dumps(wanted.to_dict())} to its tokenizer.json if it was trained that way.)"
+        )
+
+
 def build_tokenizer(config, directory=None):
     """Loads the tokenizer saved in `directory`, or makes one from `config` (and saves it there).
 
     `bpe` and `char` are trained on the training split; `gpt2` reads `config.tokenizer_path`;
-    `tiktoken:NAME` loads the encoding from tiktoken's cache.
+    `tiktoken:NAME` loads the encoding from tiktoken's cache (`kgpt.tokenizer.TOKENIZER_KINDS`).
+    The tokenizer carries `text_normalization(config)` and applies it to all text it tokenizes.
 
     Args:
         config: a `DataConfig`.
@@ -88,28 +131,24 @@ def build_tokenizer(config, directory=None):
 
     Returns:
         A `kgpt.tokenizer.Tokenizer`.
+
+    Raises:
+        ValueError: when the tokenizer in `directory` (or `tokenizer_path`) is of another kind
+            or normalises text differently than `config` asks.
     """
     if directory and os.path.isfile(os.path.join(directory, tokenizers.CONFIG_FILENAME)):
         loaded = tokenizers.load_tokenizer(directory)
-        if loaded.kind != config.tokenizer:
-            raise ValueError(
-                f"{directory} holds a {loaded.kind!r} tokenizer but data.tokenizer = "
-                f"{config.tokenizer!r}; use another run directory or set data.tokenizer = "
-                f"{loaded.kind!r}."
-            )
+        check_tokenizer(config, loaded, directory)
         return loaded
-    if config.tokenizer == "bpe":
-        result = tokenizers.train_bpe(corpora.iter_documents(config, "train"), config.vocabulary_size)
-    elif config.tokenizer == "char":
-        result = tokenizers.train_characters(corpora.iter_documents(config, "train"))
-    elif config.tokenizer == "gpt2":
-        path = config.tokenizer_path
-        if os.path.isfile(os.path.join(path, tokenizers.CONFIG_FILENAME)):
-            result = tokenizers.load_tokenizer(path)
-        else:
-            result = tokenizers.load_gpt2_tokenizer(path)
-    else:
-        result = tokenizers.TiktokenTokenizer(config.tokenizer.split(":", 1)[1])
+    kind = tokenizers.tokenizer_kind(config.tokenizer)
+    result = tokenizers.make_tokenizer(
+        config.tokenizer,
+        documents=corpora.iter_documents(config, "train") if kind.trained_on_corpus else None,
+        vocabulary_size=config.vocabulary_size,
+        path=config.tokenizer_path,
+        normalization=text_normalization(config),
+    )
+    check_tokenizer(config, result, config.tokenizer_path or config.tokenizer)
     if directory:
         result.save(directory)
     return result
@@ -141,16 +180,12 @@ def default_cache_directory():
 
 
 def cache_key(config, tokenizer, split):
-    """(key, description) of the token cache entry for this corpus split and tokenizer."""
-    options = ["lowercase", "strip_punctuation", "strip_html", "errors"]
-    if config.corpus == "text":
-        options += ["files", "validation_files", "document_separator"]
-        if not config.validation_files:
-            options += ["validation_fraction", "seed"]
-    elif config.corpus == "imdb":
-        options += ["imdb_unsupervised"] + (["validation_count", "seed"] if split != "train" else [])
-    elif config.corpus == "tinyshakespeare":
-        options += ["validation_fraction"]
+    """(key, description) of the token cache entry for this corpus split and tokenizer.
+
+    The tokenizer's fingerprint covers its vocabulary and its text normalisation; the options
+    are the `DataConfig` fields that change the split's documents (`corpora.document_options`).
+    """
+    options = corpora.document_options(config, split)
     description = {
         "format_version": CACHE_FORMAT_VERSION,
         "corpus": config.corpus,
@@ -197,34 +232,35 @@ def tokenize_corpus(config, tokenizer, split, batch_documents=1024):
             lengths.append(len(ids) + 1)
         batch.clear()
 
+    skip_blank = not tokenizer.normalization.identity
     for document in corpora.iter_documents(config, split):
+        if skip_blank and not tokenizer.normalize(document).strip():
+            continue  # e.g. a line of punctuation, blank once stripped: no document, as before
         batch.append(document)
         if len(batch) == batch_documents:
             flush()
     if batch:
         flush()
     if not lengths:
-        files = [f for f, _, _ in description["files"]]
+        paths = [f for f, _, _ in description["files"]]
         raise ValueError(
             f"Corpus {config.corpus!r} ({split} split) is empty: no non-blank document in "
-            f"{files[:5]}{' ...' if len(files) > 5 else ''}. Point data.dir / data.files at text."
+            f"{paths[:5]}{' ...' if len(paths) > 5 else ''}. Point data.dir / data.files at text."
         )
     tokens = np.concatenate(pieces).astype(np.int32)
     document_ends = np.cumsum(lengths, dtype=np.int64)
-    os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=root, prefix=f".{os.path.basename(path)}.")
+    files.remove_stale(root)  # temporaries of killed runs
+    meta = {**description, "num_tokens": int(tokens.size), "num_documents": len(lengths)}
     try:
-        np.save(os.path.join(staging, "tokens.npy"), tokens)
-        np.save(os.path.join(staging, "document_ends.npy"), document_ends)
-        meta = {**description, "num_tokens": int(tokens.size), "num_documents": len(lengths)}
-        with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as file:
-            json.dump(meta, file, indent=2)
-        os.replace(staging, path)
+        # replace=False: an entry another process published meanwhile is kept (same content).
+        with files.staged_directory(path, replace=False) as staging:
+            np.save(os.path.join(staging, "tokens.npy"), tokens)
+            np.save(os.path.join(staging, "document_ends.npy"), document_ends)
+            with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as file:
+                json.dump(meta, file, indent=2)
     except OSError:
         if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race: real error
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return TokenStream(tokens, document_ends, path, cached=False)
 
 

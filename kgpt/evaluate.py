@@ -32,6 +32,7 @@ from kgpt.baselines import BigramModel
 from kgpt.config import DataConfig
 from kgpt.data import scoring_tokens
 from kgpt.rundir import RunDirectory
+from kgpt.tokenizer import tokenizer_kind
 
 
 @dataclasses.dataclass
@@ -224,16 +225,18 @@ def evaluation_data(data, run_data=None, data_dir=None):
                 "(wikitext2, imdb, tinyshakespeare or a text file)."
             )
         data = run_data["corpus"]
-    if data in corpora.CORPORA and data != "text":
+    if data in corpora.CORPORA and not corpora.get_corpus(data).needs_files:
         values = {**(run_data if run_data.get("corpus") == data else {"corpus": data}), **relocated}
-        if values.get("tokenizer") == "gpt2" and not values.get("tokenizer_path"):
+        kind = tokenizer_kind(values.get("tokenizer", "bpe"))
+        if kind.needs_tokenizer_path and not values.get("tokenizer_path"):
             values = {**values, "tokenizer": "bpe"}  # the run's own tokenizer is used anyway
         return DataConfig(**values), None
-    if data == "text" and run_data.get("corpus") == "text":
+    if data in corpora.CORPORA and run_data.get("corpus") == data:
         return DataConfig(**{**run_data, **relocated}), None
     if not os.path.isfile(data):
         raise FileNotFoundError(
-            f"--data {data!r} is neither a corpus ({', '.join(c for c in corpora.CORPORA if c != 'text')}) "
+            f"--data {data!r} is neither a corpus "
+            f"({', '.join(n for n, c in corpora.CORPORA.items() if not c.needs_files)}) "
             "nor a text file."
         )
     config = DataConfig(
@@ -241,10 +244,6 @@ def evaluation_data(data, run_data=None, data_dir=None):
         validation_fraction=0.0,
     )
     return config, "train"
-
-
-def _default_split(config):
-    return "validation" if config.corpus in ("tinyshakespeare", "text") else "test"
 
 
 def _count_text(config, split):
@@ -334,7 +333,7 @@ def evaluate_runs(run_dirs, data=None, split=None, stride=None, batch_size=8, da
     for run_dir in run_dirs:
         run = load_run(run_dir, jit_compile=jit_compile)
         config, fixed_split = evaluation_data(data, run.data, data_dir)
-        run_split = fixed_split or split or _default_split(config)
+        run_split = fixed_split or split or corpora.evaluation_split(config.corpus)
         if stride is not None and stride > run.context:
             raise ValueError(
                 f"--stride {stride} exceeds {run.name}'s context of {run.context} tokens; use a "

@@ -433,7 +433,7 @@ def export_gpt2(model, tokenizer, directory):
     }
     with open(os.path.join(directory, HF_CONFIG_FILENAME), "w", encoding="utf-8") as file:
         json.dump(hf_config, file, indent=2)
-    if tokenizer.kind in ("gpt2", "bpe"):
+    if tokenizer.has_bpe_files:
         with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as file:
             json.dump(tokenizer.vocabulary, file, ensure_ascii=False)
         with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as file:

@@ -12,8 +12,15 @@ Every tokenizer is a `tf.Module` with the same interface:
 - `encode_documents(texts)`: the fast, out-of-graph path the data pipeline uses to fill its token
   cache (HF `tokenizers` for BPE, NumPy for characters); ids equal `tokenize`'s.
 - `save(directory)`; `load_tokenizer(directory)` reads it back, dispatching on `tokenizer.json`.
+- `normalization`: the text normalisation (`Normalization`: `lowercase`, `strip_punctuation`)
+  applied before splitting, by `tokenize` inside the graph and by `encode_documents` in Python,
+  with the same result; saved in `tokenizer.json` (files without it load as no normalisation).
+  `<|endoftext|>` is never normalised.
+- Capability flags, from the kind's `TokenizerKind`: `graph_compatible`, `has_bpe_files`,
+  `trained_on_corpus`, `needs_tokenizer_path`.
 
-Kinds (`kind`, also the `data.tokenizer` setting):
+Kinds (`kind`, also the `data.tokenizer` setting), registered in `TOKENIZER_KINDS` and looked up
+with `tokenizer_kind(name)`; `make_tokenizer(name, ...)` builds one, `load_tokenizer` reads one:
 
 - `"bpe"`: byte-level BPE trained with HF `tokenizers` (`train_bpe`), GPT-2's pre-tokenizer
   regex; run in the graph by keras-hub's `BytePairTokenizer`. Ids 0 and 1 are `<|endoftext|>`
@@ -37,13 +44,20 @@ and merges them with keras-hub's `BytePairTokenizer` tables, so in-graph ids equ
 punctuation and special tokens). The noncharacter U+FDD0 is reserved as an internal marker.
 """
 
+import dataclasses
+import difflib
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import sys
+import typing
+import unicodedata
 
 import numpy as np
 import tensorflow as tf
+
+from kgpt.files import atomic_file
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
@@ -52,17 +66,153 @@ CONFIG_FILENAME = "tokenizer.json"
 VOCABULARY_FILENAME = "vocab.json"
 MERGES_FILENAME = "merges.txt"
 BYTE_ALPHABET_SIZE = 256
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer.json records the normalization
 
 
 def _write_atomically(directory, files):
     """Writes `{name: text}` into `directory`, each file via a temporary name and a rename."""
     os.makedirs(directory, exist_ok=True)
     for name, text in files.items():
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, os.path.join(directory, name))
+        with atomic_file(os.path.join(directory, name)) as temporary:
+            with open(temporary, "w", encoding="utf-8") as file:
+                file.write(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _punctuation_ranges():
+    """[(first, last)] code point ranges of Unicode punctuation (P*) and symbols (S*), per Python's
+    `unicodedata`; both the Python and the in-graph normalisation are built from them."""
+    ranges = []
+    for point in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(point))[0] in "PS":
+            if ranges and ranges[-1][1] == point - 1:
+                ranges[-1][1] = point
+            else:
+                ranges.append([point, point])
+    return tuple((first, last) for first, last in ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def _punctuation_table():
+    """`str.translate` table: every punctuation or symbol code point -> a space."""
+    return {p: " " for first, last in _punctuation_ranges() for p in range(first, last + 1)}
+
+
+@functools.lru_cache(maxsize=1)
+def _punctuation_pattern():
+    """The same code points as an RE2 character class (338 ranges with Unicode 14)."""
+    return "[" + "".join(
+        rf"\x{{{a:x}}}" if a == b else rf"\x{{{a:x}}}-\x{{{b:x}}}" for a, b in _punctuation_ranges()
+    ) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Text normalisation a tokenizer applies before splitting text into tokens.
+
+    The same in Python (`normalize`, used by `encode_documents` and tokenizer training) and in
+    the TensorFlow graph (`normalize_tensor`, used by `tokenize`, so SavedModels and servers
+    apply it too). `<|endoftext|>` is left as it is.
+
+    Args:
+        lowercase: lowercase with Unicode's full case mapping (Python's `str.lower`, ICU's
+            `toLower` in the graph; both map a final capital sigma to `ς`).
+        strip_punctuation: replace every punctuation (P*) and symbol (S*) character with a
+            space, so `"well-made"` -> `"well made"` and `"$5"` -> `" 5"`.
+
+    Example:
+        Normalization(lowercase=True, strip_punctuation=True).normalize("Don't stop!")
+        # "don t stop "
+    """
+
+    lowercase: bool = False
+    strip_punctuation: bool = False
+
+    def __post_init__(self):
+        for name in ("lowercase", "strip_punctuation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"normalization {name}={getattr(self, name)!r} must be true or false; fix "
+                    f"the tokenizer.json or the data.{name} setting."
+                )
+
+    @property
+    def identity(self):
+        """True when the normalisation changes nothing."""
+        return not (self.lowercase or self.strip_punctuation)
+
+    def to_dict(self):
+        """The JSON form saved in `tokenizer.json`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values, source="tokenizer.json"):
+        """Reads `to_dict`'s form; None (a file written before normalisation) is no normalisation.
+
+        Raises:
+            ValueError: naming `source` and the unknown keys.
+        """
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown normalization keys {unknown}; expected lowercase and "
+                "strip_punctuation. The file is damaged or from a newer kgpt; save it again."
+            )
+        return cls(**values)
+
+    def _normalize_piece(self, text):
+        if self.lowercase:
+            text = text.lower()
+        if self.strip_punctuation:
+            text = text.translate(_punctuation_table())
+        return text
+
+    def normalize(self, text):
+        """Normalises a Python string.
+
+        Args:
+            text: a `str`.
+
+        Returns:
+            The normalised `str` (equal to `normalize_tensor` of its UTF-8 encoding).
+        """
+        if self.identity:
+            return text
+        return END_OF_TEXT.join(self._normalize_piece(p) for p in text.split(END_OF_TEXT))
+
+    @tf.autograph.experimental.do_not_convert  # plain TensorFlow ops: tracing stays fast
+    def normalize_tensor(self, strings):
+        """Normalises a `tf.string` tensor `[batch]` with TensorFlow / tensorflow-text ops only.
+
+        Args:
+            strings: `tf.string` `[batch]` (UTF-8; invalid bytes become U+FFFD when lowercasing).
+
+        Returns:
+            `tf.string` `[batch]`.
+        """
+        if self.identity:
+            return strings
+        # `<|endoftext|>` is cut out and kept; so is NUL, at which ICU's lowercasing would stop.
+        return _map_between(strings, END_OF_TEXT, lambda p: _map_between(p, "\x00", self._normalize_flat))
+
+    def _normalize_flat(self, strings):
+        if self.lowercase:
+            strings = tf.strings.lower(strings, encoding="utf-8")
+        if self.strip_punctuation:
+            strings = tf.strings.regex_replace(strings, _punctuation_pattern(), " ")
+        return strings
+
+
+def _map_between(strings, separator, function):
+    """Applies `function` to the pieces of `strings` [batch] between `separator`s, keeping them."""
+    pieces = tf.strings.split(strings, sep=separator)  # (batch, pieces), empty pieces kept
+    flat = pieces.flat_values  # (pieces,)
+    row_ends = tf.gather(pieces.row_splits[1:], pieces.value_rowids())  # each piece's row end
+    last = tf.equal(tf.range(tf.size(flat, out_type=row_ends.dtype)) + 1, row_ends)
+    flat = function(flat)
+    flat = tf.where(last, flat, flat + separator)
+    return tf.strings.unsorted_segment_join(flat, pieces.value_rowids(), pieces.nrows())
 
 
 def _as_ragged_ids(ids):
@@ -85,13 +235,49 @@ def _as_ragged_ids(ids):
 class Tokenizer(tf.Module):
     """Base class: the interface shared by every kgpt tokenizer (see the module docstring).
 
-    Subclasses implement `_tokenize(strings [batch]) -> RaggedTensor int32`,
+    Subclasses implement `_tokenize(strings [batch]) -> RaggedTensor int32` and
+    `_encode(list of str) -> list of int32 arrays` (both on normalised text),
     `_detokenize(RaggedTensor int32) -> tf.string [batch]`, `_files()` (what `save` writes) and
     set `kind`, `vocabulary_size`, `end_of_text_id`, `padding_id`.
+
+    Args:
+        normalization: the `Normalization` applied before tokenizing; None: none.
     """
 
     kind = None
-    graph_compatible = True
+
+    def __init__(self, normalization=None, name=None):
+        super().__init__(name=name)
+        self.normalization = normalization or Normalization()
+
+    @property
+    def kind_spec(self):
+        """This tokenizer's `TokenizerKind` (its capability flags and how to build one)."""
+        return tokenizer_kind(self.kind)
+
+    @property
+    def graph_compatible(self):
+        """True when `tokenize` / `detokenize` run inside a `tf.function` or SavedModel."""
+        return self.kind_spec.graph_compatible
+
+    @property
+    def has_bpe_files(self):
+        """True when the tokenizer is a `vocab.json` + `merges.txt` BPE (exportable to HF)."""
+        return self.kind_spec.has_bpe_files
+
+    @property
+    def trained_on_corpus(self):
+        """True when it is trained on the corpus' training split (`bpe`, `char`)."""
+        return self.kind_spec.trained_on_corpus
+
+    @property
+    def needs_tokenizer_path(self):
+        """True when it is loaded from files named by `data.tokenizer_path` (`gpt2`)."""
+        return self.kind_spec.needs_tokenizer_path
+
+    def normalize(self, text):
+        """Applies this tokenizer's `normalization` to a Python string (what `tokenize` sees)."""
+        return self.normalization.normalize(text)
 
     def tokenize(self, inputs):
         """Turns strings into token ids.
@@ -113,11 +299,16 @@ class Tokenizer(tf.Module):
                 f"tokenize expects a string tensor of shape [batch] or []; got shape "
                 f"{inputs.shape}. Flatten it first (tf.reshape(inputs, [-1]))."
             )
-        if tf.executing_eagerly() and self.graph_compatible:
+        if not self.graph_compatible:
+            ids = self._tokenize(batch)  # eager only; normalises in Python
+        elif tf.executing_eagerly():
             ids = self._tokenize_function(batch)
         else:
-            ids = self._tokenize(batch)
+            ids = self._normalize_and_tokenize(batch)
         return ids[0] if scalar else ids
+
+    def _normalize_and_tokenize(self, strings):
+        return self._tokenize(self.normalization.normalize_tensor(strings))
 
     def detokenize(self, ids):
         """Turns token ids back into text; padding ids are dropped, bad UTF-8 becomes U+FFFD.
@@ -144,7 +335,7 @@ class Tokenizer(tf.Module):
         # Eager calls go through compiled functions: faster, and keras-hub's layer returns
         # TensorFlow tensors (not Python lists) when traced.
         self._tokenize_function = tf.function(
-            self._tokenize, input_signature=[tf.TensorSpec([None], tf.string)]
+            self._normalize_and_tokenize, input_signature=[tf.TensorSpec([None], tf.string)]
         )
         self._detokenize_function = tf.function(
             self._detokenize,
@@ -160,8 +351,10 @@ class Tokenizer(tf.Module):
         Returns:
             A list of 1-D int32 NumPy arrays, equal to `tokenize(texts)` row by row.
         """
-        ids = self.tokenize(tf.constant(list(texts), dtype=tf.string))
-        return [np.asarray(row, dtype=np.int32) for row in ids.numpy()]
+        return self._encode([self.normalization.normalize(text) for text in texts])
+
+    def _encode(self, texts):
+        raise NotImplementedError
 
     @property
     def fingerprint(self):
@@ -221,14 +414,15 @@ class BytePairTokenizer(Tokenizer):
         merges: list of merge rules `"a b"`, highest priority first.
         kind: `"bpe"` or `"gpt2"`, recorded by `save`.
         padding: the padding token (must be in `vocabulary`), or None to pad with end-of-text.
+        normalization: the `Normalization` applied before splitting; None: none.
 
     Example:
         tokenizer = train_bpe(["some text", "more text"], vocabulary_size=300)
         tokenizer.detokenize(tokenizer.tokenize(["hello"]))  # [b"hello"]
     """
 
-    def __init__(self, vocabulary, merges, kind="bpe", padding=PADDING, name=None):
-        super().__init__(name=name)
+    def __init__(self, vocabulary, merges, kind="bpe", padding=PADDING, normalization=None, name=None):
+        super().__init__(normalization=normalization, name=name)
         import keras_hub
 
         merges = [m for m in merges if m and not m.startswith("#version")]
@@ -288,7 +482,7 @@ class BytePairTokenizer(Tokenizer):
     def _detokenize(self, ids):
         return self._layer.detokenize(ids)
 
-    def encode_documents(self, texts):
+    def _encode(self, texts):
         # HF tokenizers (Rust, all cores) with the same vocabulary, merges and GPT-2 regex.
         if self._fast is None:
             self._fast = _hf_byte_level_tokenizer(self.vocabulary, self.merges)
@@ -305,6 +499,7 @@ class BytePairTokenizer(Tokenizer):
                     "vocabulary_file": VOCABULARY_FILENAME,
                     "merges_file": MERGES_FILENAME,
                     "padding": self.padding,
+                    "normalization": self.normalization.to_dict(),
                 },
                 indent=2,
             ),
@@ -323,13 +518,15 @@ def _hf_byte_level_tokenizer(vocabulary, merges):
     return fast
 
 
-def train_bpe(texts, vocabulary_size, min_frequency=0):
+def train_bpe(texts, vocabulary_size, min_frequency=0, normalization=None):
     """Trains a byte-level BPE tokenizer (GPT-2 pre-tokenization) with HF `tokenizers`.
 
     Args:
         texts: an iterable of Python strings (the training split's documents).
         vocabulary_size: total ids, including `<|endoftext|>`, `<|padding|>` and the 256 bytes.
         min_frequency: merges seen fewer times than this are not learned.
+        normalization: a `Normalization` applied to `texts` before training and kept by the
+            tokenizer; None: none.
 
     Returns:
         A `BytePairTokenizer` of kind `"bpe"`. Its `vocabulary_size` may be below the request
@@ -356,17 +553,19 @@ def train_bpe(texts, vocabulary_size, min_frequency=0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    trainee.train_from_iterator(texts, trainer)
+    normalization = normalization or Normalization()
+    trainee.train_from_iterator((normalization.normalize(t) for t in texts), trainer)
     model = json.loads(trainee.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return BytePairTokenizer(model["vocab"], merges, kind="bpe", padding=PADDING)
+    return BytePairTokenizer(model["vocab"], merges, kind="bpe", padding=PADDING, normalization=normalization)
 
 
-def load_gpt2_tokenizer(directory):
+def load_gpt2_tokenizer(directory, normalization=None):
     """Loads OpenAI GPT-2's BPE from `vocab.json` (or `encoder.json`) and `merges.txt`.
 
     Args:
         directory: a folder holding the two files (e.g. a downloaded GPT-2 checkpoint).
+        normalization: an optional `Normalization` the tokenizer applies (GPT-2's own: none).
 
     Returns:
         A `BytePairTokenizer` of kind `"gpt2"` (50,257 ids; padding = `<|endoftext|>`).
@@ -386,7 +585,7 @@ def load_gpt2_tokenizer(directory):
         vocabulary = json.load(file)
     with open(merges_path, encoding="utf-8") as file:
         merges = [line.rstrip("\n") for line in file]
-    return BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None)
+    return BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None, normalization=normalization)
 
 
 class CharacterTokenizer(Tokenizer):
@@ -399,6 +598,7 @@ class CharacterTokenizer(Tokenizer):
 
     Args:
         characters: the vocabulary, a string of distinct characters (sorted on construction).
+        normalization: the `Normalization` applied before tokenizing; None: none.
 
     Example:
         tokenizer = train_characters(["hello"])  # ids: e=0, h=1, l=2, o=3
@@ -406,8 +606,8 @@ class CharacterTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, characters, name=None):
-        super().__init__(name=name)
+    def __init__(self, characters, normalization=None, name=None):
+        super().__init__(normalization=normalization, name=name)
         self.characters = "".join(sorted(set(characters)))
         if not self.characters:
             raise ValueError(
@@ -441,7 +641,7 @@ class CharacterTokenizer(Tokenizer):
         ids = ids.with_flat_values(tf.where(valid, flat, self.unknown_id))
         return tf.strings.reduce_join(tf.gather(self._strings, ids), axis=-1)
 
-    def encode_documents(self, texts):
+    def _encode(self, texts):
         result = []
         for text in texts:
             points = np.frombuffer(text.encode("utf-32-le", "replace"), dtype=np.uint32)
@@ -452,23 +652,30 @@ class CharacterTokenizer(Tokenizer):
         return result
 
     def _files(self):
-        config = {"kind": "char", "format_version": FORMAT_VERSION, "characters": self.characters}
+        config = {
+            "kind": "char",
+            "format_version": FORMAT_VERSION,
+            "characters": self.characters,
+            "normalization": self.normalization.to_dict(),
+        }
         return {CONFIG_FILENAME: json.dumps(config, indent=2, ensure_ascii=False)}
 
 
-def train_characters(texts):
+def train_characters(texts, normalization=None):
     """Builds a character tokenizer from the distinct characters of `texts`.
 
     Args:
         texts: an iterable of Python strings (the training split).
+        normalization: a `Normalization` applied to `texts` first and kept by the tokenizer.
 
     Returns:
         A `CharacterTokenizer` (Tiny Shakespeare: 65 characters + 3 specials = 68 ids).
     """
+    normalization = normalization or Normalization()
     characters = set()
     for text in texts:
-        characters.update(text)
-    return CharacterTokenizer("".join(characters))
+        characters.update(normalization.normalize(text))
+    return CharacterTokenizer("".join(characters), normalization=normalization)
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -479,12 +686,11 @@ class TiktokenTokenizer(Tokenizer):
 
     Args:
         encoding: a tiktoken encoding name, e.g. `"gpt2"`, `"cl100k_base"`, `"o200k_base"`.
+        normalization: the `Normalization` applied (in Python) before encoding; None: none.
     """
 
-    graph_compatible = False
-
-    def __init__(self, encoding, name=None):
-        super().__init__(name=name)
+    def __init__(self, encoding, normalization=None, name=None):
+        super().__init__(normalization=normalization, name=name)
         try:
             import tiktoken
         except ImportError as error:
@@ -530,17 +736,181 @@ class TiktokenTokenizer(Tokenizer):
         self._check_eager()
         return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()])
 
-    def encode_documents(self, texts):
+    def _encode(self, texts):
         rows = self._encoding.encode_ordinary_batch(list(texts))
         return [np.asarray(r, dtype=np.int32) for r in rows]
 
     def _files(self):
-        config = {"kind": self.kind, "format_version": FORMAT_VERSION, "encoding": self.encoding}
+        config = {
+            "kind": self.kind,
+            "format_version": FORMAT_VERSION,
+            "encoding": self.encoding,
+            "normalization": self.normalization.to_dict(),
+        }
         return {CONFIG_FILENAME: json.dumps(config, indent=2)}
+
+
+def _make_bpe(name, documents, vocabulary_size, path, normalization):
+    return train_bpe(documents, vocabulary_size, normalization=normalization)
+
+
+def _make_gpt2(name, documents, vocabulary_size, path, normalization):
+    if os.path.isfile(os.path.join(path, CONFIG_FILENAME)):
+        return load_tokenizer(path)  # a tokenizer kgpt saved: its own normalisation
+    return load_gpt2_tokenizer(path, normalization=normalization)
+
+
+def _make_characters(name, documents, vocabulary_size, path, normalization):
+    return train_characters(documents, normalization=normalization)
+
+
+def _make_tiktoken(name, documents, vocabulary_size, path, normalization):
+    return TiktokenTokenizer(name.split(":", 1)[1], normalization=normalization)
+
+
+def _load_bpe(directory, saved, normalization):
+    with open(os.path.join(directory, saved["vocabulary_file"]), encoding="utf-8") as file:
+        vocabulary = json.load(file)
+    with open(os.path.join(directory, saved["merges_file"]), encoding="utf-8") as file:
+        merges = [line.rstrip("\n") for line in file]
+    return BytePairTokenizer(
+        vocabulary, merges, kind=saved["kind"], padding=saved.get("padding"), normalization=normalization
+    )
+
+
+def _load_characters(directory, saved, normalization):
+    return CharacterTokenizer(saved["characters"], normalization=normalization)
+
+
+def _load_tiktoken(directory, saved, normalization):
+    return TiktokenTokenizer(saved["encoding"], normalization=normalization)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerKind:
+    """One kind of tokenizer: what it can do, and how to make or load one.
+
+    Args:
+        name: the kind, as `tokenizer.kind` and `data.tokenizer` spell it (`tiktoken` stands for
+            every `tiktoken:NAME`).
+        spelling: how `data.tokenizer` names it (`"tiktoken:NAME"` for tiktoken).
+        graph_compatible: runs inside a `tf.function` / SavedModel (can be exported).
+        has_bpe_files: a byte-level BPE with `vocab.json` + `merges.txt` (`vocabulary`,
+            `merges`), so it can be written as a Hugging Face GPT-2 tokenizer.
+        trained_on_corpus: trained on the corpus' training split by `make`.
+        needs_tokenizer_path: loaded from the folder `data.tokenizer_path` names.
+        minimum_vocabulary_size: the smallest `data.vocabulary_size` it trains; None when the
+            kind fixes its own vocabulary.
+        make: `(name, documents, vocabulary_size, path, normalization) -> Tokenizer`.
+        load: `(directory, tokenizer.json as a dict, normalization) -> Tokenizer`.
+    """
+
+    name: str
+    spelling: str
+    graph_compatible: bool
+    has_bpe_files: bool
+    trained_on_corpus: bool
+    needs_tokenizer_path: bool
+    minimum_vocabulary_size: typing.Optional[int]
+    make: typing.Callable
+    load: typing.Callable
+
+
+TOKENIZER_KINDS = {
+    kind.name: kind
+    for kind in (
+        TokenizerKind(
+            "bpe", "bpe", graph_compatible=True, has_bpe_files=True, trained_on_corpus=True,
+            needs_tokenizer_path=False, minimum_vocabulary_size=BYTE_ALPHABET_SIZE + 2,
+            make=_make_bpe, load=_load_bpe,
+        ),
+        TokenizerKind(
+            "gpt2", "gpt2", graph_compatible=True, has_bpe_files=True, trained_on_corpus=False,
+            needs_tokenizer_path=True, minimum_vocabulary_size=None,
+            make=_make_gpt2, load=_load_bpe,
+        ),
+        TokenizerKind(
+            "char", "char", graph_compatible=True, has_bpe_files=False, trained_on_corpus=True,
+            needs_tokenizer_path=False, minimum_vocabulary_size=None,
+            make=_make_characters, load=_load_characters,
+        ),
+        TokenizerKind(
+            "tiktoken", "tiktoken:NAME", graph_compatible=False, has_bpe_files=False,
+            trained_on_corpus=False, needs_tokenizer_path=False, minimum_vocabulary_size=None,
+            make=_make_tiktoken, load=_load_tiktoken,
+        ),
+    )
+}
+TOKENIZER_NAMES = tuple(kind.spelling for kind in TOKENIZER_KINDS.values())
+
+
+def tokenizer_kind(name):
+    """The `TokenizerKind` that `data.tokenizer = name` selects.
+
+    Args:
+        name: `"bpe"`, `"gpt2"`, `"char"` or `"tiktoken:NAME"` (e.g. `"tiktoken:o200k_base"`).
+
+    Returns:
+        A `TokenizerKind` from `TOKENIZER_KINDS`.
+
+    Raises:
+        ValueError: for an unknown name, with the closest known one and the list.
+    """
+    name = str(name)
+    if name.startswith("tiktoken:") and name != "tiktoken:":
+        return TOKENIZER_KINDS["tiktoken"]
+    if name in TOKENIZER_KINDS and name != "tiktoken":
+        return TOKENIZER_KINDS[name]
+    if name in ("tiktoken", "tiktoken:"):
+        raise ValueError(
+            f"tokenizer={name!r} needs a tiktoken encoding name; set data.tokenizer to "
+            "'tiktoken:NAME', e.g. 'tiktoken:o200k_base' or 'tiktoken:gpt2'."
+        )
+    close = difflib.get_close_matches(name, TOKENIZER_NAMES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown tokenizer={name!r}.{hint} Set data.tokenizer to one of: "
+        f"{', '.join(TOKENIZER_NAMES)}."
+    )
+
+
+def make_tokenizer(name, documents=None, vocabulary_size=None, path=None, normalization=None):
+    """Makes a tokenizer of the kind `name`: trains it on `documents` or loads it.
+
+    Args:
+        name: a `data.tokenizer` value (`"bpe"`, `"gpt2"`, `"char"`, `"tiktoken:NAME"`).
+        documents: iterable of training strings, for kinds `trained_on_corpus`.
+        vocabulary_size: ids to train, for kinds with a `minimum_vocabulary_size` (`bpe`).
+        path: the folder of the files, for kinds that `needs_tokenizer_path` (`gpt2`).
+        normalization: the `Normalization` the tokenizer applies; None: none. (A `gpt2` path that
+            holds a tokenizer kgpt saved keeps that tokenizer's own.)
+
+    Returns:
+        A `Tokenizer`.
+
+    Raises:
+        ValueError: for an unknown name, or a missing `documents` / `vocabulary_size` / `path`.
+
+    Example:
+        tokenizer = make_tokenizer("char", documents=["hello"], normalization=Normalization(lowercase=True))
+    """
+    kind = tokenizer_kind(name)
+    if kind.trained_on_corpus and documents is None:
+        raise ValueError(f"tokenizer {name!r} is trained on text; pass documents=[...].")
+    if kind.minimum_vocabulary_size is not None and vocabulary_size is None:
+        raise ValueError(f"tokenizer {name!r} needs a vocabulary_size (e.g. 8192).")
+    if kind.needs_tokenizer_path and not path:
+        raise ValueError(
+            f"tokenizer {name!r} is loaded from files; set data.tokenizer_path to the folder "
+            "holding vocab.json (or encoder.json) and merges.txt."
+        )
+    return kind.make(name, documents, vocabulary_size, path, normalization)
 
 
 def load_tokenizer(directory):
     """Loads a tokenizer written by `Tokenizer.save`, dispatching on its `tokenizer.json`.
+
+    Files written before kgpt saved the normalisation load with none.
 
     Args:
         directory: the folder passed to `save` (e.g. `checkpoints/<run>/tokenizer`).
@@ -558,19 +928,20 @@ def load_tokenizer(directory):
             "Tokenizer.save wrote (a run directory's tokenizer/)."
         )
     with open(path, encoding="utf-8") as file:
-        config = json.load(file)
-    kind = config.get("kind", "")
-    if kind in ("bpe", "gpt2"):
-        with open(os.path.join(directory, config["vocabulary_file"]), encoding="utf-8") as file:
-            vocabulary = json.load(file)
-        with open(os.path.join(directory, config["merges_file"]), encoding="utf-8") as file:
-            merges = [line.rstrip("\n") for line in file]
-        return BytePairTokenizer(vocabulary, merges, kind=kind, padding=config.get("padding"))
-    if kind == "char":
-        return CharacterTokenizer(config["characters"])
-    if kind.startswith("tiktoken:"):
-        return TiktokenTokenizer(config["encoding"])
-    raise ValueError(
-        f"{path} has kind={kind!r}; expected 'bpe', 'gpt2', 'char' or 'tiktoken:NAME'. "
-        "The file is damaged or from a newer kgpt; save the tokenizer again."
-    )
+        saved = json.load(file)
+    version = saved.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version={version!r}; this kgpt reads up to {FORMAT_VERSION}. "
+            "It was written by a newer kgpt; upgrade kgpt or save the tokenizer again."
+        )
+    kind = saved.get("kind", "")
+    try:
+        spec = tokenizer_kind(kind)
+    except ValueError:
+        raise ValueError(
+            f"{path} has kind={kind!r}; expected one of {', '.join(TOKENIZER_NAMES)}. "
+            "The file is damaged or from a newer kgpt; save the tokenizer again."
+        ) from None
+    normalization = Normalization.from_dict(saved.get("normalization"), path)
+    return spec.load(directory, saved, normalization)

@@ -71,7 +71,7 @@ def load_matching_tokenizer(source, data, option):
     tokenizer = run.load_tokenizer()
     if tokenizer.kind != data.tokenizer:
         fix = f"data.tokenizer = {tokenizer.kind!r}"
-        if tokenizer.kind == "gpt2":
+        if tokenizer.needs_tokenizer_path:
             fix += f" and data.tokenizer_path = {run.tokenizer_dir!r}"
         raise ValueError(
             f"data.tokenizer: recipe {data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "

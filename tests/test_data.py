@@ -1,43 +1,24 @@
-"""Tests for kgpt.data and kgpt.corpora on tiny corpora written into tmp_path."""
+"""Tests for kgpt.data on tiny corpora written into tmp_path: tokenizer building, token cache,
+packing and the tf.data pipeline."""
 
 import collections
+import dataclasses
+import json
 import os
 import pathlib
-import shutil
-import zipfile
 
-import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kgpt import corpora, data
-from kgpt.config import ModelConfig
-
-WIKITEXT = (
-    " \n = Alpha Article = \n \n Alpha text one . \n \n = = Alpha History = = \n \n Alpha more "
-    "text . \n \n = = = Deep = = = \n Deeper . \n \n = Beta = \n \n Beta text 1 @,@ 000 . \n"
-    " \n = Gamma Gamma = \n \n Gamma text <unk> . \n"
-)
-
+from kgpt import tokenizer as tk
+from kgpt.config import DataConfig, ModelConfig
 
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def imdb_dir(tmp_path):
-    root = tmp_path / "data"
-    for split, count in (("train", 4), ("test", 6)):
-        for polarity in ("pos", "neg"):
-            for i in range(count):
-                _write(
-                    root / "aclImdb" / split / polarity / f"{i}_{7 if polarity == 'pos' else 2}.txt",
-                    f"{split} {polarity} review {i}.<br /><br />It was {'good' if polarity == 'pos' else 'bad'}.",
-                )
-    _write(root / "aclImdb" / "train" / "unsup" / "0_0.txt", "unlabelled review")
-    return root
 
 
 @pytest.fixture
@@ -49,96 +30,39 @@ def shards(tmp_path):
 
 
 def _config(tmp_path, **kwargs):
-    return data.DataConfig(cache_dir=str(tmp_path / "cache"), **kwargs)
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
 def test_config_validates_names_and_values():
     with pytest.raises(ValueError, match="Did you mean 'wikitext2'"):
-        data.DataConfig(corpus="wikitext-2")
+        DataConfig(corpus="wikitext-2")
     with pytest.raises(ValueError, match="Unknown tokenizer='sentencepiece'"):
-        data.DataConfig(corpus="imdb", tokenizer="sentencepiece")
+        DataConfig(corpus="imdb", tokenizer="sentencepiece")
     with pytest.raises(ValueError, match="at least 258"):
-        data.DataConfig(corpus="imdb", vocabulary_size=100)
+        DataConfig(corpus="imdb", vocabulary_size=100)
     with pytest.raises(ValueError, match="needs data.files"):
-        data.DataConfig(corpus="text")
+        DataConfig(corpus="text")
     with pytest.raises(ValueError, match="Unknown key data.sequence_len"):
-        data.DataConfig.from_dict({"corpus": "imdb", "sequence_len": 8})
-    config = data.DataConfig.from_dict({"corpus": "text", "files": ["a.txt"]})
+        DataConfig.from_dict({"corpus": "imdb", "sequence_len": 8})
+    config = DataConfig.from_dict({"corpus": "text", "files": ["a.txt"]})
     assert config.files == ("a.txt",)
-    assert data.DataConfig(corpus="imdb", tokenizer="tiktoken:o200k_base").tokenizer.endswith("o200k_base")
+    assert DataConfig(corpus="imdb", tokenizer="tiktoken:o200k_base").tokenizer.endswith("o200k_base")
+    with pytest.raises(ValueError, match="Did you mean 'char'"):
+        DataConfig(corpus="imdb", tokenizer="chars")
+    with pytest.raises(ValueError, match="needs a tiktoken encoding name"):
+        DataConfig(corpus="imdb", tokenizer="tiktoken:")
+    with pytest.raises(ValueError, match="needs data.tokenizer_path"):
+        DataConfig(corpus="imdb", tokenizer="gpt2")
 
 
 def test_sequence_length_larger_than_model_is_an_error():
     model = ModelConfig(vocabulary_size=300, sequence_length=16, num_heads=2, hidden_dim=16)
     with pytest.raises(ValueError, match="data.sequence_length=32 is larger"):
-        data.check_model_compatibility(data.DataConfig(corpus="imdb", sequence_length=32), model)
-
-
-def test_wikitext_articles_split_at_top_level_headings():
-    articles = corpora.split_wikitext_articles(WIKITEXT)
-    assert [a.strip().splitlines()[0].strip() for a in articles] == [
-        "= Alpha Article =",
-        "= Beta =",
-        "= Gamma Gamma =",
-    ]
-    assert "= = Alpha History = =" in articles[0] and "= = = Deep = = =" in articles[0]
-    assert "".join(articles).strip() == WIKITEXT.strip()
-
-
-def test_wikitext_reader_uses_data_dir(tmp_path):
-    for split in ("train", "valid", "test"):
-        _write(tmp_path / "data" / "wikitext-2" / f"wiki.{split}.tokens", WIKITEXT)
-    config = _config(tmp_path, corpus="wikitext2_tokens", dir=str(tmp_path / "data"))
-    documents = [d.numpy().decode() for d in data.read_documents(config, "validation")]
-    assert len(documents) == 3 and documents[1].strip().startswith("= Beta =")
-
-
-def test_imdb_validation_split_is_deterministic_and_disjoint(imdb_dir, tmp_path):
-    config = _config(tmp_path, corpus="imdb", dir=str(imdb_dir), validation_count=2)
-    validation = corpora.imdb_files(config, "validation")
-    test = corpora.imdb_files(config, "test")
-    assert validation == corpora.imdb_files(config, "validation")
-    assert not set(validation) & set(test)
-    assert sorted(validation + test) == sorted(str(p) for p in (imdb_dir / "aclImdb" / "test").rglob("*.txt"))
-    assert sum("/pos/" in f for f in validation) == 2 and sum("/neg/" in f for f in validation) == 2
-    other = corpora.imdb_files(_config(tmp_path, corpus="imdb", dir=str(imdb_dir), validation_count=2, seed=7), "validation")
-    assert len(other) == 4
-    train = list(corpora.iter_documents(config, "train"))
-    assert len(train) == 8 and all("<br" not in d for d in train)
-    unsup = dataclass_replace(config, imdb_unsupervised=True)
-    assert len(list(corpora.iter_documents(unsup, "train"))) == 9
-    with pytest.raises(ValueError, match="validation_count below 6"):
-        corpora.imdb_files(dataclass_replace(config, validation_count=6), "validation")
+        data.check_model_compatibility(DataConfig(corpus="imdb", sequence_length=32), model)
 
 
 def dataclass_replace(config, **changes):
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
-
-
-def test_text_shards_split_by_fraction_and_by_files(shards, tmp_path):
-    config = _config(tmp_path, corpus="text", files=(str(shards / "wiki_books_*.txt"),), validation_fraction=0.25)
-    train = list(corpora.iter_documents(config, "train"))
-    validation = list(corpora.iter_documents(config, "validation"))
-    assert len(train) == 9 and len(validation) == 3 and not set(train) & set(validation)
-    assert validation == list(corpora.iter_documents(config, "validation"))
-    by_files = dataclass_replace(
-        config, files=(str(shards / "wiki_books_[01].txt"),), validation_files=(str(shards / "wiki_books_2.txt"),)
-    )
-    assert len(list(corpora.iter_documents(by_files, "train"))) == 8
-    assert all(d.startswith("Shard 2") for d in corpora.iter_documents(by_files, "validation"))
-    per_file = dataclass_replace(config, document_separator="file", validation_fraction=0.34)
-    assert len(list(corpora.iter_documents(per_file, "validation"))) == 1
-
-
-def test_tinyshakespeare_is_split_90_10_by_characters(tmp_path):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 10
-    _write(tmp_path / "data" / "tinyshakespeare" / "input.txt", text)
-    config = _config(tmp_path, corpus="tinyshakespeare", dir=str(tmp_path / "data"), tokenizer="char")
-    (train,) = corpora.iter_documents(config, "train")
-    (validation,) = corpora.iter_documents(config, "validation")
-    assert train + validation == text and len(train) == int(len(text) * 0.9)
 
 
 def _packed_setup(shards, tmp_path, **kwargs):
@@ -212,7 +136,11 @@ def test_token_cache_reused_and_invalidated(shards, tmp_path):
     second = data.tokenize_corpus(config, tokenizer, "train")
     assert not first.cached and second.cached and first.path == second.path
     np.testing.assert_array_equal(first.tokens, second.tokens)
-    assert not data.tokenize_corpus(dataclass_replace(config, lowercase=True), tokenizer, "train").cached
+    # The normalisation belongs to the tokenizer: it changes the fingerprint, hence the key.
+    lowercase = dataclass_replace(config, lowercase=True)
+    lowercased = data.tokenize_corpus(lowercase, data.build_tokenizer(lowercase), "train")
+    assert not lowercased.cached and lowercased.path != first.path
+    assert not data.tokenize_corpus(dataclass_replace(config, strip_html=True), tokenizer, "train").cached
     other_tokenizer = data.build_tokenizer(dataclass_replace(config, tokenizer="bpe", vocabulary_size=300))
     assert not data.tokenize_corpus(config, other_tokenizer, "train").cached
     shard = shards / "wiki_books_0.txt"
@@ -232,41 +160,29 @@ def test_build_tokenizer_saves_and_reloads(shards, tmp_path):
         data.build_tokenizer(dataclass_replace(config, tokenizer="bpe"), str(tmp_path / "run" / "tokenizer"))
 
 
-def test_missing_corpus_names_files_places_and_setting(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: no network")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
-    config = _config(tmp_path, corpus="wikitext2", dir=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError) as error:
-        data.read_documents(config, "train")
-    message = str(error.value)
-    for needle in ("wiki.train.raw", str(tmp_path / "nowhere"), "data.dir", "KGPT_DATA_DIR", "no network"):
-        assert needle in message
-    assert not (tmp_path / "keras" / "datasets" / "kgpt" / "wikitext-2-raw").exists()
-
-
-def test_download_is_verified_and_unpacked_atomically(tmp_path, monkeypatch):
-    archive = tmp_path / "wikitext-2-raw-v1.zip"
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for split in ("train", "valid", "test"):
-            bundle.writestr(f"wikitext-2-raw/wiki.{split}.raw", WIKITEXT)
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    calls = []
-
-    def fake_get_file(fname, origin, file_hash, hash_algorithm, cache_dir, cache_subdir):
-        calls.append((origin, file_hash))
-        target = os.path.join(cache_dir, cache_subdir, fname)
-        shutil.copy(archive, target)
-        return target
-
-    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
-    config = _config(tmp_path, corpus="wikitext2")
-    assert len(list(corpora.iter_documents(config, "train"))) == 3
-    assert calls == [(corpora.ARCHIVES["wikitext2"].urls[0], corpora.ARCHIVES["wikitext2"].sha256)]
-    assert len(list(corpora.iter_documents(config, "test"))) == 3 and len(calls) == 1
+def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards, tmp_path):
+    _write(shards / "wiki_books_3.txt", "LOUD Words, Here!\n\n--- *** ---\n")
+    config, _ = _packed_setup(shards, tmp_path, lowercase=True, strip_punctuation=True, validation_fraction=0.0)
+    directory = str(tmp_path / "run" / "tokenizer")
+    tokenizer = data.build_tokenizer(config, directory)
+    assert tokenizer.normalization == tk.Normalization(lowercase=True, strip_punctuation=True)
+    assert tokenizer.normalization == data.text_normalization(config)
+    # Trained on normalised text: no capitals, no punctuation in the vocabulary.
+    assert not any(c.isupper() or c in ",.:!-*" for c in tokenizer.characters)
+    stream = data.tokenize_corpus(config, tokenizer, "train")
+    documents = [d for d in corpora.iter_documents(config, "train") if set(d) - set("-* \n")]
+    assert len(stream.document_ends) == len(documents)  # "--- *** ---" is blank once stripped
+    expected = tokenizer.tokenize(tf.constant(documents))  # in-graph normalisation
+    np.testing.assert_array_equal(stream.tokens[: stream.document_ends[0] - 1], expected[0].numpy())
+    assert data.build_tokenizer(config, directory).fingerprint == tokenizer.fingerprint
+    with pytest.raises(ValueError, match="lowercase=True, strip_punctuation=True but data.lowercase = False"):
+        data.build_tokenizer(dataclass_replace(config, lowercase=False, strip_punctuation=False), directory)
+    # A tokenizer.json from before the normalisation was saved: the error says what to add.
+    saved = pathlib.Path(directory) / tk.CONFIG_FILENAME
+    legacy = {k: v for k, v in json.loads(saved.read_text()).items() if k != "normalization"}
+    saved.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match='add "normalization": {"lowercase": true, "strip_punctuation": true}'):
+        data.build_tokenizer(config, directory)
 
 
 def test_bad_text_inputs(tmp_path):
@@ -289,9 +205,7 @@ def test_bad_text_inputs(tmp_path):
 
 
 def _char(text):
-    from kgpt.tokenizer import train_characters
-
-    return train_characters([text])
+    return tk.train_characters([text])
 
 
 SHARED_DATA = pathlib.Path(
@@ -314,10 +228,7 @@ def test_real_corpora(tmp_path):
     wikitext = _config(tmp_path, corpus="wikitext2", dir=str(SHARED_DATA), tokenizer="bpe", vocabulary_size=2000)
     articles = list(corpora.iter_documents(wikitext, "validation"))
     assert len(articles) == 60 and all(a.startswith(" = ") for a in articles)
-    from kgpt.tokenizer import train_bpe
-    import tensorflow as tf
-
-    bpe = train_bpe(articles, 2000)
+    bpe = tk.train_bpe(articles, 2000)
     sample = articles[:8] + list(corpora.iter_documents(wikitext, "test"))[:8]
     assert bpe.tokenize(tf.constant(sample)).to_list() == [r.tolist() for r in bpe.encode_documents(sample)]
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from kgpt.cli import main
-from kgpt.data import DataConfig, build_tokenizer
+from kgpt.config import DataConfig
+from kgpt.data import build_tokenizer
 from kgpt.evaluate import (
     Evaluation, evaluate_runs, format_table, keras_scorer, score_stream, sliding_windows,
 )

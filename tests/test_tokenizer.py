@@ -173,9 +173,154 @@ def test_tiktoken_missing_is_a_clear_error(monkeypatch):
         tk.TiktokenTokenizer("gpt2")
 
 
+UNICODE_SAMPLE = [
+    "ROMEO: Don't stop! well-made, $19.99 <b>x</b> 50% off... «quotes» ¿qué? ¡sí!",
+    "ΟΔΟΣ Σ AΣb İstanbul ǅemal Straße ÀÉÎ ＡＢＣ Ⅻ ⓐⒶ",
+    "日本語のテキスト、句読点。「括弧」 русский — тире – dash · middot",
+    "emoji 😀🎉 ✓ ™ © ° ± × ÷ → ← ♥ ♪ ¢ £ ¥ € ₹ ^ ` ~ | \\ @ # & * _ + = § ¶",
+    "specials<|endoftext|>AFTER <|endoftext|>",
+    "nul\x00INSIDE",
+    "",
+    "   Trailing SPACE ",
+]
+
+
+@pytest.mark.parametrize(
+    "normalization",
+    [tk.Normalization(lowercase=True), tk.Normalization(strip_punctuation=True),
+     tk.Normalization(lowercase=True, strip_punctuation=True)],
+    ids=["lowercase", "strip_punctuation", "both"],
+)
+def test_normalization_in_graph_equals_python(normalization):
+    expected = [normalization.normalize(t).encode("utf-8") for t in UNICODE_SAMPLE]
+    graph = tf.function(normalization.normalize_tensor)(tf.constant(UNICODE_SAMPLE)).numpy().tolist()
+    assert graph == expected
+    assert normalization.normalize_tensor(tf.constant(UNICODE_SAMPLE)).numpy().tolist() == expected
+    # The special token and NUL survive; the text around them is normalised.
+    assert expected[4].count(tk.END_OF_TEXT.encode()) == 2 and b"\x00" in expected[5]
+
+
+def test_strip_punctuation_replaces_punctuation_and_symbols_with_spaces():
+    strip = tk.Normalization(strip_punctuation=True)
+    cases = {
+        "well-made": "well made",
+        "Don't stop!": "Don t stop ",
+        "$5 <b>": " 5  b ",
+        "日本、語。": "日本 語 ",
+        "a\u00a0b\tc": "a\u00a0b\tc",  # whitespace, letters and controls are kept
+    }
+    assert {text: strip.normalize(text) for text in cases} == cases
+    graph = tf.function(strip.normalize_tensor)(tf.constant(list(cases))).numpy().tolist()
+    assert [g.decode("utf-8") for g in graph] == list(cases.values())
+    both = tk.Normalization(lowercase=True, strip_punctuation=True)
+    assert both.normalize("Don't STOP!") == "don t stop "
+    assert tk.Normalization().identity and not both.identity
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_lowercase_tokenizer_gives_same_ids_for_any_case(kind):
+    lowercase = tk.Normalization(lowercase=True)
+    texts = ["romeo and juliet, said ROMEO.", "Romeo!"] * 3
+    if kind == "char":
+        tokenizer = tk.train_characters(texts, normalization=lowercase)
+        assert tokenizer.characters == tokenizer.characters.lower()  # trained on normalised text
+    else:
+        tokenizer = tk.train_bpe(texts, vocabulary_size=300, normalization=lowercase)
+    upper, lower = tokenizer.tokenize(tf.constant(["ROMEO", "romeo"])).to_list()
+    assert upper == lower
+    if kind == "char":  # (eager BPE already runs as a tf.function; a second trace costs ~20 s)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def in_graph(strings):
+            return tokenizer.tokenize(strings).to_tensor(-1)
+
+        graph_upper, graph_lower = in_graph(tf.constant(["ROMEO", "romeo"])).numpy().tolist()
+        assert graph_upper == graph_lower == lower
+    assert [r.tolist() for r in tokenizer.encode_documents(["ROMEO", "RoMeO"])] == [lower, lower]
+    plain = tk.train_characters(texts) if kind == "char" else tk.train_bpe(texts, vocabulary_size=300)
+    assert plain.tokenize("ROMEO").numpy().tolist() != plain.tokenize("romeo").numpy().tolist()
+
+
+def test_normalised_tokenizers_encode_documents_equal_tokenize_on_unicode():
+    both = tk.Normalization(lowercase=True, strip_punctuation=True)
+    for tokenizer in (
+        tk.train_characters(TRAINING_TEXT + UNICODE_SAMPLE, normalization=both),
+        tk.train_bpe(TRAINING_TEXT + UNICODE_SAMPLE, vocabulary_size=320, normalization=both),
+    ):
+        # (In-graph BPE word splitting stops at a NUL byte, normalised or not: not compared.)
+        sample = UNICODE_SAMPLE if tokenizer.kind == "char" else [t for t in UNICODE_SAMPLE if "\x00" not in t]
+        in_graph = tokenizer.tokenize(tf.constant(sample)).to_list()
+        assert [r.tolist() for r in tokenizer.encode_documents(sample)] == in_graph
+        if tokenizer.kind == "bpe":  # the special token is still matched after normalisation
+            assert in_graph[4].count(tokenizer.end_of_text_id) == 2
+
+
+def test_normalization_is_saved_fingerprinted_and_legacy_files_have_none(tmp_path):
+    both = tk.Normalization(lowercase=True, strip_punctuation=True)
+    plain = tk.train_characters(["hello world"])
+    normalized = tk.CharacterTokenizer(plain.characters, normalization=both)
+    assert normalized.fingerprint != plain.fingerprint
+    normalized.save(tmp_path / "n")
+    saved = json.loads((tmp_path / "n" / tk.CONFIG_FILENAME).read_text())
+    assert saved["normalization"] == {"lowercase": True, "strip_punctuation": True}
+    loaded = tk.load_tokenizer(str(tmp_path / "n"))
+    assert loaded.normalization == both and loaded.fingerprint == normalized.fingerprint
+    assert loaded.tokenize("HELLO, world").numpy().tolist() == plain.tokenize("hello  world").numpy().tolist()
+    # A tokenizer.json written before the normalisation was saved: no normalisation.
+    del saved["normalization"]
+    saved["format_version"] = 1
+    (tmp_path / "n" / tk.CONFIG_FILENAME).write_text(json.dumps(saved))
+    assert tk.load_tokenizer(str(tmp_path / "n")).normalization == tk.Normalization()
+    saved["normalization"] = {"lowercase": True, "casefold": True}
+    (tmp_path / "n" / tk.CONFIG_FILENAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"unknown normalization keys \['casefold'\]"):
+        tk.load_tokenizer(str(tmp_path / "n"))
+    saved["normalization"], saved["format_version"] = {"lowercase": "yes"}, 1
+    (tmp_path / "n" / tk.CONFIG_FILENAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="lowercase='yes' must be true or false"):
+        tk.load_tokenizer(str(tmp_path / "n"))
+    saved["format_version"] = tk.FORMAT_VERSION + 1
+    (tmp_path / "n" / tk.CONFIG_FILENAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="written by a newer kgpt"):
+        tk.load_tokenizer(str(tmp_path / "n"))
+
+
+def test_kind_registry_flags_on_kinds_and_instances(bpe, tmp_path):
+    assert tk.TOKENIZER_NAMES == ("bpe", "gpt2", "char", "tiktoken:NAME")
+    flags = {
+        name: (kind.graph_compatible, kind.has_bpe_files, kind.trained_on_corpus, kind.needs_tokenizer_path)
+        for name, kind in tk.TOKENIZER_KINDS.items()
+    }
+    assert flags == {
+        "bpe": (True, True, True, False),
+        "gpt2": (True, True, False, True),
+        "char": (True, False, True, False),
+        "tiktoken": (False, False, False, False),
+    }
+    assert tk.tokenizer_kind("tiktoken:o200k_base") is tk.TOKENIZER_KINDS["tiktoken"]
+    assert bpe.graph_compatible and bpe.has_bpe_files and bpe.trained_on_corpus and not bpe.needs_tokenizer_path
+    chars = tk.make_tokenizer("char", documents=["abc"])
+    assert chars.graph_compatible and not chars.has_bpe_files and chars.kind_spec is tk.TOKENIZER_KINDS["char"]
+    bpe.save(tmp_path / "gpt2")  # a folder with vocab.json + merges.txt, as GPT-2's
+    (tmp_path / "gpt2" / tk.CONFIG_FILENAME).unlink()
+    gpt2 = tk.make_tokenizer("gpt2", path=str(tmp_path / "gpt2"), normalization=tk.Normalization(lowercase=True))
+    assert gpt2.kind == "gpt2" and gpt2.needs_tokenizer_path and gpt2.has_bpe_files
+    assert gpt2.tokenize("HELLO").numpy().tolist() == bpe.tokenize("hello").numpy().tolist()
+    with pytest.raises(ValueError, match=r"Unknown tokenizer='chars'\. Did you mean 'char'\?"):
+        tk.tokenizer_kind("chars")
+    with pytest.raises(ValueError, match="needs a tiktoken encoding name"):
+        tk.tokenizer_kind("tiktoken:")
+    with pytest.raises(ValueError, match="set data.tokenizer_path"):
+        tk.make_tokenizer("gpt2")
+    with pytest.raises(ValueError, match="pass documents"):
+        tk.make_tokenizer("bpe", vocabulary_size=300)
+
+
 @pytest.mark.export
 def test_tokenizers_export_in_a_saved_model(bpe, tmp_path):
-    for name, tokenizer in [("bpe", bpe), ("char", tk.train_characters(TRAINING_TEXT))]:
+    both = tk.Normalization(lowercase=True, strip_punctuation=True)
+    normalized = tk.train_characters(TRAINING_TEXT, normalization=both)
+    for name, tokenizer in [("bpe", bpe), ("char", tk.train_characters(TRAINING_TEXT)), ("normalized", normalized)]:
 
         class Serving(tf.Module):
             def __init__(self, tokenizer):
@@ -194,3 +339,8 @@ def test_tokenizers_export_in_a_saved_model(bpe, tmp_path):
         np.testing.assert_array_equal(outputs["ids"].numpy(), expected.numpy())
         in_process = tokenizer.detokenize(tokenizer.tokenize(tf.constant(VARIED_TEXT[:6])))
         assert outputs["text"].numpy().tolist() == in_process.numpy().tolist()
+    # The SavedModel normalises as the Python path does: the server gets the normalisation.
+    loaded = tf.saved_model.load(str(tmp_path / "normalized"))
+    served = loaded.round_trip(tf.constant(["ROMEO, it's", "romeo  it s"]))["ids"].numpy()
+    np.testing.assert_array_equal(served[0], served[1])
+    assert served[0].tolist() == normalized.encode_documents(["ROMEO, it's"])[0].tolist()
