@@ -16,6 +16,7 @@ import warnings
 import keras
 import numpy as np
 
+from kgpt import keras_compat
 from kgpt.saving import save_model
 
 BACKUP_METADATA = "training_metadata.json"
@@ -101,10 +102,11 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
     def _load_model(self):
         super()._load_model()
-        if os.path.exists(self._weights_path):
+        if os.path.exists(keras_compat.backup_weights_path(self)):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            self.model._initial_epoch = step // self.steps_per_epoch
-            self.val_losses = completed_val_losses(self.backup_dir)[: self.model._initial_epoch]
+            epoch = step // self.steps_per_epoch
+            keras_compat.set_initial_epoch(self.model, epoch)
+            self.val_losses = completed_val_losses(self.backup_dir)[:epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
@@ -115,18 +117,20 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         _replace_atomically(
-            lambda path: self.model.save_weights(path, overwrite=True), self._weights_path
+            lambda path: self.model.save_weights(path, overwrite=True),
+            keras_compat.backup_weights_path(self),
         )
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         metadata = {
-            "epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses
+            "epoch": keras_compat.backup_epoch(self), "batch": 0, "step": step,
+            "val_loss": self.val_losses,
         }
 
         def write(path):
             with open(path, "w") as f:
                 json.dump(metadata, f)
 
-        _replace_atomically(write, self._training_metadata_path)
+        _replace_atomically(write, keras_compat.backup_metadata_path(self))
 
 
 class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -148,7 +152,7 @@ class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
         )
 
     def _save_model(self, epoch, batch, logs):
-        if self._should_save_model(epoch, batch, logs, self.filepath):
+        if keras_compat.checkpoint_should_save(self, epoch, batch, logs):
             save_model(self.model, self.filepath)
 
 
@@ -233,8 +237,7 @@ class ThroughputLogger(keras.callbacks.Callback):
         self.tokens_per_step = tokens_per_step
 
     def _learning_rate(self):
-        optimizer = self.model.optimizer
-        return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
+        return keras_compat.current_learning_rate(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
