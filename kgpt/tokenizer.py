@@ -364,6 +364,10 @@ def load_gpt2_tokenizer(directory):
 
     Returns:
         A `BytePairTokenizer` of kind `"gpt2"` (50,257 ids; padding = `<|endoftext|>`).
+
+    Raises:
+        FileNotFoundError: when either file is missing.
+        ValueError: when `merges.txt` holds no merge rules.
     """
     names = [VOCABULARY_FILENAME, "encoder.json"]
     vocabulary_path = next(
@@ -380,6 +384,11 @@ def load_gpt2_tokenizer(directory):
         vocabulary = json.load(file)
     with open(merges_path, encoding="utf-8") as file:
         merges = [line.rstrip("\n") for line in file]
+    if not any(m and not m.startswith("#version") for m in merges):
+        raise ValueError(
+            f"{merges_path} has no merge rules (GPT-2's has 50,000 lines such as 'Ġ t'); the "
+            "file is empty or truncated. Download merges.txt again."
+        )
     return BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None)
 
 
