@@ -24,14 +24,21 @@ import sys
 import tempfile
 
 # Lines TensorFlow's start-up writes that nobody can act on; each is matched in full.
-KNOWN_NOISE = (
-    # absl, before anything initialises its logging.
-    re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
-    # No CUDA driver library on this machine: TensorFlow runs on the CPU, as intended.
-    re.compile(rb".*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\."),
-    # Which CPU instructions this TensorFlow build leaves unused (two lines).
-    re.compile(rb".*cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions.*"),
-    re.compile(rb"To enable the following instructions: .*, in other operations, rebuild TensorFlow with the appropriate compiler flags\."),
+KNOWN_NOISE = tuple(
+    re.compile(pattern)
+    for pattern in (
+        # absl, before anything initialises its logging.
+        (rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+         rb"STDERR"),
+        # No CUDA driver library on this machine: TensorFlow runs on the CPU, as intended.
+        (rb".*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be "
+         rb"used\."),
+        # Which CPU instructions this TensorFlow build leaves unused (two lines).
+        (rb".*cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available "
+         rb"CPU instructions.*"),
+        (rb"To enable the following instructions: .*, in other operations, rebuild TensorFlow with "
+         rb"the appropriate compiler flags\."),
+    )
 )
 # Dropped only where no CUDA driver library can be loaded (see `cuda_driver_installed`).
 CUDA_INIT_FAILURE = re.compile(rb".*cuda_platform\.cc:\d+\] failed call to cuInit: .*")

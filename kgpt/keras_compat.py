@@ -21,6 +21,7 @@ pyproject.toml admits keras >= 3.10 and keras-hub >= 0.20, where the guards are 
 
 import inspect
 import types
+from importlib import metadata
 
 import keras
 
@@ -54,10 +55,8 @@ CALLED_METHODS = {
 def _versions():
     installed = [f"Keras {keras.__version__}"]
     try:
-        from importlib.metadata import version
-
-        installed.append(f"keras-hub {version('keras-hub')}")
-    except Exception:  # keras-hub not installed: nothing to name
+        installed.append(f"keras-hub {metadata.version('keras-hub')}")
+    except metadata.PackageNotFoundError:  # keras-hub not installed: nothing to name
         pass
     return ", ".join(installed)
 

@@ -148,13 +148,13 @@ def _kgpt_without_root_override(argv, cwd):
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else None
-        if drop is None or subprocess.run([*drop, "true"], capture_output=True).returncode:
+        if drop is None or subprocess.run([*drop, "true"], capture_output=True, check=False).returncode:
             pytest.skip("running as root, which writes to read-only folders; setpriv cannot drop that")
         prefix = drop
     env = {**os.environ, "PYTHONPATH": REPOSITORY}
     return subprocess.run(
         [*prefix, sys.executable, "-m", "kgpt", *argv],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=env, check=False,
     )
 
 
@@ -229,7 +229,7 @@ NOISE = ("cuInit", "Could not find cuda drivers", "cpu_feature_guard", "absl::In
 def _kgpt(argv, cwd, **env):
     return subprocess.run(
         [sys.executable, "-m", "kgpt", *argv], capture_output=True, text=True, timeout=300,
-        cwd=cwd, env={**os.environ, "PYTHONPATH": REPOSITORY, **env},
+        cwd=cwd, env={**os.environ, "PYTHONPATH": REPOSITORY, **env}, check=False,
     )
 
 
@@ -237,7 +237,7 @@ def test_commands_print_no_tensorflow_start_up_noise(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
         [sys.executable, "-m", "kgpt", "build", "m.keras", *TINY], capture_output=True, text=True,
-        timeout=300, cwd=tmp_path, env={**env, "PYTHONPATH": REPOSITORY},
+        timeout=300, cwd=tmp_path, env={**env, "PYTHONPATH": REPOSITORY}, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert not [word for word in NOISE if word in result.stderr], result.stderr
@@ -260,6 +260,6 @@ def test_import_kgpt_cli_does_not_import_tensorflow():
     code = "import sys, kgpt, kgpt.cli; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": REPOSITORY},
+        env={**os.environ, "PYTHONPATH": REPOSITORY}, check=False,
     )
     assert result.stdout.strip() == "False", result.stderr

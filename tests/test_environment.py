@@ -9,22 +9,22 @@ from kgpt import environment
 
 # Lines as TensorFlow 2.20 prints them on a CPU-only machine.
 CUINIT = (
-    b"2026-11-29 22:46:26.408645: E external/local_xla/xla/stream_executor/cuda/cuda_platform.cc:51] "
-    b"failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+    b"2026-11-29 22:46:26.408645: E external/local_xla/xla/stream_executor/cuda/"
+    b"cuda_platform.cc:51] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
 )
 NOISE = [
-    b"2026-11-29 22:47:12.624419: I external/local_xla/xla/tsl/cuda/cudart_stub.cc:31] Could not "
-    b"find cuda drivers on your machine, GPU will not be used.\n",
-    b"2026-11-29 22:47:12.811438: I tensorflow/core/platform/cpu_feature_guard.cc:210] This "
-    b"TensorFlow binary is optimized to use available CPU instructions in performance-critical "
-    b"operations.\n",
-    b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with "
-    b"the appropriate compiler flags.\n",
+    (b"2026-11-29 22:47:12.624419: I external/local_xla/xla/tsl/cuda/cudart_stub.cc:31] Could "
+     b"not find cuda drivers on your machine, GPU will not be used.\n"),
+    (b"2026-11-29 22:47:12.811438: I tensorflow/core/platform/cpu_feature_guard.cc:210] This "
+     b"TensorFlow binary is optimized to use available CPU instructions in performance-critical "
+     b"operations.\n"),
+    (b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow "
+     b"with the appropriate compiler flags.\n"),
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
 ]
 REAL = [
-    b"2026-11-29 22:47:12.811438: E tensorflow/core/framework/op_kernel.cc:1830] OP_REQUIRES "
-    b"failed at save_restore_v2_ops.cc:109 : PERMISSION_DENIED: /runs/a; Permission denied\n",
+    (b"2026-11-29 22:47:12.811438: E tensorflow/core/framework/op_kernel.cc:1830] OP_REQUIRES "
+     b"failed at save_restore_v2_ops.cc:109 : PERMISSION_DENIED: /runs/a; Permission denied\n"),
     b"Traceback (most recent call last):\n",
     b"kgpt train: error: File exists: '/runs/a'\n",
 ]
@@ -51,10 +51,9 @@ def test_filtered_stderr_writes_back_everything_but_the_noise(capfd, monkeypatch
 
 
 def test_filtered_stderr_restores_stderr_after_an_error(capfd):
-    with pytest.raises(ImportError, match="no such module"):
-        with environment.filtered_stderr():
-            os.write(2, REAL[2])
-            raise ImportError("no such module")
+    with pytest.raises(ImportError, match="no such module"), environment.filtered_stderr():
+        os.write(2, REAL[2])
+        raise ImportError("no such module")
     os.write(2, b"after\n")
     assert capfd.readouterr().err.encode() == REAL[2] + b"after\n"
 
