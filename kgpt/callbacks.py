@@ -15,7 +15,7 @@ import warnings
 import keras
 import numpy as np
 
-from kgpt import files
+from kgpt import files, keras_compat
 from kgpt.generate import Generator
 from kgpt.rundir import BACKUP_METADATA
 from kgpt.saving import load_model, save_model
@@ -48,11 +48,12 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
     def _load_model(self):
         super()._load_model()
-        if os.path.exists(self._weights_path):
+        if os.path.exists(keras_compat.backup_weights_path(self)):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            self.model._initial_epoch = step // self.steps_per_epoch
+            epoch = step // self.steps_per_epoch
+            keras_compat.set_initial_epoch(self.model, epoch)
             metadata = _read_json(os.path.join(self.backup_dir, BACKUP_METADATA))
-            self.val_losses = [float(v) for v in metadata.get("val_loss", [])][: self.model._initial_epoch]
+            self.val_losses = [float(v) for v in metadata.get("val_loss", [])][:epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
@@ -61,13 +62,14 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         super().on_epoch_end(epoch, logs)
 
     def _save_model(self):
-        with files.atomic_file(self._weights_path) as temporary:
+        with files.atomic_file(keras_compat.backup_weights_path(self)) as temporary:
             self.model.save_weights(temporary, overwrite=True)
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         metadata = {
-            "epoch": self._current_epoch, "batch": 0, "step": step, "val_loss": self.val_losses
+            "epoch": keras_compat.backup_epoch(self), "batch": 0, "step": step,
+            "val_loss": self.val_losses,
         }
-        with files.atomic_file(self._training_metadata_path) as temporary:
+        with files.atomic_file(keras_compat.backup_metadata_path(self)) as temporary:
             with open(temporary, "w") as f:
                 json.dump(metadata, f)
 
@@ -91,7 +93,7 @@ class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
         )
 
     def _save_model(self, epoch, batch, logs):
-        if self._should_save_model(epoch, batch, logs, self.filepath):
+        if keras_compat.checkpoint_should_save(self, epoch, batch, logs):
             save_model(self.model, self.filepath)
 
 
@@ -174,8 +176,7 @@ class ThroughputLogger(keras.callbacks.Callback):
         self.tokens_per_step = tokens_per_step
 
     def _learning_rate(self):
-        optimizer = self.model.optimizer
-        return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
+        return keras_compat.current_learning_rate(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()

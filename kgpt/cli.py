@@ -1,12 +1,16 @@
 """The `kgpt` command line: argparse subcommands that parse arguments and call library functions.
 
-User errors (`ValueError`, `FileNotFoundError`) become one line on stderr and exit code 2.
+User errors (`ValueError`, and any `OSError`: a missing, unwritable or misplaced path) become
+one line on stderr and exit code 2.
 TensorFlow is imported lazily, inside the commands, so `kgpt --help` stays fast.
 """
 
 import argparse
+import errno
 import os
 import sys
+
+from kgpt import environment
 
 
 class UsageError(ValueError):
@@ -14,11 +18,8 @@ class UsageError(ValueError):
 
 
 def _configure_environment():
-    # Must happen before TensorFlow is imported; the user's own settings win. oneDNN's custom
-    # ops are off by default on CPUs without AVX-512; on the AVX2 machines we measured they make
-    # a training step ~30% faster (with float32 rounding differences).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    # Before TensorFlow is imported: its settings, and a first import without its start-up noise.
+    environment.configure()
 
 
 def _add_recipe_arguments(parser, default_run_dir):
@@ -435,14 +436,58 @@ def _run_info(args):
     print(describe_model(load_model(args.path)))
 
 
+# What to do about the operating-system errors a user can cause with a path they gave.
+_OS_ERROR_FIXES = {
+    errno.EEXIST: "something is already there; choose another path or remove it",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder where a file is expected; pass a file",
+    errno.EACCES: "choose a location you can write to, or change its permissions",
+    errno.EPERM: "choose a location you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.ENOSPC: "the disk is full; free some space or choose another location",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another location",
+}
+
+
+def describe_os_error(error):
+    """One line for an `OSError`: what failed, on which path, and what to do about it.
+
+    Args:
+        error: an `OSError`; one that kgpt raised with its own message is returned as it is.
+
+    Returns:
+        A string, e.g. `"Permission denied: 'runs/a' (choose a location you can write to, ...)"`.
+    """
+    if error.errno is None or not error.strerror:
+        return str(error)
+    paths = [repr(p) for p in (error.filename, error.filename2) if p is not None]
+    text = f"{error.strerror}: {' -> '.join(paths)}" if paths else error.strerror
+    fix = _OS_ERROR_FIXES.get(error.errno)
+    return f"{text} ({fix})" if fix else text
+
+
 def main(argv=None):
-    """Entry point of the `kgpt` console script; returns the process exit code."""
+    """Entry point of the `kgpt` console script; returns the process exit code.
+
+    User errors (`ValueError`, any `OSError` such as a missing, unwritable or misplaced path)
+    print one line, `kgpt COMMAND: error: ...`, on stderr and return 2; a training run stopped by
+    a NaN loss returns 1. Other exceptions are bugs and keep their traceback.
+
+    Args:
+        argv: the arguments after `kgpt` (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit code: 0, 1 or 2 (argparse exits with 2 itself on a malformed command line).
+    """
     _configure_environment()
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+    except OSError as error:
+        print(f"kgpt {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except ValueError as error:
         print(f"kgpt {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped:

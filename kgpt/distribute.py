@@ -9,6 +9,9 @@ Two fixes live here, each limited to what Keras gets wrong today (Keras 3.15, TF
   `_maybe_symbolic_build` reduces a nest of per-replica batches with `strategy.reduce`, which
   only takes single values across workers, and the step logs (scalars) are then reduced along
   axis 0. `enable_multi_worker_fit` rebinds those methods on one model instance.
+
+The private Keras and tf.distribute attributes both fixes rely on are reached through
+`kgpt.keras_compat`.
 """
 
 import os
@@ -16,6 +19,8 @@ import types
 
 import keras
 import tensorflow as tf
+
+from kgpt import keras_compat
 
 
 def make_strategy(name):
@@ -42,7 +47,7 @@ def is_multi_worker(strategy):
     """True for a MultiWorkerMirroredStrategy that spans more than one worker."""
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    ) and keras_compat.in_multi_worker_mode(strategy)
 
 
 def worker_index(strategy):
@@ -62,7 +67,8 @@ def _replicas():
 class AdamW(keras.optimizers.AdamW):
     """Keras' AdamW with global-norm clipping applied after the cross-replica gradient sum.
 
-    On one device it is exactly `keras.optimizers.AdamW`.
+    On one device it is exactly `keras.optimizers.AdamW`. Both methods override private Keras
+    methods; `kgpt.keras_compat.OVERRIDDEN_METHODS` lists them and checks them on import.
     """
 
     def _clip_gradients(self, grads):
@@ -89,12 +95,12 @@ def _first_local_replica(value):
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras only needs an example batch's shapes and dtypes here; take this worker's first
     # replica's batch instead of reducing the whole (x, y) nest across workers.
-    if iterator is not None and self._distribute_strategy is not None:
+    if iterator is not None and keras_compat.distribute_strategy(self) is not None:
         for _, _, step_iterator in iterator:
             data_batch = keras.tree.map_structure(_first_local_replica, next(step_iterator))
             break
         iterator = None
-    return type(self)._maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
+    return keras_compat.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
 
 def _as_vectors(logs):
@@ -120,12 +126,7 @@ def enable_multi_worker_fit(model):
     Returns:
         `model`.
     """
-    if not hasattr(type(model), "_maybe_symbolic_build"):
-        raise RuntimeError(
-            f"Keras {keras.__version__} has no Model._maybe_symbolic_build; kgpt's workaround "
-            "for keras-team/keras#20585 needs updating for this Keras version."
-        )
-    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
+    keras_compat.replace_symbolic_build(model, _maybe_symbolic_build)
     model.train_step = types.MethodType(_train_step, model)
     model.test_step = types.MethodType(_test_step, model)
     return model

@@ -57,6 +57,7 @@ import unicodedata
 import numpy as np
 import tensorflow as tf
 
+from kgpt import keras_compat
 from kgpt.files import atomic_file
 
 END_OF_TEXT = "<|endoftext|>"
@@ -423,8 +424,6 @@ class BytePairTokenizer(Tokenizer):
 
     def __init__(self, vocabulary, merges, kind="bpe", padding=PADDING, normalization=None, name=None):
         super().__init__(normalization=normalization, name=name)
-        import keras_hub
-
         merges = [m for m in merges if m and not m.startswith("#version")]
         for token in [END_OF_TEXT] + ([padding] if padding else []):
             if token not in vocabulary:
@@ -440,13 +439,7 @@ class BytePairTokenizer(Tokenizer):
         self.vocabulary_size = max(vocabulary.values()) + 1
         self.end_of_text_id = vocabulary[END_OF_TEXT]
         self.padding_id = vocabulary[padding] if padding else self.end_of_text_id
-        self._layer = keras_hub.tokenizers.BytePairTokenizer(
-            vocabulary=dict(vocabulary),
-            merges=list(merges),
-            unsplittable_tokens=[END_OF_TEXT],
-            dtype="int32",
-            _allow_python_workflow=False,
-        )
+        self._layer = keras_compat.graph_byte_pair_layer(vocabulary, merges, [END_OF_TEXT])
         self._fast = None
         self._build_functions()
 
@@ -462,19 +455,19 @@ class BytePairTokenizer(Tokenizer):
 
     def _tokenize(self, strings):
         layer = self._layer
-        if not all(hasattr(layer, a) for a in ("cache", "token_to_id_map", "_bpe_merge_and_update_cache_tf")):
+        if not keras_compat.has_byte_pair_internals(layer):
             return tf.cast(layer.tokenize(strings), tf.int32)  # other keras-hub: its own split
         words = split_words(strings)  # (batch, words)
         flat = words.flat_values
-        cached = layer.cache.lookup(flat)
+        cached = keras_compat.byte_pair_cache(layer).lookup(flat)
         unseen = tf.equal(cached, "")
 
         def merge_unseen():
-            layer._bpe_merge_and_update_cache_tf(tf.boolean_mask(flat, unseen))
-            return layer.cache.lookup(flat)
+            keras_compat.byte_pair_merge_into_cache(layer, tf.boolean_mask(flat, unseen))
+            return keras_compat.byte_pair_cache(layer).lookup(flat)
 
         merged = tf.cond(tf.reduce_any(unseen), merge_unseen, lambda: cached)
-        ids = layer.token_to_id_map.lookup(tf.strings.split(merged, sep=" "))  # (words, pieces)
+        ids = keras_compat.byte_pair_token_to_id(layer).lookup(tf.strings.split(merged, sep=" "))  # (words, pieces)
         return tf.RaggedTensor.from_row_splits(
             tf.cast(ids.flat_values, tf.int32), tf.gather(ids.row_splits, words.row_splits)
         )
@@ -569,6 +562,10 @@ def load_gpt2_tokenizer(directory, normalization=None):
 
     Returns:
         A `BytePairTokenizer` of kind `"gpt2"` (50,257 ids; padding = `<|endoftext|>`).
+
+    Raises:
+        FileNotFoundError: when either file is missing.
+        ValueError: when `merges.txt` holds no merge rules.
     """
     names = [VOCABULARY_FILENAME, "encoder.json"]
     vocabulary_path = next(
@@ -585,6 +582,11 @@ def load_gpt2_tokenizer(directory, normalization=None):
         vocabulary = json.load(file)
     with open(merges_path, encoding="utf-8") as file:
         merges = [line.rstrip("\n") for line in file]
+    if not any(m and not m.startswith("#version") for m in merges):
+        raise ValueError(
+            f"{merges_path} has no merge rules (GPT-2's has 50,000 lines such as 'Ġ t'); the "
+            "file is empty or truncated. Download merges.txt again."
+        )
     return BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None, normalization=normalization)
 
 

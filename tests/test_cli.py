@@ -1,11 +1,17 @@
+import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
-from kgpt.cli import main
+import kgpt.cli
+from kgpt.cli import describe_os_error, main
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(kgpt.cli.__file__)))
 
 SUBCOMMANDS = [
     "train", "generate", "export", "serve", "evaluate", "import-gpt2", "baseline", "info", "build",
@@ -86,3 +92,174 @@ def test_build_refuses_to_overwrite(tmp_path, capsys):
     assert main(["build", str(path), *TINY]) == 2
     assert path.read_bytes() == b"keep"
     assert "--force" in capsys.readouterr().err
+
+
+# --- operating-system errors: one line, exit 2 ------------------------------------------------
+
+RECIPE = """
+[model]
+num_layers = 1
+num_heads = 2
+hidden_dim = 16
+
+[data]
+corpus = "text"
+files = ["corpus.txt"]
+tokenizer = "char"
+sequence_length = 16
+validation_fraction = 0.2
+
+[train]
+batch_size = 4
+max_steps = 4
+eval_interval = 2
+eval_steps = 1
+learning_rate = 1e-2
+warmup_steps = 1
+min_learning_rate = 1e-3
+jit_compile = false
+"""
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+def test_run_directory_that_is_a_file(write_toy_recipe, tmp_path, capsys):
+    recipe = str(write_toy_recipe(RECIPE))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(["train", recipe, "--run-dir", str(taken)]) == 2
+    line = _one_line_error(capsys, "kgpt train: error: File exists", repr(str(taken)))
+    assert "choose another path" in line
+    assert main(["train", recipe, "--run-dir", str(taken / "run")]) == 2
+    _one_line_error(capsys, "Not a directory", repr(str(taken / "run")))
+    assert taken.read_text() == "a file"
+
+
+def _kgpt_without_root_override(argv, cwd):
+    """Runs `python -m kgpt argv` where file permissions bind, even when the tests run as root."""
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else None
+        if drop is None or subprocess.run([*drop, "true"], capture_output=True, check=False).returncode:
+            pytest.skip("running as root, which writes to read-only folders; setpriv cannot drop that")
+        prefix = drop
+    env = {**os.environ, "PYTHONPATH": REPOSITORY}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "kgpt", *argv],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=env, check=False,
+    )
+
+
+def test_read_only_run_directory_new_or_resumed(write_toy_recipe, tmp_path, capsys):
+    recipe = str(write_toy_recipe(RECIPE))
+    finished = tmp_path / "finished"
+    assert main(["train", recipe, "--run-dir", str(finished)]) == 0
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path in (finished, empty):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o444)
+            os.chmod(folder, 0o555)
+    try:
+        for run_dir in (empty, finished):
+            result = _kgpt_without_root_override(["train", recipe, "--run-dir", str(run_dir)], tmp_path)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
+            assert len(lines) == 1 and lines[0].startswith("kgpt train: error: Permission denied"), result.stderr
+            assert str(run_dir) in lines[0] and "change its permissions" in lines[0]
+    finally:
+        for path in (finished, empty):
+            for folder, _, _ in os.walk(path):
+                os.chmod(folder, 0o755)
+
+
+def test_import_gpt2_with_an_empty_merges_file(tmp_path, capsys):
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    vocabulary = {chr(0x100 + i): i for i in range(256)}
+    vocabulary["<|endoftext|>"] = 256
+    (hf / "vocab.json").write_text(json.dumps(vocabulary))
+    (hf / "merges.txt").write_text("#version: 0.2\n")
+    assert main(["import-gpt2", str(hf), "--out", str(tmp_path / "run")]) == 2
+    _one_line_error(capsys, "kgpt import-gpt2: error:", str(hf / "merges.txt"), "no merge rules")
+    assert not (tmp_path / "run").exists()
+
+
+def test_any_os_error_is_one_line_and_other_exceptions_keep_their_traceback(monkeypatch, capsys):
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/a/final.keras")
+
+    monkeypatch.setattr(kgpt.cli, "_run_info", disk_full)
+    assert main(["info", "x.keras"]) == 2
+    line = _one_line_error(capsys, "kgpt info: error: No space left on device: '/runs/a/final.keras'")
+    assert "the disk is full" in line
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(kgpt.cli, "_run_info", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["info", "x.keras"])
+
+
+def test_describe_os_error_keeps_kgpts_own_messages():
+    assert describe_os_error(FileNotFoundError("No such model file: m.keras")) == (
+        "No such model file: m.keras"
+    )
+    error = OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")
+    assert describe_os_error(error) == "Invalid cross-device link: '/a' -> '/b'"
+
+
+# --- TensorFlow's start-up noise stays off stderr ---------------------------------------------
+
+NOISE = ("cuInit", "Could not find cuda drivers", "cpu_feature_guard", "absl::InitializeLog")
+
+
+def _kgpt(argv, cwd, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "kgpt", *argv], capture_output=True, text=True, timeout=300,
+        cwd=cwd, env={**os.environ, "PYTHONPATH": REPOSITORY, **env}, check=False,
+    )
+
+
+def test_commands_print_no_tensorflow_start_up_noise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kgpt", "build", "m.keras", *TINY], capture_output=True, text=True,
+        timeout=300, cwd=tmp_path, env={**env, "PYTHONPATH": REPOSITORY}, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not [word for word in NOISE if word in result.stderr], result.stderr
+    # With every TensorFlow log line asked for, only the known noise goes: other INFO stays.
+    result = _kgpt(["info", "m.keras"], tmp_path, TF_CPP_MIN_LOG_LEVEL="0")
+    assert result.returncode == 0 and "Parameters:" in result.stdout, result.stderr
+    assert not [word for word in NOISE if word in result.stderr], result.stderr
+    assert "oneDNN custom operations are on" in result.stderr
+
+
+def test_a_real_error_after_tensorflow_starts_is_still_printed(tmp_path):
+    (tmp_path / "bad.keras").write_text("not a zip")
+    result = _kgpt(["info", "bad.keras"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert len(lines) == 1 and "is not a .keras archive" in lines[0], result.stderr
+
+
+def test_import_kgpt_cli_does_not_import_tensorflow():
+    code = "import sys, kgpt, kgpt.cli; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": REPOSITORY}, check=False,
+    )
+    assert result.stdout.strip() == "False", result.stderr

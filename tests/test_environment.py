@@ -1,0 +1,70 @@
+"""kgpt.environment: TensorFlow's known start-up lines are dropped from stderr, nothing else is."""
+
+import os
+import sys
+
+import pytest
+
+from kgpt import environment
+
+# Lines as TensorFlow 2.20 prints them on a CPU-only machine.
+CUINIT = (
+    b"2026-11-29 22:46:26.408645: E external/local_xla/xla/stream_executor/cuda/"
+    b"cuda_platform.cc:51] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+)
+NOISE = [
+    (b"2026-11-29 22:47:12.624419: I external/local_xla/xla/tsl/cuda/cudart_stub.cc:31] Could "
+     b"not find cuda drivers on your machine, GPU will not be used.\n"),
+    (b"2026-11-29 22:47:12.811438: I tensorflow/core/platform/cpu_feature_guard.cc:210] This "
+     b"TensorFlow binary is optimized to use available CPU instructions in performance-critical "
+     b"operations.\n"),
+    (b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow "
+     b"with the appropriate compiler flags.\n"),
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+]
+REAL = [
+    (b"2026-11-29 22:47:12.811438: E tensorflow/core/framework/op_kernel.cc:1830] OP_REQUIRES "
+     b"failed at save_restore_v2_ops.cc:109 : PERMISSION_DENIED: /runs/a; Permission denied\n"),
+    b"Traceback (most recent call last):\n",
+    b"kgpt train: error: File exists: '/runs/a'\n",
+]
+
+
+def test_known_lines_are_noise_and_others_are_not():
+    assert all(environment.is_noise(line) for line in NOISE)
+    assert not any(environment.is_noise(line) for line in REAL)
+
+
+def test_cuinit_failure_is_noise_only_without_a_driver(monkeypatch):
+    monkeypatch.setattr(environment, "cuda_driver_installed", lambda: False)
+    assert environment.is_noise(CUINIT)
+    monkeypatch.setattr(environment, "cuda_driver_installed", lambda: True)
+    assert not environment.is_noise(CUINIT)  # a driver that fails is a real problem
+
+
+def test_filtered_stderr_writes_back_everything_but_the_noise(capfd, monkeypatch):
+    monkeypatch.setattr(environment, "cuda_driver_installed", lambda: False)
+    with environment.filtered_stderr():
+        for line in [NOISE[0], REAL[0], CUINIT, *NOISE[1:], REAL[1]]:
+            os.write(2, line)
+    assert capfd.readouterr().err.encode() == REAL[0] + REAL[1]
+
+
+def test_filtered_stderr_restores_stderr_after_an_error(capfd):
+    with pytest.raises(ImportError, match="no such module"), environment.filtered_stderr():
+        os.write(2, REAL[2])
+        raise ImportError("no such module")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err.encode() == REAL[2] + b"after\n"
+
+
+def test_quiet_import_is_installed_once_and_only_before_tensorflow(monkeypatch):
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    environment.install_quiet_import()  # TensorFlow is imported in this process: nothing to do
+    assert not any(isinstance(f, environment._QuietTensorFlowFinder) for f in sys.meta_path)
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    environment.install_quiet_import()
+    environment.install_quiet_import()
+    assert sum(isinstance(f, environment._QuietTensorFlowFinder) for f in sys.meta_path) == 1
+    environment.uninstall_quiet_import()
+    assert not any(isinstance(f, environment._QuietTensorFlowFinder) for f in sys.meta_path)
