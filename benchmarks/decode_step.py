@@ -2,7 +2,7 @@
 
 The A/B figures behind RESULTS.md's generation section. One process, one random model of the
 `generate_throughput.py` "small" size (vocabulary 8,192, 6 layers x 384, context 256), greedy
-decoding of a 32-token prompt plus 224 new tokens through `kgpt.generate.Decoder`, with XLA on
+decoding of a 32-token prompt plus 224 new tokens through `kgpt.decoding.Decoder`, with XLA on
 (as `kgpt generate` runs) and off (as the SavedModel runs). Each variant is traced with its own
 `kgpt.layers.update_cache`; the variants are timed in turn, round after round, and the medians
 reported, so a busy machine slows them alike.
@@ -45,8 +45,9 @@ from keras.src.backend.tensorflow import numpy as tf_numpy  # noqa: E402
 from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 
 from kgpt import layers  # noqa: E402
-from kgpt.generate import Decoder  # noqa: E402
+from kgpt.decoding import Decoder  # noqa: E402
 from kgpt.model import GPT, build_model  # noqa: E402
+from kgpt.sampling import SamplingOptions  # noqa: E402
 
 PROMPT_LENGTH = 32
 NEW_TOKENS = 224
@@ -184,7 +185,8 @@ def main():
     model(np.zeros((1, 8), "int32"))
     rng = np.random.default_rng(0)
     ids = rng.integers(1, SIZE["vocabulary_size"], (args.batch_size, PROMPT_LENGTH)).astype("int32")
-    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, 0.0, 0, 1.0, 0)
+    greedy = SamplingOptions().graph_tensors()
+    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, greedy)
 
     variants = args.variants.split(",")
     if args.ablate:

@@ -4,7 +4,7 @@ One process, one model size for all of them (same vocabulary, layers, width, con
 count), greedy decoding of a 32-token prompt plus 224 new tokens (a 256-token
 context), batch 1 and batch 8:
 
-- kgpt: `kgpt.generate.Decoder` (what `kgpt generate RUN_DIR` runs): prefill, then the whole
+- kgpt: `kgpt.decoding.Decoder` (what `kgpt generate RUN_DIR` runs): prefill, then the whole
   key/value-cached decode loop as one XLA-compiled `tf.while_loop`.
 - keras-hub: `GPT2CausalLM.generate` on token ids (`preprocessor=None`, `GreedySampler`,
   `stop_token_ids=None`), twice: as its users run it (`compile()` defaults; Keras' "auto"
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kgpt.export import ServingModule, xla_findings  # noqa: E402
-from kgpt.generate import Decoder  # noqa: E402
+from kgpt.decoding import Decoder  # noqa: E402
 from kgpt.model import build_model, count_parameters  # noqa: E402
 from kgpt.tokenizer import CharacterTokenizer  # noqa: E402
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from kgpt import environment
+from kgpt.sampling import add_sampling_arguments, sampling_from_arguments
 
 
 class UsageError(ValueError):
@@ -68,15 +69,12 @@ def _add_generate(subparsers):
         help="tokens to add per prompt (default: 64, or half the context of a smaller model; "
         "for a SavedModel, the export's default)",
     )
-    parser.add_argument("--temperature", type=float, help="sample at this temperature (> 0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
+    add_sampling_arguments(parser)  # --temperature, --top-k, --top-p, --seed
     parser.add_argument("--beams", type=int, default=1, help="beam search width (1: none)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score exponent")
     parser.add_argument(
         "--num-return-sequences", type=int, default=1, help="continuations per prompt"
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
         "--no-truncate",
         action="store_true",
@@ -371,18 +369,16 @@ def _run_generate(args):
 
     from kgpt.generate import load_generator
 
+    sampling = sampling_from_arguments(args)  # checked before a model is loaded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         texts = load_generator(args.path).generate(
             args.prompt,
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
+            sampling=sampling,
             num_beams=args.beams,
             length_penalty=args.length_penalty,
             num_return_sequences=args.num_return_sequences,
-            seed=args.seed,
             keep_prompt=not args.continuation_only,
             truncate=not args.no_truncate,
         )

@@ -9,6 +9,7 @@ historically asked for every input ("input size does not match signature").
 """
 
 import base64
+import errno
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import tensorflow as tf
 
-from kgpt.generate import saved_model_version_path
+from kgpt.export import saved_model_version_path
 
 _PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 _STATUS = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
@@ -293,6 +294,18 @@ def _handler(server_model):
 def make_server(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
     """Returns a `ThreadingHTTPServer` (not started) serving `model_dir`; `port=0` picks one.
 
+    Args:
+        model_dir: `saved_models/NAME` or one version folder.
+        host, port: the address to listen on.
+        name: the model name in URLs (default: the folder's name).
+        **kwargs: passed to `ModelServer`.
+
+    Returns:
+        The server, its `ModelServer` as `server.model`.
+
+    Raises:
+        ValueError: the port is in use, or the address cannot be bound.
+
     Example:
         server = make_server("saved_models/shakespeare", port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -300,7 +313,18 @@ def make_server(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
         server.shutdown(); server.server_close()
     """
     model = ModelServer(model_dir, name=name, **kwargs)
-    server = ThreadingHTTPServer((host, port), _handler(model))
+    try:
+        server = ThreadingHTTPServer((host, port), _handler(model))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is in use; stop the process that holds it (e.g. another "
+                "kgpt serve or TF Serving) or pass another --port (0 picks a free one)."
+            ) from error
+        raise ValueError(
+            f"Cannot listen on {host}:{port}: {error.strerror or error}; pass another --host or "
+            "--port (ports below 1024 need privileges)."
+        ) from error
     server.daemon_threads = True
     server.model = model
     return server

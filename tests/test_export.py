@@ -4,9 +4,13 @@ The default run checks the serving functions in-process (one tiny random model a
 tokenizer); tests marked `export` write real SavedModels and load them (run with `-m export`).
 """
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 
@@ -15,9 +19,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kgpt import export as export_module
+from kgpt import sampling
+from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.cli import main
-from kgpt.export import ServingModule, export, operations, xla_findings
+from kgpt.export import (
+    ServingModule,
+    export,
+    is_saved_model,
+    operations,
+    publish,
+    saved_model_version_path,
+    version_numbers,
+    xla_findings,
+)
 from kgpt.generate import Generator, SavedModelGenerator, load_generator
+from kgpt.sampling import SamplingOptions, option
 from kgpt.tokenizer import train_bpe, train_characters
 
 SEQUENCE_LENGTH = 32
@@ -102,6 +119,54 @@ def test_generate_refuses_bad_arguments_with_invalid_argument(module, arguments,
 def test_serving_default_refuses_an_empty_prompt_list(module):
     with pytest.raises(tf.errors.InvalidArgumentError, match="prompts is empty"):
         module.serving_default(tf.constant([], tf.string))
+
+
+def test_generate_signature_inputs_are_the_sampling_fields(module):
+    spec = module.generate.input_signature
+    names = [tensor.name for tensor in spec]
+    fields = [field.name for field in dataclasses.fields(SamplingOptions)]
+    assert names == ["prompts", "max_new_tokens", *fields]
+    assert {t.name: t.dtype for t in spec[2:]} == sampling.signature_dtypes()
+    # The Python defaults are what the SignatureDef records (temperature 1: greedy is top_k=1).
+    parameters = inspect.signature(module.generate.python_function).parameters
+    defaults = {name: p.default.numpy().item() for name, p in parameters.items() if name != "prompts"}
+    assert defaults == {"max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MinPOptions(SamplingOptions):
+    min_p: float = option(0.0, "float32", "keep tokens >= min_p x the best one's probability",
+                          minimum=0, maximum=1)
+
+
+def test_a_new_sampling_field_becomes_a_checked_signature_input(run, module, monkeypatch):
+    def keep_min_p(sorted_logits, options):
+        probabilities = tf.nn.softmax(sorted_logits)
+        return tf.where(probabilities >= options["min_p"] * probabilities[:, :1], sorted_logits, -1e30)
+
+    monkeypatch.setitem(sampling.FILTERS, "min_p", keep_min_p)
+    _, model, tokenizer = run
+    extended = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS, sampling_type=MinPOptions)
+    assert [t.name for t in extended.generate.input_signature][-1] == "min_p"
+    prompts = tf.constant(PROMPTS)
+    inputs = dict(prompts=prompts, max_new_tokens=tf.constant(MAX_NEW_TOKENS), **MinPOptions(
+        temperature=1.0, seed=3, min_p=1.0).graph_tensors())
+    # min_p=1 keeps only the best token: sampling at temperature 1 becomes greedy.
+    assert _texts(extended.generate(**inputs)) == _texts(module.serving_default(prompts))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"min_p must be in \[0, 1\]"):
+        extended.generate(**{**inputs, "min_p": tf.constant(1.5)})
+
+
+def test_a_recurrent_model_serves_like_its_generator(run):
+    _, _, tokenizer = run
+    keras.utils.set_random_seed(0)
+    model = RecurrentLanguageModel(
+        vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH, num_layers=1,
+        num_heads=2, hidden_dim=16,
+    )
+    recurrent = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
+    assert _texts(recurrent.serving_default(tf.constant(PROMPTS))) == expected
 
 
 def _log_likelihood(model, ids):
@@ -219,6 +284,90 @@ def test_a_save_that_fails_halfway_leaves_no_version_and_no_temporary_folder(
     assert os.listdir(tmp_path / "tiny") == []
 
 
+def _fake_save(also=None):
+    """A stand-in for tf.saved_model.save writing a tiny folder (with `also()` run first)."""
+
+    def save(module, directory, signatures=None):
+        if also is not None:
+            also()
+        os.makedirs(os.path.join(directory, "variables"))
+        with open(os.path.join(directory, "saved_model.pb"), "wb") as file:
+            file.write(b"new")
+
+    return save
+
+
+def test_a_version_is_readable_by_other_users(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(tf.saved_model, "save", _fake_save())
+    monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
+    previous = os.umask(0o022)
+    try:
+        path = export(run[0], "tiny", base_dir=tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # not mkdtemp's private 0700
+    assert stat.S_IMODE(os.stat(os.path.join(path, "saved_model.pb")).st_mode) == 0o644
+
+
+def test_a_version_another_export_publishes_meanwhile_makes_this_one_take_the_next(
+    run, tmp_path, monkeypatch
+):
+    model_dir = tmp_path / "tiny"
+
+    def concurrent_publish():  # the other export renames its version 1 into place first
+        if not (model_dir / "1").exists():
+            (model_dir / "1").mkdir()
+            (model_dir / "1" / "saved_model.pb").write_bytes(b"other")
+
+    monkeypatch.setattr(tf.saved_model, "save", _fake_save(concurrent_publish))
+    monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
+    assert export(run[0], "tiny", base_dir=tmp_path) == str(model_dir / "2")
+    assert (model_dir / "1" / "saved_model.pb").read_bytes() == b"other"
+    assert (model_dir / "2" / "saved_model.pb").read_bytes() == b"new"
+    assert sorted(os.listdir(model_dir)) == ["1", "2"]
+    # An explicit --version is never moved: it fails, naming the taken version.
+    (model_dir / "1").rename(model_dir / "old")
+    with pytest.raises(ValueError, match="1 already exists; versions are never overwritten"):
+        export(run[0], "tiny", base_dir=tmp_path, version=1)
+    assert sorted(os.listdir(model_dir)) == ["1", "2", "old"]
+
+
+def test_staging_folders_of_killed_exports_are_removed(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(tf.saved_model, "save", _fake_save())
+    monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname().replace("-", "_")
+    model_dir = tmp_path / "tiny"
+    killed = model_dir / f".tmp-{host}-{dead.pid}-abc123-1"
+    running = model_dir / f".tmp-{host}-{os.getppid()}-def456-1"  # a live process's export
+    for folder in (killed, running):
+        (folder / "variables").mkdir(parents=True)
+    assert export(run[0], "tiny", base_dir=tmp_path) == str(model_dir / "1")
+    assert sorted(os.listdir(model_dir)) == sorted(["1", running.name])
+
+
+def test_folder_layout_versions_and_lookup(tmp_path):
+    model_dir = tmp_path / "tiny"
+    assert version_numbers(model_dir) == [] and not is_saved_model(tmp_path)
+    for name in ("1", "10", "2", ".tmp-x-1-y-3", "notes"):
+        (model_dir / name).mkdir(parents=True)
+    assert version_numbers(model_dir) == [1, 2, 10]
+    (model_dir / "2" / "saved_model.pb").write_bytes(b"")
+    (model_dir / "1" / "saved_model.pb").write_bytes(b"")
+    # The highest version holding a SavedModel (10 has none yet).
+    assert saved_model_version_path(model_dir) == str(model_dir / "2")
+    assert saved_model_version_path(model_dir / "1") == str(model_dir / "1")
+    assert is_saved_model(model_dir)
+    with pytest.raises(FileNotFoundError, match="No SavedModel in"):
+        saved_model_version_path(tmp_path)
+
+
+def test_publish_refuses_a_version_below_1(module, tmp_path):
+    with pytest.raises(ValueError, match="version=0 must be a positive integer"):
+        publish(module, tmp_path / "tiny", version=0)
+
+
 def test_cli_export_usage_errors_exit_2(run, tmp_path, capsys):
     base = ["--base-dir", str(tmp_path)]
     cases = [
@@ -308,6 +457,54 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
     for key, value in bad:
         with pytest.raises(tf.errors.InvalidArgumentError):
             signatures["generate"](**{**good, key: value})
+
+
+@pytest.mark.export
+def test_every_file_of_an_export_is_readable_by_other_users(run, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = export(run[0], "tiny", base_dir=str(tmp_path), max_new_tokens=MAX_NEW_TOKENS)
+    finally:
+        os.umask(previous)
+    modes = {}
+    for root, folders, files in os.walk(path):
+        for name in folders + files:
+            full = os.path.join(root, name)
+            modes[os.path.relpath(full, path)] = stat.S_IMODE(os.stat(full).st_mode)
+    modes["."] = stat.S_IMODE(os.stat(path).st_mode)
+    assert "saved_model.pb" in modes and "variables" in modes
+    wrong = {
+        name: oct(mode) for name, mode in modes.items()
+        if mode != (0o755 if os.path.isdir(os.path.join(path, name)) else 0o644)
+    }
+    assert wrong == {}
+
+
+@pytest.mark.export
+def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
+    proto = export_module._read_saved_model(exported[1])
+    signature = proto.meta_graphs[0].signature_def["generate"]
+    fields = [field.name for field in dataclasses.fields(SamplingOptions)]
+    assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields}
+    defaults = {key: tf.make_ndarray(value).item() for key, value in signature.defaults.items()}
+    assert defaults == {"max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults()}
+    for name, dtype in sampling.signature_dtypes().items():
+        assert signature.inputs[name].dtype == dtype.as_datatype_enum
+
+
+@pytest.mark.export
+def test_a_recurrent_model_exports_without_xla(run, tmp_path):
+    _, _, tokenizer = run
+    keras.utils.set_random_seed(0)
+    model = RecurrentLanguageModel(
+        vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH, num_layers=1,
+        num_heads=2, hidden_dim=16,
+    )
+    module = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    path = publish(module, tmp_path / "gru")
+    assert xla_findings(path) == []
+    expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
+    assert SavedModelGenerator(path).generate(PROMPTS, MAX_NEW_TOKENS) == expected
 
 
 # Runs in a fresh interpreter: kgpt and keras-hub cannot be imported at all. TensorFlow (and

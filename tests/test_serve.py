@@ -13,6 +13,7 @@ import threading
 import pytest
 import tensorflow as tf
 
+from kgpt.cli import main
 from kgpt.serve import make_server
 
 
@@ -199,6 +200,16 @@ def test_concurrent_requests_are_bounded(echo_dir):
 def test_a_folder_without_a_saved_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
         make_server(str(tmp_path), port=0)
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(server, echo_dir, capsys):
+    port = server.server_address[1]  # held by the running server
+    assert main(["serve", str(echo_dir), "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"kgpt serve: error: port {port} on 127.0.0.1 is in use;"), error
+    assert error.count("\n") == 1
+    with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use; .* --port"):
+        make_server(str(echo_dir), port=port)
 
 
 @pytest.mark.export
