@@ -206,9 +206,6 @@ class ThroughputLogger(keras.callbacks.Callback):
 class SampleText(keras.callbacks.Callback):
     """Prints a sampled continuation of a prompt at the end of each evaluation interval.
 
-    Only models with the cached decoding path (`call_with_cache`, as `kgpt.model.GPT`) are
-    sampled; for others (the GRU baseline) it says so once and prints nothing.
-
     Args:
         tokenizer: the run's `kgpt.tokenizer.Tokenizer`.
         prompt: the text to continue.
@@ -239,17 +236,6 @@ class SampleText(keras.callbacks.Callback):
                 seed=self.seed, keep_prompt=True,
             )[0]
 
-    def on_train_begin(self, logs=None):
-        if not self._can_sample():
-            print(
-                f"No text samples during training: {type(self.model).__name__} has no cached "
-                "decoding path (call_with_cache).", flush=True,
-            )
-
-    def _can_sample(self):
-        return callable(getattr(self.model, "call_with_cache", None))
-
     def on_epoch_end(self, epoch, logs=None):
-        if self._can_sample():
-            sample = self.sample()
-            print(f"\n--- sample after evaluation {epoch + 1} ---\n{sample}\n---", flush=True)
+        sample = self.sample()
+        print(f"\n--- sample after evaluation {epoch + 1} ---\n{sample}\n---", flush=True)

@@ -216,10 +216,10 @@ def test_gru_baseline_trains_with_the_gpt_pipeline_and_its_loss_falls(recipe_pat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Trained the GRU baseline 30 steps" in out
-    assert "No text samples during training: RecurrentLanguageModel" in out
-    assert "--- sample" not in out
+    assert "--- sample after evaluation 3 ---\nthe" in out  # decoded by recomputation
     with open(os.path.join(run_dir, "config.json")) as f:
-        assert json.load(f)["train"]["sample_prompt"] == "the"  # the recipe as given
+        stored = json.load(f)
+    assert stored["train"]["sample_prompt"] == "the" and stored["model"]["kind"] == "gru"
     for name in ("config.json", "tokenizer", "best.keras", "final.keras", "history.csv"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "history.csv")) as f:
@@ -232,6 +232,16 @@ def test_gru_baseline_trains_with_the_gpt_pipeline_and_its_loss_falls(recipe_pat
     assert float(rows[-1]["val_loss"]) < 0.8 * math.log(model.model_config.vocabulary_size)
     # The schedule is the GPT's: warmup then cosine down to min_learning_rate at the end.
     assert float(rows[-1]["learning_rate"]) == pytest.approx(1e-3, rel=1e-3)
+    # The run directory works with the commands that take a GPT run.
+    assert main(["info", run_dir]) == 0
+    assert "Model: RecurrentLanguageModel" in capsys.readouterr().out
+    assert main(["generate", run_dir, "--prompt", "the", "--max-new-tokens", "6", "--json"]) == 0
+    (text,) = json.loads(capsys.readouterr().out)
+    assert text.startswith("the") and len(text) <= len("the") + 6
+    # `kgpt train` with model.kind=gru is the same run: it resumes it, with nothing left to do.
+    assert main(["train", str(recipe_path), "--run-dir", run_dir, "--set", "model.kind=gru",
+                 "--set", "train.sample_prompt=the"]) == 0
+    assert "Nothing left to train" in capsys.readouterr().out
 
     # kgpt evaluate reads it beside a bigram fitted on the same recipe.
     bigram_dir = str(tmp_path / "bigram")
