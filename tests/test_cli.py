@@ -135,8 +135,7 @@ def test_run_directory_that_is_a_file(write_toy_recipe, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file")
     assert main(["train", recipe, "--run-dir", str(taken)]) == 2
-    line = _one_line_error(capsys, "kgpt train: error: File exists", repr(str(taken)))
-    assert "choose another path" in line
+    _one_line_error(capsys, f"kgpt train: error: {taken} is a file, not a run directory; choose another --run-dir")
     assert main(["train", recipe, "--run-dir", str(taken / "run")]) == 2
     _one_line_error(capsys, "Not a directory", repr(str(taken / "run")))
     assert taken.read_text() == "a file"

@@ -170,13 +170,6 @@ def test_moved_data_resumes_and_the_run_records_the_new_place(recipe_path, tmp_p
         train(load_recipe(recipe_path, overrides + ["data.sequence_length=8"]), run_dir, verbose=0)
 
 
-def test_a_run_directory_that_is_a_file_is_a_one_line_error(recipe_path, tmp_path, capsys):
-    (tmp_path / "run").write_text("not a folder")
-    assert main(["train", str(recipe_path), "--run-dir", str(tmp_path / "run")]) == 2
-    error = capsys.readouterr().err
-    assert "is a file, not a run directory" in error and len(error.strip().splitlines()) == 1
-
-
 def test_a_bigram_run_says_it_has_no_model(tmp_path, capsys):
     (tmp_path / "bigram.json").write_text("{}")
     (tmp_path / "config.json").write_text("{}")
