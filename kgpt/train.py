@@ -66,6 +66,7 @@ def load_matching_tokenizer(source, data, option):
             f"data.tokenizer: recipe {data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "
             f"{option} keeps that run's tokenizer; set {fix}."
         )
+    kdata.check_tokenizer(data, tokenizer, run.tokenizer_dir)  # and its text normalisation
     return tokenizer
 
 
