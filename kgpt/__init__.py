@@ -1,10 +1,8 @@
 """kgpt: GPT-style language models in Keras 3 / TensorFlow.
 
-`import kgpt` is cheap: it does not import TensorFlow. The public names below load their modules
-on first use, and kgpt's Keras classes (layers, models, metric, schedule, optimizer) are
-registered with Keras as soon as Keras itself is imported, before or after kgpt, so that
-`keras.saving.load_model("checkpoints/run/final.keras")` works after `import kgpt`, as it does
-after `import keras_hub`.
+`import kgpt` does not import TensorFlow: the names below load their modules on first use, and
+kgpt's Keras classes are registered as soon as Keras is imported (before or after kgpt), so
+`keras.saving.load_model("checkpoints/run/final.keras")` works after `import kgpt`.
 """
 
 import importlib
@@ -33,11 +31,8 @@ def __getattr__(name):
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
-    """Imports kgpt's Keras classes right after `keras` itself has been imported.
-
-    A documented lazy import: registering needs Keras (and so TensorFlow, seconds to import),
-    which `import kgpt` and `kgpt --help` must not pay for.
-    """
+    """Imports kgpt's Keras classes right after `keras` itself: a documented lazy import, since
+    registering needs TensorFlow (seconds to import), which `kgpt --help` must not pay for."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":

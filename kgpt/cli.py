@@ -1,8 +1,8 @@
 """The `kgpt` command line: argparse subcommands that parse arguments and call library functions.
 
-User errors (`ValueError`, and any `OSError`: a missing, unwritable or misplaced path) become
-one line on stderr and exit code 2.
-TensorFlow is imported lazily, inside the commands, so `kgpt --help` stays fast.
+User errors (`ValueError`, any `OSError`) become one line on stderr and exit code 2. kgpt's
+modules are imported inside the commands (documented lazy imports), so `kgpt --help` never waits
+for TensorFlow.
 """
 
 import argparse
@@ -16,11 +16,6 @@ from kgpt.sampling import add_sampling_arguments, sampling_from_arguments
 
 class UsageError(ValueError):
     """A command-line mistake; reported like any other user error."""
-
-
-def _configure_environment():
-    # Before TensorFlow is imported: its settings, and a first import without its start-up noise.
-    environment.configure()
 
 
 def _add_recipe_arguments(parser, default_run_dir):
@@ -446,14 +441,8 @@ _OS_ERROR_FIXES = {
 
 
 def describe_os_error(error):
-    """One line for an `OSError`: what failed, on which path, and what to do about it.
-
-    Args:
-        error: an `OSError`; one that kgpt raised with its own message is returned as it is.
-
-    Returns:
-        A string, e.g. `"Permission denied: 'runs/a' (choose a location you can write to, ...)"`.
-    """
+    """One line for an `OSError`: what failed, on which path, what to do (kgpt's own messages as
+    they are), e.g. `"Permission denied: 'runs/a' (choose a location you can write to, ...)"`."""
     if error.errno is None or not error.strerror:
         return str(error)
     paths = [repr(p) for p in (error.filename, error.filename2) if p is not None]
@@ -463,28 +452,19 @@ def describe_os_error(error):
 
 
 def main(argv=None):
-    """Entry point of the `kgpt` console script; returns the process exit code.
+    """Entry point of the `kgpt` console script; returns the exit code.
 
-    User errors (`ValueError`, any `OSError` such as a missing, unwritable or misplaced path)
-    print one line, `kgpt COMMAND: error: ...`, on stderr and return 2; a training run stopped by
-    a NaN loss returns 1. Other exceptions are bugs and keep their traceback.
-
-    Args:
-        argv: the arguments after `kgpt` (default: `sys.argv[1:]`).
-
-    Returns:
-        The exit code: 0, 1 or 2 (argparse exits with 2 itself on a malformed command line).
+    User errors print `kgpt COMMAND: error: ...` and return 2; a run stopped by a NaN loss
+    returns 1; other exceptions are bugs and keep their traceback.
     """
-    _configure_environment()
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    # Before TensorFlow is imported: its settings, and a first import without its start-up noise.
+    environment.configure()
+    args = make_parser().parse_args(argv)
     try:
         args.handler(args)
-    except OSError as error:
-        print(f"kgpt {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"kgpt {args.command}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:
+        message = describe_os_error(error) if isinstance(error, OSError) else error
+        print(f"kgpt {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingStopped:
         return 1

@@ -1,21 +1,17 @@
-"""The whole recipe schema: `ModelConfig`, `DataConfig`, `TrainConfig` and `Recipe`, on one validated base.
+"""The whole recipe schema: `ModelConfig`, `DataConfig`, `TrainConfig` and `Recipe`, on one base.
 
-Every config is a frozen dataclass derived from `Config`: on creation each field is checked
-against its annotation (ints are accepted where floats are expected, lists become tuples) and
-`validate` rejects bad values with a `ValueError` naming the key and the fix. `from_dict` builds
-one from a recipe section, rejecting unknown keys with a did-you-mean hint; `to_dict` is its
-inverse. A recipe is a TOML file (`pipelines/*.toml`) with `[model]`, `[data]` and `[train]`
-sections; `load_recipe(path, overrides)` reads it, applies `--set section.key=value` overrides
-and validates it into a `Recipe`.
-
-Names are checked against the registries that own them: corpora (`kgpt.corpora`) and tokenizer
-kinds (`kgpt.tokenizer`), which import nothing from kgpt, so this module can sit below them.
+Every config is a frozen dataclass derived from `Config`: fields are checked against their
+annotations, `validate` rejects bad values naming `section.key` and the fix, `from_dict` rejects
+unknown keys with a did-you-mean hint. `load_recipe(path, overrides)` reads a TOML recipe
+(`pipelines/*.toml`), applies `--set section.key=value` and validates it. Corpus and tokenizer
+names are checked against their registries (`kgpt.corpora`, `kgpt.tokenizer`), which sit below.
 """
 
 import dataclasses
 import difflib
 import os
 import tomllib
+import types
 import typing
 
 from kgpt import corpora
@@ -31,7 +27,7 @@ def _type_name(annotation):
 def _coerce(key, value, annotation):
     """Checks `value` against a field annotation; returns it with ints as floats, lists as tuples."""
     origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X] and friends
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None and type(None) in typing.get_args(annotation):
             return None
         errors = []
@@ -72,17 +68,8 @@ def _did_you_mean(value, options):
 class Config:
     """Base of every configuration dataclass: field checks, `from_dict`/`to_dict`, clear errors.
 
-    Subclasses are `@dataclasses.dataclass(frozen=True)`, set `section` (the recipe section their
-    keys live in, used in messages as `section.key`) and override `validate` for value checks.
-
-    Example:
-        @dataclasses.dataclass(frozen=True)
-        class EvalConfig(Config):
-            section = "eval"
-            batch_size: int = 8
-
-            def validate(self):
-                self.check_positive("batch_size")
+    Subclasses are frozen dataclasses that set `section` (the recipe section, for `section.key`
+    in messages) and override `validate`.
     """
 
     section = None
@@ -132,12 +119,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data):
-        """Builds the config from a `{key: value}` mapping (a recipe section or `to_dict()`).
-
-        Raises:
-            ValueError: an unknown key (with a did-you-mean hint), a missing required key, or
-                a value of the wrong type or range, each named as `section.key`.
-        """
+        """Builds the config from a recipe section or `to_dict()`; bad keys raise `ValueError`."""
         cls.check_keys(data)
         prefix = f"{cls.section}." if cls.section else ""
         missing = [
@@ -160,39 +142,20 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Config):
-    """Size and arrangement of a GPT model.
+    """Size and arrangement of a GPT model (the `[model]` section)."""
 
-    Args:
-        vocabulary_size: number of token ids, including special tokens.
-        sequence_length: context length; the size of the learned position table.
-        num_layers: decoder blocks.
-        num_heads: attention heads per block; must divide `hidden_dim`.
-        hidden_dim: width of the residual stream.
-        intermediate_dim: width of the feed-forward layer; defaults to `4 * hidden_dim`.
-        dropout: dropout rate on embeddings, attention probabilities and residual branches (0
-            disables it; GPT-2 uses 0.1 for all).
-        layer_norm_epsilon: epsilon of every LayerNormalization.
-        normalize_first: True for GPT-2's pre-LayerNorm blocks with a final LayerNorm; False for
-            the original GPT / Transformer post-LayerNorm arrangement (no final LayerNorm).
-        use_bias: biases in the attention and feed-forward projections (GPT-2 has them).
-        initializer_range: standard deviation of the normal initialiser (GPT-2: 0.02); residual
-            output projections use `initializer_range / sqrt(2 * num_layers)`.
-        position_embedding: kind of position embedding, a name registered in `kgpt.layers`
-            (`"learned"`: GPT-2's learned absolute positions); checked when the model is built.
-    """
-
-    vocabulary_size: int
-    sequence_length: int
-    num_layers: int = 4
-    num_heads: int = 4
-    hidden_dim: int = 128
-    intermediate_dim: typing.Optional[int] = None
-    dropout: float = 0.0
+    vocabulary_size: int  # token ids, special tokens included
+    sequence_length: int  # the context: positions the model sees
+    num_layers: int = 4  # decoder blocks
+    num_heads: int = 4  # attention heads per block; must divide hidden_dim
+    hidden_dim: int = 128  # width of the residual stream
+    intermediate_dim: int | None = None  # feed-forward width; default 4 * hidden_dim
+    dropout: float = 0.0  # on embeddings, attention probabilities, residual branches (GPT-2: 0.1)
     layer_norm_epsilon: float = 1e-5
-    normalize_first: bool = True
-    use_bias: bool = True
-    initializer_range: float = 0.02
-    position_embedding: str = "learned"
+    normalize_first: bool = True  # GPT-2's pre-LayerNorm; False: the original post-LayerNorm
+    use_bias: bool = True  # biases in the attention and feed-forward projections
+    initializer_range: float = 0.02  # normal init std; residual projections / sqrt(2 num_layers)
+    position_embedding: str = "learned"  # a kind registered in kgpt.layers, checked at build
 
     section = "model"
 
@@ -235,60 +198,33 @@ DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Config):
-    """What to read, how to tokenize it and how to cut it into training windows.
-
-    Args:
-        corpus: `wikitext2`, `wikitext2_tokens`, `wikitext103`, `wikitext103_tokens`, `imdb`,
-            `tinyshakespeare` or `text` (see `kgpt.corpora`).
-        dir: data directory (else `$KGPT_DATA_DIR`; else the Keras cache, downloading there).
-        files: `text` corpus: file paths or globs (relative ones are under `dir`).
-        validation_files: `text` corpus: validation files; else `validation_fraction` is used.
-        tokenizer: `bpe` (trained byte-level BPE), `gpt2`, `char` or `tiktoken:NAME`.
-        tokenizer_path: `gpt2`: folder with `vocab.json` + `merges.txt` (or a saved tokenizer).
-        vocabulary_size: `bpe`: ids to train, at least 258 (256 bytes + 2 specials).
-        sequence_length: tokens per example (`x` and `y`); at most the model's.
-        mode: `packed` (documents joined, cut into windows) or `document` (one per example).
-        lowercase / strip_punctuation: the tokenizer's text normalisation (lowercase; replace
-            punctuation and symbols with spaces), saved with it and applied wherever it runs.
-        strip_html: map `<br />` to a space when reading (IMDB always does).
-        document_separator: `text` corpus: `file`, `blank_line` or `line`.
-        validation_fraction: `text`: fraction of documents held out (seeded);
-            `tinyshakespeare`: the last fraction of characters (0.1 = nanoGPT's 90/10).
-        validation_count: `imdb`: reviews per polarity carved from test for validation.
-        imdb_unsupervised: `imdb`: add `train/unsup` to the training split.
-        errors: `strict` (invalid UTF-8 is an error naming file and byte) or `replace`.
-        window_offsets: training windows in packed mode: `aligned` (the stream cut at multiples
-            of `sequence_length`, reshuffled each pass) or `random` (each window starts at a
-            seeded random position, as nanoGPT samples; `count` windows per pass).
-        cache_dir: token cache folder (default `$KGPT_CACHE_DIR` or `~/.cache/kgpt/tokens`).
-        shuffle_buffer_size: training shuffle buffer in windows; None shuffles all windows.
-        seed: seeds the splits and the shuffle.
+    """What to read, how to tokenize it and how to cut it into windows (the `[data]` section).
 
     Example:
         config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
     """
 
-    corpus: str = "text"
-    dir: typing.Optional[str] = None
-    files: typing.Tuple[str, ...] = ()
-    validation_files: typing.Tuple[str, ...] = ()
-    tokenizer: str = "bpe"
-    tokenizer_path: typing.Optional[str] = None
-    vocabulary_size: int = 8192
-    sequence_length: int = 256
-    mode: str = "packed"
-    lowercase: bool = False
-    strip_punctuation: bool = False
-    strip_html: bool = False
-    document_separator: str = "blank_line"
-    validation_fraction: float = 0.1
-    validation_count: int = 2500
-    imdb_unsupervised: bool = False
-    errors: str = "strict"
-    window_offsets: str = "aligned"
-    cache_dir: typing.Optional[str] = None
-    shuffle_buffer_size: typing.Optional[int] = None
-    seed: int = 1337
+    corpus: str = "text"  # a name in kgpt.corpora.CORPORA
+    dir: str | None = None  # else $KGPT_DATA_DIR, else the Keras cache (downloads)
+    files: tuple[str, ...] = ()  # `text`: paths or globs, relative ones under `dir`
+    validation_files: tuple[str, ...] = ()  # `text`: else validation_fraction of the documents
+    tokenizer: str = "bpe"  # bpe (trained byte-level BPE), gpt2, char or tiktoken:NAME
+    tokenizer_path: str | None = None  # gpt2: folder of vocab.json + merges.txt
+    vocabulary_size: int = 8192  # bpe: ids to train, at least 258 (256 bytes + 2 specials)
+    sequence_length: int = 256  # tokens per example; at most the model's
+    mode: str = "packed"  # documents joined and cut into windows, or `document`: one per example
+    lowercase: bool = False  # the tokenizer's normalisation, applied wherever it runs
+    strip_punctuation: bool = False  # likewise: punctuation and symbols become spaces
+    strip_html: bool = False  # `<br />` -> space when reading (IMDB always does)
+    document_separator: str = "blank_line"  # `text`: file, blank_line or line
+    validation_fraction: float = 0.1  # `text`: documents held out; tinyshakespeare: last characters
+    validation_count: int = 2500  # imdb: reviews per polarity carved from test for validation
+    imdb_unsupervised: bool = False  # imdb: add train/unsup to the training split
+    errors: str = "strict"  # invalid UTF-8: an error naming file and byte, or `replace`
+    window_offsets: str = "aligned"  # packed training windows: aligned, or `random` (nanoGPT's)
+    cache_dir: str | None = None  # token cache; default $KGPT_CACHE_DIR or ~/.cache/kgpt
+    shuffle_buffer_size: int | None = None  # None shuffles all windows
+    seed: int = 1337  # seeds the splits and the shuffle
 
     section = "data"
 
@@ -306,18 +242,11 @@ class DataConfig(Config):
                 f"{self.tokenizer!r} (for bpe: the byte alphabet (256) plus 2 special tokens); "
                 f"set it to at least {minimum} (e.g. 8192)."
             )
-        if self.sequence_length < 1:
-            raise ValueError(
-                f"data.sequence_length={self.sequence_length} must be at least 1 (e.g. 256)."
-            )
+        self.check_positive("sequence_length", "validation_count")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(
                 f"data.validation_fraction={self.validation_fraction} must be in [0, 1); "
                 "0.1 holds out a tenth."
-            )
-        if self.validation_count < 1:
-            raise ValueError(
-                f"data.validation_count={self.validation_count} must be at least 1 (default 2500)."
             )
         if self.shuffle_buffer_size is not None and self.shuffle_buffer_size < 1:
             raise ValueError(
@@ -342,64 +271,32 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
-    """How to train: batch, schedule, optimiser, evaluation, callbacks and distribution.
+    """How to train: batch, schedule, optimiser, evaluation, callbacks, distribution (`[train]`)."""
 
-    Args:
-        batch_size: examples per replica per step; the global batch is
-            `batch_size * num_replicas`.
-        max_steps: optimiser steps in the whole run.
-        eval_interval: steps between evaluations (one Keras "epoch"; checkpoints, backups,
-            early stopping and samples happen at this cadence).
-        eval_steps: validation batches per evaluation (the same first batches every time);
-            None evaluates the whole split.
-        learning_rate: peak learning rate reached after `warmup_steps`.
-        warmup_steps: linear warm-up steps from 0.
-        decay_steps: step at which the cosine decay reaches `min_learning_rate`; None means
-            `max_steps`.
-        min_learning_rate: learning-rate floor.
-        weight_decay: AdamW decoupled weight decay, applied to weight matrices only.
-        beta_1, beta_2: AdamW moment decay rates.
-        epsilon: AdamW's denominator epsilon.
-        clip_norm: global gradient-norm clip; 0 disables clipping.
-        patience: evaluations without improvement before early stopping; 0 disables it.
-        seed: seed of initialisation, shuffling, dropout and samples.
-        strategy: `auto` (MirroredStrategy when more than one GPU is visible), `default`,
-            `mirrored` or `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`).
-        precision: `float32`, `mixed_bfloat16` or `mixed_float16` (the last two for GPUs).
-        jit_compile: compile the train step with XLA.
-        steps_per_execution: train steps per compiled call.
-        init_from: a run directory whose weights and tokenizer start this run (fine-tuning).
-        sample_prompt: text continued at each evaluation; empty disables samples.
-        sample_length: new tokens in each sample (at most what fits in the context after the
-            prompt; training says so when it asks for more).
-        sample_temperature: sampling temperature of the samples (nanoGPT: 0.8).
-        sample_top_k: samples draw among the `sample_top_k` likeliest tokens (0: all; nanoGPT: 200).
-    """
-
-    batch_size: int = 12
-    max_steps: int = 2000
-    eval_interval: int = 250
-    eval_steps: typing.Optional[int] = None
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    decay_steps: typing.Optional[int] = None
+    batch_size: int = 12  # per replica; the global batch is batch_size * replicas
+    max_steps: int = 2000  # optimiser steps in the whole run
+    eval_interval: int = 250  # steps per Keras epoch: evaluation, checkpoint, backup, sample
+    eval_steps: int | None = None  # the same first validation batches each time; None: all
+    learning_rate: float = 1e-3  # peak, reached after warmup_steps
+    warmup_steps: int = 100  # linear warm-up from 0
+    decay_steps: int | None = None  # cosine reaches min_learning_rate here; None: max_steps
     min_learning_rate: float = 1e-4
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # AdamW, on weight matrices only
     beta_1: float = 0.9
     beta_2: float = 0.99
     epsilon: float = 1e-8
-    clip_norm: float = 1.0
-    patience: int = 0
-    seed: int = 1337
-    strategy: str = "auto"
-    precision: str = "float32"
-    jit_compile: bool = True
-    steps_per_execution: int = 1
-    init_from: typing.Optional[str] = None
-    sample_prompt: str = ""
-    sample_length: int = 100
-    sample_temperature: float = 0.8
-    sample_top_k: int = 200
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables it
+    patience: int = 0  # evaluations without improvement before early stopping; 0 disables it
+    seed: int = 1337  # initialisation, shuffling, dropout and samples
+    strategy: str = "auto"  # auto (mirrored with several GPUs), default, mirrored, multiworker
+    precision: str = "float32"  # or mixed_bfloat16 / mixed_float16 (GPUs)
+    jit_compile: bool = True  # XLA for the train step
+    steps_per_execution: int = 1  # train steps per compiled call
+    init_from: str | None = None  # a run directory whose weights and tokenizer start this one
+    sample_prompt: str = ""  # continued at each evaluation; empty: no samples
+    sample_length: int = 100  # new tokens per sample, at most what fits after the prompt
+    sample_temperature: float = 0.8  # nanoGPT's
+    sample_top_k: int = 200  # nanoGPT's; 0: all tokens
 
     section = "train"
 
@@ -461,21 +358,12 @@ _NOT_IDENTITY = {
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A validated recipe: model kind and overrides, data and training settings.
-
-    Attributes:
-        model: the `ModelConfig` fields the recipe sets (`vocabulary_size` defaults to the
-            tokenizer's and `sequence_length` to `data.sequence_length`).
-        data: the `DataConfig`.
-        train: the `TrainConfig`.
-        model_kind: `"gpt"` (`kgpt.model.GPT`) or `"gru"` (the recurrent baseline), the
-            `[model]` key `kind`.
-    """
+    """A validated recipe. `model` holds the `ModelConfig` fields it sets; `model_kind` is `[model] kind`."""
 
     model: dict
     data: DataConfig
     train: TrainConfig
-    model_kind: str = "gpt"
+    model_kind: str = "gpt"  # a name in MODEL_KINDS
 
     @classmethod
     def from_dict(cls, raw):
@@ -530,11 +418,7 @@ def identity(config):
 
 
 def config_differences(old, new, prefix=""):
-    """The dotted keys whose values differ between two config dicts, as "key (old -> new)".
-
-    Example:
-        config_differences({"a": {"b": 1}}, {"a": {"b": 2}})  # ["a.b (1 -> 2)"]
-    """
+    """The dotted keys whose values differ between two config dicts, as "key (old -> new)"."""
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -546,11 +430,7 @@ def config_differences(old, new, prefix=""):
 
 
 def parse_override(text):
-    """Parses one `--set key=value` override into `(key, value)`.
-
-    The value is read as a TOML value when it parses as one (`4`, `1e-3`, `true`, `"x"`,
-    `[1, 2]`) and as a bare string otherwise, so `--set data.corpus=wikitext2` works unquoted.
-    """
+    """Parses `--set key=value` into `(key, value)`: a TOML value if it parses, else a bare string."""
     if "=" not in text:
         raise ValueError(f"--set {text!r} is not of the form key=value (e.g. model.num_layers=4).")
     key, raw = text.split("=", 1)
@@ -602,9 +482,5 @@ def read_recipe(path, overrides=()):
 
 
 def load_recipe(path, overrides=()):
-    """Reads, overrides and validates a TOML recipe (see `pipelines/`).
-
-    Example:
-        recipe = load_recipe("pipelines/tiny.toml", ["train.max_steps=100"])
-    """
+    """Reads, overrides and validates a recipe: `load_recipe("pipelines/tiny.toml", ["train.seed=1"])`."""
     return Recipe.from_dict(read_recipe(path, overrides))

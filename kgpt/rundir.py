@@ -1,18 +1,7 @@
 """The run directory: its layout, `config.json`, the tokenizer and model in it, recipe identity,
-resume state and the lock that keeps two trainings out of one run.
+resume state, and the lock that keeps two trainings out of one run (layout: README, Training).
 
-```
-checkpoints/<run>/config.json     the resolved recipe; written when training starts (a folder
-                                  whose start failed is not a run, and the fixed command starts
-                                  afresh)
-                  tokenizer/      the tokenizer
-                  best.keras      lowest val_loss so far;  final.keras  the model at the end
-                  history.csv     one row per evaluation;  logs/  TensorBoard
-                  backup/         BackupAndRestore state (backup/worker-N/ per worker)
-                  bigram.json     a bigram baseline (with bigram_counts.npy) instead of a model
-                  .lock           held by the training process (released by the OS when it dies)
-```
-
+`config.json` is written when training starts, so a folder whose start failed is not a run.
 Every command reaches a run directory through `RunDirectory`; no other module spells these names.
 """
 
@@ -22,7 +11,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import zipfile
 
@@ -49,10 +37,7 @@ _LEGACY_TEMPORARY_PREFIXES = (".tmp-", ".vocab.json.", ".merges.txt.", ".tokeniz
 
 
 class RunDirectory:
-    """A run directory (`checkpoints/<run>/`): paths, config, tokenizer, model, resume state.
-
-    Args:
-        path: the folder (it need not exist yet).
+    """A run directory (`checkpoints/<run>/`, which need not exist yet).
 
     Example:
         run = RunDirectory("checkpoints/shakespeare_char")
@@ -61,36 +46,18 @@ class RunDirectory:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self.config_path = self.file(CONFIG)
+        self.tokenizer_dir = self.file(TOKENIZER)
+        self.best_model_path = self.file(BEST_MODEL)
+        self.final_model_path = self.file(FINAL_MODEL)
+        self.history_path = self.file(HISTORY)
+        self.logs_dir = self.file(LOGS)
 
     def __repr__(self):
         return f"RunDirectory({self.path!r})"
 
     def file(self, name):
         return os.path.join(self.path, name)
-
-    @property
-    def config_path(self):
-        return self.file(CONFIG)
-
-    @property
-    def tokenizer_dir(self):
-        return self.file(TOKENIZER)
-
-    @property
-    def best_model_path(self):
-        return self.file(BEST_MODEL)
-
-    @property
-    def final_model_path(self):
-        return self.file(FINAL_MODEL)
-
-    @property
-    def history_path(self):
-        return self.file(HISTORY)
-
-    @property
-    def logs_dir(self):
-        return self.file(LOGS)
 
     def backup_dir(self, worker=None):
         """`backup/`, or `backup/worker-N/` for worker N of a multi-worker run."""
@@ -135,17 +102,11 @@ class RunDirectory:
                 json.dump(config, file, indent=2, sort_keys=True)
 
     def check_recipe(self, recipe):
-        """Checks that an existing run was trained with the same recipe identity.
-
-        Locations (data directory, token cache, tokenizer path, initial run) and the sample
-        settings are not identity: a run resumes after its data moved.
-
-        Returns:
-            True when the folder already holds this run (training resumes), False when it holds
-            no run yet.
+        """True when the folder holds this run (it resumes), False when it holds no run yet.
 
         Raises:
-            ValueError: the run's recipe differs, naming the differing keys.
+            ValueError: it holds a run whose recipe identity (`Recipe.identity`: locations and
+                sample settings left out) differs, naming the differing keys.
         """
         if not self.is_run():
             return False
@@ -207,11 +168,7 @@ class RunDirectory:
         return min(values) if values else None
 
     def trim_history(self, epochs):
-        """Keeps the first `epochs` rows of `history.csv` (those the backup holds).
-
-        A run killed after logging an evaluation but before backing it up repeats that
-        evaluation on resume; trimming first keeps one row per evaluation.
-        """
+        """Keeps the first `epochs` rows of `history.csv`: those the backup holds, once each."""
         if not os.path.exists(self.history_path):
             return
         with open(self.history_path, newline="") as file:
@@ -237,9 +194,8 @@ class RunDirectory:
     def lock(self, worker=0):
         """Holds the run for one training process (one per worker of a multi-worker run).
 
-        The lock is an OS file lock on `.lock` (`.lock-worker-N`), released when the process
-        exits, however it exits, so a `kill -9` never leaves the run stuck. A folder this call
-        created is removed again when it leaves without becoming a run.
+        An OS file lock on `.lock` (`.lock-worker-N`), released however the process ends, `kill
+        -9` included. A folder this call created is removed when it leaves without becoming a run.
 
         Raises:
             ValueError: another process holds the run, or the path is a file.
@@ -273,32 +229,25 @@ class RunDirectory:
             yield self
         finally:
             if created and not self.is_run():
-                shutil.rmtree(self.path, ignore_errors=True)
+                files.remove(self.path)
             handle.close()
 
     def remove_stale_files(self, worker=None):
-        """Deletes the temporaries a killed run left (call it holding `lock(worker)`).
+        """Deletes the temporaries a killed run left, holding `lock(worker)`; returns their paths.
 
         Worker 0 (or a single process) cleans the run's own files; worker N its backup folder.
-
-        Returns:
-            The paths removed.
         """
-        removed = []
         folders = [self.backup_dir(worker)]
         if not worker:
             folders += [self.path, self.tokenizer_dir, self.backup_dir()]
-        for folder in folders:
-            if not os.path.isdir(folder):
-                continue
-            for name in os.listdir(folder):
-                if files.is_temporary(name) or name.startswith(_LEGACY_TEMPORARY_PREFIXES):
-                    path = os.path.join(folder, name)
-                    if os.path.isdir(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.remove(path)
-                    removed.append(path)
+        removed = [
+            os.path.join(folder, name)
+            for folder in folders if os.path.isdir(folder)
+            for name in os.listdir(folder)
+            if files.is_temporary(name) or name.startswith(_LEGACY_TEMPORARY_PREFIXES)
+        ]
+        for path in removed:
+            files.remove(path)
         return removed
 
 
@@ -313,11 +262,7 @@ def model_file(path):
 
 
 def load_model(path):
-    """Loads a kgpt model from a `.keras` file or a run directory, with `safe_mode` on.
-
-    Example:
-        model = load_model("checkpoints/shakespeare_char")
-    """
+    """Loads a kgpt model from a `.keras` file or a run directory, with `safe_mode` on."""
     return saving.load_model(model_file(path))
 
 

@@ -1,18 +1,12 @@
 """`train(recipe, run_dir)`: strategy -> tokenizer -> model -> datasets -> `model.fit` -> run directory.
 
-`train` is a short sequence of parts, each usable alone: `make_tokenizer`, `build_model`
-(model, initial weights, optimizer, compile), `make_datasets` and `make_callbacks`. A run
-directory (`kgpt.rundir`) becomes a run once everything is built, right before `fit`; running the
-same recipe into it again resumes from the last backup; a different recipe there is an error
-naming the keys that differ; a second process training into it is refused.
-
-Keras "epochs" are evaluation intervals: `fit` runs `max_steps / eval_interval` epochs of
-`eval_interval` steps over an endless, seeded, shuffled stream of windows.
+Its parts stand alone: `make_tokenizer`, `build_model` (weights, optimizer, compile),
+`make_datasets`, `make_callbacks`. Keras "epochs" are evaluation intervals: `fit` runs
+`max_steps / eval_interval` epochs of `eval_interval` steps over an endless, seeded stream.
 """
 
 import dataclasses
 import os
-import typing
 
 import keras
 import tensorflow as tf
@@ -55,13 +49,8 @@ def make_optimizer(config, model):
 
 
 def load_matching_tokenizer(source, data, option):
-    """The tokenizer of the run directory `source`, checked against the recipe's `data.tokenizer`.
-
-    Args:
-        source: a run directory written by `kgpt train` or `kgpt import-gpt2`.
-        data: the recipe's `DataConfig`.
-        option: how the user named `source` (e.g. "train.init_from"), for the error messages.
-    """
+    """The tokenizer of run directory `source`, checked against `data.tokenizer`; `option` names
+    `source` in errors (e.g. "train.init_from")."""
     if not os.path.isdir(source):
         raise FileNotFoundError(
             f"{option}={source!r} is not a directory; pass a run directory written by "
@@ -77,6 +66,7 @@ def load_matching_tokenizer(source, data, option):
             f"data.tokenizer: recipe {data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "
             f"{option} keeps that run's tokenizer; set {fix}."
         )
+    kdata.check_tokenizer(data, tokenizer, run.tokenizer_dir)  # and its text normalisation
     return tokenizer
 
 
@@ -88,11 +78,8 @@ def make_tokenizer(recipe):
 
 
 def initial_model_config(recipe):
-    """`train.init_from`'s `ModelConfig` with the recipe's allowed changes (None without it).
-
-    Raises:
-        ValueError: the recipe sets a `[model]` size that differs from the initial model's.
-    """
+    """`train.init_from`'s `ModelConfig` with the recipe's allowed changes (None without it);
+    a `[model]` size that differs from the initial model's raises `ValueError`."""
     source = recipe.train.init_from
     if not source:
         return None
@@ -115,12 +102,8 @@ def initial_model_config(recipe):
 
 
 def build_model(recipe, tokenizer, strategy=None):
-    """The recipe's model, compiled for training, in `strategy`'s scope.
-
-    A `[model] kind` from `kgpt.saving.MODEL_CLASSES` sized by `[model]` and the tokenizer, or
-    `train.init_from`'s model and weights; AdamW (`make_optimizer`), the masked cross-entropy and
-    `Perplexity`, XLA and `steps_per_execution` as the recipe says.
-    """
+    """The recipe's model (`[model] kind`, or `train.init_from`'s with its weights), compiled
+    with AdamW, the masked cross-entropy and `Perplexity`, in `strategy`'s scope."""
     config = recipe.train
     strategy = strategy or tf.distribute.get_strategy()
     init_config = initial_model_config(recipe)  # checked before anything is built
@@ -182,18 +165,9 @@ def _sample_room(recipe, tokenizer, model):
 
 
 def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra=()):
-    """The run's callbacks, in order: throughput and NaN stop, early stopping, the chief's
-    checkpoint, CSV log, TensorBoard and samples, `extra`, and last the backup.
-
-    Args:
-        recipe: the `Recipe`.
-        run: the `RunDirectory`.
-        tokenizer: for text samples.
-        model: the model being trained (samples are sized to its context).
-        strategy: the distribution strategy (only worker 0 writes the run's files).
-        val_losses: each evaluation's val_loss before a resume (early stopping carries on).
-        extra: more callbacks (run before the backup, so it records what they saw).
-    """
+    """The run's callbacks: throughput, NaN stop, early stopping (carrying on from `val_losses`
+    of a resumed run), worker 0's checkpoint, CSV log, TensorBoard and samples, `extra`, and last
+    the backup, so that it records what all the others saw."""
     config = recipe.train
     worker = distribute.worker_index(strategy)
     tokens_per_step = (
@@ -230,21 +204,13 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` did.
-
-    Attributes:
-        run_dir: the run directory.
-        steps: optimizer steps the run has completed in all.
-        initial_steps: steps it had completed when this call started (a resume).
-        history: per-evaluation logs of this call.
-        stopped: why it stopped before `max_steps`, if it did.
-    """
+    """What `train` did: steps in all, per-evaluation logs, why it stopped early, where it resumed."""
 
     run_dir: str
     steps: int
     history: dict
-    stopped: typing.Optional[str] = None
-    initial_steps: int = 0
+    stopped: str | None = None
+    initial_steps: int = 0  # steps done before this call (a resume)
 
     @property
     def trained_steps(self):
@@ -255,8 +221,8 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
     """Trains a recipe's model into `run_dir`, resuming if it already holds this run.
 
     Args:
-        recipe: a `kgpt.config.Recipe` (see `kgpt.config.load_recipe`).
-        run_dir: the run directory.
+        recipe: a `kgpt.config.Recipe`.
+        run_dir: the run directory; a second process training into it is refused.
         verbose: `model.fit` verbosity.
         callbacks: extra Keras callbacks, run before the backup.
 
