@@ -1,19 +1,7 @@
-"""Baselines the field starts from: an add-k bigram model and a GRU with attention over its past.
+"""Baselines: an add-k bigram model (`train_bigram`) and the GRU with attention (`train_recurrent`).
 
-- `BigramModel`: `P(b | a) = (count(a, b) + k) / (count(a) + k V)`, counted on the training
-  split's token stream (same tokenizer and stream as the GPT: documents followed by
-  `<|endoftext|>`, one in front). `k` is chosen on the validation split unless given. Saved as a
-  run directory that `kgpt evaluate` reads: `bigram.json` + `bigram_counts.npy` (no pickle),
-  `tokenizer/`, `config.json`.
-- The GRU with attention (`kgpt.recurrent.RecurrentLanguageModel`, `[model] kind = "gru"`), trained
-  by `kgpt.train.train` like the GPT (same data pipeline, schedule, optimiser and callbacks);
-  `train_recurrent` sets the kind.
-
-Command line (the `[model]` section of the recipe sizes the GRU; the bigram ignores it):
-
-    kgpt baseline bigram pipelines/shakespeare_char.toml --run-dir checkpoints/bigram
-    kgpt baseline gru pipelines/shakespeare_char.toml --run-dir checkpoints/gru
-    kgpt evaluate checkpoints/shakespeare_char checkpoints/gru checkpoints/bigram
+The bigram is counted on the GPT's training token stream and saved, without pickle, as a run
+directory `kgpt evaluate` reads; the GRU (`kgpt.recurrent`) is the recipe with `[model] kind = "gru"`.
 """
 
 import dataclasses
@@ -32,13 +20,9 @@ SMOOTHING_GRID = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
 class BigramModel:
-    """Add-k smoothed bigram counts over token ids, stored sparsely.
+    """Add-k smoothed bigram counts over token ids: `P(b | a) = (count(a, b) + k) / (count(a) + k V)`.
 
-    Args:
-        keys: sorted int64 `a * V + b` of every bigram seen.
-        counts: int64 counts of those bigrams.
-        vocabulary_size: `V`.
-        k: the add-k smoothing constant (> 0).
+    `keys` are the sorted int64 `a * V + b` of every bigram seen, `counts` their counts (sparse).
 
     Example:
         bigram = BigramModel.fit(stream, vocabulary_size=65, k=0.1)
@@ -75,17 +59,14 @@ class BigramModel:
         """Entries of the conditional probability table it represents (`V * V`)."""
         return self.vocabulary_size**2
 
-    def _pair_counts(self, previous, following):
-        query = np.asarray(previous, np.int64) * self.vocabulary_size + np.asarray(following, np.int64)
-        position = np.minimum(np.searchsorted(self.keys, query), max(len(self.keys) - 1, 0))
-        found = self.keys[position] == query if len(self.keys) else np.zeros(query.shape, bool)
-        return np.where(found, self.counts[position] if len(self.keys) else 0, 0)
-
     def probability(self, previous, following):
         """`P(following | previous)`, element-wise over arrays of ids."""
-        pair = self._pair_counts(previous, following)
-        total = self.row_totals[np.asarray(previous, np.int64)]
-        return (pair + self.k) / (total + self.k * self.vocabulary_size)
+        previous = np.asarray(previous, np.int64)
+        query = previous * self.vocabulary_size + np.asarray(following, np.int64)
+        position = np.minimum(np.searchsorted(self.keys, query), max(len(self.keys) - 1, 0))
+        found = self.keys[position] == query if len(self.keys) else np.zeros(query.shape, bool)
+        pair = np.where(found, self.counts[position] if len(self.keys) else 0, 0)
+        return (pair + self.k) / (self.row_totals[previous] + self.k * self.vocabulary_size)
 
     def nll(self, x, y):
         """Per-position negative log-likelihood (nats) of targets `y` after inputs `x`."""
@@ -113,17 +94,11 @@ def _stream(data, tokenizer, split):
 
 
 def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
-    """Fits the add-k bigram baseline on a recipe's training split into a run directory.
+    """Fits the bigram on the training split of a recipe's `[data]` into `run_dir`; returns it.
 
     Args:
-        recipe: a `kgpt.config.Recipe` (only `[data]` is used).
-        run_dir: the run directory to write.
         k: the smoothing constant; None picks the best of `SMOOTHING_GRID` on validation.
-        tokenizer_from: a run directory whose tokenizer to use (default: build it from `[data]`,
-            as `kgpt train` does).
-
-    Returns:
-        The `BigramModel`.
+        tokenizer_from: a run directory whose tokenizer to use (default: built as `kgpt train` does).
     """
     data = recipe.data.to_dict()
     _check_bigram_run_directory(run_dir, data)  # before anything is fitted or written
@@ -136,8 +111,7 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
     with files.staged_directory(run_dir) as staging:
         staged = RunDirectory(staging)
         tokenizer.save(staged.tokenizer_dir)
-        stream = _stream(recipe.data, tokenizer, "train")
-        bigram = BigramModel.fit(stream, tokenizer.vocabulary_size)
+        bigram = BigramModel.fit(_stream(recipe.data, tokenizer, "train"), tokenizer.vocabulary_size)
         validation_nll = {}
         if k is None:
             validation = _stream(recipe.data, tokenizer, "validation")
@@ -148,12 +122,11 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
         bigram = bigram.with_smoothing(k)
         bigram.save(staging)
         by_k = {str(c): v for c, v in validation_nll.items()}
-        config = {
+        staged.write_config({
             "model": {"architecture": "bigram", "vocabulary_size": tokenizer.vocabulary_size,
                       "k": k, "validation_nll_by_k": by_k},
             "data": data,
-        }
-        staged.write_config(config)
+        })
     return bigram
 
 
@@ -183,12 +156,5 @@ def _check_bigram_run_directory(run_dir, data):
 
 
 def train_recurrent(recipe, run_dir, verbose="auto"):
-    """Trains the GRU baseline (`kgpt.recurrent.RecurrentLanguageModel`) with `kgpt.train.train`.
-
-    The recipe's `[model]` sizes it (`num_layers` GRU layers of width `hidden_dim`, `num_heads`
-    attention heads); its `config.json` records `[model] kind = "gru"`.
-
-    Returns:
-        The `kgpt.train.TrainResult`.
-    """
+    """Trains the recipe as the GRU baseline (`[model] kind = "gru"`); returns the `TrainResult`."""
     return train(dataclasses.replace(recipe, model_kind="gru"), run_dir, verbose=verbose)

@@ -1,10 +1,4 @@
-"""Training callbacks: Keras' own, wired for a run directory, plus kgpt's small additions.
-
-Keras' callbacks do the work (BackupAndRestore, ModelCheckpoint, EarlyStopping, TensorBoard,
-CSVLogger); kgpt adds atomic writes where a kill -9 could leave a torn file, a NaN stop that
-says what to try, learning-rate and tokens/s logging, and a sample of generated text at each
-evaluation.
-"""
+"""Training callbacks: Keras' own made kill-safe and resumable, a NaN stop, throughput logs, text samples."""
 
 import json
 import math
@@ -17,28 +11,19 @@ import numpy as np
 
 from kgpt import files, keras_compat
 from kgpt.generate import Generator
-from kgpt.rundir import BACKUP_METADATA
 from kgpt.saving import load_model, save_model
 
-def _read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+
+def _step(model):
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
     """BackupAndRestore whose backup survives kill -9 at any moment.
 
-    Keras writes the weights and then the metadata in place; a kill between or during the two
-    writes leaves a torn or inconsistent backup. Here each file is written to a temporary name
-    and renamed, and the epoch to resume from is derived from the restored optimizer step, so
-    weights and position always agree. The backup is kept after training, so rerunning a
-    finished run resumes at its end and trains no further.
-
-    Args:
-        backup_dir: the run's `backup/` folder.
-        steps_per_epoch: optimizer steps per Keras epoch (the evaluation interval).
+    Both files are written atomically and the resume epoch comes from the restored optimizer
+    step (`steps_per_epoch` per evaluation), so weights and position agree. The backup is kept,
+    so rerunning a finished run trains no further.
     """
 
     def __init__(self, backup_dir, steps_per_epoch):
@@ -49,11 +34,13 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     def _load_model(self):
         super()._load_model()
         if os.path.exists(keras_compat.backup_weights_path(self)):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            epoch = step // self.steps_per_epoch
+            epoch = _step(self.model) // self.steps_per_epoch
             keras_compat.set_initial_epoch(self.model, epoch)
-            metadata = _read_json(os.path.join(self.backup_dir, BACKUP_METADATA))
-            self.val_losses = [float(v) for v in metadata.get("val_loss", [])][:epoch]
+            path = keras_compat.backup_metadata_path(self)
+            self.val_losses = []
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as file:
+                    self.val_losses = [float(v) for v in json.load(file).get("val_loss", [])][:epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
@@ -64,9 +51,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     def _save_model(self):
         with files.atomic_file(keras_compat.backup_weights_path(self)) as temporary:
             self.model.save_weights(temporary, overwrite=True)
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         metadata = {
-            "epoch": keras_compat.backup_epoch(self), "batch": 0, "step": step,
+            "epoch": keras_compat.backup_epoch(self), "batch": 0, "step": _step(self.model),
             "val_loss": self.val_losses,
         }
         with files.atomic_file(keras_compat.backup_metadata_path(self)) as temporary:
@@ -75,13 +61,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
 
 class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint of the best model (lowest `val_loss`), written atomically.
-
-    Args:
-        filepath: the `.keras` path (the run's `best.keras`).
-        best_so_far: the best `val_loss` of the run before a resume, so that a resumed run
-            only replaces `best.keras` with a better model.
-    """
+    """Atomic ModelCheckpoint of the lowest `val_loss`; `best_so_far` is the best before a resume."""
 
     def __init__(self, filepath, best_so_far=None):
         super().__init__(
@@ -110,18 +90,9 @@ def patience_spent(val_losses, patience):
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping on `val_loss`, restoring the best weights, that carries on across a resume.
 
-    Keras' BackupAndRestore brings back the weights, the optimizer and the epoch, not the
-    callbacks' state: a fresh EarlyStopping would forget the best validation loss and how long it
-    has waited, stop later than the run it continues would have, and at the end restore a model
-    worse than `best.keras`. This one starts from the evaluations before the resume (kept in the
-    backup, see `RunBackup`) and the best weights in `best.keras`.
-
-    Args:
-        patience: evaluations without improvement before training stops.
-        previous_val_losses: `val_loss` of each evaluation before the resume, in order.
-        best_path: the run's `best.keras`, holding the weights of the lowest of them. Without it
-            (e.g. a multi-worker run's other machines), the best weights are those Keras keeps
-            from the next evaluation on.
+    A fresh one would forget the best loss and its wait, stop late and restore a model worse than
+    `best.keras`; this one starts from the evaluations before the resume (kept by `RunBackup`) and
+    `best_path`'s weights (without it, as on other workers, Keras keeps the best from now on).
     """
 
     def __init__(self, patience, previous_val_losses=(), best_path=None):
@@ -145,38 +116,26 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 class StopOnNaN(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss and says at which step and what to try."""
 
-    def __init__(self):
-        super().__init__()
-        self.message = None
+    message = None  # set on the instance when it stops training
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             self.message = (
-                f"Training stopped: the loss became {float(loss)} at step {step}. Try a lower "
-                "train.learning_rate, a longer train.warmup_steps, train.clip_norm=1.0, or "
-                "train.precision=float32; then start again in a new run directory."
+                f"Training stopped: the loss became {float(loss)} at step {_step(self.model)}. "
+                "Try a lower train.learning_rate, a longer train.warmup_steps, train.clip_norm=1.0, "
+                "or train.precision=float32; then start again in a new run directory."
             )
             print(f"\n{self.message}", flush=True)
             self.model.stop_training = True
 
 
 class ThroughputLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` and `tokens_per_second` to the logs of every batch and evaluation.
-
-    Place it before the loggers (CSVLogger, TensorBoard) so they record these values too.
-
-    Args:
-        tokens_per_step: tokens in one global batch (`global_batch * sequence_length`).
-    """
+    """Adds `learning_rate` and `tokens_per_second` to the logs; place it before the loggers."""
 
     def __init__(self, tokens_per_step):
         super().__init__()
         self.tokens_per_step = tokens_per_step
-
-    def _learning_rate(self):
-        return keras_compat.current_learning_rate(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -198,21 +157,13 @@ class ThroughputLogger(keras.callbacks.Callback):
         if logs is None:
             return
         elapsed = time.perf_counter() - self._epoch_start
-        logs["learning_rate"] = self._learning_rate()
+        logs["learning_rate"] = keras_compat.current_learning_rate(self.model.optimizer)
         if elapsed > 0:
             logs["tokens_per_second"] = self._steps * self.tokens_per_step / elapsed
 
 
 class SampleText(keras.callbacks.Callback):
-    """Prints a sampled continuation of a prompt at the end of each evaluation interval.
-
-    Args:
-        tokenizer: the run's `kgpt.tokenizer.Tokenizer`.
-        prompt: the text to continue.
-        max_new_tokens: length of the continuation.
-        temperature, top_k: sampling settings.
-        seed: the sampling seed (the same at every evaluation, so samples compare).
-    """
+    """Prints a sampled continuation of `prompt` after each evaluation, with the same `seed` each time."""
 
     def __init__(self, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_k=40, seed=0):
         super().__init__()
@@ -228,14 +179,12 @@ class SampleText(keras.callbacks.Callback):
         if self._generator is None:
             # Without XLA: one short sample per evaluation does not repay a compilation.
             self._generator = Generator(self.model, self.tokenizer, jit_compile=False)
-        max_new_tokens = min(self.max_new_tokens, self._generator.sequence_length - 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt keeps its end, every evaluation
             return self._generator.generate(
-                [self.prompt], max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                seed=self.seed, keep_prompt=True,
+                [self.prompt], min(self.max_new_tokens, self._generator.sequence_length - 1),
+                temperature=self.temperature, top_k=self.top_k, seed=self.seed, keep_prompt=True,
             )[0]
 
     def on_epoch_end(self, epoch, logs=None):
-        sample = self.sample()
-        print(f"\n--- sample after evaluation {epoch + 1} ---\n{sample}\n---", flush=True)
+        print(f"\n--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)

@@ -1,21 +1,7 @@
 """Perplexity evaluation: sliding-window scoring of a whole split, per-run metrics, one table.
 
-`evaluate_runs(run_dirs, data, split)` scores each run directory (a trained or imported GPT, the
-recurrent baseline, or the bigram baseline) on the same text, tokenized with each run's own
-tokenizer, and returns `Evaluation`s; `format_table` prints them side by side.
-
-The text is the split's documents, each followed by `<|endoftext|>`, with one `<|endoftext|>`
-in front so that the first token is scored too (GPT-2's convention). Every token is scored once,
-by `sliding_windows`: windows of the model's context `L` start every `stride` tokens and score
-only the targets the previous window did not, so each target sees at least `L - stride` tokens of
-left context (Hugging Face's "perplexity of fixed-length models"). `stride = L` is plain chunked
-evaluation, the windows `kgpt.data` trains and validates on. Metrics, from the total negative
-log-likelihood `NLL` (nats) over all scored tokens:
-
-- token perplexity `exp(NLL / tokens)`: depends on the tokenizer;
-- bits per byte `NLL / ln 2 / bytes` (UTF-8 bytes of the documents): tokenizer-independent;
-- word-level perplexity `exp(NLL / words)`, words = whitespace-separated words of the documents
-  (WikiText's convention): tokenizer-independent.
+`evaluate_runs` scores run directories (GPT, GRU or bigram), each with its own tokenizer, on the
+same text (`kgpt.data.scoring_tokens`); the metrics are the README's (perplexity, bits per byte, word ppl).
 """
 
 import dataclasses
@@ -69,28 +55,17 @@ class Evaluation:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def to_dict(self):
-        return {
-            **dataclasses.asdict(self),
-            "perplexity": self.perplexity,
-            "bits_per_byte": self.bits_per_byte,
-            "word_perplexity": self.word_perplexity,
-            "tokens_per_second": self.tokens_per_second,
-        }
+        metrics = ("perplexity", "bits_per_byte", "word_perplexity", "tokens_per_second")
+        return {**dataclasses.asdict(self), **{name: getattr(self, name) for name in metrics}}
 
 
 def sliding_windows(num_targets, context, stride):
-    """The windows that score `num_targets` targets once each.
-
-    Args:
-        num_targets: `M`, the targets `1..M` of a stream of `M + 1` tokens.
-        context: `L`, tokens per window.
-        stride: tokens between window starts, `1 <= stride <= L`.
+    """Windows of `context` tokens, every `stride`, that score the targets `1..num_targets` once each.
 
     Returns:
-        A list of `(start, first)`: the window's inputs are tokens `[start, start + L)`, its
-        targets tokens `[start + 1, start + L + 1)`, and it scores window positions `>= first`.
-        The last window ends exactly at the last target (it starts earlier if needed), so every
-        window has `min(L, M)` positions.
+        `[(start, first)]`: inputs are tokens `[start, start + context)`, targets one further;
+        positions `>= first` are scored. The last window ends at the last target, so every
+        window has `min(context, num_targets)` positions.
     """
     if not 1 <= stride <= context:
         raise ValueError(
@@ -99,33 +74,20 @@ def sliding_windows(num_targets, context, stride):
         )
     length = min(context, num_targets)
     last = num_targets - length
-    starts = list(range(0, last, stride)) + [last]
     windows, scored_until = [], 0
-    for start in starts:
+    for start in list(range(0, last, stride)) + [last]:
         windows.append((start, scored_until - start))
         scored_until = start + length
     return windows
 
 
 def score_stream(score, tokens, context, stride, batch_size=8, progress=None):
-    """Total negative log-likelihood of `tokens[1:]` given their left context, by sliding windows.
+    """`(nll, count)`: total nats of `tokens[1:]` given their left context, and targets scored.
 
     Args:
-        score: `score(x, y) -> nll`, int32 `(batch, length)` inputs and targets to float
-            `(batch, length)` per-position negative log-likelihoods in nats.
-        tokens: int `[M + 1]` token stream.
-        context: window length (the model's `sequence_length`).
-        stride: see `sliding_windows`.
-        batch_size: windows per `score` call (the last batch is padded with masked windows, so
-            `score` always sees one shape).
-        progress: optional `progress(done_windows, total_windows, scored_tokens)` callback.
-
-    Returns:
-        `(nll, count)`: total nats (float) and number of scored targets (`M`).
-
-    Example:
-        nll, count = score_stream(score, stream, context=256, stride=128)
-        perplexity = math.exp(nll / count)
+        score: `score(x, y)`: int32 `(batch, length)` inputs and targets to per-position nats.
+        batch_size: windows per `score` call; the last batch is padded, so one shape is traced.
+        progress: optional `progress(done_windows, total_windows, scored_tokens)`.
     """
     tokens = np.asarray(tokens, dtype=np.int32)
     num_targets = len(tokens) - 1
@@ -175,15 +137,7 @@ class LoadedRun:
 
 
 def load_run(run_dir, jit_compile=False):
-    """Loads a run directory (GPT, recurrent or bigram baseline) for evaluation.
-
-    Args:
-        run_dir: a directory written by `kgpt train`, `kgpt import-gpt2` or `kgpt baseline`.
-        jit_compile: compile the Keras scorer with XLA.
-
-    Returns:
-        A `LoadedRun`.
-    """
+    """A `LoadedRun` of a directory written by `kgpt train`, `kgpt import-gpt2` or `kgpt baseline`."""
     run = RunDirectory(run_dir)
     tokenizer = run.load_tokenizer()
     data = run.read_config().get("data", {})
@@ -201,22 +155,15 @@ def load_run(run_dir, jit_compile=False):
 
 
 def evaluation_data(data, run_data=None, data_dir=None):
-    """The `DataConfig` to evaluate on.
+    """`(DataConfig, fixed_split)` to evaluate on; `fixed_split` is `"train"` for a text file, else None.
 
     Args:
-        data: a corpus name (`wikitext2`, `imdb`, `tinyshakespeare`, ...), a text file path, or
-            None for the run's own corpus.
-        run_data: the run's `config.json` data section; its corpus options (directory, IMDB
-            validation size, lowercasing, ...) are kept when it names the same corpus.
-        data_dir: overrides the data directory (`data.dir`).
-
-    Returns:
-        `(DataConfig, fixed_split)`: `fixed_split` is `"train"` for a text file (the whole file
-        is scored, whatever the split), else None.
+        data: a corpus name, a text file path, or None for the run's own corpus.
+        run_data: the run's `config.json` data section; its options are kept for the same corpus.
+        data_dir: overrides `data.dir`.
     """
-    run_data = dict(run_data or {})
     fields = {f.name for f in dataclasses.fields(DataConfig)}
-    run_data = {k: v for k, v in run_data.items() if k in fields}
+    run_data = {k: v for k, v in (run_data or {}).items() if k in fields}
     relocated = {"dir": data_dir} if data_dir else {}
     if data is None:
         if not run_data:
@@ -254,8 +201,7 @@ def _count_text(config, split):
     return num_bytes, words
 
 
-def _progress_printer(name, stream=None):
-    stream = stream or sys.stderr
+def _progress_printer(name):
     started, last = time.perf_counter(), [0.0]
 
     def report(done, total, tokens):
@@ -266,62 +212,42 @@ def _progress_printer(name, stream=None):
         width = 30
         filled = int(width * done / total)
         rate = tokens / max(now - started, 1e-9)
-        stream.write(
+        sys.stderr.write(
             f"\r{name}: [{'=' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
             f"{rate:,.0f} tokens/s"
         )
         if done == total:
-            stream.write("\n")
-        stream.flush()
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
     return report
 
 
 def evaluate_run(run, config, split, stride=None, batch_size=8, progress=False):
-    """Scores one `LoadedRun` on a split.
-
-    Args:
-        run: from `load_run`.
-        config: the `DataConfig` of the text (see `evaluation_data`).
-        split: `"train"`, `"validation"` or `"test"`.
-        stride: window stride; default the run's context (disjoint windows).
-        batch_size: windows per batch.
-        progress: print a progress bar on stderr.
-
-    Returns:
-        An `Evaluation`.
-    """
+    """Scores a `LoadedRun` on a split of `config`'s text; `stride` defaults to its context."""
     stride = run.context if stride is None else stride
     tokens = scoring_tokens(config, run.tokenizer, split)
     num_bytes, words = _count_text(config, split)
     reporter = _progress_printer(run.name) if progress else None
     started = time.perf_counter()
     nll, count = score_stream(run.score, tokens, run.context, stride, batch_size, reporter)
-    seconds = time.perf_counter() - started
     return Evaluation(
         run=run.name, model=run.model, parameters=run.parameters, corpus=config.corpus,
         split=split, context=run.context, stride=stride, tokens=count,
-        bytes=num_bytes, words=words, nll=nll, seconds=seconds,
+        bytes=num_bytes, words=words, nll=nll, seconds=time.perf_counter() - started,
     )
 
 
 def evaluate_runs(run_dirs, data=None, split=None, stride=None, batch_size=8, data_dir=None,
                   progress=False, jit_compile=False):
-    """Scores every run directory on the same split; see the module docstring for the metrics.
+    """Scores every run directory on the same split; returns one `Evaluation` per run, in order.
 
     Args:
-        run_dirs: run directories (GPT, imported GPT-2, recurrent or bigram baselines).
-        data: `wikitext2`, `imdb`, `tinyshakespeare`, ..., a text file, or None for each run's
-            own corpus.
+        data: a corpus name, a text file, or None for each run's own corpus.
         split: default `test`, or `validation` for corpora without a test split.
-        stride: window stride (default: each run's context); must not exceed any run's context.
-        batch_size: windows per batch.
+        stride: window stride (default: each run's context); at most every run's context.
         data_dir: the corpus directory (overrides the runs' `data.dir`).
-        progress: progress bars on stderr.
-        jit_compile: compile Keras scoring with XLA.
-
-    Returns:
-        A list of `Evaluation`, one per run, in order.
+        progress, jit_compile: progress bars on stderr; Keras scoring compiled with XLA.
 
     Example:
         rows = evaluate_runs(["checkpoints/gpt2"], data="wikitext2", stride=512)
@@ -352,8 +278,7 @@ def format_table(evaluations):
          f"{e.perplexity:.3f}", f"{e.bits_per_byte:.4f}", f"{e.word_perplexity:.2f}")
         for e in evaluations
     ]
-    # Runs scored on their own corpora name theirs in a "data" column, and the first line
-    # lists every text scored.
+    # Runs scored on different texts (their own corpora) get a "data" column.
     texts = list(dict.fromkeys((e.corpus, e.split, e.bytes, e.words) for e in evaluations))
     if len(texts) > 1:
         header = header[:2] + ("data",) + header[2:]
@@ -361,16 +286,15 @@ def format_table(evaluations):
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = []
     if evaluations:
-        strides = sorted({e.stride for e in evaluations})
+        strides = ", ".join(map(str, sorted({e.stride for e in evaluations})))
         described = "; ".join(
             f"{corpus} {split}: {num_bytes:,} bytes, {words:,} words"
             for corpus, split, num_bytes, words in texts
         )
-        lines.append(f"{described}; stride {', '.join(map(str, strides))}")
+        lines.append(f"{described}; stride {strides}")
     left = 3 if len(texts) > 1 else 2  # text columns, left-aligned
     for row in [header] + rows:
-        cells = zip(row, widths)
         lines.append("  ".join(
-            cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(cells)
+            cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
         ))
     return "\n".join(lines)

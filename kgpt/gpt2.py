@@ -1,29 +1,8 @@
-"""Hugging Face GPT-2 checkpoints: import a folder into a kgpt run directory, export one back.
+"""Hugging Face GPT-2 checkpoints: `import_gpt2` a folder into a run directory, `export_gpt2` one back.
 
-`import_gpt2(hf_dir, run_dir)` reads `config.json`, the weights (`model.safetensors`, a sharded
-`model.safetensors.index.json`, or `pytorch_model.bin` through `torch.load(weights_only=True)`
-only) and `vocab.json` + `merges.txt`, and writes a run directory like `kgpt train`'s:
-`config.json`, `tokenizer/` and `final.keras`. `export_gpt2(model, tokenizer, hf_dir)` writes
-the reverse: a folder `transformers.GPT2LMHeadModel.from_pretrained` loads.
-
-Name mapping (HF Conv1D weights are already `[in, out]`, like Keras `Dense` kernels):
-
-| Hugging Face (`transformer.` prefix optional) | kgpt (`GPT` weight path) |
-| --- | --- |
-| `wte.weight` `[vocabulary, hidden]` | `embeddings/token_embedding/embeddings` (tied head) |
-| `wpe.weight` `[positions, hidden]` | `embeddings/position_embedding/embeddings` |
-| `h.{i}.ln_1.{weight,bias}` | `block_{i}/attention_norm/{gamma,beta}` |
-| `h.{i}.attn.c_attn.{weight,bias}` `[hidden, 3 hidden]` (q, k, v) | `block_{i}/attention/qkv/{kernel,bias}` |
-| `h.{i}.attn.c_proj.{weight,bias}` | `block_{i}/attention/output/{kernel,bias}` |
-| `h.{i}.ln_2.{weight,bias}` | `block_{i}/feed_forward_norm/{gamma,beta}` |
-| `h.{i}.mlp.c_fc.{weight,bias}` | `block_{i}/feed_forward/intermediate/{kernel,bias}` |
-| `h.{i}.mlp.c_proj.{weight,bias}` | `block_{i}/feed_forward/output/{kernel,bias}` |
-| `ln_f.{weight,bias}` | `final_norm/{gamma,beta}` |
-
-`lm_head.weight` may be absent (it is tied to `wte.weight`); when present it must equal it. The
-legacy `attn.bias` / `attn.masked_bias` buffers (causal masks) are ignored. safetensors files are
-read with NumPy alone (the format is a JSON header plus raw little-endian arrays), so importing
-needs no optional package; only `pytorch_model.bin` needs `torch`.
+`_hf_names` is the name mapping (HF Conv1D weights are already `[in, out]`, like Keras `Dense`
+kernels; `lm_head.weight` is tied to `wte.weight`). safetensors are read with NumPy alone;
+`pytorch_model.bin` only through `torch.load(weights_only=True)`.
 """
 
 import json
@@ -46,6 +25,7 @@ PYTORCH_FILENAME = "pytorch_model.bin"
 HF_CONFIG_FILENAME = "config.json"
 # GELU spellings that are the tanh approximation kgpt's FeedForward computes.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Legacy causal-mask buffers, not weights.
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -83,18 +63,7 @@ def _hf_names(config):
 
 
 def model_config_from_hf(hf_config):
-    """Builds the kgpt `ModelConfig` of a Hugging Face GPT-2 `config.json` dict.
-
-    Args:
-        hf_config: the parsed `config.json` (`n_embd`, `n_layer`, `n_head`, `n_positions`, ...).
-
-    Returns:
-        A `ModelConfig` (pre-LayerNorm, biases, tanh GELU, tied head, as GPT-2).
-
-    Raises:
-        ValueError: another architecture, or a GPT-2 variant kgpt does not compute (untied head,
-            another activation, layer-index attention scaling, cross-attention).
-    """
+    """The `ModelConfig` of a parsed GPT-2 `config.json`; ValueError for variants kgpt cannot compute."""
     model_type = hf_config.get("model_type")
     architectures = hf_config.get("architectures") or []
     if model_type != "gpt2":
@@ -103,16 +72,14 @@ def model_config_from_hf(hf_config):
             "imports only GPT-2 checkpoints (model_type 'gpt2', e.g. gpt2, gpt2-medium, "
             "gpt2-large, gpt2-xl)."
         )
-    unsupported = {
-        "activation_function": (hf_config.get("activation_function", "gelu_new"), TANH_GELU),
-        "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (
-            hf_config.get("scale_attn_by_inverse_layer_idx", False), (False,)
-        ),
-        "add_cross_attention": (hf_config.get("add_cross_attention", False), (False,)),
-        "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), (True,)),
-    }
-    for key, (value, supported) in unsupported.items():
+    for key, default, supported in [
+        ("activation_function", "gelu_new", TANH_GELU),
+        ("scale_attn_weights", True, (True,)),
+        ("scale_attn_by_inverse_layer_idx", False, (False,)),
+        ("add_cross_attention", False, (False,)),
+        ("tie_word_embeddings", True, (True,)),
+    ]:
+        value = hf_config.get(key, default)
         if value not in supported:
             raise ValueError(
                 f"config.json has {key}={value!r}; kgpt's GPT computes only {key} in "
@@ -138,10 +105,7 @@ def model_config_from_hf(hf_config):
 
 
 def read_safetensors(path):
-    """Reads a `.safetensors` file into `{name: np.ndarray}` with NumPy only (no code runs).
-
-    BF16 tensors are widened to float32. Arrays are memory-mapped views where possible.
-    """
+    """Reads a `.safetensors` file into `{name: np.ndarray}` with NumPy only (BF16 widened to float32)."""
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
@@ -189,12 +153,7 @@ def write_safetensors(tensors, path, metadata=None):
 
 
 def read_pytorch_bin(path):
-    """Reads `pytorch_model.bin` only through `torch.load(..., weights_only=True)`.
-
-    Raises:
-        ValueError: torch is missing or too old for `weights_only`, or the file holds anything
-            but tensors (the restricted unpickler refused it). Never falls back to full pickle.
-    """
+    """Reads `pytorch_model.bin` only through `torch.load(weights_only=True)`, never full pickle."""
     advice = (
         "Convert the checkpoint to model.safetensors (e.g. in transformers: "
         "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)) "
@@ -251,24 +210,12 @@ def read_checkpoint(directory):
 
 
 def convert_weights(tensors, config):
-    """Maps Hugging Face GPT-2 tensors onto kgpt weight paths, checking every shape.
-
-    Args:
-        tensors: `{name: array}` with or without the `transformer.` prefix.
-        config: the `ModelConfig` the tensors must fit.
+    """Maps HF GPT-2 tensors (`transformer.` prefix optional) onto kgpt weight paths, checking shapes.
 
     Returns:
         `{kgpt weight path (without the model name): float32 array}`.
-
-    Raises:
-        ValueError: a missing, unexpected or misshapen tensor (named, with the expected and the
-            found shape), or an `lm_head.weight` that differs from `wte.weight`.
     """
-    unprefixed = {}
-    for name, array in tensors.items():
-        if name.startswith("transformer."):
-            name = name[len("transformer."):]
-        unprefixed[name] = array
+    unprefixed = {name.removeprefix("transformer."): array for name, array in tensors.items()}
     lm_head = unprefixed.pop("lm_head.weight", None)
     expected = _hf_names(config)
     result = {}
@@ -302,7 +249,8 @@ def convert_weights(tensors, config):
     return result
 
 
-def read_hf_config(directory):
+def load_gpt2(directory):
+    """A built float32 kgpt `GPT` holding the weights of a Hugging Face GPT-2 folder."""
     path = os.path.join(directory, HF_CONFIG_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -310,22 +258,7 @@ def read_hf_config(directory):
             "(config.json, model.safetensors, vocab.json, merges.txt)."
         )
     with open(path, encoding="utf-8") as file:
-        return json.load(file)
-
-
-def load_gpt2(directory):
-    """Builds a kgpt `GPT` holding the weights of a Hugging Face GPT-2 folder.
-
-    Args:
-        directory: folder with `config.json` and the weights.
-
-    Returns:
-        A built `kgpt.model.GPT` (float32).
-
-    Example:
-        model = load_gpt2("downloads/gpt2")
-    """
-    config = model_config_from_hf(read_hf_config(directory))
+        config = model_config_from_hf(json.load(file))
     weights = convert_weights(read_checkpoint(directory), config)
     model = GPT.from_config_object(config)
     for variable in model.weights:
@@ -333,32 +266,11 @@ def load_gpt2(directory):
     return model
 
 
-def _imported_recipe(config, run_dir):
-    """The `config.json` of an imported run: the format `kgpt train` writes."""
-    data = DataConfig(
-        corpus="wikitext2",
-        tokenizer="gpt2",
-        tokenizer_path=os.path.abspath(RunDirectory(run_dir).tokenizer_dir),
-        sequence_length=config.sequence_length,
-    )
-    return Recipe(model=config.to_dict(), data=data, train=TrainConfig())
-
-
 def import_gpt2(hf_dir, run_dir, force=False):
-    """Imports a Hugging Face GPT-2 folder as a kgpt run directory.
+    """Imports a Hugging Face GPT-2 folder as a run directory, like `kgpt train`'s; returns the `GPT`.
 
-    Writes `run_dir/config.json` (the recipe format of `kgpt train`, plus a `source` entry),
-    `run_dir/tokenizer/` (kind `gpt2`) and `run_dir/final.keras`. `generate`, `evaluate`,
-    `export` and `train --set train.init_from=RUN_DIR` accept the result.
-
-    Args:
-        hf_dir: folder with `config.json`, weights, `vocab.json` (or `encoder.json`) and
-            `merges.txt`.
-        run_dir: the run directory to create.
-        force: replace an existing, non-empty `run_dir`.
-
-    Returns:
-        The imported `GPT`.
+    Writes `config.json` (a recipe plus a `source` entry), `tokenizer/` (kind `gpt2`) and
+    `final.keras`. `force` replaces an existing, non-empty `run_dir`.
 
     Example:
         import_gpt2("downloads/gpt2", "checkpoints/gpt2")
@@ -379,7 +291,14 @@ def import_gpt2(hf_dir, run_dir, force=False):
     with files.staged_directory(run_dir) as staging:
         staged = RunDirectory(staging)
         tokenizer.save(staged.tokenizer_dir)
-        recipe = _imported_recipe(model.model_config, run_dir).to_dict()
+        config = model.model_config
+        data = DataConfig(
+            corpus="wikitext2",
+            tokenizer="gpt2",
+            tokenizer_path=os.path.abspath(RunDirectory(run_dir).tokenizer_dir),
+            sequence_length=config.sequence_length,
+        )
+        recipe = Recipe(model=config.to_dict(), data=data, train=TrainConfig()).to_dict()
         recipe["source"] = {"format": "huggingface-gpt2", "directory": os.path.abspath(hf_dir)}
         staged.write_config(recipe)
         save_model(model, staged.file(FINAL_MODEL))
@@ -387,13 +306,11 @@ def import_gpt2(hf_dir, run_dir, force=False):
 
 
 def export_gpt2(model, tokenizer, directory):
-    """Writes a kgpt `GPT` as a Hugging Face GPT-2 folder (`GPT2LMHeadModel.from_pretrained`).
+    """Writes a kgpt `GPT` as a folder `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
     Args:
-        model: a `kgpt.model.GPT` with GPT-2's arrangement (`normalize_first`, `use_bias`).
-        tokenizer: its tokenizer; byte-level BPE (`gpt2` or `bpe`) also writes `vocab.json` and
-            `merges.txt`, other kinds write only the model.
-        directory: the folder to write (created if needed).
+        model: a `GPT` with GPT-2's arrangement (`normalize_first`, `use_bias`).
+        tokenizer: its tokenizer; BPE kinds also write `vocab.json` and `merges.txt`.
 
     Example:
         export_gpt2(load_model("checkpoints/gpt2"), load_tokenizer("checkpoints/gpt2/tokenizer"), "out/hf")
@@ -441,10 +358,7 @@ def export_gpt2(model, tokenizer, directory):
 
 
 def export_hf(run_dir, out_dir):
-    """Writes a run directory's model and tokenizer as a Hugging Face GPT-2 folder (`--format hf`).
-
-    The folder is written next to `out_dir` under a temporary name and renamed, so it is never
-    half-written; an existing non-empty `out_dir` is refused.
+    """Writes a run directory as a Hugging Face GPT-2 folder (`--format hf`), staged and renamed.
 
     Example:
         export_hf("checkpoints/gpt2_wikitext2", "exports/gpt2_wikitext2_hf")
