@@ -193,9 +193,10 @@ def evaluation_data(data, run_data=None, data_dir=None):
     return config, "train"
 
 
-def _count_text(config, split):
+def _count_text(config, split, tokenizer):
+    # The text the model scores: normalised as its tokenizer does (lowercase, punctuation).
     num_bytes = words = 0
-    for document in corpora.iter_documents(config, split):
+    for document in map(tokenizer.normalize, corpora.iter_documents(config, split)):
         num_bytes += len(document.encode("utf-8"))
         words += len(document.split())
     return num_bytes, words
@@ -227,7 +228,7 @@ def evaluate_run(run, config, split, stride=None, batch_size=8, progress=False):
     """Scores a `LoadedRun` on a split of `config`'s text; `stride` defaults to its context."""
     stride = run.context if stride is None else stride
     tokens = scoring_tokens(config, run.tokenizer, split)
-    num_bytes, words = _count_text(config, split)
+    num_bytes, words = _count_text(config, split, run.tokenizer)
     reporter = _progress_printer(run.name) if progress else None
     started = time.perf_counter()
     nll, count = score_stream(run.score, tokens, run.context, stride, batch_size, reporter)

@@ -18,7 +18,7 @@ TRAINING_TEXT = "the cat sat on the mat.\n\nhéllo wörld, the dog ran.\n\n" * 2
 EVALUATION_TEXT = "the cat sat\nhéllo wörld\non the mat."
 
 
-def _make_gpt_run(tmp_path, name, uniform=False, seed=0):
+def _make_gpt_run(tmp_path, name, uniform=False, seed=0, **data_options):
     """A run directory (tokenizer/, config.json, final.keras) with a tiny random GPT.
 
     With `uniform`, the token embeddings are zero; the head is tied to them, so every logit is 0.
@@ -32,7 +32,7 @@ def _make_gpt_run(tmp_path, name, uniform=False, seed=0):
     (tmp_path / "train.txt").write_text(TRAINING_TEXT, encoding="utf-8")
     data = DataConfig(
         corpus="text", files=("train.txt",), dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
-        tokenizer="char", sequence_length=8, validation_fraction=0.2,
+        tokenizer="char", sequence_length=8, validation_fraction=0.2, **data_options,
     )
     run_dir = tmp_path / name
     tokenizer = build_tokenizer(data, str(run_dir / "tokenizer"))
@@ -165,6 +165,16 @@ def test_uniform_logits_give_the_vocabulary_size_as_perplexity(tmp_path):
     # Word-level perplexity: exp(total NLL / words) = V ** (36 / 8); bits per byte likewise.
     assert result.word_perplexity == pytest.approx(vocabulary_size ** (36 / 8), rel=1e-4)
     assert result.bits_per_byte == pytest.approx(36 * math.log2(vocabulary_size) / 37, rel=1e-5)
+
+
+def test_bytes_and_words_are_those_of_the_text_the_model_scores(tmp_path):
+    # The tokenizer of a strip_punctuation run sees "well made  don t stop ": five words.
+    run_dir, _, tokenizer = _make_gpt_run(tmp_path, "stripped", strip_punctuation=True)
+    path = tmp_path / "evaluation.txt"
+    path.write_text("well-made, don't stop!", encoding="utf-8")
+    (result,) = evaluate_runs([run_dir], data=str(path))
+    assert tokenizer.normalize("well-made, don't stop!") == "well made  don t stop "
+    assert (result.words, result.bytes) == (5, len("well made  don t stop "))
 
 
 def test_evaluate_command_prints_one_table_and_json(tmp_path, capsys):
