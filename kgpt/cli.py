@@ -18,30 +18,29 @@ class UsageError(ValueError):
     """A command-line mistake; reported like any other user error."""
 
 
+def _command(subparsers, name, handler, help, description):
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_set(parser, metavar, help):
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
+
+
 def _add_recipe_arguments(parser, default_run_dir):
     parser.add_argument("recipe", help="a recipe such as pipelines/shakespeare_char.toml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe value, e.g. --set train.max_steps=500 (repeatable)",
-    )
+    _add_set(parser, "SECTION.KEY=VALUE", "override a recipe value, e.g. train.max_steps=500 (repeatable)")
     parser.add_argument("--run-dir", help=f"run directory (default: {default_run_dir})")
 
 
 def _add_train(subparsers):
-    parser = subparsers.add_parser(
-        "train",
-        help="train a GPT from a recipe with model.fit",
-        description=(
-            "Train a GPT from a TOML recipe (pipelines/*.toml) into a run directory. Running the "
-            "same command again resumes from the last backup."
-        ),
+    parser = _command(
+        subparsers, "train", _run_train, "train a GPT from a recipe with model.fit",
+        "Train a GPT from a TOML recipe (pipelines/*.toml) into a run directory. Running the same "
+        "command again resumes from the last backup.",
     )
     _add_recipe_arguments(parser, "checkpoints/<recipe name>")
-    parser.set_defaults(handler=_run_train)
 
 
 def _add_generate(subparsers):
@@ -134,104 +133,75 @@ def _add_serve(subparsers):
 
 
 def _add_build(subparsers):
-    parser = subparsers.add_parser(
-        "build",
-        help="build a randomly initialised model and save it as a .keras file",
-        description=(
-            "Build a GPT from model settings and save it (randomly initialised) as a .keras file. "
-            "Settings are ModelConfig fields given as --set key=value; vocabulary_size and "
-            "sequence_length are required."
-        ),
+    parser = _command(
+        subparsers, "build", _run_build, "build a randomly initialised model and save it as a .keras file",
+        "Build a GPT from ModelConfig fields given as --set key=value (vocabulary_size and "
+        "sequence_length are required) and save it, randomly initialised, as a .keras file.",
     )
     parser.add_argument("output", help="path of the .keras file to write")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a ModelConfig field, e.g. --set num_layers=2 (repeatable; 'model.' prefix allowed)",
-    )
+    _add_set(parser, "KEY=VALUE", "a ModelConfig field, e.g. num_layers=2 (repeatable; 'model.' allowed)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
-    parser.set_defaults(handler=_run_build)
 
 
 def _add_info(subparsers):
-    parser = subparsers.add_parser(
-        "info",
-        help="print a model's configuration, parameter count and layers",
-        description="Load a .keras model (or a run directory) and print its configuration, "
-        "parameter count and layer summary.",
+    parser = _command(
+        subparsers, "info", _run_info, "print a model's configuration, parameter count and layers",
+        "Load a .keras model (or a run directory) and print its configuration, parameter count "
+        "and layer summary.",
     )
     parser.add_argument("path", help="a .keras file or a run directory holding one")
-    parser.set_defaults(handler=_run_info)
 
 
 def _add_import_gpt2(subparsers):
-    parser = subparsers.add_parser(
-        "import-gpt2",
-        help="import a Hugging Face GPT-2 checkpoint as a run directory",
-        description=(
-            "Import a Hugging Face GPT-2 folder (config.json, model.safetensors or "
-            "pytorch_model.bin, vocab.json, merges.txt) as a kgpt run directory that generate, "
-            "evaluate, export and train (--set train.init_from=RUN_DIR) accept."
-        ),
+    parser = _command(
+        subparsers, "import-gpt2", _run_import_gpt2, "import a Hugging Face GPT-2 checkpoint as a run",
+        "Import a Hugging Face GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, "
+        "vocab.json, merges.txt) as a run directory for generate, evaluate, export and "
+        "train (--set train.init_from=RUN_DIR).",
     )
     parser.add_argument("hf_dir", help="the Hugging Face GPT-2 folder")
     parser.add_argument("--out", required=True, help="run directory to write, e.g. checkpoints/gpt2")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
-    parser.set_defaults(handler=_run_import_gpt2)
 
 
 def _add_evaluate(subparsers):
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="sliding-window perplexity, bits per byte and word-level perplexity of runs",
-        description=(
-            "Score run directories (trained, imported GPT-2, or baselines) on one split with "
-            "sliding windows, each with its own tokenizer, and print one table."
-        ),
+    parser = _command(
+        subparsers, "evaluate", _run_evaluate,
+        "sliding-window perplexity, bits per byte and word-level perplexity of runs",
+        "Score run directories (trained, imported GPT-2, or baselines) on one split with sliding "
+        "windows, each with its own tokenizer, and print one table.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument(
-        "--data",
-        help="wikitext2, imdb, tinyshakespeare, ... or a text file (default: each run's corpus)",
+        "--data", help="wikitext2, imdb, tinyshakespeare, ... or a text file (default: each run's corpus)"
     )
     parser.add_argument("--data-dir", help="corpus directory (default: the run's data.dir)")
     parser.add_argument(
         "--split", choices=("train", "validation", "test"),
         help="default test (validation for corpora without a test split)",
     )
-    parser.add_argument(
-        "--stride", type=int, help="tokens between window starts (default: the model's context)"
-    )
+    parser.add_argument("--stride", type=int, help="tokens between window starts (default: the context)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     parser.add_argument("--jit", action="store_true", help="compile scoring with XLA")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_run_evaluate)
 
 
 def _add_baseline(subparsers):
-    parser = subparsers.add_parser(
-        "baseline",
-        help="fit a bigram or train a GRU baseline into a run directory for 'kgpt evaluate'",
-        description=(
-            "Baselines on a recipe's data: 'bigram' counts add-k smoothed bigrams on the training "
-            "split (k tuned on validation unless --k is given); 'gru' trains a GRU with causal "
-            "attention over its own states, sized by the recipe's [model] (num_layers, num_heads, "
-            "hidden_dim), with the same data pipeline, schedule and callbacks as 'kgpt train'."
-        ),
+    parser = _command(
+        subparsers, "baseline", _run_baseline,
+        "fit a bigram or train a GRU baseline into a run directory for 'kgpt evaluate'",
+        "Baselines on a recipe's data: 'bigram' counts add-k smoothed bigrams on the training split "
+        "(k tuned on validation unless --k is given); 'gru' is the recipe with [model] kind = \"gru\", "
+        "trained like 'kgpt train'.",
     )
     parser.add_argument("kind", choices=("bigram", "gru"), help="which baseline")
     _add_recipe_arguments(parser, "checkpoints/<kind>_<recipe name>")
     parser.add_argument("--k", type=float, help="bigram: add-k constant (default: tuned)")
     parser.add_argument(
-        "--tokenizer-from",
-        metavar="RUN_DIR",
+        "--tokenizer-from", metavar="RUN_DIR",
         help="bigram: use this run's tokenizer (default: build it from [data], as 'kgpt train')",
     )
-    parser.set_defaults(handler=_run_baseline)
 
 
 def make_parser():
@@ -240,17 +210,10 @@ def make_parser():
         description="Train GPT-style language models with Keras 3, generate text, and export "
         "SavedModels for TensorFlow Serving.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    _add_train(subparsers)
-    _add_generate(subparsers)
-    _add_export(subparsers)
-    _add_serve(subparsers)
-    _add_import_gpt2(subparsers)
-    _add_evaluate(subparsers)
-    _add_baseline(subparsers)
-    _add_info(subparsers)
-    _add_build(subparsers)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_generate, _add_export, _add_serve, _add_import_gpt2, _add_evaluate,
+                _add_baseline, _add_info, _add_build):
+        add(subparsers)
     return parser
 
 
