@@ -39,12 +39,43 @@ def write_run_directory():
     return write
 
 
+# A one-layer character model over `corpus.txt`; tests pick the [train] values they need.
+TOY_RECIPE = """
+[model]
+num_layers = 1
+num_heads = 2
+hidden_dim = 16
+
+[data]
+corpus = "text"
+files = ["corpus.txt"]
+tokenizer = "char"
+sequence_length = 16
+validation_fraction = 0.2
+
+[train]
+batch_size = {batch_size}
+max_steps = {max_steps}
+eval_interval = {eval_interval}
+eval_steps = {eval_steps}
+learning_rate = 1e-2
+warmup_steps = {warmup_steps}
+min_learning_rate = 1e-3
+jit_compile = false
+"""
+
+
 @pytest.fixture
 def write_toy_recipe(tmp_path):
-    """`write(recipe_text) -> path`: the recipe, over a small, very regular corpus
-    (`corpus.txt`) written in `tmp_path`; its `[data]` section gets `dir` and `cache_dir` there."""
+    """`write(batch_size, max_steps, eval_interval, eval_steps, warmup_steps) -> path`: the toy
+    recipe over a small, very regular corpus (`corpus.txt`) written in `tmp_path`; its `[data]`
+    section gets `dir` and `cache_dir` there."""
 
-    def write(recipe_text):
+    def write(batch_size=4, max_steps=20, eval_interval=10, eval_steps=2, warmup_steps=2):
+        recipe_text = TOY_RECIPE.format(
+            batch_size=batch_size, max_steps=max_steps, eval_interval=eval_interval,
+            eval_steps=eval_steps, warmup_steps=warmup_steps,
+        )
         rng = np.random.RandomState(0)
         paragraphs = [
             " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))

@@ -13,34 +13,11 @@ from kgpt.evaluate import evaluate_runs
 from kgpt.config import load_recipe
 from kgpt.recurrent import RecurrentLanguageModel
 
-RECIPE = """
-[model]
-num_layers = 1
-num_heads = 2
-hidden_dim = 16
-
-[data]
-corpus = "text"
-files = ["corpus.txt"]
-tokenizer = "char"
-sequence_length = 16
-validation_fraction = 0.2
-
-[train]
-batch_size = 8
-max_steps = 30
-eval_interval = 10
-eval_steps = 2
-learning_rate = 1e-2
-warmup_steps = 2
-min_learning_rate = 1e-3
-jit_compile = false
-"""
 
 
 @pytest.fixture
 def recipe_path(write_toy_recipe):
-    return write_toy_recipe(RECIPE)
+    return write_toy_recipe(batch_size=8, max_steps=30)
 
 
 def test_bigram_probabilities_match_hand_counts_with_add_k():

@@ -96,29 +96,6 @@ def test_build_refuses_to_overwrite(tmp_path, capsys):
 
 # --- operating-system errors: one line, exit 2 ------------------------------------------------
 
-RECIPE = """
-[model]
-num_layers = 1
-num_heads = 2
-hidden_dim = 16
-
-[data]
-corpus = "text"
-files = ["corpus.txt"]
-tokenizer = "char"
-sequence_length = 16
-validation_fraction = 0.2
-
-[train]
-batch_size = 4
-max_steps = 4
-eval_interval = 2
-eval_steps = 1
-learning_rate = 1e-2
-warmup_steps = 1
-min_learning_rate = 1e-3
-jit_compile = false
-"""
 
 
 def _one_line_error(capsys, *fragments):
@@ -131,7 +108,7 @@ def _one_line_error(capsys, *fragments):
 
 
 def test_run_directory_that_is_a_file(write_toy_recipe, tmp_path, capsys):
-    recipe = str(write_toy_recipe(RECIPE))
+    recipe = str(write_toy_recipe(max_steps=4, eval_interval=2, eval_steps=1, warmup_steps=1))
     taken = tmp_path / "taken"
     taken.write_text("a file")
     assert main(["train", recipe, "--run-dir", str(taken)]) == 2
@@ -158,7 +135,7 @@ def _kgpt_without_root_override(argv, cwd):
 
 
 def test_read_only_run_directory_new_or_resumed(write_toy_recipe, tmp_path, capsys):
-    recipe = str(write_toy_recipe(RECIPE))
+    recipe = str(write_toy_recipe(max_steps=4, eval_interval=2, eval_steps=1, warmup_steps=1))
     finished = tmp_path / "finished"
     assert main(["train", recipe, "--run-dir", str(finished)]) == 0
     capsys.readouterr()
