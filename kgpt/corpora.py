@@ -1,28 +1,7 @@
-"""The corpora: one `Corpus` object per corpus (its download, the files of each split, its splits,
-its document reader, the options that change its documents, its default evaluation split), in a
-registry by name (`CORPORA`, `get_corpus`), and the readers that yield documents as Python strings.
-
-Corpora (`data.corpus`):
-
-| name | files | documents | splits |
-| --- | --- | --- | --- |
-| `wikitext2`, `wikitext103` | `wiki.{train,valid,test}.raw` | one per `" = Title = "` article | train, validation, test |
-| `wikitext2_tokens`, `wikitext103_tokens` | `wiki.{train,valid,test}.tokens` | same | same |
-| `imdb` | `aclImdb/{train,test}/{pos,neg}/*.txt` (+ `train/unsup` if `imdb_unsupervised`) | one per review, `<br />` -> space | train; validation = a seeded `validation_count` per polarity from test; test = the rest |
-| `tinyshakespeare` | `input.txt` | one | train = first `1 - validation_fraction` of the characters, validation = the rest |
-| `text` | `files` (paths or globs) | per file, blank-line block or line (`document_separator`) | train; validation = `validation_files` or a seeded `validation_fraction` of the documents |
-
-Adding a corpus is one `Corpus(...)` in `CORPORA` below (plus its tests and README line).
-
-Where files are looked for, in order: the data directory (`data.dir`, else `$KGPT_DATA_DIR`), both
-the corpus' folder in it (`wikitext-2-raw/`, `aclImdb/`, `tinyshakespeare/`, ...) and the
-directory itself; then `<KERAS_HOME or ~/.keras>/datasets/kgpt/<folder>/`. If the files are in
-neither, the official archive is downloaded there with `keras.utils.get_file` and verified by
-sha256 (see `Corpus.archive`), then extracted to a temporary folder and renamed, so nothing is
-left half-written. Relative `files` are resolved against the data directory when one is set.
-
-Documents come out as the corpus holds them (`strip_html` maps `<br />` to a space); lowercasing
-and punctuation stripping belong to the tokenizer (`kgpt.tokenizer.Normalization`).
+"""The corpora: one `Corpus` per corpus (its download, the files and reader of each split, the
+options that change its documents, its evaluation split) in a registry by name (`CORPORA`,
+`get_corpus`), and `iter_documents`, which yields a split's documents as Python strings. Files are
+found in the data directory or the Keras cache, where a missing corpus is downloaded and verified.
 """
 
 import dataclasses
@@ -54,32 +33,19 @@ class Archive:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """One corpus: its files, its splits, how its documents are read.
-
-    Args:
-        name: the `data.corpus` value.
-        archive: its official download (`Archive`: file, mirrors, sha256, folder), or None for a
-            corpus of the user's own files (`data.files`).
-        splits: the splits it has, from `SPLITS`.
-        split_files: split -> the paths, relative to the corpus folder, that hold it (also what
-            `find_corpus` checks for); empty for the user's files.
-        reader: `(config, split, files) -> iterable of str`: the split's documents, from the
-            paths `corpus_files` returns.
-        options: `(config, split) -> tuple of DataConfig field names` that change the split's
-            documents besides `TEXT_OPTIONS` (part of the token cache key).
-        evaluation_split: the split `kgpt evaluate` scores by default.
-        list_files: optional `(config, split) -> paths` when the files are not `split_files`
-            (IMDB's review files, the user's globs).
-    """
+    """One corpus. `archive` is its official download, or None for the user's files (`data.files`);
+    `split_files` maps each split to the paths in the corpus folder that hold it, unless
+    `list_files(config, split)` lists them; `reader(config, split, files)` yields the documents;
+    `options(config, split)` names the `DataConfig` fields besides `TEXT_OPTIONS` that change them."""
 
     name: str
-    archive: typing.Optional[Archive]
-    splits: tuple
+    archive: Archive | None
     split_files: typing.Mapping[str, tuple]
     reader: typing.Callable
     options: typing.Callable
-    evaluation_split: str
-    list_files: typing.Optional[typing.Callable] = None
+    splits: tuple = SPLITS
+    evaluation_split: str = "test"
+    list_files: typing.Callable | None = None
 
     @property
     def needs_files(self):
@@ -98,30 +64,8 @@ def keras_cache_directory():
     return os.path.join(home, "datasets", "kgpt")
 
 
-def _check_split(corpus, split):
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}; pass 'train', 'validation' or 'test'.")
-    if split not in corpus.splits:
-        raise ValueError(
-            f"corpus {corpus.name!r} has no {split} split (only {' and '.join(corpus.splits)}); "
-            f"evaluate on split={corpus.evaluation_split!r}."
-        )
-
-
-def find_corpus(config, split, download=True):
-    """Returns the folder holding `config.corpus`' files for `split`, downloading if needed.
-
-    Args:
-        config: a `DataConfig` naming a standard corpus (not `"text"`).
-        split: `"train"`, `"validation"` or `"test"`.
-        download: fetch the official archive when the files are found nowhere.
-
-    Returns:
-        A directory path.
-
-    Raises:
-        FileNotFoundError: naming the files expected, where they were looked for and the setting.
-    """
+def find_corpus(config, split):
+    """The folder holding `config.corpus`' files for `split`, downloading the archive if needed."""
     corpus = get_corpus(config.corpus)
     archive = corpus.archive
     if archive is None:
@@ -129,29 +73,23 @@ def find_corpus(config, split, download=True):
             f"corpus {corpus.name!r} has no standard folder to find; its files are data.files."
         )
     required = list(corpus.split_files[split])
-    candidates = []
     root = data_directory(config)
-    if root:
-        candidates += [os.path.join(root, archive.folder), root]
     cached = os.path.join(keras_cache_directory(), archive.folder)
-    candidates.append(cached)
+    candidates = ([os.path.join(root, archive.folder), root] if root else []) + [cached]
     for candidate in candidates:
         if all(os.path.exists(os.path.join(candidate, r)) for r in required):
             return candidate
-    errors = []
-    if download:
-        try:
-            _download(archive)
-            if all(os.path.exists(os.path.join(cached, r)) for r in required):
-                return cached
-            errors.append(f"the downloaded {archive.filename} has no {', '.join(required)}")
-        except Exception as error:  # no network, HTTP error, checksum mismatch
-            errors.append(str(error))
+    try:
+        _download(archive)
+        if all(os.path.exists(os.path.join(cached, r)) for r in required):
+            return cached
+        failure = f"the downloaded {archive.filename} has no {', '.join(required)}"
+    except Exception as error:  # no network, HTTP error, checksum mismatch
+        failure = str(error)
     raise FileNotFoundError(
         f"Corpus {config.corpus!r} ({split} split): expected {', '.join(required)} in one of "
-        f"{', '.join(repr(c) for c in candidates)}"
-        + (f"; downloading {archive.filename} failed ({'; '.join(errors)})" if errors else "")
-        + ". Put the files there, or point data.dir (or the KGPT_DATA_DIR environment variable) "
+        f"{', '.join(repr(c) for c in candidates)}; downloading {archive.filename} failed ({failure})"
+        ". Put the files there, or point data.dir (or the KGPT_DATA_DIR environment variable) "
         "at the folder that holds them."
     )
 
@@ -163,7 +101,7 @@ def _download(archive):
     cache = keras_cache_directory()
     target = os.path.join(cache, archive.folder)
     if os.path.isdir(target):
-        return target
+        return
     os.makedirs(cache, exist_ok=True)
     failures = []
     for url in archive.urls:
@@ -185,33 +123,20 @@ def _download(archive):
     else:
         raise OSError("; ".join(failures))
     staging = tempfile.mkdtemp(dir=cache, prefix=f".{archive.folder}.")
+    unpacked = os.path.join(staging, archive.folder)
     try:
         if archive.filename.endswith((".zip", ".tar.gz")):
             shutil.unpack_archive(path, staging)
-            unpacked = os.path.join(staging, archive.folder)
-        else:
-            unpacked = os.path.join(staging, archive.folder)
+        else:  # a single file
             os.makedirs(unpacked)
             shutil.copy(path, os.path.join(unpacked, archive.filename))
         os.replace(unpacked, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def read_text(path, errors="strict"):
-    """Reads a UTF-8 file.
-
-    Args:
-        path: the file.
-        errors: `"strict"` raises on invalid UTF-8; `"replace"` substitutes U+FFFD.
-
-    Returns:
-        The text.
-
-    Raises:
-        ValueError: naming the file and the byte offset of invalid UTF-8 (strict mode).
-    """
+    """Reads a UTF-8 file; invalid UTF-8 raises (naming the offset) or, with `"replace"`, is U+FFFD."""
     with open(path, "rb") as file:
         data = file.read()
     try:
@@ -225,29 +150,16 @@ def read_text(path, errors="strict"):
 
 
 def split_wikitext_articles(text):
-    """Splits WikiText into articles at top-level `" = Title = "` lines.
-
-    Sub-headings (`" = = Section = = "`) stay inside their article; blank articles are dropped.
-
-    Args:
-        text: the content of a `wiki.*.raw` / `wiki.*.tokens` file.
-
-    Returns:
-        A list of article strings, each starting with its title line.
-    """
-    articles, current = [], []
+    """Splits WikiText into non-blank articles at top-level `" = Title = "` lines (sub-headings,
+    `" = = Section = = "`, stay inside their article)."""
+    articles = [[]]
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
-        title = (
-            stripped.startswith("= ") and stripped.endswith(" =")
-            and not stripped.startswith("= =") and not stripped.endswith("= =")
-        )
-        if title and current:
-            articles.append("".join(current))
-            current = []
-        current.append(line)
-    if current:
-        articles.append("".join(current))
+        title = stripped.startswith("= ") and stripped.endswith(" =")
+        if title and "= =" not in (stripped[:3], stripped[-3:]):
+            articles.append([])  # a top-level title starts the next article
+        articles[-1].append(line)
+    articles = ["".join(lines) for lines in articles]
     return [a for a in articles if a.strip()]
 
 
@@ -262,15 +174,8 @@ def _listdir_txt(folder):
 
 
 def imdb_files(config, split):
-    """The aclImdb review files of `split` (validation carved from test, seeded, per polarity).
-
-    Args:
-        config: a `DataConfig` (`validation_count`, `seed`, `imdb_unsupervised`, `dir`).
-        split: `"train"`, `"validation"` or `"test"`.
-
-    Returns:
-        A list of file paths, deterministic given the config.
-    """
+    """The aclImdb review files of `split`; validation is a seeded `validation_count` per polarity
+    carved from test, and test the rest."""
     root = find_corpus(config, split)
     if split == "train":
         folders = ["pos", "neg"] + (["unsup"] if config.imdb_unsupervised else [])
@@ -285,19 +190,13 @@ def imdb_files(config, split):
                 f"data.validation_count below {len(files)}."
             )
         rng = np.random.default_rng([config.seed, index])
-        picked = np.zeros(len(files), dtype=bool)
-        picked[rng.choice(len(files), size=config.validation_count, replace=False)] = True
-        keep = picked if split == "validation" else ~picked
-        chosen += [f for f, k in zip(files, keep) if k]
+        picked = set(rng.choice(len(files), size=config.validation_count, replace=False))
+        chosen += [f for i, f in enumerate(files) if (i in picked) == (split == "validation")]
     return chosen
 
 
 def expand_files(patterns, config, setting="data.files"):
-    """Expands file paths / glob patterns (relative ones against the data directory), sorted.
-
-    Raises:
-        FileNotFoundError: when a pattern matches no file, naming it and where it was looked for.
-    """
+    """Expands file paths / glob patterns (relative ones against the data directory), sorted."""
     root = data_directory(config)
     paths = []
     for pattern in patterns:
@@ -324,17 +223,15 @@ def _file_documents(path, config):
 
 
 def corpus_files(config, split):
-    """The files whose content makes up `split` (what the token cache key is computed from).
-
-    Args:
-        config: a `DataConfig`.
-        split: `"train"`, `"validation"` or `"test"`.
-
-    Returns:
-        A list of file paths.
-    """
+    """The files whose content makes up `split` (what the token cache key is computed from)."""
     corpus = get_corpus(config.corpus)
-    _check_split(corpus, split)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}; pass 'train', 'validation' or 'test'.")
+    if split not in corpus.splits:
+        raise ValueError(
+            f"corpus {corpus.name!r} has no {split} split (only {' and '.join(corpus.splits)}); "
+            f"evaluate on split={corpus.evaluation_split!r}."
+        )
     if corpus.list_files is not None:
         return corpus.list_files(config, split)
     root = find_corpus(config, split)
@@ -362,26 +259,19 @@ def _text_files(config, split):
 
 
 def _read_text_files(config, split, files):
-    if config.validation_files:
-        selected = None  # corpus_files already picked files or validation_files
-    elif not config.validation_fraction:
-        if split == "validation":
-            raise ValueError(
-                "The text corpus has no validation split: data.validation_fraction is 0 and "
-                "data.validation_files is empty; set one of them."
-            )
-        selected = None
-    else:
-        counts = [len(_file_documents(p, config)) for p in files]
-        selected = _in_validation(config, sum(counts))
-        if split == "train":
-            selected = ~selected
-    index = 0
-    for path in files:
-        for document in _file_documents(path, config):
-            if selected is None or selected[index]:
-                yield document
-            index += 1
+    selected = None  # every document: corpus_files picked files or validation_files
+    if not config.validation_files and config.validation_fraction:
+        chosen = _in_validation(config, sum(len(_file_documents(p, config)) for p in files))
+        selected = ~chosen if split == "train" else chosen
+    elif not config.validation_files and split == "validation":
+        raise ValueError(
+            "The text corpus has no validation split: data.validation_fraction is 0 and "
+            "data.validation_files is empty; set one of them."
+        )
+    documents = (document for path in files for document in _file_documents(path, config))
+    for index, document in enumerate(documents):
+        if selected is None or selected[index]:
+            yield document
 
 
 def _read_imdb(config, split, files):
@@ -400,18 +290,8 @@ def _read_wikitext(config, split, files):
 
 
 def iter_documents(config, split):
-    """Yields the documents of `split` as Python strings, `strip_html` applied, blank ones skipped.
-
-    Args:
-        config: a `DataConfig`.
-        split: `"train"`, `"validation"` or `"test"`.
-
-    Yields:
-        Document strings, in a deterministic order.
-    """
-    corpus = get_corpus(config.corpus)
-    files = corpus_files(config, split)
-    for document in corpus.reader(config, split, files):
+    """Yields the documents of `split` in a deterministic order, `strip_html` applied, blank ones skipped."""
+    for document in get_corpus(config.corpus).reader(config, split, corpus_files(config, split)):
         if config.strip_html:
             document = _BR.sub(" ", document)
         if document.strip():
@@ -419,46 +299,35 @@ def iter_documents(config, split):
 
 
 def document_options(config, split):
-    """The `DataConfig` field names whose values change the documents of `split` (cache key).
-
-    Args:
-        config: a `DataConfig`.
-        split: `"train"`, `"validation"` or `"test"`.
-
-    Returns:
-        A tuple of field names: `TEXT_OPTIONS` and the corpus' own.
-    """
+    """The `DataConfig` fields whose values change the documents of `split`: `TEXT_OPTIONS` and the
+    corpus' own (part of the token cache key)."""
     return TEXT_OPTIONS + tuple(get_corpus(config.corpus).options(config, split))
 
 
 def file_identity(paths):
     """[(absolute path, size, mtime_ns)] for cache keys."""
-    identity = []
-    for path in paths:
-        stat = os.stat(path)
-        identity.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
-    return identity
+    stats = [(os.path.abspath(path), os.stat(path)) for path in paths]
+    return [(path, stat.st_size, stat.st_mtime_ns) for path, stat in stats]
 
 
-
-# sha256 values: WikiText from Apple's mlx-data (`mlx/data/datasets/wikitext.py`), the raw-v1 zip also
-# in ../shared/data/PROVENANCE.md; aclImdb_v1.tar.gz as published by several independent loaders
-# (e.g. the Julia MLDatasets and gomlx IMDB loaders); Tiny Shakespeare = karpathy/char-rnn's
-# input.txt (also in PROVENANCE.md). The Salesforce S3 bucket is the original WikiText host;
-# wikitext.smerity.com is the author's mirror of the same archives.
+# sha256 values: WikiText from Apple's mlx-data (`mlx/data/datasets/wikitext.py`; the raw-v1 zip also in
+# ../shared/data/PROVENANCE.md), aclImdb_v1.tar.gz as independent loaders publish it (Julia MLDatasets,
+# gomlx), Tiny Shakespeare = karpathy/char-rnn's input.txt (also in PROVENANCE.md). The Salesforce S3
+# bucket is WikiText's original host; wikitext.smerity.com is the author's mirror of the same archives.
 _WIKITEXT_MIRRORS = ("https://wikitext.smerity.com/", "https://s3.amazonaws.com/research.metamind.io/wikitext/")
 
 
-def _wikitext(name, zip_name, folder, suffix, sha256):
+def _wikitext(size, suffix, sha256):
+    """WikiText-`size`, its `raw` release (corpus `wikitext<size>`) or `tokens` (`wikitext<size>_tokens`)."""
+    folder = f"wikitext-{size}" + ("-raw" if suffix == "raw" else "")
+    zip_name = f"{folder}-v1.zip"
     short = {"train": "train", "validation": "valid", "test": "test"}
     return Corpus(
-        name=name,
+        name=f"wikitext{size}" + ("_tokens" if suffix == "tokens" else ""),
         archive=Archive(zip_name, tuple(m + zip_name for m in _WIKITEXT_MIRRORS), sha256, folder),
-        splits=SPLITS,
         split_files={split: (f"wiki.{short[split]}.{suffix}",) for split in SPLITS},
         reader=_read_wikitext,
         options=lambda config, split: (),
-        evaluation_split="test",
     )
 
 
@@ -475,22 +344,10 @@ _IMDB_TEST = ("test/pos", "test/neg")
 CORPORA = {
     corpus.name: corpus
     for corpus in (
-        _wikitext(
-            "wikitext2", "wikitext-2-raw-v1.zip", "wikitext-2-raw", "raw",
-            "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
-        ),
-        _wikitext(
-            "wikitext2_tokens", "wikitext-2-v1.zip", "wikitext-2", "tokens",
-            "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
-        ),
-        _wikitext(
-            "wikitext103", "wikitext-103-raw-v1.zip", "wikitext-103-raw", "raw",
-            "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
-        ),
-        _wikitext(
-            "wikitext103_tokens", "wikitext-103-v1.zip", "wikitext-103", "tokens",
-            "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
-        ),
+        _wikitext("2", "raw", "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"),
+        _wikitext("2", "tokens", "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c"),
+        _wikitext("103", "raw", "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
+        _wikitext("103", "tokens", "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590"),
         Corpus(
             name="imdb",
             archive=Archive(
@@ -499,12 +356,10 @@ CORPORA = {
                 "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
                 "aclImdb",
             ),
-            splits=SPLITS,
             # validation and test are both carved from test/ (imdb_files).
             split_files={"train": ("train/pos", "train/neg"), "validation": _IMDB_TEST, "test": _IMDB_TEST},
             reader=_read_imdb,
             options=_imdb_options,
-            evaluation_split="test",
             list_files=imdb_files,
         ),
         Corpus(
@@ -538,16 +393,7 @@ STANDARD_CORPORA = tuple(name for name, corpus in CORPORA.items() if not corpus.
 
 
 def get_corpus(name):
-    """The registered `Corpus` called `name`.
-
-    Args:
-        name: a `data.corpus` value, e.g. `"wikitext2"`.
-
-    Returns:
-        A `Corpus` from `CORPORA`.
-
-    Raises:
-        ValueError: for an unknown name, with the closest known one and the list.
+    """The registered `Corpus` called `name` (a `data.corpus` value).
 
     Example:
         get_corpus("tinyshakespeare").evaluation_split  # "validation"

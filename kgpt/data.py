@@ -1,74 +1,27 @@
-"""Input pipeline: corpus documents -> tokenizer -> cached token stream -> packed `tf.data` windows.
-
-Entry points (what training, evaluation and export call):
-
-- `DataConfig` (defined in `kgpt.config`): the `[data]` recipe section.
-- `read_documents(config, split) -> tf.data.Dataset` of `tf.string` documents.
-- `build_tokenizer(config, directory=None) -> Tokenizer`: load it from `directory` when saved
-  there, else train (`bpe`, `char`) or load (`gpt2`, `tiktoken:NAME`) it and save it there,
-  with the text normalisation of `data.lowercase` / `data.strip_punctuation`
-  (`text_normalization(config)`), which the tokenizer then applies wherever it runs.
-- `tokenize_corpus(config, tokenizer, split) -> TokenStream`: the split's token stream, every
-  document followed by `<|endoftext|>`, read from / written to the token cache.
-- `scoring_tokens(config, tokenizer, split)`: that stream with one `<|endoftext|>` in front, the
-  text that evaluation and the bigram baseline score.
-- `make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False)`:
-  packed mode yields `(x, y)`, document mode `(x, y, sample_weight)`, all `[batch,
-  sequence_length]` (int32, int32, float32); `y` is `x` shifted by one token.
-- `check_model_compatibility(config, model_config, tokenizer=None)`.
-
-Packing: the stream is cut into windows of `sequence_length + 1` tokens with stride
-`sequence_length`, so window i+1's first input is window i's last target; every token is an input
-once and a target once, and only the final `< sequence_length` tokens are left out. Document mode:
-one example per document (plus its `<|endoftext|>`), truncated or padded to `sequence_length + 1`
-with `tokenizer.padding_id`; `sample_weight` is 1 on real targets and 0 on padding, set by
-position, so padding never counts in the loss or perplexity even where padding_id equals
-end_of_text_id (GPT-2, tiktoken).
-
-Training (`shuffle=True`, the default for split "train"): the windows are shuffled (a full
-stateless permutation per pass, or a seeded buffer of `shuffle_buffer_size`), in an order that
-depends only on the seed and the pass number,
-batched with `drop_remainder=True`. Validation/test: in order, final partial batch kept. Both
-are prefetched; the whole pipeline is deterministic given the seed.
-
-Token cache: `<cache_dir>/<corpus>-<split>-<key>/{tokens.npy, document_ends.npy, meta.json}`,
-key = sha256 of the split's files (path, size, mtime), the tokenizer's fingerprint (which covers
-its normalisation) and every option that changes the documents (`corpora.document_options`). It is written to a temporary folder and renamed, reused by
-later runs, and a changed file, tokenizer or option gives a new key. `cache_dir` defaults to
-`$KGPT_CACHE_DIR`, else `~/.cache/kgpt/tokens`. Sequence length, mode and batch size are applied
-when packing, so they never invalidate the cache.
+"""Input pipeline: corpus documents -> tokenizer (`build_tokenizer`) -> token stream, cached on disk
+(`tokenize_corpus`) -> `tf.data` windows (`make_dataset`): packed `(x, y)`, or one padded example
+per document with `sample_weight` 0 on padding, set by position so that padding never counts even
+where `padding_id == end_of_text_id`. Deterministic given the seed, also across passes and resumes.
 """
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
-import typing
 
 import numpy as np
 import tensorflow as tf
 
 from kgpt import corpora, files
 from kgpt import tokenizer as tokenizers
-from kgpt.config import DataConfig  # noqa: F401  (the `[data]` section these functions take)
 
 CACHE_FORMAT_VERSION = 2  # 2: normalisation moved from the documents into the tokenizer
+_BATCH_DOCUMENTS = 1024  # documents per `encode_documents` call
 
 
 def read_documents(config, split):
-    """The documents of one split as a `tf.data.Dataset` of scalar `tf.string`.
-
-    Args:
-        config: a `DataConfig`.
-        split: `"train"`, `"validation"` or `"test"`.
-
-    Returns:
-        A `tf.data.Dataset`; files are located (or downloaded) now, read when iterated.
-
-    Example:
-        for text in read_documents(config, "validation").take(1): print(text.numpy()[:80])
-    """
+    """The documents of one split as a `tf.data.Dataset` of scalar `tf.string`; the files are
+    located (or downloaded) now, read when iterated."""
     corpora.corpus_files(config, split)  # fail now on missing files, not mid-iteration
     return tf.data.Dataset.from_generator(
         lambda: corpora.iter_documents(config, split),
@@ -77,28 +30,12 @@ def read_documents(config, split):
 
 
 def text_normalization(config):
-    """The `kgpt.tokenizer.Normalization` that `data.lowercase` / `data.strip_punctuation` ask for.
-
-    Args:
-        config: a `DataConfig`.
-
-    Returns:
-        A `Normalization`.
-    """
+    """The `kgpt.tokenizer.Normalization` that `data.lowercase` / `data.strip_punctuation` ask for."""
     return tokenizers.Normalization(lowercase=config.lowercase, strip_punctuation=config.strip_punctuation)
 
 
 def check_tokenizer(config, tokenizer, source):
-    """Raises unless `tokenizer` is what `config` asks for: its kind and its text normalisation.
-
-    Args:
-        config: a `DataConfig`.
-        tokenizer: a loaded `Tokenizer`.
-        source: where it came from, for the message (e.g. the tokenizer folder).
-
-    Raises:
-        ValueError: naming the setting that differs and the value to set.
-    """
+    """Raises unless `tokenizer` (from `source`) has the kind and normalisation `config` asks for."""
     if tokenizer.kind != config.tokenizer:
         raise ValueError(
             f"{source} holds a {tokenizer.kind!r} tokenizer but data.tokenizer = "
@@ -119,22 +56,11 @@ def check_tokenizer(config, tokenizer, source):
 
 
 def build_tokenizer(config, directory=None):
-    """Loads the tokenizer saved in `directory`, or makes one from `config` (and saves it there).
+    """Loads the tokenizer saved in `directory`, or makes one from `config` (trained on the training
+    split, or read from `data.tokenizer_path` or tiktoken's cache) and saves it there.
 
-    `bpe` and `char` are trained on the training split; `gpt2` reads `config.tokenizer_path`;
-    `tiktoken:NAME` loads the encoding from tiktoken's cache (`kgpt.tokenizer.TOKENIZER_KINDS`).
-    The tokenizer carries `text_normalization(config)` and applies it to all text it tokenizes.
-
-    Args:
-        config: a `DataConfig`.
-        directory: optional folder (e.g. `checkpoints/<run>/tokenizer`).
-
-    Returns:
-        A `kgpt.tokenizer.Tokenizer`.
-
-    Raises:
-        ValueError: when the tokenizer in `directory` (or `tokenizer_path`) is of another kind
-            or normalises text differently than `config` asks.
+    Example:
+        tokenizer = build_tokenizer(recipe.data, "checkpoints/run/tokenizer")
     """
     if directory and os.path.isfile(os.path.join(directory, tokenizers.CONFIG_FILENAME)):
         loaded = tokenizers.load_tokenizer(directory)
@@ -156,15 +82,9 @@ def build_tokenizer(config, directory=None):
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
-    """A split's tokens: each document followed by end-of-text, concatenated.
-
-    Attributes:
-        tokens: int32 `[num_tokens]`.
-        document_ends: int64 `[num_documents]`, the end offset of each document (after its
-            end-of-text token); document i is `tokens[ends[i-1]:ends[i]]`.
-        path: the cache folder it was read from or written to.
-        cached: True when read from an existing cache entry.
-    """
+    """A split's tokens, int32: each document followed by end-of-text, concatenated. Document i is
+    `tokens[document_ends[i-1]:document_ends[i]]`; `path` is its cache folder, `cached` True when it
+    was read from there."""
 
     tokens: np.ndarray
     document_ends: np.ndarray
@@ -180,11 +100,8 @@ def default_cache_directory():
 
 
 def cache_key(config, tokenizer, split):
-    """(key, description) of the token cache entry for this corpus split and tokenizer.
-
-    The tokenizer's fingerprint covers its vocabulary and its text normalisation; the options
-    are the `DataConfig` fields that change the split's documents (`corpora.document_options`).
-    """
+    """(key, description) of the token cache entry: the split's files (path, size, mtime), the
+    tokenizer's fingerprint (vocabulary and normalisation) and the options that change the documents."""
     options = corpora.document_options(config, split)
     description = {
         "format_version": CACHE_FORMAT_VERSION,
@@ -198,21 +115,10 @@ def cache_key(config, tokenizer, split):
     return hashlib.sha256(text.encode()).hexdigest()[:32], description
 
 
-def tokenize_corpus(config, tokenizer, split, batch_documents=1024):
-    """Returns the split's token stream, from the cache or by tokenizing and caching it.
-
-    Args:
-        config: a `DataConfig`.
-        tokenizer: a `kgpt.tokenizer.Tokenizer`.
-        split: `"train"`, `"validation"` or `"test"`.
-        batch_documents: documents per `encode_documents` call.
-
-    Returns:
-        A `TokenStream`.
-
-    Raises:
-        ValueError: when the split has no documents.
-    """
+def tokenize_corpus(config, tokenizer, split):
+    """The split's `TokenStream`, from `<cache_dir>/<corpus>-<split>-<key>/` or tokenized and written
+    there (atomically, so concurrent runs and killed ones never leave a partial entry). Sequence
+    length, mode and batch size are applied later, so they never invalidate the cache."""
     key, description = cache_key(config, tokenizer, split)
     root = config.cache_dir or default_cache_directory()
     path = os.path.join(root, f"{config.corpus}-{split}-{key}")
@@ -234,10 +140,10 @@ def tokenize_corpus(config, tokenizer, split, batch_documents=1024):
 
     skip_blank = not tokenizer.normalization.identity
     for document in corpora.iter_documents(config, split):
-        if skip_blank and not tokenizer.normalize(document).strip():
+        if skip_blank and not tokenizer.normalization.normalize(document).strip():
             continue  # e.g. a line of punctuation, blank once stripped: no document, as before
         batch.append(document)
-        if len(batch) == batch_documents:
+        if len(batch) == _BATCH_DOCUMENTS:
             flush()
     if batch:
         flush()
@@ -265,16 +171,9 @@ def tokenize_corpus(config, tokenizer, split, batch_documents=1024):
 
 
 def pack_windows(tokens, sequence_length):
-    """Cuts a token stream into `(x, y)` windows: `x[i] = tokens[i*s : i*s+s]`, `y` shifted by one.
-
-    Args:
-        tokens: int `[num_tokens]`.
-        sequence_length: `s`.
-
-    Returns:
-        `(inputs [n, s], next_tokens [n])`: `y[i] = concat(inputs[i, 1:], next_tokens[i])`.
-        Views of `tokens` where possible, no copy of the stream.
-    """
+    """Cuts `tokens` into windows of stride `s`: `(inputs [n, s], next_tokens [n])`, views where possible,
+    `x[i] = tokens[i*s : i*s+s]`, `y[i] = concat(inputs[i, 1:], next_tokens[i])`. Every token is an
+    input once and a target once; only the final `< s` tokens are left out."""
     count = (len(tokens) - 1) // sequence_length
     inputs = tokens[: count * sequence_length].reshape(count, sequence_length)
     next_tokens = tokens[sequence_length : count * sequence_length + 1 : sequence_length]
@@ -282,16 +181,8 @@ def pack_windows(tokens, sequence_length):
 
 
 def pad_documents(stream, sequence_length, padding_id):
-    """One row per document: its tokens (end-of-text included) truncated/padded to `s + 1`.
-
-    Args:
-        stream: a `TokenStream`.
-        sequence_length: `s`.
-        padding_id: the id written after each document's end.
-
-    Returns:
-        `(rows [n, s + 1] int32, lengths [n] int32)`; documents with no target are dropped.
-    """
+    """`(rows [n, s + 1] int32, lengths [n] int32)`: each document's tokens (end-of-text included)
+    truncated or padded with `padding_id` to `s + 1`; documents with no target are dropped."""
     ends = stream.document_ends
     starts = np.concatenate([[0], ends[:-1]])
     lengths = np.minimum(ends - starts, sequence_length + 1)
@@ -314,23 +205,14 @@ def scoring_tokens(config, tokenizer, split):
 
 
 def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False):
-    """The `tf.data` pipeline of one split: `(x, y)` (packed) or `(x, y, sample_weight)`.
+    """The `tf.data` pipeline of one split: int32 `x`, `y` `[batch, sequence_length]` (`y` is `x`
+    shifted by one token) and, in document mode, float32 `sample_weight`.
 
     Args:
-        config: a `DataConfig` (corpus, options, `sequence_length`, `mode`).
-        tokenizer: the `Tokenizer` from `build_tokenizer`.
-        split: `"train"`, `"validation"` or `"test"`.
-        batch_size: examples per batch (the global batch under a distribution strategy).
-        shuffle: shuffle windows and drop the final partial batch; default: `split == "train"`.
-        seed: shuffle seed; default `config.seed`.
-        repeat: repeat forever (reshuffled each pass), for step-based training.
-
-    Returns:
-        A `tf.data.Dataset` of int32 `[batch, sequence_length]` `x`, `y` (and float32
-        `sample_weight` in document mode).
-
-    Raises:
-        ValueError: when the split has fewer than `sequence_length + 1` tokens.
+        batch_size: the global batch under a distribution strategy.
+        shuffle: a new seeded order every pass, final partial batch dropped; default: for "train".
+        seed: default `config.seed`.
+        repeat: repeat forever, for step-based training.
 
     Example:
         train = make_dataset(config, tokenizer, "train", batch_size=12, repeat=True)
@@ -342,6 +224,9 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
     seed = config.seed if seed is None else seed
     length = config.sequence_length
     stream = tokenize_corpus(config, tokenizer, split)
+    # nanoGPT's sampling: each window starts anywhere in the stream, so later passes see new
+    # windows rather than the same cut reshuffled. `count` windows per pass.
+    random_offsets = config.mode == "packed" and shuffle and config.window_offsets == "random"
     if config.mode == "packed":
         inputs, next_tokens = pack_windows(stream.tokens, length)
         count = len(inputs)
@@ -351,27 +236,21 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
                 f"than one window of sequence_length + 1 = {length + 1}. Lower data.sequence_length "
                 "or add text."
             )
-        inputs, next_tokens = tf.constant(inputs), tf.constant(next_tokens)
-
-        def gather(index):
-            x = tf.gather(inputs, index)  # (batch, sequence_length)
-            y = tf.concat([x[:, 1:], tf.gather(next_tokens, index)[:, tf.newaxis]], axis=1)
-            return x, y
-
-        if shuffle and config.window_offsets == "random":
-            # nanoGPT's sampling: each window starts anywhere in the stream, so later passes see
-            # new windows rather than the same cut reshuffled. `count` windows per pass.
+        if random_offsets:
             stream_tokens = tf.constant(stream.tokens)
             offsets = tf.range(length + 1, dtype=tf.int64)
 
-            def gather(start):  # noqa: F811  replaces the aligned gather
+            def gather(start):
                 window = tf.gather(stream_tokens, start[:, tf.newaxis] + offsets)  # (batch, s + 1)
                 return window[:, :-1], window[:, 1:]
 
-            dataset = _random_starts(count, stream.tokens.size - length - 1, seed, repeat)
-            dataset = dataset.batch(batch_size, drop_remainder=True)
-            dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            return dataset.prefetch(tf.data.AUTOTUNE)
+        else:
+            inputs, next_tokens = tf.constant(inputs), tf.constant(next_tokens)
+
+            def gather(index):
+                x = tf.gather(inputs, index)  # (batch, sequence_length)
+                y = tf.concat([x[:, 1:], tf.gather(next_tokens, index)[:, tf.newaxis]], axis=1)
+                return x, y
 
     else:
         rows, lengths = pad_documents(stream, length, tokenizer.padding_id)
@@ -390,7 +269,9 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
             weight = tf.cast(positions[tf.newaxis, :] < targets, tf.float32)
             return window[:, :-1], window[:, 1:], weight
 
-    if shuffle:
+    if random_offsets:
+        dataset = _random_starts(count, stream.tokens.size - length - 1, seed, repeat)
+    elif shuffle:
         dataset = _shuffled_indices(count, seed, config.shuffle_buffer_size, repeat)
     else:
         dataset = tf.data.Dataset.range(count)
@@ -403,7 +284,6 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
 
 def _random_starts(count, max_start, seed, repeat):
     """`count` window start positions in `[0, max_start]` per pass, a pure function of the seed."""
-    passes = tf.data.Dataset.range(2**62 if repeat else 1)
 
     def one_pass(number):
         seed_pair = tf.stack([tf.constant(seed, tf.int64), number + 2**40])  # apart from shuffles
@@ -412,7 +292,7 @@ def _random_starts(count, max_start, seed, repeat):
         )
         return tf.data.Dataset.from_tensor_slices(starts)
 
-    return passes.flat_map(one_pass)
+    return tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
 
 
 def _shuffled_indices(count, seed, buffer_size, repeat):
@@ -422,7 +302,6 @@ def _shuffled_indices(count, seed, buffer_size, repeat):
     iterator, so every tf.distribute replica layout, every worker and every resumed run (which
     skips the batches it already trained on) sees exactly the same stream.
     """
-    passes = tf.data.Dataset.range(2**62 if repeat else 1)
 
     def one_pass(number):
         seed_pair = tf.stack([tf.constant(seed, tf.int64), number])
@@ -434,17 +313,11 @@ def _shuffled_indices(count, seed, buffer_size, repeat):
             buffer_size, seed=pass_seed, reshuffle_each_iteration=False
         )
 
-    return passes.flat_map(one_pass)
+    return tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
 
 
 def check_model_compatibility(config, model_config, tokenizer=None):
-    """Raises if the data does not fit the model: sequence length or vocabulary too large.
-
-    Args:
-        config: a `DataConfig`.
-        model_config: a `kgpt.config.ModelConfig`.
-        tokenizer: optional; its `vocabulary_size` must not exceed the model's.
-    """
+    """Raises if the data does not fit the model: sequence length or vocabulary too large."""
     if config.sequence_length > model_config.sequence_length:
         raise ValueError(
             f"data.sequence_length={config.sequence_length} is larger than the model's "
