@@ -196,7 +196,8 @@ def evaluation_data(data, run_data=None, data_dir=None):
 def _count_text(config, split, tokenizer):
     # The text the model scores: normalised as its tokenizer does (lowercase, punctuation).
     num_bytes = words = 0
-    for document in map(tokenizer.normalize, corpora.iter_documents(config, split)):
+    normalize = tokenizer.normalization.normalize
+    for document in map(normalize, corpora.iter_documents(config, split)):
         num_bytes += len(document.encode("utf-8"))
         words += len(document.split())
     return num_bytes, words

@@ -173,7 +173,7 @@ def test_bytes_and_words_are_those_of_the_text_the_model_scores(tmp_path):
     path = tmp_path / "evaluation.txt"
     path.write_text("well-made, don't stop!", encoding="utf-8")
     (result,) = evaluate_runs([run_dir], data=str(path))
-    assert tokenizer.normalize("well-made, don't stop!") == "well made  don t stop "
+    assert tokenizer.normalization.normalize("well-made, don't stop!") == "well made  don t stop "
     assert (result.words, result.bytes) == (5, len("well made  don t stop "))
 
 
