@@ -92,9 +92,15 @@ class Config:
         for name in names:
             value = getattr(self, name)
             if value <= 0:
-                raise ValueError(
-                    f"{self.key(name)}={value} must be a positive integer; set it to at least 1."
-                )
+                least = "; set it to at least 1" if isinstance(value, int) else ""
+                raise ValueError(f"{self.key(name)}={value} must be positive{least}.")
+
+    def check_range(self, name, low, high, fix=""):
+        """Raises unless `low <= value < high` (`None` values pass: they mean "unset")."""
+        value = getattr(self, name)
+        if value is not None and not low <= value < high:
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high})"
+            raise ValueError(f"{self.key(name)}={value} must be {bounds}{fix}.")
 
     def check_choice(self, name, options):
         value = getattr(self, name)
@@ -175,8 +181,7 @@ class ModelConfig(Config):
                 f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}; "
                 f"choose num_heads that divides hidden_dim (one of {divisors}) or change hidden_dim."
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1); use 0.0 to disable dropout.")
+        self.check_range("dropout", 0.0, 1.0, "; use 0.0 to disable dropout")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(
                 f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive (GPT-2 uses 1e-5)."
@@ -243,16 +248,8 @@ class DataConfig(Config):
                 f"set it to at least {minimum} (e.g. 8192)."
             )
         self.check_positive("sequence_length", "validation_count")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(
-                f"data.validation_fraction={self.validation_fraction} must be in [0, 1); "
-                "0.1 holds out a tenth."
-            )
-        if self.shuffle_buffer_size is not None and self.shuffle_buffer_size < 1:
-            raise ValueError(
-                f"data.shuffle_buffer_size={self.shuffle_buffer_size} must be positive, or unset "
-                "to shuffle all windows."
-            )
+        self.check_range("validation_fraction", 0.0, 1.0, "; 0.1 holds out a tenth")
+        self.check_range("shuffle_buffer_size", 1, float("inf"), ", or unset to shuffle all windows")
         if corpus.needs_files and not self.files:
             raise ValueError(
                 f"data.corpus = \"{self.corpus}\" needs data.files: a list of paths or globs, e.g. "
@@ -301,16 +298,12 @@ class TrainConfig(Config):
     section = "train"
 
     def validate(self):
-        self.check_positive("batch_size", "max_steps", "eval_interval", "steps_per_execution")
-        if self.eval_steps is not None and self.eval_steps <= 0:
-            raise ValueError(f"train.eval_steps={self.eval_steps} must be positive, or omitted for all.")
-        for name in ("learning_rate", "epsilon", "sample_temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be positive (e.g. 1e-3).")
+        self.check_positive("batch_size", "max_steps", "eval_interval", "steps_per_execution",
+                            "learning_rate", "epsilon", "sample_temperature")
+        self.check_range("eval_steps", 1, float("inf"), ", or omitted to evaluate the whole split")
         for name in ("warmup_steps", "min_learning_rate", "weight_decay", "clip_norm", "patience",
                      "sample_length", "sample_top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must not be negative.")
+            self.check_range(name, 0, float("inf"))
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(
                 f"train.min_learning_rate={self.min_learning_rate} exceeds train.learning_rate="
@@ -321,9 +314,8 @@ class TrainConfig(Config):
                 f"train.decay_steps={self.decay_steps} is before the end of warm-up "
                 f"(train.warmup_steps={self.warmup_steps}); make decay_steps >= warmup_steps."
             )
-        for name in ("beta_1", "beta_2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1).")
+        self.check_range("beta_1", 0.0, 1.0)
+        self.check_range("beta_2", 0.0, 1.0)
         self.check_choice("strategy", STRATEGIES)
         self.check_choice("precision", PRECISIONS)
         if self.max_steps % self.eval_interval:
