@@ -1,17 +1,8 @@
 """Distribution: choosing the `tf.distribute` strategy and making Keras 3 correct under it.
 
-Two fixes live here, each limited to what Keras gets wrong today (Keras 3.15, TF 2.20):
-
-- Gradient clipping. Keras clips each replica's gradients by their own global norm *before*
-  summing them across replicas, so a clipped multi-replica step differs from the same step on one
-  device. `AdamW` here clips the summed gradients instead.
-- `model.fit` under MultiWorkerMirroredStrategy fails (keras-team/keras#20585):
-  `_maybe_symbolic_build` reduces a nest of per-replica batches with `strategy.reduce`, which
-  only takes single values across workers, and the step logs (scalars) are then reduced along
-  axis 0. `enable_multi_worker_fit` rebinds those methods on one model instance.
-
-The private Keras and tf.distribute attributes both fixes rely on are reached through
-`kgpt.keras_compat`.
+Two fixes for what Keras 3.15 gets wrong, through `kgpt.keras_compat`: `AdamW` clips the gradients
+summed across replicas (Keras clips each replica's own before the sum), and
+`enable_multi_worker_fit` makes `fit` run under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 """
 
 import os
@@ -24,11 +15,7 @@ from kgpt import keras_compat
 
 
 def make_strategy(name):
-    """The strategy for `train.strategy`: `auto`, `default`, `mirrored` or `multiworker`.
-
-    `auto` picks MirroredStrategy when more than one GPU is visible. `multiworker` reads the
-    cluster from `TF_CONFIG`.
-    """
+    """The `train.strategy` named `auto` (mirrored on >1 GPU), `default`, `mirrored` or `multiworker`."""
     if name == "auto":
         name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
     if name == "default":
@@ -65,11 +52,7 @@ def _replicas():
 
 @keras.saving.register_keras_serializable(package="kgpt")
 class AdamW(keras.optimizers.AdamW):
-    """Keras' AdamW with global-norm clipping applied after the cross-replica gradient sum.
-
-    On one device it is exactly `keras.optimizers.AdamW`. Both methods override private Keras
-    methods; `kgpt.keras_compat.OVERRIDDEN_METHODS` lists them and checks them on import.
-    """
+    """Keras' AdamW with global-norm clipping after the cross-replica gradient sum (one device: Keras')."""
 
     def _clip_gradients(self, grads):
         if _replicas() > 1:
@@ -87,14 +70,12 @@ class AdamW(keras.optimizers.AdamW):
 
 
 def _first_local_replica(value):
-    if isinstance(value, tf.distribute.DistributedValues):
-        return value.values[0]
-    return value
+    return value.values[0] if isinstance(value, tf.distribute.DistributedValues) else value
 
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras only needs an example batch's shapes and dtypes here; take this worker's first
-    # replica's batch instead of reducing the whole (x, y) nest across workers.
+    # replica's batch: `strategy.reduce` of the whole (x, y) nest fails across workers.
     if iterator is not None and keras_compat.distribute_strategy(self) is not None:
         for _, _, step_iterator in iterator:
             data_batch = keras.tree.map_structure(_first_local_replica, next(step_iterator))
@@ -118,13 +99,10 @@ def _test_step(self, data):
 
 
 def enable_multi_worker_fit(model):
-    """Lets `model.fit` / `evaluate` run under a multi-worker MultiWorkerMirroredStrategy.
+    """Lets `model.fit` / `evaluate` run under a multi-worker strategy; call it after `compile`.
 
-    Works around keras-team/keras#20585 by rebinding three methods on this model instance only;
-    the class, its config and saved files are unchanged. Call it after `compile`.
-
-    Returns:
-        `model`.
+    Rebinds three methods on this model instance only (class, config and saved files unchanged);
+    returns `model`.
     """
     keras_compat.replace_symbolic_build(model, _maybe_symbolic_build)
     model.train_step = types.MethodType(_train_step, model)

@@ -1,22 +1,10 @@
 """Every private Keras, keras-hub and tf.distribute attribute kgpt touches, in one place.
 
-kgpt relies on a few internals that have no public spelling: where `BackupAndRestore` keeps its
-files, the epoch `fit` resumes from, the learning rate an optimizer applies at this step, the
-keras-hub BPE tables, and the private methods kgpt overrides in subclasses. The rest of kgpt
-reaches them only through the named functions here; a Keras or keras-hub upgrade that renames
-one fails loudly, with a `RuntimeError` naming the attribute and the installed version, instead of
-silently training or tokenizing differently.
-
-- Reads and writes of private attributes: the functions below (`backup_weights_path`,
-  `set_initial_epoch`, `current_learning_rate`, `byte_pair_cache`, ...).
-- Private methods kgpt overrides (they cannot be wrapped): `OVERRIDDEN_METHODS` lists each with
-  the parameters kgpt's override expects; `check_overridden_methods()` runs when this module is
-  imported (kgpt.callbacks and kgpt.distribute import it) and raises when one is gone or its
-  parameters changed. keras-hub is imported lazily, so its internals are checked when the BPE
-  layer is built (`graph_byte_pair_layer`).
-
-Tested with Keras 3.15.1, keras-hub 0.32.0 and TensorFlow 2.20.0 (tests/test_keras_compat.py);
-pyproject.toml admits keras >= 3.10 and keras-hub >= 0.20, where the guards are what tells.
+The rest of kgpt reaches them only through the functions here, and the private methods it
+overrides or calls are checked on import (`check_overridden_methods`; keras-hub's when the BPE
+layer is built): an upgrade that renames one fails with a `RuntimeError` naming it and the
+installed version, instead of silently training or tokenizing differently. Tested with the
+versions in `TESTED_VERSIONS`; pyproject.toml admits keras >= 3.10 and keras-hub >= 0.20.
 """
 
 import inspect
@@ -61,10 +49,10 @@ def _versions():
     return ", ".join(installed)
 
 
-def _changed(what, detail=""):
+def _changed(what, detail="is missing"):
     tested = ", ".join(f"{name} {number}" for name, number in TESTED_VERSIONS.items())
     return RuntimeError(
-        f"{what} {detail or 'is missing'} in the installed {_versions()}; kgpt relies on it "
+        f"{what} {detail} in the installed {_versions()}; kgpt relies on it "
         f"(see kgpt/keras_compat.py, tested with {tested}). Install the tested versions "
         "(pip install 'keras==3.15.1' 'keras-hub==0.32.0') or update kgpt.keras_compat."
     )
@@ -76,22 +64,15 @@ def _check_method(owner, name, parameters):
         raise _changed(f"{owner.__name__}.{name}")
     found = tuple(inspect.signature(method).parameters)
     if found != parameters:
-        raise _changed(
-            f"{owner.__name__}.{name}",
-            f"takes {found} instead of {parameters}",
-        )
+        raise _changed(f"{owner.__name__}.{name}", f"takes {found} instead of {parameters}")
 
 
 def check_overridden_methods(methods=None):
-    """Checks that each private method kgpt overrides or calls still exists, with its parameters.
+    """Raises a RuntimeError unless each private method kgpt overrides or calls is unchanged.
 
     Args:
         methods: `{(class, name): parameter names}`; default: `OVERRIDDEN_METHODS` and
             `CALLED_METHODS`.
-
-    Raises:
-        RuntimeError: naming the first method that is missing or whose parameters changed, and
-            the installed Keras / keras-hub versions.
     """
     if methods is None:
         methods = {**OVERRIDDEN_METHODS, **CALLED_METHODS}
@@ -111,38 +92,17 @@ def _read(instance, name):
 
 
 def backup_weights_path(callback):
-    """The weights file a `BackupAndRestore` writes and restores (`<backup_dir>/latest.weights.h5`).
-
-    Args:
-        callback: a `keras.callbacks.BackupAndRestore`.
-
-    Returns:
-        The path, a string.
-    """
+    """The weights file a `BackupAndRestore` writes and restores (`<backup_dir>/latest.weights.h5`)."""
     return _read(callback, "_weights_path")
 
 
 def backup_metadata_path(callback):
-    """The JSON file in which a `BackupAndRestore` records the epoch to resume from.
-
-    Args:
-        callback: a `keras.callbacks.BackupAndRestore`.
-
-    Returns:
-        The path, a string.
-    """
+    """The JSON file in which a `BackupAndRestore` records the epoch to resume from."""
     return _read(callback, "_training_metadata_path")
 
 
 def backup_epoch(callback):
-    """The epoch a `BackupAndRestore` records in its next backup (the epochs completed).
-
-    Args:
-        callback: a `keras.callbacks.BackupAndRestore`.
-
-    Returns:
-        An int.
-    """
+    """The epoch a `BackupAndRestore` records in its next backup (the epochs completed), an int."""
     return _read(callback, "_current_epoch")
 
 
@@ -150,48 +110,23 @@ def backup_epoch(callback):
 
 
 def set_initial_epoch(model, epoch):
-    """Makes a `fit` that has started resume at `epoch`, as `BackupAndRestore` does on restore.
-
-    Args:
-        model: the `keras.Model` being fitted.
-        epoch: the first epoch to run (an int).
-    """
+    """Makes a `fit` that has started resume at `epoch`, as `BackupAndRestore` does on restore."""
     _read(model, "_initial_epoch")  # present on every Keras 3 Trainer
     model._initial_epoch = epoch
 
 
 def initial_epoch(model):
-    """The epoch a `fit` resumes from after a restore (None when nothing was restored).
-
-    Args:
-        model: a `keras.Model`.
-
-    Returns:
-        An int or None.
-    """
+    """The epoch a `fit` resumes from after a restore (None when nothing was restored)."""
     return _read(model, "_initial_epoch")
 
 
 def distribute_strategy(model):
-    """The `tf.distribute` strategy a model was created under (None when made outside any).
-
-    Args:
-        model: a `keras.Model` (TensorFlow backend).
-
-    Returns:
-        A `tf.distribute.Strategy` or None.
-    """
+    """The `tf.distribute` strategy a model was created under (None when made outside any)."""
     return _read(model, "_distribute_strategy")
 
 
 def symbolic_build(model, iterator=None, data_batch=None):
-    """Runs Keras' own `Model._maybe_symbolic_build` (the class's, not a rebound one).
-
-    Args:
-        model: a `keras.Model`.
-        iterator: Keras' epoch iterator, or None.
-        data_batch: an example batch, or None.
-    """
+    """Runs Keras' own `Model._maybe_symbolic_build` (the class's, not a rebound one)."""
     method = _read(type(model), "_maybe_symbolic_build")
     return method(model, iterator=iterator, data_batch=data_batch)
 
@@ -199,60 +134,30 @@ def symbolic_build(model, iterator=None, data_batch=None):
 def replace_symbolic_build(model, function):
     """Rebinds `_maybe_symbolic_build` on one model instance (its class stays as it is).
 
-    Args:
-        model: a compiled `keras.Model`.
-        function: `function(model, iterator=None, data_batch=None)`; it may call
-            `symbolic_build` for Keras' own behaviour.
+    `function(model, iterator=None, data_batch=None)` may call `symbolic_build` for Keras' own.
     """
     key = (keras.Model, "_maybe_symbolic_build")
     _check_method(*key, OVERRIDDEN_METHODS[key])
     model._maybe_symbolic_build = types.MethodType(function, model)
 
 
-# --- keras.callbacks.ModelCheckpoint and optimizers -----------------------------------------
+# --- keras.callbacks.ModelCheckpoint, optimizers and tf.distribute --------------------------
 
 
 def checkpoint_should_save(callback, epoch, batch, logs):
-    """Whether a `ModelCheckpoint` would save now (`save_best_only` and its monitor applied).
-
-    Updates the callback's best value as Keras does when it saves.
-
-    Args:
-        callback: a `keras.callbacks.ModelCheckpoint`.
-        epoch, batch, logs: as passed to `ModelCheckpoint._save_model`.
-
-    Returns:
-        A bool.
-    """
+    """Whether a `ModelCheckpoint` would save now; updates its best value as Keras does on save."""
     method = _read(callback, "_should_save_model")
     return method(epoch, batch, logs, callback.filepath)
 
 
 def current_learning_rate(optimizer):
-    """The learning rate the optimizer applies at its current step (schedules evaluated).
-
-    Args:
-        optimizer: a built `keras.optimizers.Optimizer`.
-
-    Returns:
-        A Python float.
-    """
+    """The learning rate a built optimizer applies at its current step (schedules evaluated)."""
     method = _read(optimizer, "_get_current_learning_rate")
     return float(keras.ops.convert_to_numpy(method()))
 
 
-# --- tf.distribute ----------------------------------------------------------------------------
-
-
 def in_multi_worker_mode(strategy):
-    """True when a `tf.distribute` strategy spans more than one worker.
-
-    Args:
-        strategy: a `tf.distribute.Strategy` (a MultiWorkerMirroredStrategy).
-
-    Returns:
-        A bool.
-    """
+    """True when a `tf.distribute` strategy spans more than one worker."""
     method = _read(strategy.extended, "_in_multi_worker_mode")
     return bool(method())
 
@@ -263,16 +168,7 @@ BYTE_PAIR_INTERNALS = ("cache", "token_to_id_map", "_bpe_merge_and_update_cache_
 
 
 def graph_byte_pair_layer(vocabulary, merges, unsplittable_tokens):
-    """keras-hub's `BytePairTokenizer` layer, built for graph use only (no Python workflow).
-
-    Args:
-        vocabulary: dict token -> id.
-        merges: list of merge rules `"a b"`.
-        unsplittable_tokens: special tokens kept whole (e.g. `["<|endoftext|>"]`).
-
-    Returns:
-        A `keras_hub.tokenizers.BytePairTokenizer` producing int32 ids.
-    """
+    """keras-hub's `BytePairTokenizer` producing int32 ids, built for graph use only."""
     import keras_hub
 
     layer = keras_hub.tokenizers.BytePairTokenizer(
@@ -288,48 +184,22 @@ def graph_byte_pair_layer(vocabulary, merges, unsplittable_tokens):
 
 
 def has_byte_pair_internals(layer):
-    """True when a keras-hub `BytePairTokenizer` has the merge cache and tables kgpt drives.
-
-    Args:
-        layer: a `keras_hub.tokenizers.BytePairTokenizer`.
-
-    Returns:
-        A bool; when False, kgpt falls back to the layer's own `tokenize`.
-    """
+    """True when a `BytePairTokenizer` has the tables kgpt drives (else kgpt uses its `tokenize`)."""
     return all(hasattr(layer, name) for name in BYTE_PAIR_INTERNALS)
 
 
 def byte_pair_cache(layer):
-    """The layer's word -> merged-pieces cache (`lookup(words)`; `""` for unseen words).
-
-    Args:
-        layer: a `keras_hub.tokenizers.BytePairTokenizer`.
-
-    Returns:
-        keras-hub's `BytePairTokenizerCache`.
-    """
+    """The layer's word -> merged-pieces cache (`lookup(words)`; `""` for unseen words)."""
     return _read(layer, "cache")
 
 
 def byte_pair_token_to_id(layer):
-    """The layer's token -> id lookup table.
-
-    Args:
-        layer: a `keras_hub.tokenizers.BytePairTokenizer`.
-
-    Returns:
-        A `tf.lookup.StaticHashTable`.
-    """
+    """The layer's token -> id lookup table (a `tf.lookup.StaticHashTable`)."""
     return _read(layer, "token_to_id_map")
 
 
 def byte_pair_merge_into_cache(layer, words):
-    """Runs the BPE merges on `words` (tf.string `[n]`) and adds the results to the layer's cache.
-
-    Args:
-        layer: a `keras_hub.tokenizers.BytePairTokenizer`.
-        words: pre-split words not yet in `byte_pair_cache(layer)`.
-    """
+    """Runs the BPE merges on `words` (tf.string `[n]`, not yet cached) and adds them to the cache."""
     _read(layer, "_bpe_merge_and_update_cache_tf")(words)
 
 

@@ -1,14 +1,8 @@
 """The GPT building blocks as registered Keras 3 layers: embeddings, attention, MLP, decoder block.
 
-Owns the one attention core (`attend`), the kinds of position embedding (a registry by name:
-`POSITION_EMBEDDINGS`), and the key/value cache write (`update_cache`). Every layer is written
-with `keras.ops`, takes explicit keyword arguments and round-trips through `get_config`.
-
-A layer's cache is a `(key, value)` pair, each `(batch, num_heads, max_length, head_dim)`: the
-layout the attention matmuls read, so a decode step never slices or restacks it. New positions
-are written with a scatter (`update_cache`), never `ops.slice_update`: on the TensorFlow backend
-that op becomes `XlaDynamicUpdateSlice`, which forces XLA compilation, and TensorFlow Serving runs
-with XLA off.
+Owns the one attention core (`attend`), the position-embedding kinds by name
+(`POSITION_EMBEDDINGS`) and the key/value cache write (`update_cache`); the README's "Cached
+decoding" gives the cache layout and why it is written with a scatter.
 """
 
 import difflib
@@ -18,29 +12,11 @@ import keras
 from keras import ops
 
 
-def _initializer(value):
-    return keras.initializers.get(value)
-
-
-def _serialize(initializer):
-    return keras.initializers.serialize(initializer)
-
-
 def update_cache(cache, update, start_index):
-    """Writes `update` into `cache` along axis 2 at `start_index`, without `slice_update`.
+    """Writes `update` into `cache` `(batch, num_heads, max_length, head_dim)` from `start_index` on.
 
-    Args:
-        cache: `(batch, num_heads, max_length, head_dim)` tensor.
-        update: `(batch, num_heads, update_length, head_dim)` tensor, `update_length <= max_length`.
-        start_index: scalar int tensor; positions `[start_index, start_index + update_length)`
-            are replaced, all others kept.
-
-    Returns:
-        A tensor shaped like `cache`. The write is a scatter of the new rows (TensorFlow's
-        `TensorScatterUpdate`): a standard kernel that runs without XLA, as TensorFlow Serving
-        runs graphs, where `slice_update` would lower to the XLA-only `XlaDynamicUpdateSlice`;
-        inside an XLA-compiled decode loop it updates the cache in place instead of rewriting
-        it whole, as a masked select would.
+    A scatter (`TensorScatterUpdate`): it runs without XLA, as TensorFlow Serving does, where
+    `slice_update` lowers to the XLA-only `XlaDynamicUpdateSlice`; under XLA it writes in place.
     """
     update = ops.cast(update, cache.dtype)
     shape = ops.shape(update)
@@ -56,16 +32,7 @@ def update_cache(cache, update, start_index):
 
 
 def causal_mask(query_length, key_length, start_index=0):
-    """Which keys each query may see: those at its own position or before.
-
-    Args:
-        query_length: number of queries; query `i` sits at absolute position `start_index + i`.
-        key_length: number of keys; key `j` sits at absolute position `j`.
-        start_index: scalar int (tensor or Python int), the position of the first query.
-
-    Returns:
-        A bool tensor `(query_length, key_length)`, True where query `i` may attend to key `j`.
-    """
+    """Bool `(query_length, key_length)`: True where query `i` (at `start_index + i`) may see key `j`."""
     query_positions = ops.arange(query_length, dtype="int32") + ops.cast(start_index, "int32")
     key_positions = ops.arange(key_length, dtype="int32")
     return key_positions[None, :] <= query_positions[:, None]
@@ -75,19 +42,13 @@ def attend(query, key, value, mask, dropout_layer=None, training=None):
     """The attention core: `softmax(mask(query @ key^T / sqrt(head_dim))) @ value`.
 
     The one place that scales, masks, normalizes (in float32, also under mixed precision) and
-    drops attention probabilities. Keys and values may be longer than the queries (a cache).
+    drops attention probabilities. Returns `query`'s shape in `value`'s dtype.
 
     Args:
         query: `(batch, num_heads, length, head_dim)`.
-        key, value: `(batch, num_heads, key_length, head_dim)`; the cache's layout, which the
-            einsums read without transposing it.
-        mask: bool `(length, key_length)` (see `causal_mask`); False positions get no weight.
-            Every query must see at least one key.
+        key, value: `(batch, num_heads, key_length, head_dim)`; a cache may be longer than `query`.
+        mask: bool `(length, key_length)` (see `causal_mask`); every query must see a key.
         dropout_layer: a `keras.layers.Dropout` applied to the probabilities, or None.
-        training: passed to `dropout_layer`.
-
-    Returns:
-        `(batch, num_heads, length, head_dim)` in the dtype of `value`.
     """
     # (batch, heads, length, key_length)
     scores = ops.cast(ops.einsum("bhld,bhsd->bhls", query, key), "float32")
@@ -103,27 +64,13 @@ POSITION_EMBEDDINGS = {}
 
 
 def register_position_embedding(name):
-    """Class decorator that makes a layer available as position-embedding kind `name`.
+    """Class decorator that registers a layer as position-embedding kind `name`.
 
-    A kind is a registered Keras layer built as
-    `cls(sequence_length=, hidden_dim=, embeddings_initializer=, dtype=, name=)`, called as
-    `layer(token_embeddings, start_index=0)` on `(batch, length, hidden_dim)` token embeddings of
-    positions `[start_index, start_index + length)` and returning them, same shape, with the
-    positions added; its classmethod `parameter_count(sequence_length, hidden_dim)` gives its
-    number of weights. Adding a kind is one such class in this module, registered by name; the
-    model, configs and checkpoints need no change. (Kinds that act inside attention, such as
-    rotary embeddings, would also need a hook in `attend`, which this contract does not have.)
-
-    Args:
-        name: the kind's name in configs and recipes.
-
-    Returns:
-        The decorator, which returns the class unchanged.
-
-    Example:
-        @register_position_embedding("sinusoidal")
-        @keras.saving.register_keras_serializable(package="kgpt")
-        class SinusoidalPositionEmbedding(keras.layers.Layer): ...
+    A kind is a registered Keras layer built with `sequence_length`, `hidden_dim`,
+    `embeddings_initializer`, `dtype` and `name`; `layer(token_embeddings, start_index=0)` adds
+    the positions `[start_index, start_index + length)`; its classmethod
+    `parameter_count(sequence_length, hidden_dim)` counts its weights. (Kinds that act inside
+    attention, such as rotary embeddings, would also need a hook in `attend`.)
     """
 
     def register(cls):
@@ -139,17 +86,7 @@ def register_position_embedding(name):
 
 
 def get_position_embedding(name):
-    """Returns the layer class of position-embedding kind `name`.
-
-    Args:
-        name: a key of `POSITION_EMBEDDINGS`, such as `"learned"`.
-
-    Returns:
-        The registered layer class.
-
-    Raises:
-        ValueError: unknown name, with the closest known one and the full list.
-    """
+    """The layer class of position-embedding kind `name`; a ValueError names the closest kind."""
     if name not in POSITION_EMBEDDINGS:
         known = sorted(POSITION_EMBEDDINGS)
         close = difflib.get_close_matches(str(name), known, n=1)
@@ -164,20 +101,7 @@ def get_position_embedding(name):
 @register_position_embedding("learned")
 @keras.saving.register_keras_serializable(package="kgpt")
 class LearnedPositionEmbedding(keras.layers.Layer):
-    """Learned absolute positions (GPT-2's `wpe`): a trained `(sequence_length, hidden_dim)` table.
-
-    Args:
-        sequence_length: positions in the table, the longest context.
-        hidden_dim: embedding width.
-        embeddings_initializer: initializer of the table.
-
-    Call args:
-        inputs: token embeddings `(batch, length, hidden_dim)`.
-        start_index: position of the first token (non-zero when decoding with a cache).
-
-    Returns:
-        `inputs` plus the table rows of positions `[start_index, start_index + length)`.
-    """
+    """Learned absolute positions (GPT-2's `wpe`): a trained `(sequence_length, hidden_dim)` table."""
 
     def __init__(
         self, sequence_length, hidden_dim, embeddings_initializer="glorot_uniform", **kwargs
@@ -185,7 +109,7 @@ class LearnedPositionEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
         self.hidden_dim = hidden_dim
-        self.embeddings_initializer = _initializer(embeddings_initializer)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         # As keras.layers.Embedding: the table is read in its own dtype, the rows cast after.
         self.autocast = False
 
@@ -199,7 +123,6 @@ class LearnedPositionEmbedding(keras.layers.Layer):
             initializer=self.embeddings_initializer,
             name="embeddings",
         )
-        self.built = True
 
     def call(self, inputs, start_index=0):
         length = ops.shape(inputs)[1]
@@ -216,28 +139,16 @@ class LearnedPositionEmbedding(keras.layers.Layer):
             **super().get_config(),
             "sequence_length": self.sequence_length,
             "hidden_dim": self.hidden_dim,
-            "embeddings_initializer": _serialize(self.embeddings_initializer),
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
         }
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
 class TokenAndPositionEmbedding(keras.layers.Layer):
-    """Token embedding plus a position embedding of a registered kind.
+    """Token embedding plus a position embedding of a registered kind (`"learned"`: GPT-2's).
 
-    Args:
-        vocabulary_size: number of token ids.
-        sequence_length: maximum number of positions.
-        hidden_dim: embedding width.
-        embeddings_initializer: initializer of the tables (GPT-2: normal, stddev 0.02).
-        position_embedding: name of the position-embedding kind (see
-            `register_position_embedding`); `"learned"` is GPT-2's table.
-
-    Call args:
-        token_ids: int tensor `(batch, length)`.
-        start_index: position of the first token (non-zero when decoding with a cache).
-
-    The token table is exposed as `token_embedding.embeddings` so that the model can tie its output
-    head to it; the position layer is `position_embedding` (the name in weight paths).
+    Called as `layer(token_ids, start_index=0)`. The token table is `token_embedding.embeddings`
+    (the model ties its output head to it); the position layer is `position_embedding`.
     """
 
     def __init__(
@@ -253,7 +164,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.vocabulary_size = vocabulary_size
         self.sequence_length = sequence_length
         self.hidden_dim = hidden_dim
-        self.embeddings_initializer = _initializer(embeddings_initializer)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         # The kind's name; `position_embedding` holds its layer (weight paths name that attribute).
         self.position_embedding_kind = position_embedding
         kind = get_position_embedding(position_embedding)
@@ -275,7 +186,6 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         self.token_embedding.build(input_shape)
         self.position_embedding.build(tuple(input_shape) + (self.hidden_dim,))
-        self.built = True
 
     def call(self, token_ids, start_index=0):
         # (batch, length) -> (batch, length, hidden)
@@ -290,39 +200,24 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             "vocabulary_size": self.vocabulary_size,
             "sequence_length": self.sequence_length,
             "hidden_dim": self.hidden_dim,
-            "embeddings_initializer": _serialize(self.embeddings_initializer),
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "position_embedding": self.position_embedding_kind,
         }
 
 
-@keras.saving.register_keras_serializable(package="kgpt")
-class CausalSelfAttention(keras.layers.Layer):
-    """Multi-head causal self-attention with one fused query/key/value projection.
+class _ResidualLayer(keras.layers.Layer):
+    """The arguments, config and shape shared by the layers that write into the residual stream.
 
     Args:
-        num_heads: attention heads; must divide the input width.
-        dropout: dropout rate on the attention probabilities in training (GPT-2's
-            `attn_pdrop`); the block applies its own dropout to this layer's output.
-        use_bias: biases in the two projections.
-        kernel_initializer: initializer of the fused QKV kernel.
-        output_kernel_initializer: initializer of the output projection (GPT-2 scales it down by
-            `sqrt(2 * num_layers)` because it writes into the residual stream).
-
-    Call args:
-        inputs: `(batch, length, hidden)`.
-        training: applies the probability dropout.
-
-    `call_with_cache(inputs, cache, start_index)` takes `cache` as a `(key, value)` pair, each
-    `(batch, num_heads, max_length, head_dim)`, writes the new keys and values at `start_index`,
-    attends over positions `<= start_index + i` and returns `(outputs, (key, value))`.
-
-    Three paths, one core: without probability dropout the full pass runs Keras' fused
-    `ops.dot_product_attention`; with it, and against a cache, `attend` computes the same.
+        dropout: dropout rate (GPT-2 uses one rate for attention probabilities and outputs).
+        use_bias: biases in the projections.
+        kernel_initializer: initializer of the input-side kernels.
+        output_kernel_initializer: initializer of the residual output kernels (GPT-2 scales it
+            down by `sqrt(2 * num_layers)` so the residual stream does not grow with depth).
     """
 
     def __init__(
         self,
-        num_heads,
         dropout=0.0,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -330,11 +225,49 @@ class CausalSelfAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_heads = num_heads
         self.dropout = dropout
         self.use_bias = use_bias
-        self.kernel_initializer = _initializer(kernel_initializer)
-        self.output_kernel_initializer = _initializer(output_kernel_initializer)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.output_kernel_initializer = keras.initializers.get(output_kernel_initializer)
+
+    def _dense(self, units, kernel_initializer, name, input_shape):
+        """A Dense sublayer with this layer's `use_bias` and dtype policy, built on `input_shape`."""
+        dense = keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=kernel_initializer,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+        dense.build(input_shape)
+        return dense
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "output_kernel_initializer": keras.initializers.serialize(self.output_kernel_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="kgpt")
+class CausalSelfAttention(_ResidualLayer):
+    """Multi-head causal self-attention with one fused query/key/value projection.
+
+    `num_heads` must divide the input width; `dropout` applies to the attention probabilities in
+    training (GPT-2's `attn_pdrop`); the other arguments are `_ResidualLayer`'s. Three paths, one
+    core: without probability dropout the full pass runs Keras' fused `ops.dot_product_attention`;
+    with it, and against a cache (`call_with_cache`), `attend` computes the same.
+    """
+
+    def __init__(self, num_heads, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -345,31 +278,13 @@ class CausalSelfAttention(keras.layers.Layer):
             )
         self.hidden_dim = hidden_dim
         self.head_dim = hidden_dim // self.num_heads
-        self.qkv_dense = keras.layers.Dense(
-            3 * hidden_dim,
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-            name="qkv",
-        )
-        self.qkv_dense.build(input_shape)
-        self.output_dense = keras.layers.Dense(
-            hidden_dim,
-            use_bias=self.use_bias,
-            kernel_initializer=self.output_kernel_initializer,
-            dtype=self.dtype_policy,
-            name="output",
-        )
-        self.output_dense.build(tuple(input_shape[:-1]) + (hidden_dim,))
+        self.qkv_dense = self._dense(3 * hidden_dim, self.kernel_initializer, "qkv", input_shape)
+        self.output_dense = self._dense(hidden_dim, self.output_kernel_initializer, "output", input_shape)
         self.probability_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.built = True
 
     def _project(self, inputs, heads_first):
-        """Query, key and value of `inputs` `(batch, length, hidden)`, in one of two layouts.
-
-        `heads_first`: each `(batch, heads, length, head_dim)`, the cache's and `attend`'s
-        layout; otherwise each `(batch, length, heads, head_dim)`, that of the fused op.
-        """
+        """Query, key and value of `inputs` `(batch, length, hidden)`: with `heads_first`, each
+        `(batch, heads, length, head_dim)` (the cache's layout), else `(batch, length, heads, head_dim)`."""
         batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
         # (batch, length, 3, heads, head_dim)
         qkv = ops.reshape(self.qkv_dense(inputs), (batch, length, 3, self.num_heads, self.head_dim))
@@ -401,16 +316,9 @@ class CausalSelfAttention(keras.layers.Layer):
         return self._merge(attended, heads_first=True)
 
     def call_with_cache(self, inputs, cache, start_index):
-        """Attends from new tokens over the cache (see the class docstring).
+        """Attends from `inputs` (at `start_index` on) over `cache`, a `(key, value)` pair.
 
-        Args:
-            inputs: `(batch, length, hidden)`, the tokens at positions
-                `[start_index, start_index + length)`.
-            cache: `(key, value)`, each `(batch, num_heads, max_length, head_dim)`.
-            start_index: scalar int, where the new keys and values are written.
-
-        Returns:
-            `(outputs, (key, value))`: outputs `(batch, length, hidden)` and the updated cache.
+        Returns `(outputs, (key, value))`, the cache with the new keys and values written.
         """
         query, key, value = self._project(inputs, heads_first=True)
         key_cache = update_cache(cache[0], key, start_index)
@@ -419,173 +327,89 @@ class CausalSelfAttention(keras.layers.Layer):
         attended = attend(query, key_cache, value_cache, mask)
         return self._merge(attended, heads_first=True), (key_cache, value_cache)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {
-            **super().get_config(),
-            "num_heads": self.num_heads,
-            "dropout": self.dropout,
-            "use_bias": self.use_bias,
-            "kernel_initializer": _serialize(self.kernel_initializer),
-            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
-        }
+        return {**super().get_config(), "num_heads": self.num_heads}
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
-class FeedForward(keras.layers.Layer):
-    """Position-wise MLP: Dense -> GELU (tanh approximation, as GPT-2) -> Dense -> Dropout.
+class FeedForward(_ResidualLayer):
+    """Position-wise MLP: Dense(intermediate_dim) -> GELU (tanh, as GPT-2) -> Dense -> Dropout."""
 
-    Args:
-        intermediate_dim: width of the hidden layer.
-        dropout: dropout rate on the output.
-        use_bias: biases in both Dense layers.
-        kernel_initializer: initializer of the first kernel.
-        output_kernel_initializer: initializer of the second (residual) kernel.
-    """
-
-    def __init__(
-        self,
-        intermediate_dim,
-        dropout=0.0,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        output_kernel_initializer="glorot_uniform",
-        **kwargs,
-    ):
+    def __init__(self, intermediate_dim, **kwargs):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
-        self.dropout = dropout
-        self.use_bias = use_bias
-        self.kernel_initializer = _initializer(kernel_initializer)
-        self.output_kernel_initializer = _initializer(output_kernel_initializer)
 
     def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        self.intermediate_dense = keras.layers.Dense(
-            self.intermediate_dim,
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-            name="intermediate",
+        self.intermediate_dense = self._dense(
+            self.intermediate_dim, self.kernel_initializer, "intermediate", input_shape
         )
-        self.intermediate_dense.build(input_shape)
-        self.output_dense = keras.layers.Dense(
-            hidden_dim,
-            use_bias=self.use_bias,
-            kernel_initializer=self.output_kernel_initializer,
-            dtype=self.dtype_policy,
-            name="output",
+        intermediate_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
+        self.output_dense = self._dense(
+            input_shape[-1], self.output_kernel_initializer, "output", intermediate_shape
         )
-        self.output_dense.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.built = True
 
     def call(self, inputs, training=None):
         hidden = ops.gelu(self.intermediate_dense(inputs), approximate=True)
         return self.dropout_layer(self.output_dense(hidden), training=training)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {
-            **super().get_config(),
-            "intermediate_dim": self.intermediate_dim,
-            "dropout": self.dropout,
-            "use_bias": self.use_bias,
-            "kernel_initializer": _serialize(self.kernel_initializer),
-            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
-        }
+        return {**super().get_config(), "intermediate_dim": self.intermediate_dim}
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
-class DecoderBlock(keras.layers.Layer):
+class DecoderBlock(_ResidualLayer):
     """Transformer decoder block: causal self-attention and a feed-forward layer, each residual.
 
     Args:
         num_heads: attention heads; must divide the input width.
         intermediate_dim: width of the feed-forward layer.
-        dropout: dropout rate on the attention probabilities and output (the feed-forward applies
-            its own), as GPT-2 uses one rate for all three.
-        layer_norm_epsilon: epsilon of both LayerNormalizations.
-        normalize_first: True for GPT-2's pre-LayerNorm block
-            (`x + attn(ln(x))`, `x + mlp(ln(x))`); False for the original post-LayerNorm block
-            (`ln(x + attn(x))`, `ln(x + mlp(x))`).
-        use_bias: biases in the projections.
-        kernel_initializer: initializer of the input-side kernels.
-        output_kernel_initializer: initializer of the two residual output kernels.
+        normalize_first: True for GPT-2's pre-LayerNorm block (`x + attn(ln(x))`); False for
+            the original post-LayerNorm block (`ln(x + attn(x))`).
+        dropout, use_bias, kernel_initializer, output_kernel_initializer: see `_ResidualLayer`.
 
     Call args:
         inputs: `(batch, length, hidden)`.
         cache: None for a full causal pass; or this block's `(key, value)` cache, each
             `(batch, num_heads, max_length, head_dim)`, holding positions `< start_index`.
         start_index: scalar int, the position of the first of `inputs` (with a cache).
-        training: applies dropout (full pass only; decoding never trains).
 
     Returns:
         `outputs` `(batch, length, hidden)`; with a cache, `(outputs, cache)` with the keys and
         values of `inputs` written at `start_index`.
-
-    Example:
-        outputs = block(hidden)
-        outputs, cache = block(hidden, cache=cache, start_index=index)
     """
 
     def __init__(
-        self,
-        num_heads,
-        intermediate_dim,
-        dropout=0.0,
-        layer_norm_epsilon=1e-5,
-        normalize_first=True,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        output_kernel_initializer="glorot_uniform",
-        **kwargs,
+        self, num_heads, intermediate_dim, *, layer_norm_epsilon=1e-5, normalize_first=True, **kwargs
     ):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
-        self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.normalize_first = normalize_first
-        self.use_bias = use_bias
-        self.kernel_initializer = _initializer(kernel_initializer)
-        self.output_kernel_initializer = _initializer(output_kernel_initializer)
 
     def build(self, input_shape):
+        # What the block shares with its attention and feed-forward layers.
+        shared = {
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "kernel_initializer": self.kernel_initializer,
+            "output_kernel_initializer": self.output_kernel_initializer,
+            "dtype": self.dtype_policy,
+        }
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
         )
         self.attention_norm.build(input_shape)
-        self.attention = CausalSelfAttention(
-            self.num_heads,
-            dropout=self.dropout,
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            output_kernel_initializer=self.output_kernel_initializer,
-            dtype=self.dtype_policy,
-            name="attention",
-        )
+        self.attention = CausalSelfAttention(self.num_heads, name="attention", **shared)
         self.attention.build(input_shape)
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.feed_forward_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="feed_forward_norm"
         )
         self.feed_forward_norm.build(input_shape)
-        self.feed_forward = FeedForward(
-            self.intermediate_dim,
-            dropout=self.dropout,
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            output_kernel_initializer=self.output_kernel_initializer,
-            dtype=self.dtype_policy,
-            name="feed_forward",
-        )
+        self.feed_forward = FeedForward(self.intermediate_dim, name="feed_forward", **shared)
         self.feed_forward.build(input_shape)
-        self.built = True
 
     def call(self, inputs, cache=None, start_index=0, training=None):
         # Attention branch; pre-LN normalizes its input, post-LN the residual sum.
@@ -606,18 +430,11 @@ class DecoderBlock(keras.layers.Layer):
             x = self.feed_forward_norm(x)
         return x if cache is None else (x, cache)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {
             **super().get_config(),
             "num_heads": self.num_heads,
             "intermediate_dim": self.intermediate_dim,
-            "dropout": self.dropout,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "normalize_first": self.normalize_first,
-            "use_bias": self.use_bias,
-            "kernel_initializer": _serialize(self.kernel_initializer),
-            "output_kernel_initializer": _serialize(self.output_kernel_initializer),
         }

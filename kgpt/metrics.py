@@ -12,29 +12,15 @@ from keras import ops
 class Perplexity(keras.metrics.Metric):
     """Token-level perplexity `exp(sum(w * nll) / sum(w))` from next-token logits.
 
-    `sample_weight` masks tokens: a token with weight 0 never counts, whatever its logits
-    (even if its NLL is infinite). The NLL is computed in float32 from a log-softmax, so
-    bfloat16 / float16 logits are safe.
-
-    Distribution: both sums are `aggregation="sum"`, `synchronization="on_read"` variables (the
-    Keras 3 default for metric variables). Read outside a replica (e.g. `model.evaluate`'s and
-    `fit`'s epoch-end logs) they are summed over all replicas and workers. Read inside a
-    replica (Keras' `train_step` computes its progress-bar logs there), `result()` all-reduces
-    the two sums first, so every replica reports the exact global value too.
+    A token with `sample_weight` 0 never counts, whatever its logits (even an infinite NLL). The
+    NLL is computed in float32, so bfloat16 / float16 logits are safe. The two sums are Keras'
+    on-read metric variables, summed over replicas and workers when read outside a replica;
+    inside one (Keras' `train_step` logs), `result()` all-reduces them first. `result()` is 0.0
+    while no token has weight (a real perplexity is >= 1), as `keras.metrics.Mean` gives 0.
 
     Args:
         from_logits: `y_pred` holds logits (default); `False` means probabilities.
-        name: metric name, used as the logs key (`perplexity`, `val_perplexity`).
         dtype: dtype of the result (the sums are always float32).
-
-    Call args (`update_state`):
-        y_true: int token ids `(batch, length)`.
-        y_pred: logits or probabilities `(batch, length, vocabulary_size)`.
-        sample_weight: optional weights broadcastable to `(batch, length)`; 0 masks a token.
-
-    Returns (`result`):
-        A float32 scalar; 0.0 while no token has weight (a real perplexity is always >= 1, so
-        0 reads as "nothing measured", like `keras.metrics.Mean` returning 0 when empty).
 
     Example:
         model.compile(optimizer, loss=keras.losses.SparseCategoricalCrossentropy(

@@ -1,9 +1,7 @@
 """The GPT model: embeddings -> decoder blocks -> final LayerNorm -> tied output head.
 
-`GPT` is a registered `keras.Model` whose constructor takes the `ModelConfig` fields, so
-`get_config` and `.keras` files carry the whole architecture. Besides `call` (a full causal
-pass, used by `fit`), it has the cached decoding entry points that generation and export use:
-`initial_cache` and `call_with_cache`.
+`GPT`, a registered `keras.Model` whose config is the `ModelConfig` fields, with the cached
+decoding entry points `initial_cache` and `call_with_cache`; `build_model`, `count_parameters`.
 """
 
 import math
@@ -17,21 +15,9 @@ from kgpt.layers import DecoderBlock, TokenAndPositionEmbedding, get_position_em
 
 @keras.saving.register_keras_serializable(package="kgpt")
 class GPT(keras.Model):
-    """A GPT-2 style decoder-only language model returning next-token logits.
+    """A GPT-2 style decoder-only language model: token ids `(batch, length)` -> float32 logits.
 
-    Args:
-        vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim, intermediate_dim,
-        dropout, layer_norm_epsilon, normalize_first, use_bias, initializer_range,
-            position_embedding: the fields of `ModelConfig`, validated the same way;
-            `position_embedding` names a kind registered in `kgpt.layers`
-            (`register_position_embedding`).
-
-    Call args:
-        token_ids: int tensor `(batch, length)`, `length <= sequence_length`.
-        training: enables dropout.
-
-    Returns:
-        float32 logits `(batch, length, vocabulary_size)`.
+    Takes the fields of `ModelConfig`, validated the same way; `length <= sequence_length`.
 
     Example:
         model = GPT.from_config_object(ModelConfig(vocabulary_size=32, sequence_length=8))
@@ -55,7 +41,7 @@ class GPT(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        config = ModelConfig(
+        self.model_config = config = ModelConfig(
             vocabulary_size=vocabulary_size,
             sequence_length=sequence_length,
             num_layers=num_layers,
@@ -69,10 +55,7 @@ class GPT(keras.Model):
             initializer_range=initializer_range,
             position_embedding=position_embedding,
         )
-        self.model_config = config
         initializer = keras.initializers.RandomNormal(stddev=config.initializer_range)
-        # GPT-2: residual projections are scaled down so the residual stream's variance does
-        # not grow with depth.
         output_initializer = keras.initializers.RandomNormal(
             stddev=config.initializer_range / math.sqrt(2 * config.num_layers)
         )
@@ -104,13 +87,11 @@ class GPT(keras.Model):
             for index in range(config.num_layers)
         ]
         # Post-LayerNorm blocks already end in a LayerNorm; GPT-2's pre-LN stack needs a final one.
-        self.final_norm = (
-            keras.layers.LayerNormalization(
+        self.final_norm = None
+        if config.normalize_first:
+            self.final_norm = keras.layers.LayerNormalization(
                 epsilon=config.layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
             )
-            if config.normalize_first
-            else None
-        )
         self.build((None, config.sequence_length))
 
     @classmethod
@@ -125,7 +106,6 @@ class GPT(keras.Model):
             block.build(hidden_shape)
         if self.final_norm is not None:
             self.final_norm.build(hidden_shape)
-        self.built = True
 
     @property
     def token_embeddings(self):
@@ -147,17 +127,9 @@ class GPT(keras.Model):
         return self._head(x)
 
     def initial_cache(self, batch_size, max_length=None):
-        """An all-zero key/value cache.
+        """An all-zero cache of `max_length` positions (default: `sequence_length`), a nest of tensors.
 
-        Args:
-            batch_size: rows in the batch (int or scalar tensor).
-            max_length: positions the cache holds; defaults to `sequence_length`.
-
-        Returns:
-            A tuple with one `(key, value)` pair per layer, each tensor
-            `(batch, num_heads, max_length, head_dim)` in the compute dtype. A nested structure
-            of tensors: it can be `tf.while_loop` state, and `tf.nest.map_structure` applies a
-            function (e.g. a reorder by beam) to every tensor of it.
+        One `(key, value)` pair per layer, each `(batch, num_heads, max_length, head_dim)`.
         """
         config = self.model_config
         max_length = config.sequence_length if max_length is None else max_length
@@ -168,20 +140,11 @@ class GPT(keras.Model):
         )
 
     def call_with_cache(self, token_ids, cache, start_index):
-        """Runs new tokens against the key/value cache; the decoding step of generation.
+        """The decoding step: new `token_ids` at positions from `start_index` on, against `cache`.
 
-        Args:
-            token_ids: int `(batch, length)`: the tokens at positions
-                `[start_index, start_index + length)`.
-            cache: from `initial_cache` or a previous call (one `(key, value)` pair per layer,
-                each `(batch, num_heads, max_length, head_dim)`), holding positions
-                `< start_index`.
-            start_index: scalar int; `start_index + length` must not exceed the cache length.
-
-        Returns:
-            `(logits, cache)`: float32 logits `(batch, length, vocabulary_size)`, equal to
-            those of a full pass over the same prefix, and the cache, same structure, with these
-            tokens added.
+        `cache` comes from `initial_cache` or a previous call and holds positions `< start_index`;
+        `start_index + length` must not exceed its length. Returns `(logits, cache)`: the logits of
+        a full pass over the same prefix, and the cache with these tokens added.
         """
         x = self.embeddings(token_ids, start_index=start_index)
         updated = []
@@ -191,7 +154,6 @@ class GPT(keras.Model):
         return self._head(x), tuple(updated)
 
     def get_config(self):
-        # keras.Model's own config (name, trainable, dtype) plus the architecture.
         return {**super().get_config(), **self.model_config.to_dict()}
 
     @classmethod
@@ -209,15 +171,14 @@ def build_model(config, **kwargs):
 def count_parameters(config):
     """Closed-form parameter count of `GPT` for a `ModelConfig` (tied head counted once).
 
-    Per block: two LayerNorms (`4h`), fused QKV (`3h^2 + 3h`), output (`h^2 + h`), and the MLP
-    (`2hi + i + h`); biases only when `use_bias`. Plus the token table, the position embedding's
-    weights (its kind's `parameter_count`) and, for pre-LayerNorm models, the final LayerNorm.
+    Per block: two LayerNorms (`4h`), fused QKV (`3h^2 + 3h`), output (`h^2 + h`), MLP (`2hi + i + h`),
+    biases only when `use_bias`; plus the token table, the position kind's `parameter_count` and,
+    for pre-LayerNorm models, the final LayerNorm.
     """
     h, i = config.hidden_dim, config.intermediate_dim
     bias = 1 if config.use_bias else 0
     block = 4 * h + (3 * h * h + bias * 3 * h) + (h * h + bias * h) + (2 * h * i + bias * (i + h))
-    kind = get_position_embedding(config.position_embedding)
-    positions = kind.parameter_count(config.sequence_length, h)
+    positions = get_position_embedding(config.position_embedding).parameter_count(config.sequence_length, h)
     total = config.vocabulary_size * h + positions + config.num_layers * block
     if config.normalize_first:
         total += 2 * h

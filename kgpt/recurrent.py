@@ -5,6 +5,10 @@ from keras import ops
 
 from kgpt.config import ModelConfig
 
+# The `ModelConfig` fields this model takes; the GPT-only ones (intermediate_dim, ...) are unused.
+FIELDS = ("vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim", "dropout",
+          "layer_norm_epsilon", "initializer_range")
+
 
 @keras.saving.register_keras_serializable(package="kgpt")
 class RecurrentLanguageModel(keras.Model):
@@ -14,19 +18,8 @@ class RecurrentLanguageModel(keras.Model):
     LayerNorm -> tied head (logits = x @ token_embedding^T, float32). The attention lets each
     position look back at every earlier GRU state instead of only the last one.
 
-    Args:
-        vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim, dropout,
-        layer_norm_epsilon, initializer_range: as in `ModelConfig` (`sequence_length` is the
-            training and evaluation window; the GRU itself has no length limit).
-
-    Call args:
-        token_ids: int `(batch, length)`.
-
-    Returns:
-        float32 logits `(batch, length, vocabulary_size)`.
-
-    Example:
-        model = RecurrentLanguageModel.from_config_object(ModelConfig(vocabulary_size=65, sequence_length=64))
+    Takes the `FIELDS` of `ModelConfig` (`sequence_length` is the training and evaluation window;
+    the GRU itself has no length limit); token ids `(batch, length)` -> float32 logits.
     """
 
     def __init__(self, vocabulary_size, sequence_length, num_layers=1, num_heads=4, hidden_dim=128,
@@ -59,10 +52,8 @@ class RecurrentLanguageModel(keras.Model):
 
     @classmethod
     def from_config_object(cls, config, **kwargs):
-        """Builds from a `ModelConfig`; its GPT-only fields (intermediate_dim, ...) are unused."""
-        used = ("vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim",
-                "dropout", "layer_norm_epsilon", "initializer_range")
-        return cls(**{name: getattr(config, name) for name in used}, **kwargs)
+        """Builds from a `ModelConfig`'s `FIELDS`."""
+        return cls(**{name: getattr(config, name) for name in FIELDS}, **kwargs)
 
     def build(self, input_shape):
         hidden_shape = tuple(input_shape) + (self.model_config.hidden_dim,)
@@ -71,7 +62,6 @@ class RecurrentLanguageModel(keras.Model):
             layer.build(hidden_shape)
         self.attention.build(hidden_shape, hidden_shape)
         self.norm.build(hidden_shape)
-        self.built = True
 
     def call(self, token_ids, training=None):
         x = self.embedding_dropout(self.token_embedding(token_ids), training=training)
@@ -83,13 +73,7 @@ class RecurrentLanguageModel(keras.Model):
         return ops.matmul(x, ops.transpose(table))  # (batch, length, vocabulary)
 
     def get_config(self):
-        config = self.model_config
-        return {
-            **super().get_config(),
-            **{name: getattr(config, name) for name in (
-                "vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim",
-                "dropout", "layer_norm_epsilon", "initializer_range")},
-        }
+        return {**super().get_config(), **{name: getattr(self.model_config, name) for name in FIELDS}}
 
     @classmethod
     def from_config(cls, config):

@@ -1,8 +1,4 @@
-"""The `WarmupCosine` learning-rate schedule: linear warmup, cosine decay, then a flat floor.
-
-Written with `keras.ops` only, so it runs on a float or int step tensor, inside `tf.function`
-and under XLA, and it round-trips through `get_config` and `.keras` files.
-"""
+"""The `WarmupCosine` learning-rate schedule (`keras.ops` only: it runs in `tf.function` and XLA)."""
 
 import math
 import numbers
@@ -22,18 +18,11 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         w <= step <= d: floor + 0.5 * (1 + cos(pi * (step - w) / (d - w))) * (peak - floor)
         step > d:       floor
 
-    Step 0 gives exactly 0 (nanoGPT starts at `peak / (w + 1)` instead). Keras evaluates the
-    schedule at `optimizer.iterations` before incrementing it, so the first update runs at a
-    learning rate of 0: the weights do not move (AdamW's decay is scaled by the learning rate
-    too) but the moment estimates get their first gradient. `warmup_steps=0` starts at the
-    peak; `decay_steps == warmup_steps` goes straight from the peak to the floor.
+    Step 0 gives exactly 0 (nanoGPT: `peak / (w + 1)`), so the first update only feeds AdamW's
+    moments. `warmup_steps=0` starts at the peak; `decay_steps == warmup_steps` drops to the floor.
 
     Args:
-        learning_rate: the peak learning rate, reached at `warmup_steps`.
-        warmup_steps: length of the linear warmup from 0, in optimizer steps (>= 0).
-        decay_steps: the step at which the cosine reaches `min_learning_rate`
-            (>= `warmup_steps`); counted from step 0, not from the end of the warmup.
-        min_learning_rate: the floor, kept after `decay_steps` (0 <= floor <= peak).
+        decay_steps: where the cosine reaches the floor, counted from step 0 (>= `warmup_steps`).
 
     Example:
         schedule = WarmupCosine(1e-3, warmup_steps=100, decay_steps=2000,
