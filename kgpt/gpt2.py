@@ -316,11 +316,11 @@ def export_gpt2(model, tokenizer, directory):
         export_gpt2(load_model("checkpoints/gpt2"), load_tokenizer("checkpoints/gpt2/tokenizer"), "out/hf")
     """
     config = model.model_config
-    if not (config.normalize_first and config.use_bias):
+    if not (config.normalize_first and config.use_bias and config.position_embedding == "learned"):
         raise ValueError(
-            f"Only GPT-2's arrangement exports to Hugging Face: normalize_first=True and "
-            f"use_bias=True; this model has normalize_first={config.normalize_first}, "
-            f"use_bias={config.use_bias}."
+            f"Only GPT-2's arrangement exports to Hugging Face: normalize_first=True, use_bias=True "
+            f"and learned positions; this model has normalize_first={config.normalize_first}, "
+            f"use_bias={config.use_bias}, position_embedding={config.position_embedding!r}."
         )
     paths = {path: name for name, (path, _) in _hf_names(config).items()}
     tensors = {
