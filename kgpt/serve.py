@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 
 from kgpt.export import _read_saved_model, saved_model_version_path
 
@@ -104,8 +105,6 @@ class ModelServer:
         return {"model_version_status": [{"version": self.version, "state": "AVAILABLE", "status": status}]}
 
     def metadata(self, name, version=None):
-        from google.protobuf import json_format
-
         self._check_model(name, version)
         signatures = {
             key: json_format.MessageToDict(value, preserving_proto_field_name=True)
@@ -210,54 +209,53 @@ class ModelServer:
         return tensors
 
 
-def _handler(server_model):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "kgpt-serve"
-        protocol_version = "HTTP/1.1"
+class _Handler(BaseHTTPRequestHandler):
+    """TF Serving's REST routes, answered by `self.server.model` (a `ModelServer`)."""
 
-        def _send(self, status, payload):
-            body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    server_version = "kgpt-serve"
+    protocol_version = "HTTP/1.1"
 
-        def _answer(self, work):
-            try:
-                self._send(200, work())
-            except RequestError as error:
-                self._send(error.status, {"error": str(error)})
-            except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
-                self._send(500, {"error": f"{type(error).__name__}: {error}"})
+    def _send(self, status, payload):
+        body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        def do_GET(self):  # noqa: N802
-            match = _STATUS.match(self.path)
-            if not match:
-                return self._send(404, {"error": f"Malformed request: GET {self.path}"})
-            name, version, metadata = match.groups()
-            method = server_model.metadata if metadata else server_model.status
-            self._answer(lambda: method(name, version))
+    def _answer(self, work):
+        try:
+            self._send(200, work())
+        except RequestError as error:
+            self._send(error.status, {"error": str(error)})
+        except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
+            self._send(500, {"error": f"{type(error).__name__}: {error}"})
 
-        def do_POST(self):  # noqa: N802
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._send(411, {"error": "A Content-Length header is required."})
-            limit = server_model.max_request_bytes
-            if int(length) > limit:
-                self.close_connection = True
-                return self._send(413, {"error": f"Body of {length} bytes exceeds the limit of {limit}."})
-            body = self.rfile.read(int(length))
-            match = _PREDICT.match(self.path)
-            if not match:
-                return self._send(404, {"error": f"Malformed request: POST {self.path}"})
-            self._answer(lambda: server_model.predict(match.group(1), match.group(2), body))
+    def do_GET(self):  # noqa: N802
+        match = _STATUS.match(self.path)
+        if not match:
+            return self._send(404, {"error": f"Malformed request: GET {self.path}"})
+        name, version, metadata = match.groups()
+        method = self.server.model.metadata if metadata else self.server.model.status
+        self._answer(lambda: method(name, version))
 
-        def log_message(self, format, *args):  # noqa: A002
-            pass
+    def do_POST(self):  # noqa: N802
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._send(411, {"error": "A Content-Length header is required."})
+        limit = self.server.model.max_request_bytes
+        if int(length) > limit:
+            self.close_connection = True
+            return self._send(413, {"error": f"Request body of {length} bytes exceeds the limit of {limit}."})
+        body = self.rfile.read(int(length))
+        match = _PREDICT.match(self.path)
+        if not match:
+            return self._send(404, {"error": f"Malformed request: POST {self.path}"})
+        self._answer(lambda: self.server.model.predict(match.group(1), match.group(2), body))
 
-    return Handler
+    def log_message(self, format, *args):  # noqa: A002
+        pass
 
 
 def make_server(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
@@ -272,7 +270,7 @@ def make_server(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
     """
     model = ModelServer(model_dir, name=name, **kwargs)
     try:
-        server = ThreadingHTTPServer((host, port), _handler(model))
+        server = ThreadingHTTPServer((host, port), _Handler)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise ValueError(
