@@ -1,9 +1,6 @@
 """Text in, text out: `Generator` (in-process) and `SavedModelGenerator` (an export) on one base.
 
-Both take the same arguments and give the same result: the base class checks prompts and
-options, reports prompts truncated to fit the context, and puts prompts back in front of their
-continuations; a subclass only turns prompts into continuations. Token-level decoding lives in
-`kgpt.decoding`, the sampling options in `kgpt.sampling`.
+The base checks prompts and options, reports truncation and keeps prompts; subclasses only continue.
 """
 
 import dataclasses
@@ -14,41 +11,21 @@ import tensorflow as tf
 
 from kgpt.decoding import CausalRecomputation, Decoder, cached, check_options, default_max_new_tokens
 from kgpt.export import is_saved_model, saved_model_version_path
-from kgpt.sampling import SamplingOptions
 from kgpt.rundir import RunDirectory
-
-
-def _check_prompts(prompts):
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("No prompts given; pass at least one (an empty string is allowed).")
-    return prompts
+from kgpt.sampling import SamplingOptions
 
 
 def _report_truncation(count, room, truncate):
     if not count:
         return
-    message = (
-        f"{count} prompt(s) longer than the {room} tokens that fit in the model's context "
-        "before max_new_tokens"
-    )
+    message = f"{count} prompt(s) longer than the {room} tokens that fit in the context before max_new_tokens"
     if not truncate:
         raise ValueError(f"{message}; shorten them, lower max_new_tokens, or allow truncation.")
     warnings.warn(f"{message} were left-truncated to their last {room} tokens.", stacklevel=4)
 
 
 def sampling_options(sampling=None, **fields):
-    """`sampling` (default greedy `SamplingOptions()`) with `fields` replaced, validated.
-
-    Args:
-        sampling: a `SamplingOptions` or None.
-        **fields: `SamplingOptions` fields (`temperature=0.8, seed=1`).
-
-    Returns:
-        A `SamplingOptions` (of `sampling`'s own class).
-    """
+    """`sampling` (default greedy `SamplingOptions()`) with `SamplingOptions` `fields` replaced."""
     sampling = SamplingOptions() if sampling is None else sampling
     if not isinstance(sampling, SamplingOptions):
         raise ValueError(
@@ -63,10 +40,7 @@ def sampling_options(sampling=None, **fields):
 
 
 class TextGenerator:
-    """The text interface both generators share: checks, truncation reports, `keep_prompt`.
-
-    Subclasses set `sequence_length` and `default_max_new_tokens` and implement `_continue`.
-    """
+    """The shared text interface; subclasses set the two class attributes and `_continue`."""
 
     sequence_length = None
     default_max_new_tokens = None
@@ -84,39 +58,33 @@ class TextGenerator:
         truncate=True,
         **sampling_fields,
     ):
-        """Continues each prompt.
+        """Continues each prompt (an empty string starts from end-of-text).
 
         Args:
-            prompts: a list of strings (an empty string starts from end-of-text).
-            max_new_tokens: tokens to add per prompt (fewer if end-of-text comes first);
-                default `min(64, sequence_length // 2)` (for an export, its own default).
+            max_new_tokens: at most this many tokens per prompt; default `default_max_new_tokens`.
             sampling: a `kgpt.sampling.SamplingOptions` (default greedy).
             num_beams: > 1 for beam search, with `length_penalty`.
             num_return_sequences: continuations per prompt (samples or best beams).
-            keep_prompt: return prompt + continuation.
-            truncate: left-truncate prompts too long for the context (with a warning);
-                False raises `ValueError` instead.
-            **sampling_fields: `SamplingOptions` fields (`temperature=`, `top_k=`, `top_p=`,
-                `seed=`), replacing those of `sampling`; `temperature=None` is greedy.
+            truncate: left-truncate prompts too long for the context (with a warning), else raise.
+            **sampling_fields: `SamplingOptions` fields replacing those of `sampling`.
 
         Returns:
             `len(prompts) * num_return_sequences` strings, prompt-major, without end-of-text.
         """
-        prompts = _check_prompts(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("No prompts given; pass at least one (an empty string is allowed).")
         if max_new_tokens is None:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, num_beams, num_return_sequences)
-        texts = self._continue(
-            prompts, max_new_tokens, sampling, num_beams, length_penalty, num_return_sequences,
-            truncate,
-        )
+        decoding = dict(num_beams=num_beams, length_penalty=length_penalty)
+        texts = self._continue(prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding)
         if keep_prompt:
             texts = [prompts[i // num_return_sequences] + t for i, t in enumerate(texts)]
         return texts
 
-    def _continue(self, prompts, max_new_tokens, sampling, num_beams, length_penalty,
-                  num_return_sequences, truncate):
+    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding):
         """Continuations only, `len(prompts) * num_return_sequences` strings, prompt-major."""
         raise NotImplementedError
 
@@ -124,16 +92,11 @@ class TextGenerator:
 class Generator(TextGenerator):
     """Text in, text out for a trained model, in-process (the compiled `kgpt.decoding.Decoder`).
 
-    Build it from a run directory with `Generator.from_run_directory`, or use `load_generator`,
-    which also accepts an exported SavedModel.
-
     Args:
-        model: a `kgpt.model.GPT`, or a causal model without a key/value cache (the GRU
-            baseline `kgpt.recurrent.RecurrentLanguageModel`), decoded by full recomputation.
+        model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
         tokenizer: the run's tokenizer (`kgpt.tokenizer.load_tokenizer`).
-        jit_compile: compile the decode loop with XLA (default: on for a model with a
-            key/value cache, where on 2 CPU cores it is about 2x the graph without XLA at batch 1
-            and 1.3x at batch 8, see benchmarks/RESULTS.md; off for recomputation).
+        jit_compile: XLA for the decode loop; default on for a model with a key/value cache
+            (about 2x on CPU, see benchmarks/RESULTS.md), off for recomputation.
 
     Example:
         generator = Generator.from_run_directory("checkpoints/shakespeare_char")
@@ -151,43 +114,25 @@ class Generator(TextGenerator):
 
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
-        """Loads the run's model (`best.keras`, else `final.keras`) and `tokenizer/`.
-
-        Args:
-            run_dir: a run directory written by `kgpt train`.
-            **kwargs: passed to `Generator` (`jit_compile`).
-
-        Returns:
-            A `Generator`.
-        """
+        """Loads a run directory's model and tokenizer; `kwargs` go to `Generator`."""
         run = RunDirectory(run_dir)
         return cls(run.load_model(), run.load_tokenizer(), **kwargs)
 
-    def _continue(self, prompts, max_new_tokens, sampling, num_beams, length_penalty,
-                  num_return_sequences, truncate):
+    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding):
         end = self.tokenizer.end_of_text_id
         room = self.sequence_length - max_new_tokens
         # Empty prompts start from end-of-text; prompts over `room` tokens keep their last `room`.
         ids = [list(row) or [end] for row in self.tokenizer.encode_documents(prompts)]
         _report_truncation(sum(len(row) > room for row in ids), room, truncate)
-        rows = self.decoder(
-            [row[-room:] for row in ids],
-            max_new_tokens,
-            sampling=sampling,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            num_return_sequences=num_return_sequences,
-        )
+        rows = self.decoder([row[-room:] for row in ids], max_new_tokens, sampling=sampling,
+                            num_return_sequences=num_return_sequences, **decoding)
         rows = [row[:-1] if row and row[-1] == end else row for row in rows]
         texts = self.tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
         return [t.decode("utf-8") for t in texts.numpy()]
 
 
 class SavedModelGenerator(TextGenerator):
-    """`Generator`'s interface over an exported SavedModel (its `generate` signature).
-
-    Runs exactly the graph TensorFlow Serving runs. Beam search is not exported: `num_beams`
-    must be 1.
+    """`Generator`'s interface over an export's `generate` signature, the graph TF Serving runs.
 
     Args:
         path: a version folder (`saved_models/NAME/1`) or a model folder (highest version).
@@ -202,37 +147,25 @@ class SavedModelGenerator(TextGenerator):
         self.sequence_length = int(self.module.sequence_length.numpy())
         self.default_max_new_tokens = int(self.module.default_max_new_tokens.numpy())
 
-    def _continue(self, prompts, max_new_tokens, sampling, num_beams, length_penalty,
-                  num_return_sequences, truncate):
+    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
+                  length_penalty):
         if num_beams > 1:
             raise ValueError(
                 "Beam search is not part of the exported SavedModel; run it from the run "
                 "directory (kgpt generate RUN_DIR --beams N)."
             )
-        repeated = [p for p in prompts for _ in range(num_return_sequences)]
         outputs = self.signature(
-            prompts=tf.constant(repeated, tf.string),
+            prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
             max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-            **sampling.graph_tensors(),  # greedy: temperature 1, top_k 1
+            **sampling.graph_tensors(),
         )
-        _report_truncation(
-            int(outputs["truncated"].numpy()[::num_return_sequences].sum()),
-            self.sequence_length - max_new_tokens,
-            truncate,
-        )
+        truncated = outputs["truncated"].numpy()[::num_return_sequences]
+        _report_truncation(int(truncated.sum()), self.sequence_length - max_new_tokens, truncate)
         return [t.decode("utf-8") for t in outputs["text"].numpy()]
 
 
 def load_generator(path, **kwargs):
-    """A `SavedModelGenerator` for an exported model, else a `Generator` for a run directory.
-
-    Args:
-        path: a run directory, or `saved_models/NAME[/VERSION]`.
-        **kwargs: passed to `Generator.from_run_directory` (`jit_compile`).
-
-    Returns:
-        A `TextGenerator`.
-    """
+    """A `SavedModelGenerator` for an export, else `Generator.from_run_directory(path, **kwargs)`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"No such run directory or SavedModel: {path}.")
     if is_saved_model(path):

@@ -1,21 +1,11 @@
 """Sampling: the one options structure (`SamplingOptions`) and the samplers, registered by name.
 
-`SamplingOptions` is the single description of how a token is picked. Its fields carry their own
-bounds, help text, graph dtype and the default the exported `generate` signature records, so the
-Python API (`Generator.generate(sampling=...)`), the CLI flags (`add_sampling_arguments`), the SavedModel
-signature (`kgpt.export`) and `kgpt serve` all derive from it. A new sampler is one filter
-function registered under a field's name plus that field (see `register_filter`).
-
-In the graph, options travel as a dict of scalar tensors keyed by field name (`graph_inputs`).
-Greedy decoding (`temperature=None`) is represented there as `temperature=1, top_k=1`, which
-`sample_logits` answers with an argmax, without sorting the vocabulary.
-
-TensorFlow is imported inside the graph functions only: the CLI builds its flags from this
-module, and `kgpt --help` must not wait for TensorFlow (nor import it before the CLI sets its
-environment variables).
+Python API, CLI flags and `generate` signature derive from the fields. TensorFlow is imported inside
+the graph functions only, so `kgpt --help` does not wait for it.
 """
 
 import dataclasses
+import operator
 
 # Written into filtered-out logits; finite, so softmax and categorical stay NaN-free.
 _FILTERED = -1e30
@@ -26,44 +16,27 @@ def option(default, dtype, help, signature_default=None, minimum=None, maximum=N
     """A `SamplingOptions` field: its default plus what validation, the CLI and the graph need.
 
     Args:
-        default: the Python default.
         dtype: the graph dtype of the field's scalar (`"float32"` or `"int32"`).
-        help: the CLI help text.
-        signature_default: the default recorded in the exported `generate` signature (when it
-            differs from `default`, e.g. for a field that may be None in Python).
+        signature_default: the exported `generate` signature's default (default: `default`).
         minimum, maximum: bounds (None: unbounded); `maximum` is inclusive.
-        minimum_inclusive: whether `minimum` itself is allowed.
-        hint: how to fix a bad value, appended to the Python error.
-        signature_hint: the same for the graph's INVALID_ARGUMENT message.
-
-    Returns:
-        A `dataclasses.field`.
+        hint, signature_hint: how to fix a bad value, in the Python and the graph's errors.
     """
-    return dataclasses.field(
-        default=default,
-        metadata=dict(
-            dtype=dtype, help=help,
-            signature_default=default if signature_default is None else signature_default,
-            minimum=minimum, maximum=maximum, minimum_inclusive=minimum_inclusive,
-            hint=hint, signature_hint=signature_hint,
-        ),
-    )
+    bounds = [] if minimum is None else [(">=" if minimum_inclusive else ">", minimum)]
+    if maximum is not None:
+        bounds.append(("<=", maximum))
+    text = " ".join(f"{comparison} {bound}" for comparison, bound in bounds)
+    if len(bounds) == 2:
+        text = f"in {'[' if minimum_inclusive else '('}{minimum}, {maximum}]"
+    return dataclasses.field(default=default, metadata=dict(
+        dtype=dtype, type=float if dtype.startswith("float") else int, help=help,
+        signature_default=default if signature_default is None else signature_default, bounds=bounds,
+        error=f"must be {text}" + (f"; {hint}" if hint else ""),
+        signature_error=f"must be {text}" + (f"; {signature_hint or hint}" if signature_hint or hint else ""),
+    ))
 
 
-def _bounds_text(metadata):
-    minimum, maximum = metadata["minimum"], metadata["maximum"]
-    if minimum is not None and maximum is not None:
-        return f"in {'[' if metadata['minimum_inclusive'] else '('}{minimum}, {maximum}]"
-    if minimum is not None:
-        return f"{'>=' if metadata['minimum_inclusive'] else '>'} {minimum}"
-    return f"<= {maximum}"
-
-
-def _within_bounds(value, metadata):
-    minimum, maximum = metadata["minimum"], metadata["maximum"]
-    if minimum is not None and not (value >= minimum if metadata["minimum_inclusive"] else value > minimum):
-        return False
-    return maximum is None or value <= maximum
+_COMPARISONS = {">=": (operator.ge, "assert_greater_equal"), ">": (operator.gt, "assert_greater"),
+                "<=": (operator.le, "assert_less_equal")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +44,9 @@ class SamplingOptions:
     """How each next token is chosen; validated when built.
 
     Args:
-        temperature: None for greedy decoding; else > 0, the logits are divided by it and a
-            token is drawn.
+        temperature: None for greedy decoding; else > 0, the logits are divided by it.
         top_k: draw among the `top_k` most likely tokens (0 keeps all); 1 is greedy.
-        top_p: draw from the smallest set of most likely tokens whose probability reaches
-            `top_p` (1 keeps all).
-        seed: the same seed gives the same samples.
-
-    Example:
-        SamplingOptions(temperature=0.8, top_k=40, seed=1)
+        top_p: draw from the smallest set of most likely tokens whose probability reaches it.
     """
 
     temperature: float = option(
@@ -99,29 +66,18 @@ class SamplingOptions:
             value = getattr(self, field.name)
             if value is None and field.default is None:
                 continue
-            python_type = float if field.metadata["dtype"].startswith("float") else int
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                python_type is int and not float(value).is_integer()
-            ):
-                raise ValueError(
-                    f"{field.name}={value!r} must be {'an integer' if python_type is int else 'a number'}."
-                )
+            python_type = field.metadata["type"]
+            wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+            if wrong_type or (python_type is int and not float(value).is_integer()):
+                kind = "an integer" if python_type is int else "a number"
+                raise ValueError(f"{field.name}={value!r} must be {kind}.")
             object.__setattr__(self, field.name, python_type(value))
-            if not _within_bounds(value, field.metadata):
-                hint = field.metadata["hint"]
-                raise ValueError(
-                    f"{field.name}={value} must be {_bounds_text(field.metadata)}"
-                    f"{'; ' + hint if hint else ''}."
-                )
-
-    @property
-    def greedy(self):
-        """True when no token is drawn: no temperature, or top_k=1."""
-        return self.temperature is None or self.top_k == 1
+            bounds = field.metadata["bounds"]
+            if not all(_COMPARISONS[comparison][0](value, bound) for comparison, bound in bounds):
+                raise ValueError(f"{field.name}={value} {field.metadata['error']}.")
 
     def graph_inputs(self):
-        """The options as the graph takes them: `{field: Python scalar}` (greedy: temperature 1,
-        top_k 1), for `sample_logits`, `kgpt.decoding.decode` and the `generate` signature."""
+        """`{field: Python scalar}` as the graph takes them; greedy is temperature 1, top_k 1."""
         values = dataclasses.asdict(self)
         if self.temperature is None:
             values.update(temperature=1.0, top_k=1)
@@ -131,10 +87,8 @@ class SamplingOptions:
         """`graph_inputs` as scalar tensors of each field's dtype."""
         import tensorflow as tf
 
-        return {
-            name: tf.constant(value, signature_dtypes(type(self))[name])
-            for name, value in self.graph_inputs().items()
-        }
+        dtypes = signature_dtypes(type(self))
+        return {name: tf.constant(value, dtypes[name]) for name, value in self.graph_inputs().items()}
 
 
 def signature_dtypes(options_type=SamplingOptions):
@@ -150,59 +104,28 @@ def signature_defaults(options_type=SamplingOptions):
 
 
 def graph_checks(options, options_type=SamplingOptions):
-    """The bounds of every field as `tf.debugging` assertions on a dict of scalar tensors.
-
-    Args:
-        options: `{field: scalar tensor}` (the `generate` signature's inputs).
-        options_type: the options class whose fields (and bounds) to check.
-
-    Returns:
-        A list of assertion ops; their messages are the signature's INVALID_ARGUMENT errors.
-    """
+    """Assertion ops of every field's bounds on `{field: scalar tensor}` (INVALID_ARGUMENT messages)."""
     import tensorflow as tf
 
     checks = []
     for field in dataclasses.fields(options_type):
-        metadata = field.metadata
-        if metadata["minimum"] is None and metadata["maximum"] is None:
-            continue
-        hint = metadata["signature_hint"] or metadata["hint"]
-        message = f"{field.name} must be {_bounds_text(metadata)}{'; ' + hint if hint else ''}"
-        value = options[field.name]
-        if metadata["minimum"] is not None:
-            minimum = tf.cast(metadata["minimum"], value.dtype)
-            if metadata["minimum_inclusive"]:
-                checks.append(tf.debugging.assert_greater_equal(value, minimum, message=message))
-            else:
-                checks.append(tf.debugging.assert_greater(value, minimum, message=message))
-        if metadata["maximum"] is not None:
-            maximum = tf.cast(metadata["maximum"], value.dtype)
-            checks.append(tf.debugging.assert_less_equal(value, maximum, message=message))
+        for comparison, bound in field.metadata["bounds"]:
+            value = options[field.name]
+            check = getattr(tf.debugging, _COMPARISONS[comparison][1])
+            message = f"{field.name} {field.metadata['signature_error']}"
+            checks.append(check(value, tf.cast(bound, value.dtype), message=message))
     return checks
 
 
 def add_sampling_arguments(parser, options_type=SamplingOptions):
-    """Adds one `--flag` per field (`top_k` -> `--top-k`) with its type, default and help.
-
-    Args:
-        parser: an `argparse.ArgumentParser`.
-        options_type: the options class.
-    """
+    """Adds one `--flag` per field (`top_k` -> `--top-k`) to an `argparse` parser."""
     for field in dataclasses.fields(options_type):
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=float if field.metadata["dtype"].startswith("float") else int,
-            default=field.default,
-            help=field.metadata["help"],
-        )
+        parser.add_argument("--" + field.name.replace("_", "-"), type=field.metadata["type"],
+                            default=field.default, help=field.metadata["help"])
 
 
 def sampling_from_arguments(args, options_type=SamplingOptions):
-    """The options parsed by `add_sampling_arguments` (an `argparse.Namespace`), validated.
-
-    Returns:
-        An `options_type` instance.
-    """
+    """The options parsed by `add_sampling_arguments`, validated."""
     return options_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options_type)})
 
 
@@ -212,12 +135,9 @@ FILTERS = {}
 
 
 def register_filter(name):
-    """Registers `function(sorted_logits, options) -> sorted_logits` under a field's name.
+    """Registers `function(sorted_logits, options) -> sorted_logits`, run when options have field `name`.
 
-    A filter sees one row of logits per batch element sorted in descending order (after the
-    temperature), and `options`, a dict of scalar tensors; it returns the logits with the tokens
-    it drops set to a large negative number. Filters run in registration order, and only when
-    the options carry their field. A new sampler is such a function plus its field.
+    Logits arrive sorted in descending order; a filter sets the tokens it drops to `_FILTERED`.
     """
 
     def register(function):
@@ -242,35 +162,25 @@ def keep_top_p(sorted_logits, options):
     """Keeps the smallest set of best tokens whose probability reaches `top_p` (the nucleus)."""
     import tensorflow as tf
 
-    probabilities = tf.nn.softmax(sorted_logits)
     # A token stays in the nucleus if the mass before it is still below top_p.
-    mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
+    mass_before = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
     keep = mass_before < tf.cast(options["top_p"], tf.float32)
     return tf.where(keep, sorted_logits, _FILTERED)
 
 
 def sample_logits(logits, options=None, seed=None):
-    """Picks one token per row from `(batch, vocabulary)` logits.
+    """Picks one token per row of float `(batch, vocabulary_size)` logits; returns int32 `(batch,)`.
 
-    Greedy (an argmax, the vocabulary is not sorted) when `temperature <= 0` or `top_k == 1`;
-    otherwise the logits are divided by the temperature, sorted once, passed through every
-    registered filter whose field `options` carries, and one token is drawn.
+    An argmax when `temperature <= 0` or `top_k == 1`, else a draw after the registered filters.
 
     Args:
-        logits: float `(batch, vocabulary_size)`.
-        options: a `SamplingOptions`, or `{field: scalar}` as `SamplingOptions.graph_inputs`
-            gives (tensors inside a graph); default greedy.
+        options: a `SamplingOptions` (default greedy), or its `graph_inputs()` (tensors in a graph).
         seed: int32 `(2,)` stateless seed of this draw; default `[options["seed"], 0]`.
-
-    Returns:
-        int32 `(batch,)` token ids.
     """
     import tensorflow as tf
 
-    if options is None:
-        options = SamplingOptions()
-    if isinstance(options, SamplingOptions):
-        options = options.graph_inputs()
+    if options is None or isinstance(options, SamplingOptions):
+        options = (options or SamplingOptions()).graph_inputs()
     logits = tf.convert_to_tensor(logits, tf.float32)
     if seed is None:
         seed = tf.stack([tf.cast(options.get("seed", 0), tf.int32), 0])
@@ -280,7 +190,6 @@ def sample_logits(logits, options=None, seed=None):
 
     def draw():
         scaled = logits / tf.maximum(temperature, 1e-6)
-        # Sort once; every filter cuts the sorted list.
         sorted_logits, sorted_ids = tf.math.top_k(scaled, k=tf.shape(scaled)[-1])
         for name, function in FILTERS.items():
             if name in options:

@@ -1,11 +1,7 @@
 """`kgpt serve`: a local development server speaking TensorFlow Serving's REST API.
 
-It serves the highest version of an exported model (`saved_models/NAME/`) with the same URLs,
-JSON request formats (`instances` rows or `inputs` columns) and response and error shapes as TF
-Serving, so a client written for TF Serving works unchanged. It is for trying an export without
-docker; TensorFlow Serving is the production path. One leniency: inputs a request leaves out take
-the defaults recorded in the SignatureDef (the `generate` scalars), where TF Serving has
-historically asked for every input ("input size does not match signature").
+It serves an export's highest version with TF Serving's URLs, formats and errors, for trying it
+without docker. One leniency: inputs a request leaves out take the SignatureDef's defaults.
 """
 
 import base64
@@ -18,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 
-from kgpt.export import saved_model_version_path
+from kgpt.export import _read_saved_model, saved_model_version_path
 
 _PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 _STATUS = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
@@ -50,10 +47,7 @@ def _to_json(array):
     """NumPy -> JSON values; strings are UTF-8 (the export already replaced invalid bytes)."""
     array = np.asarray(array)
     if array.dtype == object or array.dtype.kind == "S":
-        strings = [
-            b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
-            for b in array.reshape(-1)
-        ]
+        strings = [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in array.flat]
         return np.array(strings, dtype=object).reshape(array.shape).tolist()
     return array.tolist()
 
@@ -67,6 +61,13 @@ def _error_message(error):
     return message.splitlines()[-1] if "Graph execution error" in message else message
 
 
+def _plain(value, signature_def, message):
+    """`{the only input: value}`; a signature of several inputs refuses a plain value with `message`."""
+    if len(signature_def.inputs) > 1:
+        raise RequestError(f"{message} as multiple input tensors required as per tensorinfo_map")
+    return {next(iter(signature_def.inputs)): value}
+
+
 class ModelServer:
     """Loads the highest version of `model_dir` and answers TF Serving REST requests.
 
@@ -74,29 +75,24 @@ class ModelServer:
         model_dir: `saved_models/NAME` (numbered version folders) or one version folder.
         name: the name in URLs; default: the model folder's name.
         max_concurrent_requests: predictions run at once; others wait up to `queue_timeout`.
-        max_request_bytes: larger request bodies are refused.
     """
 
-    def __init__(self, model_dir, name=None, max_concurrent_requests=4, max_request_bytes=1 << 20, queue_timeout=30.0):
+    def __init__(self, model_dir, name=None, max_concurrent_requests=4, max_request_bytes=1 << 20,
+                 queue_timeout=30.0):
         import tensorflow_text  # noqa: F401  (registers the tokenizer ops)
-        from tensorflow.core.protobuf import saved_model_pb2
 
-        model_dir = os.path.normpath(model_dir)
-        self.path = saved_model_version_path(model_dir)
+        self.path = saved_model_version_path(os.path.normpath(model_dir))
         version_dir = os.path.basename(self.path)
-        self.version = version_dir if version_dir.isdigit() else "1"
-        default_name = os.path.basename(os.path.dirname(self.path) if version_dir.isdigit() else self.path)
-        self.name = name or default_name
+        numbered = version_dir.isdigit()
+        self.version = version_dir if numbered else "1"
+        self.name = name or os.path.basename(os.path.dirname(self.path) if numbered else self.path)
         self.module = tf.saved_model.load(self.path)
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(self.path, "saved_model.pb"), "rb") as file:
-            proto.ParseFromString(file.read())
-        self.signature_defs = dict(proto.meta_graphs[0].signature_def)
+        signature_defs = _read_saved_model(self.path).meta_graphs[0].signature_def
+        # Not `__saved_model_init_op`: TF Serving neither lists nor runs it.
+        self.signature_defs = {k: v for k, v in signature_defs.items() if not k.startswith("__")}
         self.max_request_bytes = max_request_bytes
         self.queue_timeout = queue_timeout
         self._slots = threading.BoundedSemaphore(max_concurrent_requests)
-
-    # --- status and metadata -------------------------------------------------------------
 
     def _check_model(self, name, version):
         if name != self.name or (version is not None and version != self.version):
@@ -105,31 +101,19 @@ class ModelServer:
 
     def status(self, name, version=None):
         self._check_model(name, version)
-        return {
-            "model_version_status": [
-                {
-                    "version": self.version,
-                    "state": "AVAILABLE",
-                    "status": {"error_code": "OK", "error_message": ""},
-                }
-            ]
-        }
+        status = {"error_code": "OK", "error_message": ""}
+        return {"model_version_status": [{"version": self.version, "state": "AVAILABLE", "status": status}]}
 
     def metadata(self, name, version=None):
-        from google.protobuf import json_format
-
         self._check_model(name, version)
         signatures = {
             key: json_format.MessageToDict(value, preserving_proto_field_name=True)
             for key, value in self.signature_defs.items()
-            if not key.startswith("__")
         }
         return {
             "model_spec": {"name": self.name, "signature_name": "", "version": self.version},
             "metadata": {"signature_def": {"signature_def": signatures}},
         }
-
-    # --- predict -------------------------------------------------------------------------
 
     def predict(self, name, version, body):
         self._check_model(name, version)
@@ -140,18 +124,18 @@ class ModelServer:
         if not isinstance(request, dict):
             raise RequestError("JSON Value: request must be an object with 'instances' or 'inputs'.")
         signature_name = request.get("signature_name") or "serving_default"
-        if signature_name not in self.signature_defs or signature_name.startswith("__"):
+        if signature_name not in self.signature_defs:
             raise RequestError(f'Serving signature name: "{signature_name}" not found in signature def')
         signature_def = self.signature_defs[signature_name]
-        if ("instances" in request) == ("inputs" in request):
+        row_format = "instances" in request
+        if row_format == ("inputs" in request):
             raise RequestError(
                 "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"
-                if "inputs" in request
+                if row_format
                 else "Missing 'inputs' or 'instances' key"
             )
-        row_format = "instances" in request
-        inputs = self._rows(request["instances"], signature_def) if row_format else self._columns(request["inputs"], signature_def)
-        tensors = self._tensors(inputs, signature_def)
+        read, key = (self._rows, "instances") if row_format else (self._columns, "inputs")
+        tensors = self._tensors(read(request[key], signature_def), signature_def)
         if not self._slots.acquire(timeout=self.queue_timeout):
             raise RequestError("The server is busy; retry later.", status=503)
         try:
@@ -160,34 +144,24 @@ class ModelServer:
             raise RequestError(_error_message(error)) from error
         finally:
             self._slots.release()
-        outputs = {key: value.numpy() for key, value in outputs.items()}
-        if row_format:
-            rows = len(next(iter(outputs.values())))
-            if len(outputs) == 1:
-                return {"predictions": _to_json(next(iter(outputs.values())))}
-            return {
-                "predictions": [
-                    {key: _to_json(value[row]) for key, value in sorted(outputs.items())}
-                    for row in range(rows)
-                ]
-            }
+        outputs = {key: value.numpy() for key, value in sorted(outputs.items())}
+        answer = "predictions" if row_format else "outputs"
         if len(outputs) == 1:
-            return {"outputs": _to_json(next(iter(outputs.values())))}
-        return {"outputs": {key: _to_json(value) for key, value in sorted(outputs.items())}}
+            return {answer: _to_json(next(iter(outputs.values())))}
+        if row_format:
+            rows = range(len(next(iter(outputs.values()))))
+            return {answer: [{key: _to_json(value[row]) for key, value in outputs.items()} for row in rows]}
+        return {answer: {key: _to_json(value) for key, value in outputs.items()}}
 
     @staticmethod
     def _rows(instances, signature_def):
-        names = set(signature_def.inputs)
-        if not isinstance(instances, list) or not instances:
-            raise RequestError("Excepting 'instances' to be an list/array" if not isinstance(instances, list) else "No values in 'instances' array")
-        objects = isinstance(instances[0], dict) and set(instances[0]) != {"b64"}
-        if not objects:
-            if len(names) > 1:
-                raise RequestError(
-                    "instances is a plain list, but expecting list of objects as multiple input "
-                    "tensors required as per tensorinfo_map"
-                )
-            return {next(iter(names)): instances}
+        if not isinstance(instances, list):
+            raise RequestError("Excepting 'instances' to be an list/array")
+        if not instances:
+            raise RequestError("No values in 'instances' array")
+        if not isinstance(instances[0], dict) or set(instances[0]) == {"b64"}:
+            message = "instances is a plain list, but expecting list of objects"
+            return _plain(instances, signature_def, message)
         columns = {}
         for index, instance in enumerate(instances):
             if not isinstance(instance, dict):
@@ -202,12 +176,7 @@ class ModelServer:
     def _columns(inputs, signature_def):
         if isinstance(inputs, dict) and set(inputs) != {"b64"}:
             return inputs
-        if len(signature_def.inputs) > 1:
-            raise RequestError(
-                "inputs is a plain value/list, but expecting an object as multiple input tensors "
-                "required as per tensorinfo_map"
-            )
-        return {next(iter(signature_def.inputs)): inputs}
+        return _plain(inputs, signature_def, "inputs is a plain value/list, but expecting an object")
 
     @staticmethod
     def _tensors(inputs, signature_def):
@@ -221,15 +190,16 @@ class ModelServer:
             dtype = tf.dtypes.as_dtype(info.dtype)
             if key in inputs:
                 try:
-                    value = np.array(_decode_value(inputs[key]), dtype=object if dtype == tf.string else dtype.as_numpy_dtype)
-                    tensor = tf.constant(value, dtype)
+                    numpy_dtype = object if dtype == tf.string else dtype.as_numpy_dtype
+                    tensor = tf.constant(np.array(_decode_value(inputs[key]), dtype=numpy_dtype), dtype)
                 except (TypeError, ValueError, OverflowError) as error:
-                    raise RequestError(f"Input {key!r} is not a valid {dtype.name} tensor: {error}") from error
+                    message = f"Input {key!r} is not a valid {dtype.name} tensor: {error}"
+                    raise RequestError(message) from error
             elif key in signature_def.defaults:
                 tensor = tf.constant(tf.make_ndarray(signature_def.defaults[key]), dtype)
             else:
                 raise RequestError(f"Missing named input: {key} in 'inputs' object.")
-            shape = tf.TensorShape(None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else None for d in info.tensor_shape.dim])
+            shape = tf.TensorShape(info.tensor_shape)
             if not shape.is_compatible_with(tensor.shape):
                 raise RequestError(
                     f"Input {key!r} has shape {tensor.shape.as_list()}; the signature expects "
@@ -239,82 +209,68 @@ class ModelServer:
         return tensors
 
 
-def _handler(server_model):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "kgpt-serve"
-        protocol_version = "HTTP/1.1"
+class _Handler(BaseHTTPRequestHandler):
+    """TF Serving's REST routes, answered by `self.server.model` (a `ModelServer`)."""
 
-        def _send(self, status, payload):
-            body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    server_version = "kgpt-serve"
+    protocol_version = "HTTP/1.1"
 
-        def _answer(self, work):
-            try:
-                self._send(200, work())
-            except RequestError as error:
-                self._send(error.status, {"error": str(error)})
-            except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
-                self._send(500, {"error": f"{type(error).__name__}: {error}"})
+    def _send(self, status, payload):
+        body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        def do_GET(self):  # noqa: N802
-            match = _STATUS.match(self.path)
-            if not match:
-                return self._send(404, {"error": f"Malformed request: GET {self.path}"})
-            name, version, metadata = match.groups()
-            method = server_model.metadata if metadata else server_model.status
-            self._answer(lambda: method(name, version))
+    def _answer(self, work):
+        try:
+            self._send(200, work())
+        except RequestError as error:
+            self._send(error.status, {"error": str(error)})
+        except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
+            self._send(500, {"error": f"{type(error).__name__}: {error}"})
 
-        def do_POST(self):  # noqa: N802
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._send(411, {"error": "A Content-Length header is required."})
-            if int(length) > server_model.max_request_bytes:
-                self.close_connection = True
-                return self._send(
-                    413,
-                    {"error": f"Request body of {length} bytes exceeds the limit of {server_model.max_request_bytes}."},
-                )
-            body = self.rfile.read(int(length))
-            match = _PREDICT.match(self.path)
-            if not match:
-                return self._send(404, {"error": f"Malformed request: POST {self.path}"})
-            self._answer(lambda: server_model.predict(match.group(1), match.group(2), body))
+    def do_GET(self):  # noqa: N802
+        match = _STATUS.match(self.path)
+        if not match:
+            return self._send(404, {"error": f"Malformed request: GET {self.path}"})
+        name, version, metadata = match.groups()
+        method = self.server.model.metadata if metadata else self.server.model.status
+        self._answer(lambda: method(name, version))
 
-        def log_message(self, format, *args):  # noqa: A002
-            pass
+    def do_POST(self):  # noqa: N802
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._send(411, {"error": "A Content-Length header is required."})
+        limit = self.server.model.max_request_bytes
+        if int(length) > limit:
+            self.close_connection = True
+            return self._send(413, {"error": f"Request body of {length} bytes exceeds the limit of {limit}."})
+        body = self.rfile.read(int(length))
+        match = _PREDICT.match(self.path)
+        if not match:
+            return self._send(404, {"error": f"Malformed request: POST {self.path}"})
+        self._answer(lambda: self.server.model.predict(match.group(1), match.group(2), body))
 
-    return Handler
+    def log_message(self, format, *args):  # noqa: A002
+        pass
 
 
 def make_server(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
-    """Returns a `ThreadingHTTPServer` (not started) serving `model_dir`; `port=0` picks one.
+    """A `ThreadingHTTPServer` (not started) serving `model_dir`, its `ModelServer` as `server.model`.
 
-    Args:
-        model_dir: `saved_models/NAME` or one version folder.
-        host, port: the address to listen on.
-        name: the model name in URLs (default: the folder's name).
-        **kwargs: passed to `ModelServer`.
-
-    Returns:
-        The server, its `ModelServer` as `server.model`.
-
-    Raises:
-        ValueError: the port is in use, or the address cannot be bound.
+    `port=0` picks a free port; `kwargs` go to `ModelServer`. An address that cannot be bound
+    raises `ValueError`.
 
     Example:
         server = make_server("saved_models/shakespeare", port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        ...
-        server.shutdown(); server.server_close()
     """
     model = ModelServer(model_dir, name=name, **kwargs)
     try:
-        server = ThreadingHTTPServer((host, port), _handler(model))
+        server = ThreadingHTTPServer((host, port), _Handler)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise ValueError(
