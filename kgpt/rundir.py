@@ -53,9 +53,6 @@ class RunDirectory:
         self.history_path = self.file(HISTORY)
         self.logs_dir = self.file(LOGS)
 
-    def __repr__(self):
-        return f"RunDirectory({self.path!r})"
-
     def file(self, name):
         return os.path.join(self.path, name)
 
@@ -63,8 +60,6 @@ class RunDirectory:
         """`backup/`, or `backup/worker-N/` for worker N of a multi-worker run."""
         backup = self.file(BACKUP)
         return backup if worker is None else os.path.join(backup, f"worker-{worker}")
-
-    # --- what is there ------------------------------------------------------------------
 
     def is_run(self):
         """True once training (or an import, or a baseline fit) has written `config.json`."""
@@ -148,8 +143,6 @@ class RunDirectory:
         """The run's Keras model (GPT or GRU baseline), loaded with `safe_mode` on."""
         return saving.load_model(self.model_path())
 
-    # --- resume state -------------------------------------------------------------------
-
     def backup_state(self, worker=None):
         """`(step, val_losses)` of the last backup: optimizer steps and each evaluation's val_loss."""
         path = os.path.join(self.backup_dir(worker), BACKUP_METADATA)
@@ -173,17 +166,14 @@ class RunDirectory:
             return
         with open(self.history_path, newline="") as file:
             reader = csv.DictReader(file)
-            fields = reader.fieldnames
             rows = [row for row in reader if row.get("epoch", "").isdigit() and int(row["epoch"]) < epochs]
-        if not fields:
+        if not reader.fieldnames:
             return
         with files.atomic_file(self.history_path) as temporary:
             with open(temporary, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=fields)
+                writer = csv.DictWriter(file, fieldnames=reader.fieldnames)
                 writer.writeheader()
                 writer.writerows(rows)
-
-    # --- training: start, lock, stale files ------------------------------------------------
 
     def start(self, recipe, tokenizer):
         """Makes the folder a run: its tokenizer, then `config.json` (the marker, written last)."""
@@ -201,9 +191,7 @@ class RunDirectory:
             ValueError: another process holds the run, or the path is a file.
         """
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(
-                f"{self.path} is a file, not a run directory; choose another --run-dir."
-            )
+            raise ValueError(f"{self.path} is a file, not a run directory; choose another --run-dir.")
         created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
         lock_path = self.file(LOCK if not worker else f"{LOCK}-worker-{worker}")
@@ -221,8 +209,7 @@ class RunDirectory:
                 f"{self.path} is in use by another kgpt training ({holder}); wait for it to "
                 "finish, or choose another --run-dir."
             ) from None
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         try:

@@ -27,24 +27,17 @@ FINE_TUNING_KEYS = ("dropout",)
 def make_optimizer(config, model):
     """AdamW with the warmup-cosine schedule, decay on weight matrices only, global-norm clip."""
     schedule = WarmupCosine(
-        config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.total_decay_steps,
-        min_learning_rate=config.min_learning_rate,
+        config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=config.total_decay_steps, min_learning_rate=config.min_learning_rate,
     )
     optimizer = distribute.AdamW(
-        learning_rate=schedule,
-        weight_decay=config.weight_decay,
-        beta_1=config.beta_1,
-        beta_2=config.beta_2,
-        epsilon=config.epsilon,
-        global_clipnorm=config.clip_norm or None,
+        learning_rate=schedule, weight_decay=config.weight_decay, beta_1=config.beta_1,
+        beta_2=config.beta_2, epsilon=config.epsilon, global_clipnorm=config.clip_norm or None,
     )
     # Decay only matrices: no biases, LayerNorm parameters or position table (GPT-2 / nanoGPT).
-    no_decay = [
+    optimizer.exclude_from_weight_decay(var_list=[
         w for w in model.trainable_weights if len(w.shape) < 2 or "position_embedding" in w.path
-    ]
-    optimizer.exclude_from_weight_decay(var_list=no_decay)
+    ])
     return optimizer
 
 
@@ -170,9 +163,7 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
     the backup, so that it records what all the others saw."""
     config = recipe.train
     worker = distribute.worker_index(strategy)
-    tokens_per_step = (
-        config.batch_size * strategy.num_replicas_in_sync * recipe.data.sequence_length
-    )
+    tokens_per_step = config.batch_size * strategy.num_replicas_in_sync * recipe.data.sequence_length
     result = [kcallbacks.ThroughputLogger(tokens_per_step), kcallbacks.StopOnNaN()]
     if config.patience:
         result.append(
