@@ -214,7 +214,8 @@ def main():
         elif not np.array_equal(tokens, reference):
             raise SystemExit(f"{variant} generated other tokens than {variants[0]}")
         if args.count_ops:
-            print(variant, "loop-body ops: %d, most common %s" % while_body_ops(decoder, arguments, mode == "xla"))
+            count, common = while_body_ops(decoder, arguments, mode == "xla")
+            print(variant, f"loop-body ops: {count}, most common {common}")
         decoders[variant] = decoder
     layers.update_cache, tf_numpy.matmul = WRITES["scatter"], KERAS_MATMUL
 

@@ -40,8 +40,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kgpt.export import ServingModule, xla_findings  # noqa: E402
 from kgpt.decoding import Decoder  # noqa: E402
+from kgpt.export import ServingModule, xla_findings  # noqa: E402
 from kgpt.model import build_model, count_parameters  # noqa: E402
 from kgpt.tokenizer import CharacterTokenizer  # noqa: E402
 

@@ -20,8 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import keras  # noqa: E402
-
 from train_throughput import SIZES, dataset, keras_hub_model  # noqa: E402
+
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
 from kgpt.model import build_model  # noqa: E402
 from kgpt.schedule import WarmupCosine  # noqa: E402

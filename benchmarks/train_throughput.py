@@ -26,8 +26,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kgpt.model import build_model, count_parameters  # noqa: E402
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
+from kgpt.model import build_model, count_parameters  # noqa: E402
 from kgpt.train import make_optimizer  # noqa: E402
 
 SIZES = {

@@ -44,53 +44,39 @@ def _add_train(subparsers):
 
 
 def _add_generate(subparsers):
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate text from a run directory or an exported SavedModel",
-        description=(
-            "Continue prompts with a trained model: a run directory (in-process, XLA-compiled "
-            "decode loop) or a SavedModel written by 'kgpt export' (the graph TF Serving runs). "
-            "Greedy unless --temperature or --beams is given."
-        ),
+    parser = _command(
+        subparsers, "generate", _run_generate, "generate text from a run directory or an exported SavedModel",
+        "Continue prompts with a trained model: a run directory (in-process, XLA-compiled decode "
+        "loop) or a SavedModel written by 'kgpt export' (the graph TF Serving runs). Greedy unless "
+        "--temperature or --beams is given.",
     )
     parser.add_argument("path", help="a run directory, or saved_models/NAME[/VERSION]")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable; '' allowed)")
     parser.add_argument(
-        "--prompt", action="append", required=True, help="a prompt (repeatable; '' allowed)"
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help="tokens to add per prompt (default: 64, or half the context of a smaller model; "
-        "for a SavedModel, the export's default)",
+        "--max-new-tokens", type=int,
+        help="tokens to add per prompt (default: 64, or half a smaller context; for a SavedModel, "
+        "the export's default)",
     )
     add_sampling_arguments(parser)  # --temperature, --top-k, --top-p, --seed
     parser.add_argument("--beams", type=int, default=1, help="beam search width (1: none)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score exponent")
+    parser.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
     parser.add_argument(
-        "--num-return-sequences", type=int, default=1, help="continuations per prompt"
-    )
-    parser.add_argument(
-        "--no-truncate",
-        action="store_true",
+        "--no-truncate", action="store_true",
         help="fail on prompts too long for the context instead of keeping their end",
     )
-    parser.add_argument(
-        "--continuation-only", action="store_true", help="print only the generated text"
-    )
+    parser.add_argument("--continuation-only", action="store_true", help="print only the generated text")
     parser.add_argument("--json", action="store_true", help="print a JSON list of strings")
-    parser.set_defaults(handler=_run_generate)
 
 
 def _add_export(subparsers):
-    parser = subparsers.add_parser(
-        "export",
-        help="export a run as a SavedModel for TensorFlow Serving (or a Hugging Face folder)",
-        description=(
-            "Write BASE_DIR/NAME/VERSION/ (TF Serving's layout): a SavedModel with the tokenizer "
-            "and the cached decode loop in the graph; signatures serving_default, generate, "
-            "score and logits. Versions are never overwritten. With --format hf, write a "
-            "Hugging Face GPT-2 folder to --out instead."
-        ),
+    parser = _command(
+        subparsers, "export", _run_export,
+        "export a run as a SavedModel for TensorFlow Serving (or a Hugging Face folder)",
+        "Write BASE_DIR/NAME/VERSION/ (TF Serving's layout): a SavedModel with the tokenizer and "
+        "the cached decode loop in the graph; signatures serving_default, generate, score and "
+        "logits. Versions are never overwritten. With --format hf, write a Hugging Face GPT-2 "
+        "folder to --out instead.",
     )
     parser.add_argument("run_dir", help="a run directory written by 'kgpt train'")
     parser.add_argument(
@@ -101,35 +87,21 @@ def _add_export(subparsers):
     parser.add_argument("--out", help="the folder to write (required for --format hf)")
     parser.add_argument("--base-dir", default="saved_models", help="default saved_models")
     parser.add_argument("--version", type=int, help="default: the next free version")
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help="new tokens per prompt of serving_default (default min(64, context / 2))",
-    )
-    parser.set_defaults(handler=_run_export)
+    parser.add_argument("--max-new-tokens", type=int, help="serving_default's new tokens (min(64, context/2))")
 
 
 def _add_serve(subparsers):
-    parser = subparsers.add_parser(
-        "serve",
-        help="a local development server speaking TensorFlow Serving's REST API",
-        description=(
-            "Serve the highest version of an exported model over TF Serving's REST API "
-            "(/v1/models/NAME, :predict). For development; TensorFlow Serving is the "
-            "production path."
-        ),
+    parser = _command(
+        subparsers, "serve", _run_serve, "a local development server speaking TensorFlow Serving's REST API",
+        "Serve the highest version of an exported model over TF Serving's REST API "
+        "(/v1/models/NAME, :predict). For development; TensorFlow Serving is the production path.",
     )
     parser.add_argument("model_dir", help="saved_models/NAME (its highest version is served)")
     parser.add_argument("--port", type=int, default=8501, help="default 8501, as TF Serving")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (local only)")
     parser.add_argument("--name", help="model name in URLs (default: the folder name)")
-    parser.add_argument(
-        "--max-concurrent-requests", type=int, default=4, help="requests run at once"
-    )
-    parser.add_argument(
-        "--max-request-bytes", type=int, default=1 << 20, help="largest request body"
-    )
-    parser.set_defaults(handler=_run_serve)
+    parser.add_argument("--max-concurrent-requests", type=int, default=4, help="requests run at once")
+    parser.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body")
 
 
 def _add_build(subparsers):

@@ -10,8 +10,7 @@ import zipfile
 
 import keras
 
-from kgpt import distribute, layers, metrics, schedule  # noqa: F401  (register their classes)
-from kgpt import files
+from kgpt import distribute, files, layers, metrics, schedule  # noqa: F401  (register their classes)
 from kgpt.model import GPT
 from kgpt.recurrent import RecurrentLanguageModel
 

@@ -9,10 +9,9 @@ import pytest
 
 from kgpt.baselines import SMOOTHING_GRID, BigramModel, train_bigram
 from kgpt.cli import main
-from kgpt.evaluate import evaluate_runs
 from kgpt.config import load_recipe
+from kgpt.evaluate import evaluate_runs
 from kgpt.recurrent import RecurrentLanguageModel
-
 
 
 @pytest.fixture

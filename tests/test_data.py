@@ -15,6 +15,7 @@ from kgpt import corpora, data
 from kgpt import tokenizer as tk
 from kgpt.config import DataConfig, ModelConfig
 
+
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

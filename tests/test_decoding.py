@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.decoding import CausalRecomputation, Decoder, beam_search, cached, check_options, decode
 from kgpt.model import build_model
+from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions
 
 

@@ -8,7 +8,12 @@ from kgpt.cli import main
 from kgpt.config import DataConfig
 from kgpt.data import build_tokenizer
 from kgpt.evaluate import (
-    Evaluation, evaluate_runs, format_table, keras_scorer, score_stream, sliding_windows,
+    Evaluation,
+    evaluate_runs,
+    format_table,
+    keras_scorer,
+    score_stream,
+    sliding_windows,
 )
 
 # Every character of the hand-made evaluation text below occurs in the training text, so the

@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from kgpt import export as export_module
 from kgpt import sampling
-from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.cli import main
 from kgpt.export import (
     ServingModule,
@@ -34,6 +33,7 @@ from kgpt.export import (
     xla_findings,
 )
 from kgpt.generate import Generator, SavedModelGenerator, load_generator
+from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions, option
 from kgpt.tokenizer import train_bpe, train_characters
 

@@ -7,10 +7,10 @@ import keras
 import pytest
 import tensorflow as tf
 
-from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.cli import main
 from kgpt.decoding import Decoder
 from kgpt.generate import Generator, TextGenerator, load_generator, sampling_options
+from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions
 from kgpt.tokenizer import train_characters
 

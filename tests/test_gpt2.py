@@ -266,8 +266,8 @@ jit_compile = false
 
 
 def test_fine_tuning_an_imported_model_lowers_the_loss(hf_folder, tmp_path, monkeypatch):
-    from kgpt.evaluate import evaluate_runs
     from kgpt.config import load_recipe
+    from kgpt.evaluate import evaluate_runs
     from kgpt.train import train
 
     folder, _ = hf_folder

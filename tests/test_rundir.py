@@ -19,7 +19,6 @@ from kgpt.rundir import RunDirectory
 from kgpt.train import train
 
 
-
 @pytest.fixture
 def recipe_path(write_toy_recipe):
     return write_toy_recipe(max_steps=10)

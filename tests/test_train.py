@@ -17,7 +17,6 @@ from kgpt.rundir import RunDirectory, load_model
 from kgpt.train import train
 
 
-
 @pytest.fixture
 def recipe_path(write_toy_recipe):
     return write_toy_recipe()
