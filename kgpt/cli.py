@@ -87,7 +87,7 @@ def _add_export(subparsers):
     parser.add_argument("--out", help="the folder to write (required for --format hf)")
     parser.add_argument("--base-dir", default="saved_models", help="default saved_models")
     parser.add_argument("--version", type=int, help="default: the next free version")
-    parser.add_argument("--max-new-tokens", type=int, help="new tokens of serving_default (min(64, context/2))")
+    parser.add_argument("--max-new-tokens", type=int, help="serving_default new tokens (min(64, context/2))")
 
 
 def _add_serve(subparsers):
