@@ -193,14 +193,16 @@ class TrainingStopped(RuntimeError):
     """Training ended without a usable result (a NaN loss); exit code 1."""
 
 
+def _default_run_dir(args, prefix=""):
+    name = os.path.splitext(os.path.basename(args.recipe))[0]
+    return args.run_dir or os.path.join("checkpoints", prefix + name)
+
+
 def _run_train(args):
     from kgpt.config import load_recipe
     from kgpt.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    name = os.path.splitext(os.path.basename(args.recipe))[0]
-    run_dir = args.run_dir or os.path.join("checkpoints", name)
-    _report_training(train(recipe, run_dir))
+    _report_training(train(load_recipe(args.recipe, args.overrides), _default_run_dir(args)))
 
 
 def _report_training(result, what=""):
@@ -281,14 +283,10 @@ def _run_baseline(args):
             "tokenizer from the recipe's [data], as 'kgpt train' does."
         )
     recipe = load_recipe(args.recipe, args.overrides)
-    name = os.path.splitext(os.path.basename(args.recipe))[0]
-    run_dir = args.run_dir or os.path.join("checkpoints", f"{args.kind}_{name}")
+    run_dir = _default_run_dir(args, f"{args.kind}_")
     if args.kind == "bigram":
         bigram = train_bigram(recipe, run_dir, k=args.k, tokenizer_from=args.tokenizer_from)
-        print(
-            f"Fitted a bigram model (vocabulary {bigram.vocabulary_size}, k={bigram.k:g}) "
-            f"into {run_dir}"
-        )
+        print(f"Fitted a bigram model (vocabulary {bigram.vocabulary_size}, k={bigram.k:g}) into {run_dir}")
         return
     _report_training(train_recurrent(recipe, run_dir), what="the GRU baseline ")
 
@@ -303,14 +301,9 @@ def _run_generate(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         texts = load_generator(args.path).generate(
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            sampling=sampling,
-            num_beams=args.beams,
-            length_penalty=args.length_penalty,
-            num_return_sequences=args.num_return_sequences,
-            keep_prompt=not args.continuation_only,
-            truncate=not args.no_truncate,
+            args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, num_beams=args.beams,
+            length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
+            keep_prompt=not args.continuation_only, truncate=not args.no_truncate,
         )
     for warning in caught:
         print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)
@@ -332,27 +325,16 @@ def _run_export(args):
 
     if not args.name:
         raise UsageError("--name NAME is required: the model name TF Serving serves it under.")
-    path = export(
-        args.run_dir,
-        args.name,
-        base_dir=args.base_dir,
-        version=args.version,
-        max_new_tokens=args.max_new_tokens,
-    )
+    path = export(args.run_dir, args.name, base_dir=args.base_dir, version=args.version,
+                  max_new_tokens=args.max_new_tokens)
     print(f"Exported {args.run_dir} to {path}")
 
 
 def _run_serve(args):
     from kgpt.serve import serve
 
-    serve(
-        args.model_dir,
-        port=args.port,
-        host=args.host,
-        name=args.name,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_request_bytes=args.max_request_bytes,
-    )
+    serve(args.model_dir, port=args.port, host=args.host, name=args.name,
+          max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes)
 
 
 def _run_info(args):
