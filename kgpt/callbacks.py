@@ -11,6 +11,7 @@ import numpy as np
 
 from kgpt import files, keras_compat
 from kgpt.generate import Generator
+from kgpt.rundir import backup_state
 from kgpt.saving import load_model, save_model
 
 
@@ -36,11 +37,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if os.path.exists(keras_compat.backup_weights_path(self)):
             epoch = _step(self.model) // self.steps_per_epoch
             keras_compat.set_initial_epoch(self.model, epoch)
-            path = keras_compat.backup_metadata_path(self)
-            self.val_losses = []
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as file:
-                    self.val_losses = [float(v) for v in json.load(file).get("val_loss", [])][:epoch]
+            self.val_losses = backup_state(self.backup_dir)[1][:epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.

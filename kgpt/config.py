@@ -60,6 +60,10 @@ def _coerce(key, value, annotation):
     return value
 
 
+def _jsonable(values):
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
 def _did_you_mean(value, options):
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
@@ -140,10 +144,7 @@ class Config:
 
     def to_dict(self):
         """The fields as a JSON-ready dict (tuples become lists, as `config.json` stores them)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
+        return _jsonable(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,19 +371,12 @@ class Recipe:
         ModelConfig.check_keys(model)
         hints = typing.get_type_hints(ModelConfig)
         model = {key: _coerce(f"model.{key}", value, hints[key]) for key, value in model.items()}
-        return cls(
-            model=model,
-            data=DataConfig.from_dict(raw.get("data", {})),
-            train=TrainConfig.from_dict(raw.get("train", {})),
-            model_kind=kind,
-        )
+        data, train = DataConfig.from_dict(raw.get("data", {})), TrainConfig.from_dict(raw.get("train", {}))
+        return cls(model=model, data=data, train=train, model_kind=kind)
 
     def to_dict(self):
         """The recipe as `config.json` stores it (`kind` only when not the default)."""
-        model = {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in self.model.items()
-        }
+        model = _jsonable(self.model)
         if self.model_kind != "gpt":
             model["kind"] = self.model_kind
         return {"model": model, "data": self.data.to_dict(), "train": self.train.to_dict()}
@@ -393,10 +387,8 @@ class Recipe:
 
     def model_config(self, vocabulary_size):
         """The `ModelConfig` of a new model for a tokenizer of `vocabulary_size` ids."""
-        return ModelConfig(
-            **{"vocabulary_size": vocabulary_size, "sequence_length": self.data.sequence_length,
-               **self.model}
-        )
+        defaults = {"vocabulary_size": vocabulary_size, "sequence_length": self.data.sequence_length}
+        return ModelConfig(**{**defaults, **self.model})
 
 
 def identity(config):

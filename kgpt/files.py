@@ -36,16 +36,8 @@ def remove(path):
 
 @contextlib.contextmanager
 def atomic_file(path):
-    """Yields a temporary path beside `path`; when the block succeeds it is renamed onto `path`.
-
-    The block may hand the path to any writer (`model.save`, `open`). On an error `path` stays as
-    it was and the temporary is removed.
-
-    Example:
-        with atomic_file("checkpoints/run/config.json") as temporary:
-            with open(temporary, "w") as file:
-                json.dump(config, file)
-    """
+    """Yields a temporary path beside `path` for any writer (`model.save`, `open`); when the block
+    succeeds it is renamed onto `path`, on an error `path` stays as it was."""
     directory, name = os.path.split(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=_prefix(), suffix=f"-{name}", dir=directory)

@@ -97,12 +97,8 @@ class RunDirectory:
                 json.dump(config, file, indent=2, sort_keys=True)
 
     def check_recipe(self, recipe):
-        """True when the folder holds this run (it resumes), False when it holds no run yet.
-
-        Raises:
-            ValueError: it holds a run whose recipe identity (`Recipe.identity`: locations and
-                sample settings left out) differs, naming the differing keys.
-        """
+        """True when the folder holds this run (it resumes), False when it holds none; ValueError
+        naming the keys when its recipe identity (`Recipe.identity`) differs."""
         if not self.is_run():
             return False
         stored = self.read_config()
@@ -144,13 +140,8 @@ class RunDirectory:
         return saving.load_model(self.model_path())
 
     def backup_state(self, worker=None):
-        """`(step, val_losses)` of the last backup: optimizer steps and each evaluation's val_loss."""
-        path = os.path.join(self.backup_dir(worker), BACKUP_METADATA)
-        if not os.path.isfile(path):
-            return 0, []
-        with open(path, encoding="utf-8") as file:
-            metadata = json.load(file)
-        return int(metadata.get("step", 0)), [float(v) for v in metadata.get("val_loss", [])]
+        """`(step, val_losses)` of the last backup (see `backup_state`)."""
+        return backup_state(self.backup_dir(worker))
 
     def best_logged(self, key="val_loss"):
         """The lowest `key` in `history.csv`, or None when there is none yet."""
@@ -182,14 +173,9 @@ class RunDirectory:
 
     @contextlib.contextmanager
     def lock(self, worker=0):
-        """Holds the run for one training process (one per worker of a multi-worker run).
-
-        An OS file lock on `.lock` (`.lock-worker-N`), released however the process ends, `kill
-        -9` included. A folder this call created is removed when it leaves without becoming a run.
-
-        Raises:
-            ValueError: another process holds the run, or the path is a file.
-        """
+        """Holds the run for one training process (per worker): an OS file lock on `.lock`, released
+        however the process ends, `kill -9` included; ValueError if another process holds it. A
+        folder this call created is removed when it leaves without becoming a run."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f"{self.path} is a file, not a run directory; choose another --run-dir.")
         created = not os.path.exists(self.path)
@@ -236,6 +222,16 @@ class RunDirectory:
         for path in removed:
             files.remove(path)
         return removed
+
+
+def backup_state(backup_dir):
+    """`(step, val_losses)` of the backup in `backup_dir`: optimizer steps, each evaluation's val_loss."""
+    path = os.path.join(backup_dir, BACKUP_METADATA)
+    if not os.path.isfile(path):
+        return 0, []
+    with open(path, encoding="utf-8") as file:
+        metadata = json.load(file)
+    return int(metadata.get("step", 0)), [float(v) for v in metadata.get("val_loss", [])]
 
 
 def model_file(path):

@@ -19,10 +19,7 @@ MODEL_CLASSES = {"gpt": GPT, "gru": RecurrentLanguageModel}
 
 
 def save_model(model, path):
-    """Saves `model` to `path` (a `.keras` file) atomically: a temporary file, then a rename.
-
-    A crash mid-save leaves any previous file at `path` intact and no partial file behind.
-    """
+    """Saves `model` to `path` (a `.keras` file) atomically: a crash leaves no partial file."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise ValueError(f"Model path {path!r} must end in .keras.")
@@ -31,12 +28,7 @@ def save_model(model, path):
 
 
 def load_model(path):
-    """Loads a kgpt model from a `.keras` file, with `safe_mode` on.
-
-    Raises:
-        FileNotFoundError: no file at `path`.
-        ValueError: the file is not a readable `.keras` archive.
-    """
+    """Loads a kgpt model from a `.keras` file, with `safe_mode` on; ValueError if it is not one."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such model file: {path}. Check the path.")

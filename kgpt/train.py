@@ -211,14 +211,8 @@ class TrainResult:
 def train(recipe, run_dir, verbose="auto", callbacks=()):
     """Trains a recipe's model into `run_dir`, resuming if it already holds this run.
 
-    Args:
-        recipe: a `kgpt.config.Recipe`.
-        run_dir: the run directory; a second process training into it is refused.
-        verbose: `model.fit` verbosity.
-        callbacks: extra Keras callbacks, run before the backup.
-
-    Returns:
-        A `TrainResult`.
+    `callbacks` are extra Keras callbacks, run before the backup; a second process training into
+    `run_dir` is refused. Returns a `TrainResult`.
 
     Example:
         result = train(load_recipe("pipelines/tiny.toml"), "checkpoints/tiny")

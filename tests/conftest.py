@@ -66,6 +66,16 @@ jit_compile = false
 
 
 @pytest.fixture
+def shards(tmp_path):
+    """Three text shards, `shards/wiki_books_{0,1,2}.txt`, of four blank-line blocks each."""
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        blocks = [f"Shard {i} block {j}: some words here." for j in range(4)]
+        (tmp_path / "shards" / f"wiki_books_{i}.txt").write_text("\n\n".join(blocks) + "\n")
+    return tmp_path / "shards"
+
+
+@pytest.fixture
 def write_toy_recipe(tmp_path):
     """`write(batch_size, max_steps, eval_interval, eval_steps, warmup_steps) -> path`: the toy
     recipe over a small, very regular corpus (`corpus.txt`) written in `tmp_path`; its `[data]`

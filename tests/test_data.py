@@ -22,14 +22,6 @@ def _write(path, text):
     return path
 
 
-@pytest.fixture
-def shards(tmp_path):
-    for i in range(3):
-        blocks = [f"Shard {i} block {j}: some words here." for j in range(4)]
-        _write(tmp_path / "shards" / f"wiki_books_{i}.txt", "\n\n".join(blocks) + "\n")
-    return tmp_path / "shards"
-
-
 def _config(tmp_path, **kwargs):
     return DataConfig(cache_dir=str(tmp_path / "cache"), **kwargs)
 
