@@ -10,10 +10,11 @@ import glob
 import os
 import re
 import shutil
-import tempfile
 import typing
 
 import numpy as np
+
+from kgpt import files
 
 SPLITS = ("train", "validation", "test")
 # DataConfig fields that change the documents of every corpus.
@@ -122,17 +123,15 @@ def _download(archive):
             failures.append(f"{url}: {error}")
     else:
         raise OSError("; ".join(failures))
-    staging = tempfile.mkdtemp(dir=cache, prefix=f".{archive.folder}.")
-    unpacked = os.path.join(staging, archive.folder)
-    try:
-        if archive.filename.endswith((".zip", ".tar.gz")):
-            shutil.unpack_archive(path, staging)
-        else:  # a single file
-            os.makedirs(unpacked)
-            shutil.copy(path, os.path.join(unpacked, archive.filename))
-        os.replace(unpacked, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with files.staged_directory(target, replace=False) as staging:
+        if not archive.filename.endswith((".zip", ".tar.gz")):  # a single file
+            shutil.copy(path, os.path.join(staging, archive.filename))
+            return
+        shutil.unpack_archive(path, staging)  # holds archive.folder/
+        unpacked = os.path.join(staging, archive.folder)
+        for name in os.listdir(unpacked):
+            os.replace(os.path.join(unpacked, name), os.path.join(staging, name))
+        os.rmdir(unpacked)
 
 
 def read_text(path, errors="strict"):

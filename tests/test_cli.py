@@ -134,6 +134,7 @@ def _kgpt_without_root_override(argv, cwd):
     )
 
 
+@pytest.mark.slow
 def test_read_only_run_directory_new_or_resumed(write_toy_recipe, tmp_path, capsys):
     recipe = str(write_toy_recipe(max_steps=4, eval_interval=2, eval_steps=1, warmup_steps=1))
     finished = tmp_path / "finished"
@@ -209,6 +210,7 @@ def _kgpt(argv, cwd, **env):
     )
 
 
+@pytest.mark.slow
 def test_commands_print_no_tensorflow_start_up_noise(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
@@ -224,6 +226,7 @@ def test_commands_print_no_tensorflow_start_up_noise(tmp_path):
     assert "oneDNN custom operations are on" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_real_error_after_tensorflow_starts_is_still_printed(tmp_path):
     (tmp_path / "bad.keras").write_text("not a zip")
     result = _kgpt(["info", "bad.keras"], tmp_path)

@@ -455,7 +455,7 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
         ("top_p", tf.constant(1.5)), ("top_k", tf.constant(-1)), ("temperature", tf.constant(0.0)),
     ]
     for key, value in bad:
-        with pytest.raises(tf.errors.InvalidArgumentError):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=key):
             signatures["generate"](**{**good, key: value})
 
 

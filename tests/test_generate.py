@@ -28,6 +28,7 @@ def generator(run_dir):
     return load_generator(run_dir)
 
 
+@pytest.mark.slow
 def test_generator_text_ragged_equals_one_by_one_and_keeps_prompts(generator):
     assert isinstance(generator, Generator) and isinstance(generator, TextGenerator)
     prompts = ["the cat", "a", "", "dog ran on the mat"]

@@ -265,6 +265,7 @@ jit_compile = false
 """
 
 
+@pytest.mark.slow
 def test_fine_tuning_an_imported_model_lowers_the_loss(hf_folder, tmp_path, monkeypatch):
     from kgpt.config import load_recipe
     from kgpt.evaluate import evaluate_runs

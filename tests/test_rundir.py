@@ -89,6 +89,7 @@ def test_a_failed_start_leaves_no_run(recipe_path, tmp_path, case, message, caps
         assert "Trained 10 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_locked_while_it_trains(recipe_path, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -112,6 +113,7 @@ def test_a_run_directory_is_locked_while_it_trains(recipe_path, tmp_path):
     assert train(load_recipe(recipe_path), str(run_dir), verbose=0).steps == 10
 
 
+@pytest.mark.slow
 def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(recipe_path, tmp_path):
     run = RunDirectory(tmp_path / "run")
     train(load_recipe(recipe_path), run.path, verbose=0)
@@ -129,6 +131,7 @@ def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(recipe_path, 
     assert not [path for path in stale if os.path.exists(path)]
 
 
+@pytest.mark.slow
 def test_moved_data_resumes_and_the_run_records_the_new_place(recipe_path, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     train(load_recipe(recipe_path), run_dir, verbose=0)
@@ -155,6 +158,7 @@ def test_a_bigram_run_says_it_has_no_model(tmp_path, capsys):
     assert "bigram baseline" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_importing_kgpt_registers_its_classes_without_importing_tensorflow(tmp_path):
     script = textwrap.dedent(f"""
         import sys

@@ -79,6 +79,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_early_stopping_counts_the_evaluations_before_a_resume(recipe_path, tmp_path):
     # Frozen weights: val_loss never improves, so patience=2 stops after the third evaluation.
     overrides = [
@@ -112,6 +113,7 @@ def test_every_evaluation_scores_the_same_validation_batches(recipe_path, tmp_pa
     assert losses[0] == losses[1] == losses[2]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
     overrides = ["train.learning_rate=1e30", "train.min_learning_rate=1e29", "train.clip_norm=0.0", "train.warmup_steps=0"]
     result = train(load_recipe(recipe_path, overrides), str(tmp_path / "run"), verbose=0)
@@ -127,6 +129,7 @@ def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "cli-run" / "final.keras")
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path, tmp_path):
     source = str(tmp_path / "source")
     train(load_recipe(recipe_path), source, verbose=0)
