@@ -144,6 +144,7 @@ def test_beam_search_finishes_beams_at_end_of_text_and_handles_ragged_prompts():
     assert scores[0, 0].numpy() == pytest.approx(np.log(0.3998 * 0.9) / 2, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_beam_search_on_the_model_ragged_equals_one_by_one(model):
     decoder = Decoder(model, bucket=4)
     prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]

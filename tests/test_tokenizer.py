@@ -90,6 +90,7 @@ def test_bpe_detokenize_replaces_invalid_utf8(bpe):
     assert text.numpy()[0].decode("utf-8") == "ok\ufffd"
 
 
+@pytest.mark.slow
 def test_tokenize_inside_tf_data_and_tf_function(bpe):
     dataset = tf.data.Dataset.from_tensor_slices(VARIED_TEXT).batch(4).map(bpe.tokenize)
     mapped = [row for batch in dataset for row in batch.to_list()]
