@@ -157,13 +157,17 @@ def test_a_new_sampling_field_becomes_a_checked_signature_input(run, module, mon
         extended.generate(**{**inputs, "min_p": tf.constant(1.5)})
 
 
-def test_a_recurrent_model_serves_like_its_generator(run):
-    _, _, tokenizer = run
+def _recurrent_model(tokenizer):
     keras.utils.set_random_seed(0)
-    model = RecurrentLanguageModel(
+    return RecurrentLanguageModel(
         vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH, num_layers=1,
         num_heads=2, hidden_dim=16,
     )
+
+
+def test_a_recurrent_model_serves_like_its_generator(run):
+    _, _, tokenizer = run
+    model = _recurrent_model(tokenizer)
     recurrent = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
     assert _texts(recurrent.serving_default(tf.constant(PROMPTS))) == expected
@@ -495,11 +499,7 @@ def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
 @pytest.mark.export
 def test_a_recurrent_model_exports_without_xla(run, tmp_path):
     _, _, tokenizer = run
-    keras.utils.set_random_seed(0)
-    model = RecurrentLanguageModel(
-        vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH, num_layers=1,
-        num_heads=2, hidden_dim=16,
-    )
+    model = _recurrent_model(tokenizer)
     module = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     path = publish(module, tmp_path / "gru")
     assert xla_findings(path) == []
