@@ -228,7 +228,8 @@ class DataConfig(Config):
     imdb_unsupervised: bool = False  # imdb: add train/unsup to the training split
     errors: str = "strict"  # invalid UTF-8: an error naming file and byte, or `replace`
     window_offsets: str = "aligned"  # packed training windows: aligned, or `random` (nanoGPT's)
-    cache_dir: str | None = None  # token cache; default $KGPT_CACHE_DIR or ~/.cache/kgpt
+    cache_dir: str | None = None  # token stores (any tf.io.gfile path); default $KGPT_CACHE_DIR or ~/.cache/kgpt
+    shard_bytes: int = 64 * 2**20  # text per token-store shard (UTF-8 bytes; whole documents)
     shuffle_buffer_size: int | None = None  # None shuffles all windows
     seed: int = 1337  # seeds the splits and the shuffle
 
@@ -248,7 +249,7 @@ class DataConfig(Config):
                 f"{self.tokenizer!r} (for bpe: the byte alphabet (256) plus 2 special tokens); "
                 f"set it to at least {minimum} (e.g. 8192)."
             )
-        self.check_positive("sequence_length", "validation_count")
+        self.check_positive("sequence_length", "validation_count", "shard_bytes")
         self.check_range("validation_fraction", 0.0, 1.0, "; 0.1 holds out a tenth")
         self.check_range("shuffle_buffer_size", 1, float("inf"), ", or unset to shuffle all windows")
         if corpus.needs_files and not self.files:

@@ -1,22 +1,22 @@
-"""Input pipeline: corpus documents -> tokenizer (`build_tokenizer`) -> token stream, cached on disk
-(`tokenize_corpus`) -> `tf.data` windows (`make_dataset`): packed `(x, y)`, or one padded example
-per document with `sample_weight` 0 on padding, set by position so that padding never counts even
-where `padding_id == end_of_text_id`. Deterministic given the seed, also across passes and resumes.
+"""Input pipeline: corpus documents -> tokenizer (`build_tokenizer`) -> token store on disk
+(`tokenize_corpus`, `kgpt.tokenstore`) -> `tf.data` windows read shard by shard (`make_dataset`):
+packed `(x, y)`, or one padded example per document with `sample_weight` 0 on padding, set by
+position so that padding never counts even where `padding_id == end_of_text_id`. Deterministic
+given the seed, also across passes, resumes and workers; memory does not grow with the corpus.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
 
-from kgpt import corpora, files
+from kgpt import corpora, tokenstore
 from kgpt import tokenizer as tokenizers
 
-CACHE_FORMAT_VERSION = 2  # 2: normalisation moved from the documents into the tokenizer
-_BATCH_DOCUMENTS = 1024  # documents per `encode_documents` call
+CACHE_FORMAT_VERSION = 3  # 2: normalisation moved into the tokenizer; 3: sharded token store
 
 
 def read_documents(config, split):
@@ -80,18 +80,6 @@ def build_tokenizer(config, directory=None):
     return result
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenStream:
-    """A split's tokens, int32: each document followed by end-of-text, concatenated. Document i is
-    `tokens[document_ends[i-1]:document_ends[i]]`; `path` is its cache folder, `cached` True when it
-    was read from there."""
-
-    tokens: np.ndarray
-    document_ends: np.ndarray
-    path: str
-    cached: bool
-
-
 def default_cache_directory():
     """`$KGPT_CACHE_DIR`, else `~/.cache/kgpt/tokens`."""
     return os.environ.get("KGPT_CACHE_DIR") or os.path.join(
@@ -100,8 +88,8 @@ def default_cache_directory():
 
 
 def cache_key(config, tokenizer, split):
-    """(key, description) of the token cache entry: the split's files (path, size, mtime), the
-    tokenizer's fingerprint (vocabulary and normalisation) and the options that change the documents."""
+    """(key, description) of the split's token store: its files (path, size, mtime), the tokenizer's
+    fingerprint (vocabulary and normalisation), the options that change the documents, the shard size."""
     options = corpora.document_options(config, split)
     description = {
         "format_version": CACHE_FORMAT_VERSION,
@@ -109,110 +97,79 @@ def cache_key(config, tokenizer, split):
         "split": split,
         "files": corpora.file_identity(corpora.corpus_files(config, split)),
         "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint},
-        "options": {name: getattr(config, name) for name in options},
+        "options": {name: getattr(config, name) for name in options + ("shard_bytes",)},
     }
     text = json.dumps(description, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32], description
 
 
-def tokenize_corpus(config, tokenizer, split):
-    """The split's `TokenStream`, from `<cache_dir>/<corpus>-<split>-<key>/` or tokenized and written
-    there (atomically, so concurrent runs and killed ones never leave a partial entry). Sequence
-    length, mode and batch size are applied later, so they never invalidate the cache."""
+def tokenize_corpus(config, tokenizer, split, progress=None):
+    """The split's `TokenStore` at `<cache_dir>/<corpus>-<split>-<key>`, tokenized and written there
+    first if needed (resuming a killed run's shards). Sequence length, mode and batch size are
+    applied when reading, so they never invalidate the store.
+
+    Args:
+        progress: print a status line with tokens/s and ETA to stderr; default: when it is a terminal.
+    """
     key, description = cache_key(config, tokenizer, split)
     root = config.cache_dir or default_cache_directory()
-    path = os.path.join(root, f"{config.corpus}-{split}-{key}")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return TokenStream(
-            np.load(os.path.join(path, "tokens.npy")),
-            np.load(os.path.join(path, "document_ends.npy")),
-            path,
-            cached=True,
-        )
-    end_of_text = np.array([tokenizer.end_of_text_id], dtype=np.int32)
-    pieces, lengths, batch = [], [], []
-
-    def flush():
-        for ids in tokenizer.encode_documents(batch):
-            pieces.extend((ids, end_of_text))
-            lengths.append(len(ids) + 1)
-        batch.clear()
-
-    skip_blank = not tokenizer.normalization.identity
-    for document in corpora.iter_documents(config, split):
-        if skip_blank and not tokenizer.normalization.normalize(document).strip():
-            continue  # e.g. a line of punctuation, blank once stripped: no document, as before
-        batch.append(document)
-        if len(batch) == _BATCH_DOCUMENTS:
-            flush()
-    if batch:
-        flush()
-    if not lengths:
+    path = f"{root.rstrip('/')}/{config.corpus}-{split}-{key}" if "://" in root else os.path.join(
+        root, f"{config.corpus}-{split}-{key}")
+    store = tokenstore.open_store(path, description)
+    if store is not None:
+        return store
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total_bytes = sum(size for _, size, _ in description["files"])
+    store = tokenstore.write_store(
+        path, description, tokenizer, _documents(config, tokenizer, split), config.shard_bytes,
+        progress=tokenstore.Progress(f"Tokenizing {config.corpus} {split}", total_bytes) if progress else None,
+    )
+    if store.num_documents == 0:
         paths = [f for f, _, _ in description["files"]]
         raise ValueError(
             f"Corpus {config.corpus!r} ({split} split) is empty: no non-blank document in "
             f"{paths[:5]}{' ...' if len(paths) > 5 else ''}. Point data.dir / data.files at text."
         )
-    tokens = np.concatenate(pieces).astype(np.int32)
-    document_ends = np.cumsum(lengths, dtype=np.int64)
-    files.remove_stale(root)  # temporaries of killed runs
-    meta = {**description, "num_tokens": int(tokens.size), "num_documents": len(lengths)}
-    try:
-        # replace=False: an entry another process published meanwhile is kept (same content).
-        with files.staged_directory(path, replace=False) as staging:
-            np.save(os.path.join(staging, "tokens.npy"), tokens)
-            np.save(os.path.join(staging, "document_ends.npy"), document_ends)
-            with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as file:
-                json.dump(meta, file, indent=2)
-    except OSError:
-        if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race: real error
-            raise
-    return TokenStream(tokens, document_ends, path, cached=False)
+    return store
 
 
-def pack_windows(tokens, sequence_length):
-    """Cuts `tokens` into windows of stride `s`: `(inputs [n, s], next_tokens [n])`, views where possible,
-    `x[i] = tokens[i*s : i*s+s]`, `y[i] = concat(inputs[i, 1:], next_tokens[i])`. Every token is an
-    input once and a target once; only the final `< s` tokens are left out."""
-    count = (len(tokens) - 1) // sequence_length
-    inputs = tokens[: count * sequence_length].reshape(count, sequence_length)
-    next_tokens = tokens[sequence_length : count * sequence_length + 1 : sequence_length]
-    return inputs, next_tokens
-
-
-def pad_documents(stream, sequence_length, padding_id):
-    """`(rows [n, s + 1] int32, lengths [n] int32)`: each document's tokens (end-of-text included)
-    truncated or padded with `padding_id` to `s + 1`; documents with no target are dropped."""
-    ends = stream.document_ends
-    starts = np.concatenate([[0], ends[:-1]])
-    lengths = np.minimum(ends - starts, sequence_length + 1)
-    keep = lengths >= 2
-    starts, lengths = starts[keep], lengths[keep]
-    positions = np.arange(sequence_length + 1)
-    index = np.minimum(starts[:, None] + positions[None, :], len(stream.tokens) - 1)
-    rows = np.where(positions[None, :] < lengths[:, None], stream.tokens[index], padding_id)
-    return rows.astype(np.int32), lengths.astype(np.int32)
+def _documents(config, tokenizer, split):
+    skip_blank = not tokenizer.normalization.identity
+    for document in corpora.iter_documents(config, split):
+        if skip_blank and not tokenizer.normalization.normalize(document).strip():
+            continue  # e.g. a line of punctuation, blank once stripped: no document
+        yield document
 
 
 def scoring_tokens(config, tokenizer, split):
     """The split's token stream with one end-of-text in front, as int32 `[num_tokens + 1]`.
 
     Every document then follows an end-of-text, so its first token is predicted too (GPT-2's
-    convention for scoring text), and the stream has as many targets as `tokenize_corpus` tokens.
+    convention for scoring text), and the stream has as many targets as the store has tokens.
     """
-    stream = tokenize_corpus(config, tokenizer, split)
-    return np.concatenate([[tokenizer.end_of_text_id], stream.tokens]).astype(np.int32)
+    store = tokenize_corpus(config, tokenizer, split)
+    return np.concatenate([[tokenizer.end_of_text_id], store.read_tokens()]).astype(np.int32)
 
 
-def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False):
-    """The `tf.data` pipeline of one split: int32 `x`, `y` `[batch, sequence_length]` (`y` is `x`
-    shifted by one token) and, in document mode, float32 `sample_weight`.
+def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, repeat=False,
+                 worker=(0, 1)):
+    """The `tf.data` pipeline of one split, read shard by shard from its token store: int32 `x`, `y`
+    `[batch, sequence_length]` (`y` is `x` shifted by one token) and, in document mode, float32
+    `sample_weight`.
+
+    Packed windows are cut within a shard (`x[i] = tokens[i*s : i*s+s]`, so each token is an input
+    once; or, with `window_offsets = "random"`, as many windows starting anywhere); document mode
+    gives each document one row, padded, with weight 0 on padding.
 
     Args:
-        batch_size: the global batch under a distribution strategy.
-        shuffle: a new seeded order every pass, final partial batch dropped; default: for "train".
+        batch_size: the global batch under a distribution strategy (per worker with `worker`).
+        shuffle: a new seeded order every pass (of the shards, and of the windows within each,
+            two shards interleaved), final partial batch dropped; default: for "train".
         seed: default `config.seed`.
         repeat: repeat forever, for step-based training.
+        worker: `(index, count)`: this worker's disjoint part of every pass: whole shards when
+            there are at least `count`, else every `count`-th window.
 
     Example:
         train = make_dataset(config, tokenizer, "train", batch_size=12, repeat=True)
@@ -222,98 +179,105 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
         raise ValueError(f"batch_size={batch_size} must be at least 1 (e.g. 12).")
     shuffle = split == "train" if shuffle is None else shuffle
     seed = config.seed if seed is None else seed
-    length = config.sequence_length
-    stream = tokenize_corpus(config, tokenizer, split)
-    # nanoGPT's sampling: each window starts anywhere in the stream, so later passes see new
-    # windows rather than the same cut reshuffled. `count` windows per pass.
-    random_offsets = config.mode == "packed" and shuffle and config.window_offsets == "random"
-    if config.mode == "packed":
-        inputs, next_tokens = pack_windows(stream.tokens, length)
-        count = len(inputs)
-        if count == 0:
-            raise ValueError(
-                f"Corpus {config.corpus!r} ({split} split) has {stream.tokens.size} tokens, fewer "
-                f"than one window of sequence_length + 1 = {length + 1}. Lower data.sequence_length "
-                "or add text."
-            )
-        if random_offsets:
-            stream_tokens = tf.constant(stream.tokens)
-            offsets = tf.range(length + 1, dtype=tf.int64)
+    store = tokenize_corpus(config, tokenizer, split)
+    _check_windows(config, store, split)
+    index, count = worker
+    by_shard = count > 1 and len(store.shards) >= count
+    windows = _WindowReader(config, store, tokenizer.padding_id, shuffle, seed)
 
-            def gather(start):
-                window = tf.gather(stream_tokens, start[:, tf.newaxis] + offsets)  # (batch, s + 1)
-                return window[:, :-1], window[:, 1:]
+    def one_pass(number):
+        order = tf.range(len(store.shards), dtype=tf.int64)
+        if shuffle and len(store.shards) > 1:
+            order = tf.random.experimental.stateless_shuffle(order, tf.stack([tf.constant(seed, tf.int64), number + 2**41]))
+        if by_shard:
+            order = order[index::count]
+        return tf.data.Dataset.from_tensor_slices(order).interleave(
+            lambda shard: windows(shard, number), cycle_length=2 if shuffle else 1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
 
-        else:
-            inputs, next_tokens = tf.constant(inputs), tf.constant(next_tokens)
-
-            def gather(index):
-                x = tf.gather(inputs, index)  # (batch, sequence_length)
-                y = tf.concat([x[:, 1:], tf.gather(next_tokens, index)[:, tf.newaxis]], axis=1)
-                return x, y
-
-    else:
-        rows, lengths = pad_documents(stream, length, tokenizer.padding_id)
-        count = len(rows)
-        if count == 0:
-            raise ValueError(
-                f"Corpus {config.corpus!r} ({split} split) has no document with at least 2 "
-                "tokens, so document mode has no targets; add text or use data.mode = \"packed\"."
-            )
-        rows, lengths = tf.constant(rows), tf.constant(lengths)
-        positions = tf.range(length, dtype=tf.int32)
-
-        def gather(index):
-            window = tf.gather(rows, index)  # (batch, sequence_length + 1)
-            targets = tf.gather(lengths, index)[:, tf.newaxis] - 1
-            weight = tf.cast(positions[tf.newaxis, :] < targets, tf.float32)
-            return window[:, :-1], window[:, 1:], weight
-
-    if random_offsets:
-        dataset = _random_starts(count, stream.tokens.size - length - 1, seed, repeat)
-    elif shuffle:
-        dataset = _shuffled_indices(count, seed, config.shuffle_buffer_size, repeat)
-    else:
-        dataset = tf.data.Dataset.range(count)
-        if repeat:
-            dataset = dataset.repeat()
+    dataset = tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
+    if count > 1 and not by_shard:
+        dataset = dataset.shard(count, index)
     dataset = dataset.batch(batch_size, drop_remainder=shuffle)
-    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _random_starts(count, max_start, seed, repeat):
-    """`count` window start positions in `[0, max_start]` per pass, a pure function of the seed."""
-
-    def one_pass(number):
-        seed_pair = tf.stack([tf.constant(seed, tf.int64), number + 2**40])  # apart from shuffles
-        starts = tf.random.stateless_uniform(
-            [count], seed_pair, minval=0, maxval=max_start + 1, dtype=tf.int64
+def _check_windows(config, store, split):
+    length = config.sequence_length
+    if config.mode == "packed" and all((n - 1) // length < 1 for n, _ in store.shards):
+        raise ValueError(
+            f"Corpus {config.corpus!r} ({split} split) has {store.num_tokens} tokens, fewer "
+            f"than one window of sequence_length + 1 = {length + 1}. Lower data.sequence_length "
+            "or add text."
         )
-        return tf.data.Dataset.from_tensor_slices(starts)
+    if config.mode == "document" and store.num_tokens <= store.num_documents:
+        raise ValueError(
+            f"Corpus {config.corpus!r} ({split} split) has no document with at least 2 "
+            "tokens, so document mode has no targets; add text or use data.mode = \"packed\"."
+        )
 
-    return tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
+
+_GATHER_CHUNK = 256  # windows gathered per op inside a shard
 
 
-def _shuffled_indices(count, seed, buffer_size, repeat):
-    """Window indices, in a new seeded order on every pass.
+class _WindowReader:
+    """`reader(shard, pass_number)`: the `tf.data` windows of one shard in one pass. Each pass's order
+    is a pure function of `(seed, shard, pass)`: no random state lives in the iterator, so every
+    replica layout, worker and resumed run (which skips the batches it already trained on) sees
+    the same stream."""
 
-    Each pass's order is a pure function of `(seed, pass)`: no random state lives in the
-    iterator, so every tf.distribute replica layout, every worker and every resumed run (which
-    skips the batches it already trained on) sees exactly the same stream.
-    """
+    def __init__(self, config, store, padding_id, shuffle, seed):
+        self.store, self.length, self.padding_id = store, config.sequence_length, padding_id
+        self.mode, self.shuffle, self.seed = config.mode, shuffle, seed
+        self.random_offsets = config.mode == "packed" and shuffle and config.window_offsets == "random"
+        self.buffer_size = config.shuffle_buffer_size
 
-    def one_pass(number):
-        seed_pair = tf.stack([tf.constant(seed, tf.int64), number])
-        if buffer_size is None or buffer_size >= count:
-            order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed_pair)
-            return tf.data.Dataset.from_tensor_slices(order)
+    def __call__(self, shard, number):
+        tokens, ends = self.store.shard_tensors(shard)
+        seed = tf.constant(self.seed, tf.int64) + shard * 1_000_003  # shard 0: the seed itself
+        length, positions = self.length, tf.range(self.length + 1, dtype=tf.int64)
+        if self.mode == "packed":
+            count = (tf.size(tokens, tf.int64) - 1) // length
+            if self.random_offsets:  # nanoGPT's sampling: windows start anywhere, new ones every pass
+                starts = tf.random.stateless_uniform(
+                    [count], tf.stack([seed, number + 2**40]), minval=0,
+                    maxval=tf.size(tokens, tf.int64) - length, dtype=tf.int64)
+                indices, stride = tf.data.Dataset.from_tensor_slices(starts), 1
+            else:
+                indices, stride = self._order(count, seed, number), length
+
+            def gather(index):
+                window = tf.gather(tokens, index[:, tf.newaxis] * stride + positions)  # (chunk, s + 1)
+                return window[:, :-1], window[:, 1:]
+
+        else:
+            starts = tf.concat([[0], ends[:-1]], axis=0)
+            lengths = tf.minimum(ends - starts, length + 1)
+            keep = lengths >= 2
+            starts, lengths = tf.boolean_mask(starts, keep), tf.boolean_mask(lengths, keep)
+            indices = self._order(tf.size(starts, tf.int64), seed, number)
+            last = tf.size(tokens, tf.int64) - 1
+
+            def gather(index):
+                rows = tf.gather(tokens, tf.minimum(tf.gather(starts, index)[:, tf.newaxis] + positions, last))
+                row_lengths = tf.gather(lengths, index)[:, tf.newaxis]
+                rows = tf.where(positions[tf.newaxis, :] < row_lengths, rows, self.padding_id)
+                weight = tf.cast(positions[tf.newaxis, :-1] < row_lengths - 1, tf.float32)
+                return rows[:, :-1], rows[:, 1:], weight
+
+        return indices.batch(_GATHER_CHUNK).map(gather).unbatch()
+
+    def _order(self, count, seed, number):
+        """Indices `[0, count)` for one pass: in order, or shuffled (wholly, or in a buffer)."""
+        if not self.shuffle:
+            return tf.data.Dataset.range(count)
+        seed_pair = tf.stack([seed, number])
+        if self.buffer_size is None:
+            return tf.data.Dataset.from_tensor_slices(
+                tf.random.experimental.stateless_shuffle(tf.range(count), seed_pair))
         pass_seed = tf.random.stateless_uniform([], seed_pair, maxval=2**62, dtype=tf.int64)
-        return tf.data.Dataset.range(count).shuffle(
-            buffer_size, seed=pass_seed, reshuffle_each_iteration=False
-        )
-
-    return tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
+        return tf.data.Dataset.range(count).shuffle(self.buffer_size, seed=pass_seed)
 
 
 def check_model_compatibility(config, model_config, tokenizer=None):

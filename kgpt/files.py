@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 
 _PREFIX = ".tmp-"
 # A temporary of another machine (shared storage) is stale once it is this old.
@@ -24,6 +25,11 @@ def _host():
 
 def _prefix():
     return f"{_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def temporary_name(name):
+    """A temporary name for `name` in the form this module uses (see `remove_stale`)."""
+    return f"{_prefix()}{uuid.uuid4().hex[:8]}-{name}"
 
 
 def remove(path):

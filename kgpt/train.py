@@ -121,25 +121,34 @@ def build_model(recipe, tokenizer, strategy=None):
 
 
 def make_datasets(recipe, tokenizer, strategy=None, skip_steps=0):
-    """`(train, validation)` datasets of global batches; `train` resumes after `skip_steps` batches."""
+    """`(train, validation)` datasets of global batches; `train` resumes after `skip_steps` batches.
+
+    Under MultiWorkerMirroredStrategy each worker builds only its own part of the training stream
+    (`make_dataset`'s `worker`: whole token shards, or every n-th window), per-worker batches.
+    """
     strategy = strategy or tf.distribute.get_strategy()
     global_batch = recipe.train.batch_size * strategy.num_replicas_in_sync
-    train_data = kdata.make_dataset(recipe.data, tokenizer, "train", global_batch, repeat=True)
-    if skip_steps:
+
+    def train_dataset(batch_size, worker=(0, 1)):
+        dataset = kdata.make_dataset(recipe.data, tokenizer, "train", batch_size, repeat=True, worker=worker)
         # The same batches an uninterrupted run would see from here.
-        train_data = train_data.skip(skip_steps)
+        return dataset.skip(skip_steps) if skip_steps else dataset
+
     validation_data = kdata.make_dataset(recipe.data, tokenizer, "validation", global_batch)
     if recipe.train.eval_steps:
         # The same first eval_steps batches at every evaluation (or all, if there are fewer),
         # so validation losses compare across evaluations.
         validation_data = validation_data.take(recipe.train.eval_steps)
-    if distribute.is_multi_worker(strategy):
-        # Every worker builds the same global batches; each takes its replicas' share of each.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train_data = train_data.with_options(options)
-        validation_data = validation_data.with_options(options)
-    return train_data, validation_data
+    if not distribute.is_multi_worker(strategy):
+        return train_dataset(global_batch), validation_data
+
+    def worker_dataset(context):
+        batch_size = context.get_per_replica_batch_size(global_batch)
+        return train_dataset(batch_size, (context.input_pipeline_id, context.num_input_pipelines))
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.distribute_datasets_from_function(worker_dataset), validation_data.with_options(options)
 
 
 def _sample_room(recipe, tokenizer, model):

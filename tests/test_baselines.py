@@ -68,7 +68,7 @@ def test_fitted_bigram_run_matches_counts_of_the_training_stream(recipe_path, tm
     recipe = load_recipe(recipe_path)
     bigram = train_bigram(recipe, run_dir)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
-    stream = [tokenizer.end_of_text_id] + tokenize_corpus(recipe.data, tokenizer, "train").tokens.tolist()
+    stream = [tokenizer.end_of_text_id] + tokenize_corpus(recipe.data, tokenizer, "train").read_tokens().tolist()
     pairs = collections.Counter(zip(stream[:-1], stream[1:]))
     totals = collections.Counter(stream[:-1])
     size, k = tokenizer.vocabulary_size, bigram.k
@@ -77,7 +77,7 @@ def test_fitted_bigram_run_matches_counts_of_the_training_stream(recipe_path, tm
     # k is the grid value with the lowest validation NLL, computed here from the counts.
     validation = [tokenizer.end_of_text_id] + tokenize_corpus(
         recipe.data, tokenizer, "validation"
-    ).tokens.tolist()
+    ).read_tokens().tolist()
 
     def validation_nll(k):
         return sum(

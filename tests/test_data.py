@@ -74,12 +74,12 @@ def test_packing_shifts_targets_and_keeps_every_token(shards, tmp_path):
     n = len(x)
     assert x.dtype == np.int32 and x.shape[1] == 8
     # Not shuffled, final partial batch kept: the windows tile the stream exactly.
-    np.testing.assert_array_equal(x.ravel(), stream.tokens[: n * 8])
-    np.testing.assert_array_equal(y.ravel(), stream.tokens[1 : n * 8 + 1])
+    np.testing.assert_array_equal(x.ravel(), stream.read_tokens()[: n * 8])
+    np.testing.assert_array_equal(y.ravel(), stream.read_tokens()[1 : n * 8 + 1])
     np.testing.assert_array_equal(x[1:, 0], y[:-1, -1])  # across window boundaries
-    assert len(stream.tokens) - 1 - n * 8 < 8  # only the final partial window is left out
+    assert len(stream.read_tokens()) - 1 - n * 8 < 8  # only the final partial window is left out
     # Every document is followed by end-of-text.
-    assert (stream.tokens[stream.document_ends - 1] == tokenizer.end_of_text_id).all()
+    assert (stream.read_tokens()[stream.read_document_ends() - 1] == tokenizer.end_of_text_id).all()
 
 
 def test_training_shuffle_is_seeded_drops_remainder_and_loses_nothing(shards, tmp_path):
@@ -109,7 +109,7 @@ def test_document_mode_pads_with_zero_weight(shards, tmp_path):
     config, tokenizer = _packed_setup(shards, tmp_path, mode="document")
     config = dataclass_replace(config, sequence_length=40)
     stream = data.tokenize_corpus(config, tokenizer, "train")
-    lengths = np.diff(np.concatenate([[0], stream.document_ends]))
+    lengths = np.diff(np.concatenate([[0], stream.read_document_ends()]))
     batches = list(data.make_dataset(config, tokenizer, "train", batch_size=3, shuffle=False))
     x = np.concatenate([b[0].numpy() for b in batches])
     y = np.concatenate([b[1].numpy() for b in batches])
@@ -118,7 +118,7 @@ def test_document_mode_pads_with_zero_weight(shards, tmp_path):
     np.testing.assert_array_equal(weight.sum(axis=1), np.minimum(lengths, 41) - 1)
     assert (y[weight == 0] == tokenizer.padding_id).all()
     assert (y[weight == 1] != tokenizer.padding_id).all()
-    first = stream.tokens[: stream.document_ends[0]]
+    first = stream.read_tokens()[: stream.read_document_ends()[0]]
     np.testing.assert_array_equal(x[0, : len(first) - 1], first[:-1])
     assert y[0, len(first) - 2] == tokenizer.end_of_text_id
 
@@ -128,7 +128,7 @@ def test_token_cache_reused_and_invalidated(shards, tmp_path):
     first = data.tokenize_corpus(config, tokenizer, "train")
     second = data.tokenize_corpus(config, tokenizer, "train")
     assert not first.cached and second.cached and first.path == second.path
-    np.testing.assert_array_equal(first.tokens, second.tokens)
+    np.testing.assert_array_equal(first.read_tokens(), second.read_tokens())
     # The normalisation belongs to the tokenizer: it changes the fingerprint, hence the key.
     lowercase = dataclass_replace(config, lowercase=True)
     lowercased = data.tokenize_corpus(lowercase, data.build_tokenizer(lowercase), "train")
@@ -164,9 +164,9 @@ def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards,
     assert not any(c.isupper() or c in ",.:!-*" for c in tokenizer.characters)
     stream = data.tokenize_corpus(config, tokenizer, "train")
     documents = [d for d in corpora.iter_documents(config, "train") if set(d) - set("-* \n")]
-    assert len(stream.document_ends) == len(documents)  # "--- *** ---" is blank once stripped
+    assert len(stream.read_document_ends()) == len(documents)  # "--- *** ---" is blank once stripped
     expected = tokenizer.tokenize(tf.constant(documents))  # in-graph normalisation
-    np.testing.assert_array_equal(stream.tokens[: stream.document_ends[0] - 1], expected[0].numpy())
+    np.testing.assert_array_equal(stream.read_tokens()[: stream.read_document_ends()[0] - 1], expected[0].numpy())
     assert data.build_tokenizer(config, directory).fingerprint == tokenizer.fingerprint
     with pytest.raises(ValueError, match="lowercase=True, strip_punctuation=True but data.lowercase = False"):
         data.build_tokenizer(dataclass_replace(config, lowercase=False, strip_punctuation=False), directory)
@@ -216,7 +216,7 @@ def test_real_corpora(tmp_path):
     x, y = next(iter(data.make_dataset(shakespeare, characters, "validation", batch_size=4)))
     assert x.shape == (4, 64)
     validation = data.tokenize_corpus(shakespeare, characters, "validation")
-    assert validation.tokens.size == 1115394 - int(1115394 * 0.9) + 1
+    assert validation.num_tokens == 1115394 - int(1115394 * 0.9) + 1
 
     wikitext = _config(tmp_path, corpus="wikitext2", dir=str(SHARED_DATA), tokenizer="bpe", vocabulary_size=2000)
     articles = list(corpora.iter_documents(wikitext, "validation"))
@@ -235,7 +235,7 @@ def test_real_corpora(tmp_path):
 
 def test_random_window_offsets_are_seeded_slices_of_the_stream(shards, tmp_path):
     config, tokenizer = _packed_setup(shards, tmp_path, window_offsets="random")
-    stream = data.tokenize_corpus(config, tokenizer, "train").tokens
+    stream = data.tokenize_corpus(config, tokenizer, "train").read_tokens()
 
     def run(seed, passes):
         dataset = data.make_dataset(config, tokenizer, "train", batch_size=4, seed=seed, repeat=True)
