@@ -1,12 +1,13 @@
 """The corpora: one `Corpus` per corpus (its download, the files and reader of each split, the
 options that change its documents, its evaluation split) in a registry by name (`CORPORA`,
 `get_corpus`), and `iter_documents`, which yields a split's documents as Python strings. Files are
-found in the data directory or the Keras cache, where a missing corpus is downloaded and verified.
+found in the data directory, the Keras cache or kgpt's own checked copy, else downloaded and verified.
 """
 
 import dataclasses
 import difflib
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -20,6 +21,9 @@ SPLITS = ("train", "validation", "test")
 # DataConfig fields that change the documents of every corpus.
 TEXT_OPTIONS = ("strip_html", "errors")
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+# Copies of small public-domain corpora shipped with kgpt (package data; see PROVENANCE.md there).
+BUNDLED_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus_data")
+_verified_bundles = set()  # shipped files whose sha256 this process has checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +41,8 @@ class Corpus:
     """One corpus. `archive` is its official download, or None for the user's files (`data.files`);
     `split_files` maps each split to the paths in the corpus folder that hold it, unless
     `list_files(config, split)` lists them; `reader(config, split, files)` yields the documents;
-    `options(config, split)` names the `DataConfig` fields besides `TEXT_OPTIONS` that change them."""
+    `options(config, split)` names the `DataConfig` fields besides `TEXT_OPTIONS` that change them;
+    `bundled` is the copy of a single-file archive shipped in `BUNDLED_DIRECTORY` (relative path)."""
 
     name: str
     archive: Archive | None
@@ -47,6 +52,7 @@ class Corpus:
     splits: tuple = SPLITS
     evaluation_split: str = "test"
     list_files: typing.Callable | None = None
+    bundled: str | None = None
 
     @property
     def needs_files(self):
@@ -66,7 +72,7 @@ def keras_cache_directory():
 
 
 def find_corpus(config, split):
-    """The folder holding `config.corpus`' files for `split`, downloading the archive if needed."""
+    """The folder holding `config.corpus`' files for `split`: data dir, Keras cache, kgpt's copy, download."""
     corpus = get_corpus(config.corpus)
     archive = corpus.archive
     if archive is None:
@@ -80,6 +86,8 @@ def find_corpus(config, split):
     for candidate in candidates:
         if all(os.path.exists(os.path.join(candidate, r)) for r in required):
             return candidate
+    if corpus.bundled:  # shipped with kgpt: no network
+        return os.path.dirname(_verified_bundle(corpus))
     try:
         _download(archive)
         if all(os.path.exists(os.path.join(cached, r)) for r in required):
@@ -93,6 +101,22 @@ def find_corpus(config, split):
         ". Put the files there, or point data.dir (or the KGPT_DATA_DIR environment variable) "
         "at the folder that holds them."
     )
+
+
+def _verified_bundle(corpus):
+    """The path of `corpus`' shipped copy, its sha256 checked against the archive's once per process."""
+    path = os.path.join(BUNDLED_DIRECTORY, corpus.bundled)
+    if path not in _verified_bundles:
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        if digest != corpus.archive.sha256:
+            raise ValueError(
+                f"{path}, the copy of {corpus.name!r} shipped with kgpt, has sha256 {digest}, not "
+                f"{corpus.archive.sha256}: the installation is damaged. Reinstall kgpt, or point "
+                f"data.dir at a folder holding {corpus.archive.folder}/{corpus.archive.filename}."
+            )
+        _verified_bundles.add(path)
+    return path
 
 
 def _download(archive):
@@ -374,6 +398,7 @@ CORPORA = {
             reader=_read_tinyshakespeare,
             options=lambda config, split: ("validation_fraction",),
             evaluation_split="validation",
+            bundled="tinyshakespeare/input.txt",
         ),
         Corpus(
             name="text",
@@ -387,7 +412,7 @@ CORPORA = {
         ),
     )
 }
-# The corpora found by name in the data directory or downloaded (no data.files).
+# The corpora found by name in the data directory, shipped with kgpt or downloaded (no data.files).
 STANDARD_CORPORA = tuple(name for name, corpus in CORPORA.items() if not corpus.needs_files)
 
 

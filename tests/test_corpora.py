@@ -1,6 +1,7 @@
 """Tests for kgpt.corpora: the registry of corpora and each corpus' files, splits and documents."""
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import zipfile
@@ -8,6 +9,7 @@ import zipfile
 import keras
 import pytest
 
+import kgpt
 from kgpt import corpora, data
 from kgpt.config import DataConfig
 
@@ -110,6 +112,63 @@ def test_tinyshakespeare_is_split_90_10_by_characters(tmp_path):
     (validation,) = corpora.iter_documents(config, "validation")
     assert train + validation == text and len(train) == int(len(text) * 0.9)
 
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No data directory, an empty Keras cache (`tmp_path/keras`) and no download possible."""
+    monkeypatch.delenv("KGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+    def no_download(archive):
+        raise AssertionError(f"tried to download {archive.filename}")
+
+    monkeypatch.setattr(corpora, "_download", no_download)
+    monkeypatch.setattr(keras.utils, "get_file", no_download)
+    return tmp_path / "keras" / "datasets" / "kgpt"
+
+
+def test_tinyshakespeare_ships_with_kgpt_and_needs_no_download(offline, tmp_path, monkeypatch):
+    config = _config(tmp_path, corpus="tinyshakespeare", tokenizer="char")
+    (path,) = corpora.corpus_files(config, "train")
+    assert path == os.path.join(os.path.dirname(kgpt.__file__), "corpus_data", "tinyshakespeare", "input.txt")
+    with open(path, "rb") as file:
+        assert hashlib.sha256(file.read()).hexdigest() == corpora.get_corpus("tinyshakespeare").archive.sha256
+    (train,) = corpora.iter_documents(config, "train")
+    (validation,) = corpora.iter_documents(config, "validation")
+    assert len(train) == int(1_115_394 * 0.9) and len(train) + len(validation) == 1_115_394
+    assert train.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+    assert not os.path.exists(offline)  # nothing was written to the Keras cache
+
+    def no_second_check(*args, **kwargs):
+        raise AssertionError("the shipped copy was hashed again")
+
+    monkeypatch.setattr(hashlib, "file_digest", no_second_check)  # verified once per process
+    assert corpora.corpus_files(config, "validation") == [path]
+
+
+def test_data_dir_and_keras_cache_win_over_the_shipped_copy(offline, tmp_path):
+    cached = _write(offline / "tinyshakespeare" / "input.txt", "From the Keras cache.\n" * 10)
+    config = _config(tmp_path, corpus="tinyshakespeare", tokenizer="char")
+    assert corpora.corpus_files(config, "train") == [str(cached)]
+    mine = _write(tmp_path / "data" / "tinyshakespeare" / "input.txt", "My own Shakespeare.\n" * 10)
+    config = _config(tmp_path, corpus="tinyshakespeare", tokenizer="char", dir=str(tmp_path / "data"))
+    assert corpora.corpus_files(config, "train") == [str(mine)]
+    (train,) = corpora.iter_documents(config, "train")
+    assert train == ("My own Shakespeare.\n" * 10)[:180]
+
+
+def test_a_corrupted_shipped_copy_is_an_error_naming_the_file(offline, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "BUNDLED_DIRECTORY", str(tmp_path / "corpus_data"))
+    damaged = _write(tmp_path / "corpus_data" / "tinyshakespeare" / "input.txt", "First Citizen:\nTruncated.\n")
+    config = _config(tmp_path, corpus="tinyshakespeare", tokenizer="char")
+    with pytest.raises(ValueError) as error:
+        corpora.corpus_files(config, "train")
+    message = str(error.value)
+    for needle in (str(damaged), "sha256", corpora.get_corpus("tinyshakespeare").archive.sha256, "Reinstall", "data.dir"):
+        assert needle in message
+    with pytest.raises(ValueError, match="sha256"):  # a failed check is not remembered as passed
+        corpora.corpus_files(config, "validation")
 
 
 def test_missing_corpus_names_files_places_and_setting(tmp_path, monkeypatch):
