@@ -309,6 +309,79 @@ def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, 
     np.testing.assert_allclose(multi_loss, single.history["loss"], rtol=1e-4)
 
 
+# Each worker iterates the training input `fit` would get, for one pass, and saves its windows.
+_WORKER_WINDOWS = """
+import sys
+import numpy as np
+from kgpt import distribute, train
+from kgpt.config import load_recipe
+recipe = load_recipe(sys.argv[1])
+strategy = distribute.make_strategy("multiworker")
+tokenizer = train.make_tokenizer(recipe)
+dataset, _ = train.make_datasets(recipe, tokenizer, strategy)
+windows = [np.concatenate(strategy.experimental_local_results(x)) for _, (x, y) in zip(range(int(sys.argv[2])), dataset)]
+np.save(sys.argv[3], np.concatenate(windows))
+"""
+
+
+@pytest.mark.distributed
+def test_two_local_workers_train_disjoint_windows_that_make_one_pass(tmp_path):
+    from kgpt.data import make_dataset
+    from kgpt.train import make_tokenizer
+
+    # 64 documents of 23 random letters; shards of 16 documents (384 tokens, 47 windows of 8 each).
+    rng = np.random.default_rng(0)
+    lines = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 23)) for _ in range(64)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "valid.txt").write_text("one more line of the corpus.\n" * 4)
+    recipe_path = tmp_path / "recipe.toml"
+    recipe_path.write_text(textwrap.dedent(f"""
+        [model]
+        num_layers = 1
+        num_heads = 2
+        hidden_dim = 16
+        [data]
+        corpus = "text"
+        files = ["{tmp_path / 'train.txt'}"]
+        validation_files = ["{tmp_path / 'valid.txt'}"]
+        document_separator = "line"
+        tokenizer = "char"
+        sequence_length = 8
+        shard_bytes = {16 * 23}
+        cache_dir = "{tmp_path / 'cache'}"
+        [train]
+        batch_size = 1
+        max_steps = 10
+        eval_interval = 10
+    """))
+    recipe = load_recipe(str(recipe_path))
+    tokenizer = make_tokenizer(recipe)
+    one_pass = np.concatenate([x.numpy() for x, _ in make_dataset(recipe.data, tokenizer, "train", 1)])
+    assert len(one_pass) == 4 * 47
+    steps = 2 * 47 // 4  # per worker: two shards' windows in batches of 4 (global batch 8)
+    recipe_path.write_text(recipe_path.read_text().replace("batch_size = 1", "batch_size = 4"))
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = {**os.environ, "TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        command = [sys.executable, "-c", _WORKER_WINDOWS, str(recipe_path), str(steps), str(tmp_path / f"w{index}.npy")]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-3000:]
+    seen = [np.load(tmp_path / f"w{index}.npy") for index in range(2)]
+    assert [len(s) for s in seen] == [2 * 47 - 2, 2 * 47 - 2]  # 23 batches of 4 from 94 windows
+    rows = lambda array: {tuple(row) for row in array}  # noqa: E731
+    assert all(len(rows(s)) == len(s) for s in seen)  # no window twice on one worker
+    assert not rows(seen[0]) & rows(seen[1])  # nor on both
+    assert rows(seen[0]) | rows(seen[1]) <= rows(one_pass)
+
+
 def test_samples_follow_the_recipe_and_say_when_they_do_not_fit(recipe_path, tmp_path, capsys):
     import tensorflow as tf
 
