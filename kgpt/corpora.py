@@ -60,6 +60,23 @@ class Corpus:
         return self.archive is None
 
 
+def _gfile(path):
+    """`tf.io.gfile` for a filesystem URL (`gs://...`, `ram://...`), None for a local path (`os`)."""
+    if "://" not in os.fspath(path):
+        return None
+    import tensorflow as tf  # here only: importing kgpt.corpora (and kgpt.cli) loads no TensorFlow
+
+    return tf.io.gfile
+
+
+def _glob_files(pattern):
+    """The files (not folders) that the glob `pattern` matches, sorted."""
+    gfile = _gfile(pattern)
+    if gfile:
+        return sorted(p for p in gfile.glob(pattern) if not gfile.isdir(p))
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+
+
 def data_directory(config):
     """The data directory: `config.dir`, else `$KGPT_DATA_DIR`, else None."""
     return config.dir or os.environ.get("KGPT_DATA_DIR") or None
@@ -84,7 +101,7 @@ def find_corpus(config, split):
     cached = os.path.join(keras_cache_directory(), archive.folder)
     candidates = ([os.path.join(root, archive.folder), root] if root else []) + [cached]
     for candidate in candidates:
-        if all(os.path.exists(os.path.join(candidate, r)) for r in required):
+        if all((_gfile(candidate) or os.path).exists(os.path.join(candidate, r)) for r in required):
             return candidate
     if corpus.bundled:  # shipped with kgpt: no network
         return os.path.dirname(_verified_bundle(corpus))
@@ -160,7 +177,8 @@ def _download(archive):
 
 def read_text(path, errors="strict"):
     """Reads a UTF-8 file; invalid UTF-8 raises (naming the offset) or, with `"replace"`, is U+FFFD."""
-    with open(path, "rb") as file:
+    gfile = _gfile(path)
+    with gfile.GFile(path, "rb") if gfile else open(path, "rb") as file:
         data = file.read()
     try:
         return data.decode("utf-8", errors)
@@ -193,7 +211,7 @@ def _review_key(path):
 
 
 def _listdir_txt(folder):
-    return sorted(glob.glob(os.path.join(folder, "*.txt")), key=_review_key)
+    return sorted(_glob_files(os.path.join(folder, "*.txt")), key=_review_key)
 
 
 def imdb_files(config, split):
@@ -219,15 +237,18 @@ def imdb_files(config, split):
 
 
 def expand_files(patterns, config, setting="data.files"):
-    """Expands file paths / glob patterns (relative ones against the data directory), sorted."""
+    """Expands file paths / glob patterns (relative ones against the data directory; URLs, e.g.
+    `gs://bucket/*.txt`, through `tf.io.gfile`, which has no `**`), sorted."""
     root = data_directory(config)
     paths = []
     for pattern in patterns:
-        full = os.path.join(root, pattern) if root and not os.path.isabs(pattern) else pattern
-        matches = sorted(p for p in glob.glob(os.path.expanduser(full), recursive=True) if os.path.isfile(p))
+        relative = not os.path.isabs(pattern) and "://" not in pattern
+        full = os.path.join(root, pattern) if root and relative else pattern
+        matches = _glob_files(full)
         if not matches:
+            looked = full if _gfile(full) else os.path.abspath(full)
             raise FileNotFoundError(
-                f"{setting}: {pattern!r} matches no file (looked for {os.path.abspath(full)!r}). "
+                f"{setting}: {pattern!r} matches no file (looked for {looked!r}). "
                 "Fix the path or glob, or set data.dir / KGPT_DATA_DIR to the folder it is relative to."
             )
         paths += [m for m in matches if m not in paths]
@@ -328,9 +349,17 @@ def document_options(config, split):
 
 
 def file_identity(paths):
-    """[(absolute path, size, mtime_ns)] for cache keys."""
-    stats = [(os.path.abspath(path), os.stat(path)) for path in paths]
-    return [(path, stat.st_size, stat.st_mtime_ns) for path, stat in stats]
+    """[(absolute path or URL, size, mtime_ns)] for cache keys."""
+    identity = []
+    for path in paths:
+        gfile = _gfile(path)
+        if gfile:
+            stat = gfile.stat(path)
+            identity.append((path, stat.length, stat.mtime_nsec))
+        else:
+            stat = os.stat(path)
+            identity.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    return identity
 
 
 # sha256 values: WikiText from Apple's mlx-data (`mlx/data/datasets/wikitext.py`; the raw-v1 zip also in

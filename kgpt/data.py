@@ -123,7 +123,8 @@ def tokenize_corpus(config, tokenizer, split, progress=None):
     total_bytes = sum(size for _, size, _ in description["files"])
     store = tokenstore.write_store(
         path, description, tokenizer, _documents(config, tokenizer, split), config.shard_bytes,
-        progress=tokenstore.Progress(f"Tokenizing {config.corpus} {split}", total_bytes) if progress else None,
+        progress=(tokenstore.Progress(f"Tokenizing {config.corpus} {split}", total_bytes)
+                  if progress else None),
     )
     if store.num_documents == 0:
         paths = [f for f, _, _ in description["files"]]
@@ -188,7 +189,8 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
     def one_pass(number):
         order = tf.range(len(store.shards), dtype=tf.int64)
         if shuffle and len(store.shards) > 1:
-            order = tf.random.experimental.stateless_shuffle(order, tf.stack([tf.constant(seed, tf.int64), number + 2**41]))
+            pass_seed = tf.stack([tf.constant(seed, tf.int64), number + 2**41])
+            order = tf.random.experimental.stateless_shuffle(order, pass_seed)
         if by_shard:
             order = order[index::count]
         return tf.data.Dataset.from_tensor_slices(order).interleave(
@@ -260,7 +262,8 @@ class _WindowReader:
             last = tf.size(tokens, tf.int64) - 1
 
             def gather(index):
-                rows = tf.gather(tokens, tf.minimum(tf.gather(starts, index)[:, tf.newaxis] + positions, last))
+                first = tf.gather(starts, index)[:, tf.newaxis]  # (chunk, 1)
+                rows = tf.gather(tokens, tf.minimum(first + positions, last))  # (chunk, s + 1)
                 row_lengths = tf.gather(lengths, index)[:, tf.newaxis]
                 rows = tf.where(positions[tf.newaxis, :] < row_lengths, rows, self.padding_id)
                 weight = tf.cast(positions[tf.newaxis, :-1] < row_lengths - 1, tf.float32)

@@ -46,6 +46,11 @@ class RunDirectory:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        if "://" in self.path:
+            raise ValueError(
+                f"{self.path}: run directories must be local paths (a run is held by an OS file lock "
+                "and its checkpoints are renamed into place); pass a local --run-dir."
+            )
         self.config_path = self.file(CONFIG)
         self.tokenizer_dir = self.file(TOKENIZER)
         self.best_model_path = self.file(BEST_MODEL)

@@ -283,7 +283,7 @@ def test_adding_a_corpus_is_one_registry_entry(tmp_path, monkeypatch):
     assert corpora.evaluation_split("lines") == "test"
     tokenizer = data.build_tokenizer(config)
     _, description = data.cache_key(config, tokenizer, "test")
-    assert description["options"] == {"strip_html": True, "errors": "strict", "seed": 1337}
+    assert description["options"] == {"strip_html": True, "errors": "strict", "seed": 1337, "shard_bytes": 2**26}
     with pytest.raises(ValueError, match="has no validation split"):
         corpora.corpus_files(config, "validation")
 

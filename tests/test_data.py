@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import uuid
 
 import numpy as np
 import pytest
@@ -176,6 +177,36 @@ def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards,
     saved.write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match='add "normalization": {"lowercase": true, "strip_punctuation": true}'):
         data.build_tokenizer(config, directory)
+
+
+def test_corpus_and_token_store_on_a_gfile_filesystem(tmp_path, monkeypatch):
+    # ram:// is TensorFlow's in-memory filesystem, standing in for gs://: nothing may reach local disk.
+    monkeypatch.setenv("KGPT_CACHE_DIR", str(tmp_path / "default-cache"))
+    monkeypatch.chdir(tmp_path)  # a URL mistaken for a relative path would appear here as "ram:/..."
+    root, cache = f"ram://corpus-{uuid.uuid4().hex}/shards", f"ram://cache-{uuid.uuid4().hex}"
+    tf.io.gfile.makedirs(root)
+    for i in range(2):
+        with tf.io.gfile.GFile(f"{root}/part_{i}.txt", "w") as file:
+            file.write("\n\n".join(f"Part {i} block {j}: some words here." for j in range(4)) + "\n")
+    config = DataConfig(corpus="text", files=(f"{root}/*.txt",), tokenizer="char", sequence_length=8,
+                        validation_fraction=0.5, cache_dir=cache)
+    assert corpora.corpus_files(config, "train") == [f"{root}/part_0.txt", f"{root}/part_1.txt"]
+    tokenizer = data.build_tokenizer(config)
+    store = data.tokenize_corpus(config, tokenizer, "train")
+    assert not store.cached and store.path.startswith(f"{cache}/")
+    assert tf.io.gfile.exists(f"{store.path}/index.json")
+    assert [size for _, size, _ in store.description["files"]] == [
+        tf.io.gfile.stat(f"{root}/part_{i}.txt").length for i in range(2)]
+    batches = list(data.make_dataset(config, tokenizer, "train", batch_size=3, shuffle=False))
+    x, y = (np.concatenate([b[k].numpy() for b in batches]) for k in (0, 1))
+    tokens = store.read_tokens()
+    assert len(x) == (len(tokens) - 1) // 8 > 1
+    np.testing.assert_array_equal(x, tokens[: len(x) * 8].reshape(-1, 8))
+    np.testing.assert_array_equal(y, tokens[1 : len(x) * 8 + 1].reshape(-1, 8))
+    assert data.tokenize_corpus(config, tokenizer, "train").cached
+    assert os.listdir(tmp_path) == []  # neither the default cache nor a stray "ram:" folder
+    with pytest.raises(FileNotFoundError, match=f"'{root}/none/\\*.txt' matches no file"):
+        corpora.expand_files((f"{root}/none/*.txt",), config)
 
 
 def test_bad_text_inputs(tmp_path):

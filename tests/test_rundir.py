@@ -113,6 +113,18 @@ def test_a_run_directory_is_locked_while_it_trains(recipe_path, tmp_path):
     assert train(load_recipe(recipe_path), str(run_dir), verbose=0).steps == 10
 
 
+@pytest.mark.parametrize("run_dir", ["gs://bucket/run", "ram://run"])
+def test_a_run_directory_must_be_a_local_path(recipe_path, tmp_path, monkeypatch, capsys, run_dir):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert main(["train", str(recipe_path), "--run-dir", run_dir]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kgpt train: error: {run_dir}: run directories must be local paths (a run is held by an OS "
+        "file lock and its checkpoints are renamed into place); pass a local --run-dir."
+    )
+    assert sorted(os.listdir(tmp_path)) == before  # no local "gs:" or "ram:" folder
+
+
 @pytest.mark.slow
 def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(recipe_path, tmp_path):
     run = RunDirectory(tmp_path / "run")
