@@ -5,6 +5,7 @@ directory `kgpt evaluate` reads; the GRU (`kgpt.recurrent`) is the recipe with `
 """
 
 import dataclasses
+import itertools
 import json
 import os
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from kgpt import files
 from kgpt.config import DataConfig, config_differences, identity
-from kgpt.data import build_tokenizer, scoring_tokens
+from kgpt.data import build_tokenizer, scoring_tokens, tokenize_corpus
 from kgpt.rundir import BIGRAM, BIGRAM_COUNTS, RunDirectory
 from kgpt.train import load_matching_tokenizer, train
 
@@ -43,13 +44,27 @@ class BigramModel:
     @classmethod
     def fit(cls, tokens, vocabulary_size, k=1.0):
         """Counts the bigrams `(tokens[i], tokens[i + 1])` of a token stream."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocabulary_size):
-            raise ValueError(
-                f"Token ids must be in [0, {vocabulary_size}); found {tokens.min()}..{tokens.max()}."
-            )
-        keys, counts = np.unique(tokens[:-1] * vocabulary_size + tokens[1:], return_counts=True)
-        return cls(keys, counts, vocabulary_size, k)
+        return cls.fit_pieces([tokens], vocabulary_size, k)
+
+    @classmethod
+    def fit_pieces(cls, pieces, vocabulary_size, k=1.0):
+        """Counts the bigrams of one stream given as consecutive pieces (token-store shards), one
+        piece in memory at a time; pairs across piece boundaries count too."""
+        keys, counts, previous = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], None
+        for piece in pieces:
+            piece = np.asarray(piece, dtype=np.int64)
+            if piece.size and (piece.min() < 0 or piece.max() >= vocabulary_size):
+                raise ValueError(
+                    f"Token ids must be in [0, {vocabulary_size}); found {piece.min()}..{piece.max()}."
+                )
+            piece = piece if previous is None else np.concatenate([[previous], piece])
+            previous = piece[-1] if piece.size else previous
+            unique, count = np.unique(piece[:-1] * vocabulary_size + piece[1:], return_counts=True)
+            keys.append(unique)
+            counts.append(count)
+        keys, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate(counts), minlength=len(keys))
+        return cls(keys, counts.astype(np.int64), vocabulary_size, k)
 
     def with_smoothing(self, k):
         return BigramModel(self.keys, self.counts, self.vocabulary_size, k)
@@ -111,7 +126,10 @@ def train_bigram(recipe, run_dir, k=None, tokenizer_from=None):
     with files.staged_directory(run_dir) as staging:
         staged = RunDirectory(staging)
         tokenizer.save(staged.tokenizer_dir)
-        bigram = BigramModel.fit(_stream(recipe.data, tokenizer, "train"), tokenizer.vocabulary_size)
+        store = tokenize_corpus(recipe.data, tokenizer, "train")  # read shard by shard
+        shards = (store.read_shard(i) for i in range(len(store.shards)))
+        bigram = BigramModel.fit_pieces(itertools.chain([[tokenizer.end_of_text_id]], shards),
+                                        tokenizer.vocabulary_size)
         validation_nll = {}
         if k is None:
             validation = _stream(recipe.data, tokenizer, "validation")

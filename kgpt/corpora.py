@@ -53,6 +53,7 @@ class Corpus:
     evaluation_split: str = "test"
     list_files: typing.Callable | None = None
     bundled: str | None = None
+    count_words: typing.Callable | None = None  # (config, split, files) -> the corpus' own word count
 
     @property
     def needs_files(self):
@@ -333,6 +334,20 @@ def _read_wikitext(config, split, files):
     yield from split_wikitext_articles(read_text(files[0], config.errors))
 
 
+def _wikitext_words(config, split, files):
+    """WikiText's own count: whitespace tokens plus one end-of-line per line, blank ones included,
+    as its tokenized release has them (test split of WikiText-2: 245,569)."""
+    lines = read_text(files[0], config.errors).split("\n")
+    return sum(len(line.split()) + 1 for line in lines[:-1 if lines[-1] == "" else None])
+
+
+def count_words(config, split):
+    """The split's word count by the corpus' own convention (for word-level perplexity), or None
+    where it has none (then: whitespace-separated words of the documents)."""
+    corpus = get_corpus(config.corpus)
+    return corpus.count_words(config, split, corpus_files(config, split)) if corpus.count_words else None
+
+
 def iter_documents(config, split):
     """Yields the documents of `split` in a deterministic order, `strip_html` applied, blank ones skipped."""
     for document in get_corpus(config.corpus).reader(config, split, corpus_files(config, split)):
@@ -379,6 +394,7 @@ def _wikitext(size, suffix, sha256):
         archive=Archive(zip_name, tuple(m + zip_name for m in _WIKITEXT_MIRRORS), sha256, folder),
         split_files={split: (f"wiki.{short[split]}.{suffix}",) for split in SPLITS},
         reader=_read_wikitext,
+        count_words=_wikitext_words,
         options=lambda config, split: (),
     )
 

@@ -200,7 +200,7 @@ def _count_text(config, split, tokenizer):
     for document in map(normalize, corpora.iter_documents(config, split)):
         num_bytes += len(document.encode("utf-8"))
         words += len(document.split())
-    return num_bytes, words
+    return num_bytes, corpora.count_words(config, split) or words
 
 
 def _progress_printer(name):

@@ -45,6 +45,14 @@ def test_bigram_rejects_bad_smoothing_and_ids():
         BigramModel.fit([0, 5], vocabulary_size=2)
 
 
+def test_bigram_counted_shard_by_shard_equals_the_whole_stream():
+    tokens = np.random.default_rng(1).integers(0, 7, 1000)
+    whole = BigramModel.fit(tokens, vocabulary_size=7)
+    pieces = BigramModel.fit_pieces(iter([tokens[:1], tokens[1:300], [], tokens[300:]]), vocabulary_size=7)
+    np.testing.assert_array_equal(pieces.keys, whole.keys)
+    np.testing.assert_array_equal(pieces.counts, whole.counts)  # pairs across pieces counted once
+
+
 def test_bigram_save_load_round_trip(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 9, 500)
     bigram = BigramModel.fit(tokens, vocabulary_size=9, k=0.03)

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import os
+import pathlib
 import shutil
 import zipfile
 
@@ -12,6 +13,8 @@ import pytest
 import kgpt
 from kgpt import corpora, data
 from kgpt.config import DataConfig
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 WIKITEXT = (
     " \n = Alpha Article = \n \n Alpha text one . \n \n = = Alpha History = = \n \n Alpha more "
@@ -67,6 +70,24 @@ def test_wikitext_reader_uses_data_dir(tmp_path):
     documents = [d.numpy().decode() for d in data.read_documents(config, "validation")]
     assert len(documents) == 3 and documents[1].strip().startswith("= Beta =")
 
+
+
+def test_wikitext_words_are_counted_as_its_tokenized_release_counts_them(tmp_path):
+    for split in ("train", "valid", "test"):
+        _write(tmp_path / "data" / "wikitext-2" / f"wiki.{split}.tokens", WIKITEXT)
+    config = _config(tmp_path, corpus="wikitext2_tokens", dir=str(tmp_path / "data"))
+    lines = WIKITEXT.split("\n")[:-1]
+    assert corpora.count_words(config, "test") == sum(len(line.split()) for line in lines) + len(lines)
+    text = _config(tmp_path, corpus="text", files=(str(tmp_path / "data" / "wikitext-2" / "wiki.test.tokens"),))
+    assert corpora.count_words(text, "validation") is None  # no convention: the documents' words
+
+
+@pytest.mark.corpus
+@pytest.mark.skipif(not (SHARED_DATA / "wikitext-2-raw").is_dir(), reason="no ../shared/data")
+def test_wikitext2_test_split_has_the_published_word_count():
+    config = DataConfig(corpus="wikitext2", dir=str(SHARED_DATA))
+    assert corpora.count_words(config, "test") == 245_569  # Merity et al. (2016), table 1
+    assert corpora.count_words(dataclass_replace(config, corpus="wikitext2_tokens"), "test") == 245_569
 
 
 def test_imdb_validation_split_is_deterministic_and_disjoint(imdb_dir, tmp_path):
