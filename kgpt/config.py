@@ -229,7 +229,7 @@ class DataConfig(Config):
     errors: str = "strict"  # invalid UTF-8: an error naming file and byte, or `replace`
     window_offsets: str = "aligned"  # packed training windows: aligned, or `random` (nanoGPT's)
     cache_dir: str | None = None  # token stores, any tf.io.gfile path; default $KGPT_CACHE_DIR
-    shard_bytes: int = 64 * 2**20  # text per token-store shard (UTF-8 bytes; whole documents)
+    shard_bytes: int = 32 * 2**20  # text per token-store shard (UTF-8 bytes; whole documents)
     shuffle_buffer_size: int | None = None  # None shuffles all windows
     seed: int = 1337  # seeds the splits and the shuffle
 

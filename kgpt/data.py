@@ -250,7 +250,7 @@ class _WindowReader:
                 indices, stride = self._order(count, seed, number), length
 
             def gather(index):
-                window = tf.gather(tokens, index[:, tf.newaxis] * stride + positions)  # (chunk, s + 1)
+                window = tf.cast(tf.gather(tokens, index[:, tf.newaxis] * stride + positions), tf.int32)
                 return window[:, :-1], window[:, 1:]
 
         else:
