@@ -178,31 +178,40 @@ def _download(archive):
 
 def read_text(path, errors="strict"):
     """Reads a UTF-8 file; invalid UTF-8 raises (naming the offset) or, with `"replace"`, is U+FFFD."""
-    gfile = _gfile(path)
+    return "".join(read_lines(path, errors))
+
+
+def read_lines(path, errors="strict"):
+    """Yields the lines of a UTF-8 file (ends kept), reading it line by line; errors as `read_text`."""
+    gfile, offset = _gfile(path), 0
     with gfile.GFile(path, "rb") if gfile else open(path, "rb") as file:
-        data = file.read()
-    try:
-        return data.decode("utf-8", errors)
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid UTF-8 at byte offset {error.start} "
-            f"(byte 0x{data[error.start]:02x}). Fix or re-encode the file, or set "
-            'data.errors = "replace" to substitute U+FFFD for invalid bytes.'
-        ) from None
+        for line in file:
+            try:
+                yield line.decode("utf-8", errors)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} is not valid UTF-8 at byte offset {offset + error.start} "
+                    f"(byte 0x{line[error.start]:02x}). Fix or re-encode the file, or set "
+                    'data.errors = "replace" to substitute U+FFFD for invalid bytes.'
+                ) from None
+            offset += len(line)
 
 
-def split_wikitext_articles(text):
-    """Splits WikiText into non-blank articles at top-level `" = Title = "` lines (sub-headings,
-    `" = = Section = = "`, stay inside their article)."""
-    articles = [[]]
-    for line in text.splitlines(keepends=True):
-        stripped = line.strip()
-        title = stripped.startswith("= ") and stripped.endswith(" =")
-        if title and "= =" not in (stripped[:3], stripped[-3:]):
-            articles.append([])  # a top-level title starts the next article
-        articles[-1].append(line)
-    articles = ["".join(lines) for lines in articles]
-    return [a for a in articles if a.strip()]
+def split_wikitext_articles(lines):
+    """Yields WikiText's non-blank articles, split at top-level `" = Title = "` lines (sub-headings,
+    `" = = Section = = "`, stay inside their article); `lines`: the text, or its lines (streamed)."""
+    article = []
+    for piece in [lines] if isinstance(lines, str) else lines:
+        for line in piece.splitlines(keepends=True):
+            stripped = line.strip()
+            title = stripped.startswith("= ") and stripped.endswith(" =")
+            if title and "= =" not in (stripped[:3], stripped[-3:]):  # starts the next article
+                if "".join(article).strip():
+                    yield "".join(article)
+                article = []
+            article.append(line)
+    if "".join(article).strip():
+        yield "".join(article)
 
 
 def _review_key(path):
@@ -331,14 +340,13 @@ def _read_tinyshakespeare(config, split, files):
 
 
 def _read_wikitext(config, split, files):
-    yield from split_wikitext_articles(read_text(files[0], config.errors))
+    yield from split_wikitext_articles(read_lines(files[0], config.errors))
 
 
 def _wikitext_words(config, split, files):
     """WikiText's own count: whitespace tokens plus one end-of-line per line, blank ones included,
     as its tokenized release has them (test split of WikiText-2: 245,569)."""
-    lines = read_text(files[0], config.errors).split("\n")
-    return sum(len(line.split()) + 1 for line in lines[:-1 if lines[-1] == "" else None])
+    return sum(len(line.split()) + 1 for line in read_lines(files[0], config.errors))
 
 
 def count_words(config, split):

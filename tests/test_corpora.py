@@ -52,7 +52,7 @@ def dataclass_replace(config, **changes):
 
 
 def test_wikitext_articles_split_at_top_level_headings():
-    articles = corpora.split_wikitext_articles(WIKITEXT)
+    articles = list(corpora.split_wikitext_articles(WIKITEXT))
     assert [a.strip().splitlines()[0].strip() for a in articles] == [
         "= Alpha Article =",
         "= Beta =",
@@ -304,7 +304,7 @@ def test_adding_a_corpus_is_one_registry_entry(tmp_path, monkeypatch):
     assert corpora.evaluation_split("lines") == "test"
     tokenizer = data.build_tokenizer(config)
     _, description = data.cache_key(config, tokenizer, "test")
-    assert description["options"] == {"strip_html": True, "errors": "strict", "seed": 1337, "shard_bytes": 2**26}
+    assert description["options"] == {"strip_html": True, "errors": "strict", "seed": 1337, "shard_bytes": 2**25}
     with pytest.raises(ValueError, match="has no validation split"):
         corpora.corpus_files(config, "validation")
 
