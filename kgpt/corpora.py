@@ -186,6 +186,11 @@ def read_lines(path, errors="strict"):
     gfile, offset = _gfile(path), 0
     with gfile.GFile(path, "rb") if gfile else open(path, "rb") as file:
         for line in file:
+            if b"\0" in line:
+                raise ValueError(
+                    f"{path} is not a text file: a NUL byte at offset {offset + line.index(0)}. Remove it "
+                    "from data.files (or the corpus folder), or convert it to UTF-8 text."
+                )
             try:
                 yield line.decode("utf-8", errors)
             except UnicodeDecodeError as error:

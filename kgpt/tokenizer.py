@@ -323,7 +323,9 @@ class BytePairTokenizer(Tokenizer):
             self._fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             self._fast.decoder = decoders.ByteLevel()
             self._fast.add_special_tokens([END_OF_TEXT])
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._fast.encode_batch(list(texts))]
+        # encode_batch_fast: no offsets (tokenizers >= 0.21); the ids are encode_batch's.
+        encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encode(list(texts))]
 
     def _files(self):
         return {

@@ -14,7 +14,9 @@ reading order, so a killed tokenization resumes at its first unfinished shard. E
 written under a temporary name and renamed into place.
 """
 
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -84,7 +86,8 @@ class TokenStore:
         return [_join(self.path, shard_names(i)[1]) for i in range(len(self.shards))]
 
     def read_shard(self, number):
-        """Shard `number`'s tokens as int32 NumPy `[n]` (read whole: shards are bounded in size)."""
+        """Shard `number`'s tokens as stored (read-only uint16 or uint32 NumPy `[n]`; read whole:
+        shards are bounded in size)."""
         with tf.io.gfile.GFile(self.token_files()[number], "rb") as file:
             return np.frombuffer(file.read(), dtype="<" + ("u2" if self.dtype == "uint16" else "u4"))
 
@@ -192,31 +195,24 @@ def write_store(path, description, tokenizer, documents, shard_bytes, progress=N
         files.remove_stale(path)  # temporaries of killed runs
     dtype = "uint16" if tokenizer.vocabulary_size <= _UINT16_LIMIT else "uint32"
     shard_description = {"tokenizer": description["tokenizer"], "dtype": dtype}
-    shards, chunk, chunk_bytes, done_bytes = [], [], 0, 0
-
-    def finish_chunk():
-        number = len(shards)
-        marker = _join(path, shard_names(number)[2])
-        if tf.io.gfile.exists(marker):  # done by a killed run
-            saved = _read_json(marker)
-            _check_description(saved.get("description"), shard_description, marker, path)
-            shards.append((saved["num_tokens"], saved["num_documents"]))
-        else:
-            shards.append(_write_shard(path, number, tokenizer, chunk, dtype, shard_description))
-        chunk.clear()
-        if progress:
-            progress.update(len(shards), sum(c for c, _ in shards), done_bytes)
-
-    for document in documents:
-        size = len(document.encode("utf-8"))
-        if chunk and chunk_bytes + size > shard_bytes:
-            finish_chunk()
-            chunk_bytes = 0
-        chunk.append(document)
-        chunk_bytes += size
-        done_bytes += size
-    if chunk:
-        finish_chunk()
+    shards, chunk, chunk_bytes, done_bytes, pending = [], [], 0, 0, None
+    # The tokenizer (Rust, all cores, GIL released) encodes one shard while this thread reads the next.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as encoder:
+        for document in itertools.chain(documents, [None]):  # None: the end
+            size = 0 if document is None else len(document.encode("utf-8"))
+            if chunk and (document is None or chunk_bytes + size > shard_bytes):
+                if pending is not None:
+                    shards.append(pending.result())
+                    if progress:
+                        progress.update(len(shards), sum(c for c, _ in shards), done_bytes)
+                args = (path, len(shards), tokenizer, chunk, dtype, shard_description)
+                pending, chunk, chunk_bytes = encoder.submit(_finished_or_write_shard, *args), [], 0
+            if document is not None:
+                chunk.append(document)
+                chunk_bytes += size
+                done_bytes += size
+        if pending is not None:
+            shards.append(pending.result())
     if progress:
         progress.update(len(shards), sum(c for c, _ in shards), done_bytes, final=True)
     index = {"format_version": FORMAT_VERSION, "description": description, "dtype": dtype,
@@ -224,6 +220,16 @@ def write_store(path, description, tokenizer, documents, shard_bytes, progress=N
              "num_tokens": sum(c for c, _ in shards), "num_documents": sum(d for _, d in shards)}
     write_file(_join(path, INDEX), json.dumps(index, indent=2).encode("utf-8"))
     return open_store(path, description, cached=False)
+
+
+def _finished_or_write_shard(path, number, tokenizer, documents, dtype, shard_description):
+    """Shard `number`'s `(tokens, documents)`: from its marker if a killed run finished it, else written."""
+    marker = _join(path, shard_names(number)[2])
+    if tf.io.gfile.exists(marker):
+        saved = _read_json(marker)
+        _check_description(saved.get("description"), shard_description, marker, path)
+        return saved["num_tokens"], saved["num_documents"]
+    return _write_shard(path, number, tokenizer, documents, dtype, shard_description)
 
 
 def _write_shard(path, number, tokenizer, documents, dtype, shard_description):

@@ -60,6 +60,7 @@ def test_best_logged_and_backup_state_when_nothing_is_there(tmp_path):
         ("missing", r"data\.files: 'corpus\.txt' matches no file"),
         ("empty", r"The text corpus has 0 document\(s\)"),
         ("latin-1", r"corpus\.txt is not valid UTF-8 at byte offset"),
+        ("binary", r"corpus\.txt is not a text file: a NUL byte at offset 7\b"),
         ("too small", r"fewer than one window"),
         ("num_heads", r"hidden_dim=16 is not divisible by num_heads=3"),
     ],
@@ -75,6 +76,8 @@ def test_a_failed_start_leaves_no_run(recipe_path, tmp_path, case, message, caps
         corpus.write_text("\n\n \n")
     elif case == "latin-1":
         corpus.write_bytes(text.encode("utf-8") + "café".encode("latin-1"))
+    elif case == "binary":
+        corpus.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00")  # an executable
     elif case == "too small":
         corpus.write_text("a b\n\nc d\n\ne f\n\ng h\n\ni j")
     else:
@@ -87,6 +90,37 @@ def test_a_failed_start_leaves_no_run(recipe_path, tmp_path, case, message, caps
         corpus.write_text(text)
         assert main(arguments) == 0
         assert "Trained 10 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "other tokenizer", "index missing"])
+def test_a_damaged_token_store_is_a_one_line_error_or_resumed(write_toy_recipe, tmp_path, capsys, damage):
+    from kgpt.data import tokenize_corpus
+    from kgpt.train import make_tokenizer
+
+    recipe_path = write_toy_recipe(max_steps=2, eval_interval=2, eval_steps=1, warmup_steps=1)
+    recipe = load_recipe(recipe_path)
+    store = tokenize_corpus(recipe.data, make_tokenizer(recipe), "train")
+    index = os.path.join(store.path, "index.json")
+    if damage == "truncated shard":
+        with open(store.token_files()[0], "r+b") as file:
+            file.truncate(7)
+    elif damage == "other tokenizer":
+        with open(index) as file:
+            saved = json.load(file)
+        saved["description"]["tokenizer"]["fingerprint"] = "f" * 64
+        with open(index, "w") as file:
+            json.dump(saved, file)
+    else:  # killed before its index was written: resumed, not an error
+        os.remove(index)
+    code = main(["train", str(recipe_path), "--run-dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    if damage == "index missing":
+        assert code == 0 and os.path.isfile(index)
+        return
+    assert code == 2 and len(error.strip().splitlines()) == 1, error
+    named = store.token_files()[0] if damage == "truncated shard" else index
+    assert named in error and f"Delete {store.path}" in error
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
