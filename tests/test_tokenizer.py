@@ -63,6 +63,28 @@ def test_bpe_in_graph_ids_equal_trainer_encoding(bpe):
     assert [r.tolist() for r in bpe.encode_documents(VARIED_TEXT)] == expected
 
 
+@pytest.mark.parametrize("tiktoken_installed", [True, False])
+def test_bpe_out_of_graph_encoders_give_the_trainers_ids(monkeypatch, tiktoken_installed):
+    if not tiktoken_installed:
+        monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails as if not installed
+    tokenizer = tk.train_bpe(TRAINING_TEXT, vocabulary_size=320)
+    expected = _trainer_encoding(VARIED_TEXT, 320)
+    # One at a time: texts without <|endoftext|> take tiktoken's path when it is there.
+    assert [tokenizer.encode_documents([t])[0].tolist() for t in VARIED_TEXT] == expected
+    assert hasattr(tokenizer._fast, "encode_ordinary_batch") == tiktoken_installed
+    assert [r.tolist() for r in tokenizer.encode_documents(VARIED_TEXT + TRAINING_TEXT)] == (
+        expected + _trainer_encoding(TRAINING_TEXT, 320))
+
+
+def test_tiktoken_encodes_only_vocabularies_ranked_in_merge_order(bpe):
+    vocabulary, merges = bpe.vocabulary, bpe.merges
+    assert tk._tiktoken_encoding(vocabulary, merges) is not None
+    assert tk._tiktoken_encoding(vocabulary, merges[1:] + merges[:1]) is None  # merge ranks out of order
+    first = merges[0].replace(" ", "")
+    swapped = {**vocabulary, first: vocabulary["a"], "a": vocabulary[first]}
+    assert tk._tiktoken_encoding(swapped, merges) is None  # a byte ranked after a merge
+
+
 def test_bpe_special_ids_and_vocabulary(bpe):
     assert (bpe.end_of_text_id, bpe.padding_id) == (0, 1)
     assert bpe.vocabulary_size == 320
