@@ -1,6 +1,7 @@
 """Tests for kgpt.tokenstore: shard layout and dtypes, resuming a killed tokenization, truncated and
 foreign stores, the progress line; and kgpt.data reading windows shard by shard, per worker."""
 
+import dataclasses
 import io
 import json
 import os
@@ -143,3 +144,54 @@ def test_shuffled_passes_cover_every_shard_and_workers_read_disjoint_shards(tmp_
                for i in range(2)]
     assert sorted(workers[0] + workers[1]) == sorted(everything)  # disjoint shards, together one pass
     assert workers[0] and workers[1]
+
+
+_KILLED_WRITER = """
+import sys, time
+from kgpt import data, tokenstore
+from kgpt.config import DataConfig
+write_shard = tokenstore._write_shard
+
+def slow_write_shard(*args):
+    counts = write_shard(*args)
+    time.sleep(0.5)  # time for the test to kill this process between shards
+    return counts
+
+tokenstore._write_shard = slow_write_shard
+config = DataConfig(corpus="text", files=(sys.argv[1],), tokenizer="char", validation_fraction=0.0,
+                    validation_files=(sys.argv[1],), cache_dir=sys.argv[2], shard_bytes=200)
+data.tokenize_corpus(config, data.build_tokenizer(config), "train")
+"""
+
+
+@pytest.mark.slow
+def test_a_tokenization_killed_with_sigkill_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document number {i} with some text" for i in range(60)))
+    cache = tmp_path / "cache"
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(corpus), str(cache)])
+    deadline = time.time() + 120
+    while len(list(cache.glob("*/shard-*.json"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (folder,) = cache.iterdir()
+    done = sorted(p.name for p in folder.glob("shard-*.json"))
+    assert len(done) >= 3 and not (folder / "index.json").exists()
+    config = DataConfig(corpus="text", files=(str(corpus),), tokenizer="char", validation_fraction=0.0,
+                        validation_files=(str(corpus),), cache_dir=str(cache), shard_bytes=200)
+    tokenizer = data.build_tokenizer(config)
+    calls = []
+    original = tokenizer.encode_documents
+    tokenizer.encode_documents = lambda texts: calls.append(len(texts)) or original(texts)
+    store = data.tokenize_corpus(config, tokenizer, "train")
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]  # the killed run's temporaries
+    finished = sum(json.loads((folder / name).read_text())["num_documents"] for name in done)
+    assert sum(calls) == 60 - finished  # only the unfinished shards were tokenized
+    fresh = data.tokenize_corpus(dataclasses.replace(config, cache_dir=str(tmp_path / "fresh")), tokenizer, "train")
+    np.testing.assert_array_equal(store.read_tokens(), fresh.read_tokens())
