@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from kgpt import keras_compat
+from kgpt.encoders import ByteLevelEncoder
 from kgpt.files import atomic_file
 
 END_OF_TEXT = "<|endoftext|>"
@@ -277,7 +278,7 @@ class BytePairTokenizer(Tokenizer):
         self.end_of_text_id = vocabulary[END_OF_TEXT]
         self.padding_id = vocabulary[padding] if padding else self.end_of_text_id
         self._layer = keras_compat.graph_byte_pair_layer(vocabulary, merges, [END_OF_TEXT])
-        self._fast = self._hf = None  # out-of-graph encoders, made when first used
+        self._encoder = None  # the out-of-graph encoder, made when first used
         self._build_functions()
 
     @property
@@ -314,29 +315,10 @@ class BytePairTokenizer(Tokenizer):
         return self._layer.detokenize(ids)
 
     def _encode(self, texts):
-        texts = list(texts)
-        if self._fast is None:
-            self._fast = _tiktoken_encoding(self.vocabulary, self.merges) or self._hf_tokenizer()
-        if hasattr(self._fast, "encode_ordinary_batch") and not any(END_OF_TEXT in t for t in texts):
-            rows = self._fast.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-            return [np.asarray(row, dtype=np.int32) for row in rows]
-        if self._hf is None:  # also for a literal <|endoftext|> in the text: one special token
-            self._hf = self._hf_tokenizer() if hasattr(self._fast, "encode_ordinary_batch") else self._fast
-        # encode_batch_fast: no offsets (tokenizers >= 0.21); the ids are encode_batch's.
-        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encode(texts)]
-
-    def _hf_tokenizer(self):
-        """HF `tokenizers` with the same vocabulary, merges and pre-tokenizer (Rust, all cores)."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
-
-        pairs = [tuple(m.split(" ")) for m in self.merges]
-        tokenizer = HFTokenizer(models.BPE(vocab=self.vocabulary, merges=pairs))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tokenizer.decoder = decoders.ByteLevel()
-        tokenizer.add_special_tokens([END_OF_TEXT])
-        return tokenizer
+        if self._encoder is None:
+            specials = (END_OF_TEXT, PADDING)
+            self._encoder = ByteLevelEncoder(self.vocabulary, self.merges, END_OF_TEXT, specials)
+        return self._encoder.encode(texts)
 
     def _files(self):
         return {
@@ -346,38 +328,6 @@ class BytePairTokenizer(Tokenizer):
                 vocabulary_file=VOCABULARY_FILENAME, merges_file=MERGES_FILENAME, padding=self.padding
             ),
         }
-
-
-def _byte_characters():
-    """GPT-2's byte -> character map (its `encoder.json` is written in these characters): printable
-    bytes stand for themselves, the other 68 for U+0100 onwards."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return dict(zip(printable + others, map(chr, printable + list(range(256, 256 + len(others))))))
-
-
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _tiktoken_encoding(vocabulary, merges):
-    """A tiktoken `Encoding` that gives a byte-level BPE's ids 4-5x faster than HF `tokenizers`, or
-    None: tiktoken not installed, or ids not ranked as tiktoken merges (each merge's result must
-    have a higher id than the one before; GPT-2's and `train_bpe`'s are)."""
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    byte_of = {character: byte for byte, character in _byte_characters().items()}
-    try:
-        ranks = {bytes(byte_of[c] for c in token): index for token, index in vocabulary.items()
-                 if token not in (END_OF_TEXT, PADDING)}
-        merged = [ranks[bytes(byte_of[c] for c in rule.replace(" ", ""))] for rule in merges]
-    except KeyError:  # a symbol outside the byte alphabet, or a merge without its token
-        return None
-    single = [ranks.get(bytes([b]), -1) for b in range(256)]
-    if min(single) < 0 or max(single) >= min(merged, default=256) or merged != sorted(set(merged)):
-        return None
-    return tiktoken.Encoding("kgpt-bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 def _read_bpe_files(vocabulary_path, merges_path):

@@ -8,6 +8,9 @@ import pytest
 import tensorflow as tf
 
 from kgpt import tokenizer as tk
+from kgpt.encoders import tiktoken_encoding
+
+SPECIALS = (tk.END_OF_TEXT, tk.PADDING)
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!",
@@ -71,18 +74,18 @@ def test_bpe_out_of_graph_encoders_give_the_trainers_ids(monkeypatch, tiktoken_i
     expected = _trainer_encoding(VARIED_TEXT, 320)
     # One at a time: texts without <|endoftext|> take tiktoken's path when it is there.
     assert [tokenizer.encode_documents([t])[0].tolist() for t in VARIED_TEXT] == expected
-    assert hasattr(tokenizer._fast, "encode_ordinary_batch") == tiktoken_installed
+    assert (tokenizer._encoder.tiktoken is not None) == tiktoken_installed
     assert [r.tolist() for r in tokenizer.encode_documents(VARIED_TEXT + TRAINING_TEXT)] == (
         expected + _trainer_encoding(TRAINING_TEXT, 320))
 
 
 def test_tiktoken_encodes_only_vocabularies_ranked_in_merge_order(bpe):
     vocabulary, merges = bpe.vocabulary, bpe.merges
-    assert tk._tiktoken_encoding(vocabulary, merges) is not None
-    assert tk._tiktoken_encoding(vocabulary, merges[1:] + merges[:1]) is None  # merge ranks out of order
+    assert tiktoken_encoding(vocabulary, merges, SPECIALS) is not None
+    assert tiktoken_encoding(vocabulary, merges[1:] + merges[:1], SPECIALS) is None  # merge ranks out of order
     first = merges[0].replace(" ", "")
     swapped = {**vocabulary, first: vocabulary["a"], "a": vocabulary[first]}
-    assert tk._tiktoken_encoding(swapped, merges) is None  # a byte ranked after a merge
+    assert tiktoken_encoding(swapped, merges, SPECIALS) is None  # a byte ranked after a merge
 
 
 def test_bpe_special_ids_and_vocabulary(bpe):
