@@ -275,23 +275,18 @@ def _free_ports(count):
     return ports
 
 
-@pytest.mark.distributed
-def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, tmp_path):
+def _run_two_workers(arguments):
+    """Runs `python *arguments(index)` as workers 0 and 1 of one local TF_CONFIG cluster; asserts both
+    succeed and returns their outputs."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    run_dir = tmp_path / "multi"
-    # A large AdamW epsilon keeps float32 summation-order noise from being amplified.
-    args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.strategy=multiworker",
-            "--set", "train.epsilon=1.0"]
     processes = []
     for index in range(2):
         config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        # Same oneDNN setting as this process, so the one-process reference has equal numerics.
+        # Same oneDNN setting as this process, so a one-process reference has equal numerics.
         onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0")
         env = {**os.environ, "TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": onednn}
-        processes.append(
-            subprocess.Popen([sys.executable, "-m", "kgpt", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        )
+        processes.append(subprocess.Popen([sys.executable, *arguments(index)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=300)[0] for p in processes]
     finally:
@@ -299,6 +294,16 @@ def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, 
             p.kill()
     for p, output in zip(processes, outputs):
         assert p.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.mark.distributed
+def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, tmp_path):
+    run_dir = tmp_path / "multi"
+    # A large AdamW epsilon keeps float32 summation-order noise from being amplified.
+    args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.strategy=multiworker",
+            "--set", "train.epsilon=1.0"]
+    outputs = _run_two_workers(lambda index: ["-m", "kgpt", *args])
     assert "Trained 20 steps" in outputs[0]
     final = load_model(run_dir / "final.keras")  # written by the chief only
     assert int(final.optimizer.iterations.numpy()) == 20
@@ -360,20 +365,7 @@ def test_two_local_workers_train_disjoint_windows_that_make_one_pass(tmp_path):
     assert len(one_pass) == 4 * 47
     steps = 2 * 47 // 4  # per worker: two shards' windows in batches of 4 (global batch 8)
     recipe_path.write_text(recipe_path.read_text().replace("batch_size = 1", "batch_size = 4"))
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes = []
-    for index in range(2):
-        config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        env = {**os.environ, "TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        command = [sys.executable, "-c", _WORKER_WINDOWS, str(recipe_path), str(steps), str(tmp_path / f"w{index}.npy")]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, output in zip(processes, outputs):
-        assert p.returncode == 0, output[-3000:]
+    _run_two_workers(lambda index: ["-c", _WORKER_WINDOWS, str(recipe_path), str(steps), str(tmp_path / f"w{index}.npy")])
     seen = [np.load(tmp_path / f"w{index}.npy") for index in range(2)]
     assert [len(s) for s in seen] == [2 * 47 - 2, 2 * 47 - 2]  # 23 batches of 4 from 94 windows
     rows = lambda array: {tuple(row) for row in array}  # noqa: E731
