@@ -85,7 +85,7 @@ class ServingModule(tf.Module):
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
-        tokenizer: a graph-compatible kgpt tokenizer (`bpe`, `gpt2` or `char`).
+        tokenizer: a graph-compatible kgpt tokenizer (`bpe`, `gpt2`, `char`, `tiktoken:gpt2`).
         max_new_tokens: new tokens per prompt for `serving_default`, and the `generate` default.
         sampling_type: the options class whose fields become `generate`'s scalar inputs.
     """
@@ -320,10 +320,8 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
             raise ValueError(_TAKEN.format(final))
     run = RunDirectory(run_dir)
     tokenizer = run.load_tokenizer()
-    if not tokenizer.graph_compatible:
-        raise ValueError(
-            f"Tokenizer {tokenizer.kind!r} runs outside the TensorFlow graph and cannot be "
-            "exported; train with tokenizer 'bpe', 'gpt2' or 'char'."
-        )
+    problem = tokenizer.graph_problem()
+    if problem:
+        raise ValueError(f"Cannot export {run_dir}: the SavedModel tokenizes in its graph, and {problem}.")
     module = ServingModule(run.load_model(), tokenizer, max_new_tokens=max_new_tokens)
     return publish(module, model_dir, version)

@@ -15,7 +15,7 @@ import unicodedata
 import numpy as np
 import tensorflow as tf
 
-from kgpt import keras_compat
+from kgpt import keras_compat, tiktokens
 from kgpt.encoders import ByteLevelEncoder
 from kgpt.files import atomic_file
 
@@ -140,6 +140,10 @@ class Tokenizer(tf.Module):
     def kind_spec(self):
         """This tokenizer's `TokenizerKind`."""
         return tokenizer_kind(self.kind)
+
+    def graph_problem(self):
+        """Why this tokenizer cannot run in a TensorFlow graph (a SavedModel), or None if it can."""
+        return None if self.graph_compatible else f"tokenizer {self.kind!r} runs outside the TensorFlow graph"
 
     def tokenize(self, inputs):
         """Turns strings (`tf.string` or Python, `[batch]` or `[]`) into a `tf.RaggedTensor` int32
@@ -448,58 +452,55 @@ def train_characters(texts, normalization=None):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """A tiktoken encoding (`"gpt2"`, `"o200k_base"`, ...) from tiktoken's local cache, as a
-    pre-tokenizer: eager only, since tiktoken is no TensorFlow op. Padding is `<|endoftext|>`."""
+    """A tiktoken encoding (`"gpt2"`, `"o200k_base"`, ...) read from tiktoken's cache (`kgpt.tiktokens`).
+    Encodings with GPT-2's pre-tokenizer also run in the graph, as the byte-level BPE of their ranks
+    (so they export); the others run eagerly only. Padding is `<|endoftext|>`."""
 
     def __init__(self, encoding, normalization=None):
         super().__init__(normalization=normalization)
-        try:
-            import tiktoken
-        except ImportError as error:
-            raise ValueError(
-                f"tokenizer 'tiktoken:{encoding}' needs the optional tiktoken package, which is "
-                "not installed; run `pip install tiktoken`, or use tokenizer 'gpt2' / 'bpe'."
-            ) from error
-        try:
-            self._encoding = tiktoken.get_encoding(encoding)
-        except ValueError as error:
-            names = tiktoken.list_encoding_names()
-            raise ValueError(f"Unknown tiktoken encoding {encoding!r}; choose one of {names}.") from error
-        except Exception as error:  # network failure while fetching the BPE file
-            raise FileNotFoundError(
-                f"tiktoken could not load the BPE file of {encoding!r} ({error}); copy it into tiktoken's "
-                "cache (TIKTOKEN_CACHE_DIR, default <tmp>/data-gym-cache) or load it once with network."
-            ) from error
+        self._encoding = tiktokens.load_encoding(encoding)
         self.kind = f"tiktoken:{encoding}"
         self.encoding = encoding
         self.vocabulary_size = self._encoding.n_vocab
         self.end_of_text_id = self._encoding.eot_token
         self.padding_id = self.end_of_text_id
+        self._graph_problem = tiktokens.graph_problem(self._encoding)
+        if self._graph_problem is None:
+            vocabulary, merges = tiktokens.byte_level_bpe(self._encoding)
+            self._graph = BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None)
+            self._build_functions()
 
-    def _check_eager(self):
+    @property
+    def graph_compatible(self):
+        """True for encodings with GPT-2's pre-tokenizer (the kind's flag is False: not all are)."""
+        return self._graph_problem is None
+
+    def graph_problem(self):
+        return self._graph_problem and f"{self._graph_problem}; {tiktokens.ALTERNATIVES}"
+
+    def _eager_only(self):
         if not tf.executing_eagerly():
-            raise ValueError(
-                f"tokenizer {self.kind!r} runs outside the TensorFlow graph only, not in tf.function or "
-                "a SavedModel; use tokenizer 'gpt2' (same ids as tiktoken:gpt2) or 'bpe' to export."
-            )
+            raise ValueError(f"{self.graph_problem()}.")
 
     def _tokenize(self, strings):
-        self._check_eager()
-        texts = [s.decode("utf-8", "replace") for s in strings.numpy()]
-        return tf.ragged.constant(
-            [list(r) for r in self.encode_documents(texts)], dtype=tf.int32, ragged_rank=1
-        )
+        if self.graph_compatible:
+            return self._graph._tokenize(strings)
+        self._eager_only()
+        rows = self.encode_documents([s.decode("utf-8", "replace") for s in strings.numpy()])
+        return tf.ragged.constant([list(r) for r in rows], dtype=tf.int32, ragged_rank=1)
 
     def _detokenize(self, ids):
-        self._check_eager()
+        if self.graph_compatible:
+            return self._graph._detokenize(ids)
+        self._eager_only()
         return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()])
 
     def _encode(self, texts):
-        rows = self._encoding.encode_ordinary_batch(list(texts))
-        return [np.asarray(r, dtype=np.int32) for r in rows]
+        return tiktokens.encode(self._encoding, texts)
 
     def _files(self):
-        return self._config_file(encoding=self.encoding)
+        # special_tokens: a literal <|endoftext|> is one token (fingerprints differ from before).
+        return self._config_file(encoding=self.encoding, special_tokens=[END_OF_TEXT])
 
 
 def _make_gpt2(name, documents, vocabulary_size, path, normalization):

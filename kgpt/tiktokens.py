@@ -1,0 +1,123 @@
+"""tiktoken encodings behind kgpt's `tiktoken:NAME` tokenizers: loading one from tiktoken's cache
+(offline: `TIKTOKEN_CACHE_DIR`), its ids for Python strings, and, for the encodings that split text
+with GPT-2's pattern, the byte-level BPE (vocabulary and merges) that gives those ids in the graph.
+"""
+
+import functools
+import os
+
+import numpy as np
+
+from kgpt.encoders import GPT2_PATTERN, byte_characters
+
+CACHE_VARIABLE = "TIKTOKEN_CACHE_DIR"
+END_OF_TEXT = "<|endoftext|>"
+# GPT-2's pre-tokenizer as tiktoken >= 0.8 spells it (possessive quantifiers: the same splits,
+# faster) and as GPT-2 and older tiktoken releases do.
+GPT2_PATTERNS = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    GPT2_PATTERN,
+)
+ALTERNATIVES = (
+    "train with tokenizer 'tiktoken:gpt2', 'gpt2' or 'bpe' to export, or run the Keras model in-process "
+    "(kgpt generate RUN_DIR, kgpt.generate.Generator)"
+)
+
+
+def _tiktoken(name):
+    try:
+        import tiktoken
+    except ImportError as error:
+        raise ValueError(
+            f"tokenizer 'tiktoken:{name}' needs the optional tiktoken package, which is not "
+            "installed; run `pip install tiktoken`, or use tokenizer 'gpt2' / 'bpe'."
+        ) from error
+    return tiktoken
+
+
+def load_encoding(name):
+    """tiktoken's `Encoding` `name` (`"gpt2"`, `"o200k_base"`, ...), read from its cache folder:
+    `$TIKTOKEN_CACHE_DIR`, else `<tmp>/data-gym-cache`, else downloaded.
+
+    Raises ValueError for an unknown name or tiktoken not installed, FileNotFoundError when the
+    BPE file is neither cached nor downloadable (offline).
+    """
+    tiktoken = _tiktoken(name)
+    names = tiktoken.list_encoding_names()
+    if name not in names:
+        raise ValueError(
+            f"Unknown tiktoken encoding {name!r}; set data.tokenizer to 'tiktoken:NAME' with NAME one "
+            f"of {', '.join(sorted(names))}."
+        )
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as error:  # no network (requests' errors), a damaged download, ...
+        where = os.environ.get(CACHE_VARIABLE)
+        cache = f"{CACHE_VARIABLE}={where}" if where is not None else f"{CACHE_VARIABLE} is not set"
+        raise FileNotFoundError(
+            f"tiktoken could not load the BPE file of encoding {name!r} ({type(error).__name__}: "
+            f"{error}); {cache}. Offline, set {CACHE_VARIABLE} to a folder holding tiktoken's cached "
+            "files (named by the sha1 of their URL; a kgpt checkout has them in ../shared/data/tiktoken), "
+            "or load the encoding once with network."
+        ) from error
+
+
+def encode(encoding, texts):
+    """tiktoken's ids of `texts` as int32 arrays; a literal `<|endoftext|>` is the end-of-text id, as
+    in kgpt's other tokenizers, and any other special token's text is plain text."""
+    rows = encoding.encode_batch(
+        list(texts), num_threads=os.cpu_count() or 1, allowed_special={END_OF_TEXT}, disallowed_special=()
+    )
+    return [np.asarray(row, dtype=np.int32) for row in rows]
+
+
+def graph_problem(encoding):
+    """Why `encoding` cannot run in a TensorFlow graph, or None when kgpt runs it there (GPT-2's
+    pattern: `gpt2`, `r50k_base`, `p50k_base`, `p50k_edit`)."""
+    if encoding._pat_str in GPT2_PATTERNS:  # tiktoken keeps its constructor's arguments
+        return None
+    return (
+        f"tiktoken encoding {encoding.name!r} splits text with a regular expression that needs a "
+        r"look-ahead (\s+(?!\S)), which RE2, TensorFlow's regex engine, does not have; kgpt rewrites "
+        "that look-ahead for GPT-2's pattern only (tiktoken:gpt2, r50k_base, p50k_base)"
+    )
+
+
+def _split(ranks, token, rank):
+    """The two parts that BPE with the merges ranked below `rank` leaves of `token` (bytes)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=4)
+def byte_level_bpe(encoding):
+    """`(vocabulary, merges)` of `encoding` as GPT-2's files hold them (`encoder.json`, `vocab.bpe`):
+    tokens in GPT-2's byte characters -> ids, with `<|endoftext|>`, and `"a b"` merge rules, highest
+    priority first. tiktoken's rank `r` is made by the merge of rank `r`: its two parts under the
+    merges ranked below it (for `gpt2`, exactly the lines of `vocab.bpe`)."""
+    ranks = encoding._mergeable_ranks
+    characters = byte_characters()
+
+    def spell(token):
+        return "".join(characters[byte] for byte in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _split(ranks, token, rank)
+        if len(parts) != 2:
+            raise ValueError(
+                f"tiktoken encoding {encoding.name!r}: token {token!r} (rank {rank}) is not one merge of "
+                f"lower-ranked tokens, so it has no byte-level BPE merges; {ALTERNATIVES}."
+            )
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    vocabulary = {spell(token): rank for token, rank in ranks.items()}
+    vocabulary[END_OF_TEXT] = encoding.eot_token
+    return vocabulary, merges
