@@ -498,8 +498,7 @@ class TiktokenTokenizer(Tokenizer):
     def _encode(self, texts):
         return tiktokens.encode(self._encoding, texts)
 
-    def _files(self):
-        # special_tokens: a literal <|endoftext|> is one token (fingerprints differ from before).
+    def _files(self):  # special_tokens: a literal <|endoftext|> is one token (since this was saved)
         return self._config_file(encoding=self.encoding, special_tokens=[END_OF_TEXT])
 
 
