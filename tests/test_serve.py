@@ -188,10 +188,10 @@ def test_request_size_is_bounded(server):
 def test_concurrent_requests_are_bounded(echo_dir):
     server = start(echo_dir, max_concurrent_requests=1, queue_timeout=0.2)
     try:
-        assert server.model._slots.acquire(timeout=1)  # one prediction "in flight"
+        assert server.model.scheduler._slots.acquire(timeout=1)  # one prediction "in flight"
         status, answer = call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})
         assert status == 503 and "busy" in answer["error"]
-        server.model._slots.release()
+        server.model.scheduler._slots.release()
         assert call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})[0] == 200
     finally:
         stop(server)
