@@ -374,6 +374,7 @@ class _Server(ThreadingHTTPServer):
     """A thread per connection, at most `max_connections` of them; one more gets a 503 at once."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog; the standard library's 5 resets bursts of clients
 
     def __init__(self, address, model, max_connections, read_timeout):
         for name, value in [("max_connections", max_connections), ("read_timeout", read_timeout)]:
