@@ -173,10 +173,10 @@ class ModelServer:
         read, key = (self._rows, "instances") if row_format else (self._columns, "inputs")
         arrays = self._tensors(read(request[key], signature_def), signature_def)
         try:
-            rows = self._batch_rows[signature_name]
+            batch_input = self._batch_rows[signature_name]
             outputs = self.scheduler.run(
-                self._call(signature_name), arrays, rows=rows, padded=PADDED_OUTPUTS,
-                key=batch_key(signature_name, rows, arrays),
+                self._call(signature_name), arrays, rows=batch_input, padded=PADDED_OUTPUTS,
+                key=batch_key(signature_name, batch_input, arrays),
             )
         except Busy as error:
             raise RequestError(str(error), status=503) from error
@@ -306,7 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.server.model.metadata if metadata else self.server.model.status
         self._answer(lambda: method(name, version))
 
-    do_HEAD = do_GET  # GET's status and headers, without the body
+    def do_HEAD(self):  # noqa: N802  (GET's status and headers, without the body)
+        return self._refuse_method() if _PREDICT.match(self.path) else self.do_GET()
 
     def do_POST(self):  # noqa: N802
         length = self.headers.get("Content-Length")

@@ -292,7 +292,7 @@ def test_other_methods_get_405_with_allow_or_404_in_json(server, method):
     assert call(server, method, "/elsewhere") == (404, {"error": f"Malformed request: {method} /elsewhere"})
 
 
-def test_unknown_methods_get_501_and_head_gets_gets_headers(server):
+def test_unknown_methods_get_501_and_head_gets_the_headers_of_get(server):
     status, answer = call(server, "BREW", "/v1/models/echo")
     assert status == 501 and answer == {"error": "Unsupported method ('BREW'): Server does not support this operation"}
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
@@ -302,6 +302,9 @@ def test_unknown_methods_get_501_and_head_gets_gets_headers(server):
         assert response.status == 200 and response.read() == b""
         body = json.dumps(call(server, "GET", "/v1/models/echo")[1], ensure_ascii=False, indent=1)
         assert int(response.getheader("Content-Length")) == len(body.encode())
+        connection.request("HEAD", "/v1/models/echo:predict")
+        response = connection.getresponse()
+        assert response.status == 405 and response.getheader("Allow") == "POST" and response.read() == b""
     finally:
         connection.close()
 
