@@ -130,7 +130,8 @@ class Scheduler:
 
     Example:
         scheduler = Scheduler(batching=True, max_batch_size=16)
-        scheduler.run(call, {"prompts": array, "top_k": 1}, key=("generate", 1), rows="prompts")
+        inputs = {"prompts": np.array([b"Hello"], object), "top_k": np.array(1)}
+        scheduler.run(call, inputs, key=("generate", 1), rows="prompts")
     """
 
     def __init__(self, max_concurrent_calls=4, max_queued_requests=64, timeout=30.0, batching=True,
@@ -162,8 +163,9 @@ class Scheduler:
             call: `{name: array} -> {name: array}`; every output's first axis is the batch.
             inputs: `{name: array}`; `rows` names the one input whose first axis is the batch,
                 the others are equal within a key.
-            key: hashable; requests of equal key (signature and option values) may be batched;
-                None runs the request alone.
+            key: hashable; requests of equal key (signature and option values) may be batched
+                and then run the first one's `call`, so the key must identify `call` too; None
+                runs the request alone.
             padded: see `split_outputs`.
 
         Raises:
