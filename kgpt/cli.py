@@ -100,8 +100,24 @@ def _add_serve(subparsers):
     parser.add_argument("--port", type=int, default=8501, help="default 8501, as TF Serving")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (local only)")
     parser.add_argument("--name", help="model name in URLs (default: the folder name)")
-    parser.add_argument("--max-concurrent-requests", type=int, default=4, help="requests run at once")
+    parser.add_argument("--max-concurrent-requests", type=int, default=4, help="model calls run at once")
     parser.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body")
+    parser.add_argument(
+        "--batching", action=argparse.BooleanOptionalAction, default=True,
+        help="run concurrent greedy requests of one signature and equal options as one model call "
+        "(default on; the answers are the same)",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=32, help="rows per batched call (default 32)")
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                        help="how long a batch waits for more requests (default 5)")
+    parser.add_argument("--max-queued-requests", type=int, default=64,
+                        help="requests waiting for a model call; more get 503 (default 64)")
+    parser.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds a request may wait for a model call before 503 (default 30)")
+    parser.add_argument("--max-connections", type=int, default=100,
+                        help="connections served at once; more get 503 (default 100)")
+    parser.add_argument("--read-timeout", type=float, default=10.0,
+                        help="seconds to receive a request before 408 and disconnecting (default 10)")
 
 
 def _add_build(subparsers):
@@ -334,7 +350,11 @@ def _run_serve(args):
     from kgpt.serve import serve
 
     serve(args.model_dir, port=args.port, host=args.host, name=args.name,
-          max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes)
+          max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
+          batching=args.batching, max_batch_size=args.max_batch_size,
+          batch_timeout=args.batch_timeout_ms / 1000, max_queued_requests=args.max_queued_requests,
+          queue_timeout=args.request_timeout, max_connections=args.max_connections,
+          read_timeout=args.read_timeout)
 
 
 def _run_info(args):

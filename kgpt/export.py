@@ -22,6 +22,9 @@ DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Concurrent exports of one model each take the next free version; give up after this many.
 _PUBLISH_ATTEMPTS = 100
+# Outputs padded along axis 1 to the longest row of a call: {output: its per-row count}. A batching
+# server cuts each request's part back to its own longest row.
+PADDED_OUTPUTS = {"token_ids": "token_count"}
 _TAKEN = "{} already exists; versions are never overwritten. Leave --version out to write the next one."
 
 

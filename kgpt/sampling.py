@@ -117,6 +117,16 @@ def graph_checks(options, options_type=SamplingOptions):
     return checks
 
 
+def draws_at_random(graph_inputs):
+    """True when `sample_logits` draws for these `{field: scalar}` graph inputs (not an argmax).
+
+    A draw depends on its row's place in the batch (one stateless seed per call), so a served
+    request that draws is never batched with others (`kgpt.serve`).
+    """
+    temperature = float(graph_inputs.get("temperature", 0.0))
+    return temperature > 0.0 and int(graph_inputs.get("top_k", 0)) != 1
+
+
 def add_sampling_arguments(parser, options_type=SamplingOptions):
     """Adds one `--flag` per field (`top_k` -> `--top-k`) to an `argparse` parser."""
     for field in dataclasses.fields(options_type):

@@ -11,6 +11,7 @@ from kgpt import sampling
 from kgpt.sampling import (
     SamplingOptions,
     add_sampling_arguments,
+    draws_at_random,
     graph_checks,
     option,
     register_filter,
@@ -34,6 +35,20 @@ def test_samplers_on_fake_logits():
     assert set(sample_logits(LOGITS, SamplingOptions(temperature=1.0, top_p=0.5), seed=seed).numpy()) == {1}
     # top_k=1 is greedy at any temperature.
     assert set(sample_logits(LOGITS, SamplingOptions(temperature=5.0, top_k=1), seed=seed).numpy()) == {1}
+
+
+@pytest.mark.parametrize(
+    "options, draws",
+    [(SamplingOptions(), False), (SamplingOptions(temperature=5.0, top_k=1), False),
+     (SamplingOptions(temperature=1.0), True), (SamplingOptions(temperature=0.5, top_p=0.9), True)],
+)
+def test_draws_at_random_says_when_a_rows_place_in_the_batch_changes_its_token(options, draws):
+    flat = tf.zeros([1, 50])  # every token equally likely: only the draw decides
+    alone = sample_logits(flat, options.graph_inputs()).numpy()[0]
+    # The same row at each place of a batch of 8 (one stateless seed per call).
+    placed = sample_logits(tf.tile(flat, [8, 1]), options.graph_inputs()).numpy()
+    assert draws_at_random(options.graph_inputs()) == draws
+    assert (set(placed) != {alone}) == draws  # a greedy row is the argmax wherever it sits
 
 
 def test_high_temperature_flattens_and_low_sharpens():

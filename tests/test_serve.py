@@ -8,13 +8,15 @@ serves a real `kgpt export` of a tiny model.
 import base64
 import http.client
 import json
+import socket
 import threading
+import time
 
 import pytest
 import tensorflow as tf
 
 from kgpt.cli import main
-from kgpt.serve import make_server
+from kgpt.serve import _Server, exposure_warning, make_server
 
 
 class Echo(tf.Module):
@@ -58,17 +60,42 @@ def stop(server):
     server.server_close()
 
 
-def call(server, method, path, body=None):
-    """Returns (HTTP status, parsed JSON body)."""
+def call(server, method, path, body=None, response_headers=False):
+    """Returns (HTTP status, parsed JSON body[, headers])."""
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     try:
         if body is not None and not isinstance(body, (str, bytes)):
             body = json.dumps(body)
         connection.request(method, path, body=body)
         response = connection.getresponse()
-        return response.status, json.loads(response.read())
+        answer = response.status, json.loads(response.read())
+        return answer + (dict(response.getheaders()),) if response_headers else answer
     finally:
         connection.close()
+
+
+def in_threads(function, arguments):
+    """`function(*a)` for each `a`, started together in threads; the results in order."""
+    results = [None] * len(arguments)
+    barrier = threading.Barrier(len(arguments))
+
+    def work(index):
+        barrier.wait()
+        results[index] = function(*arguments[index])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(arguments))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def wait_until(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +215,172 @@ def test_request_size_is_bounded(server):
 def test_concurrent_requests_are_bounded(echo_dir):
     server = start(echo_dir, max_concurrent_requests=1, queue_timeout=0.2)
     try:
-        assert server.model._slots.acquire(timeout=1)  # one prediction "in flight"
+        assert server.model.scheduler._slots.acquire(timeout=1)  # one prediction "in flight"
         status, answer = call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})
         assert status == 503 and "busy" in answer["error"]
-        server.model._slots.release()
+        server.model.scheduler._slots.release()
         assert call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})[0] == 200
     finally:
         stop(server)
+
+
+def test_a_full_queue_gets_503_at_once(echo_dir):
+    server = start(echo_dir, max_concurrent_requests=1, max_queued_requests=1, batching=False)
+    slots = server.model.scheduler._slots
+    try:
+        assert slots.acquire(timeout=1)  # one prediction "in flight"
+        waiting = threading.Thread(target=call, args=(server, "POST", "/v1/models/echo:predict",
+                                                      {"instances": ["a"]}))
+        waiting.start()
+        wait_until(lambda: server.model.scheduler._queued == 1)
+        status, answer = call(server, "POST", "/v1/models/echo:predict", {"instances": ["b"]})
+        assert status == 503 and "1 requests already wait (--max-queued-requests 1)" in answer["error"]
+        slots.release()
+        waiting.join(30)
+        assert call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})[0] == 200
+    finally:
+        stop(server)
+
+
+def test_concurrent_requests_are_batched_with_the_answers_of_unbatched_calls(echo_dir):
+    requests = [{"instances": [f"p{i}"] * (1 + i % 2)} for i in range(8)]
+    # `repeat` with different `times` must never share a call: the text would repeat wrongly.
+    requests += [{"signature_name": "repeat", "inputs": {"prompts": [f"r{i}"], "times": 2 + i % 2}}
+                 for i in range(8)]
+    requests += [{"signature_name": "repeat", "instances": [{"prompts": "x"}, {"prompts": "yé"}]}]
+    unbatched = start(echo_dir, batching=False)
+    try:
+        expected = [call(unbatched, "POST", "/v1/models/echo:predict", r) for r in requests]
+    finally:
+        stop(unbatched)
+    assert expected[2] == (200, {"predictions": ["p2-v2"]})
+    server = start(echo_dir, batch_timeout=1.0, max_batch_size=64)
+    try:
+        answers = in_threads(lambda r: call(server, "POST", "/v1/models/echo:predict", r),
+                             [(r,) for r in requests])
+        assert answers == expected
+        scheduler = server.model.scheduler
+        assert scheduler.requests == len(requests) and scheduler.calls <= 4  # 3 keys: 17 -> 3 calls
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("depth", [150, 2000])
+def test_json_nested_too_deep_gets_400(server, depth):
+    body = '{"instances": ' + "[" * depth + '"a"' + "]" * depth + "}"
+    status, answer = call(server, "POST", "/v1/models/echo:predict", body)
+    assert status == 400 and answer["error"].startswith("JSON Parse error: nested deeper than 100 levels")
+    assert call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})[0] == 200
+
+
+def test_json_nested_100000_deep_gets_400(echo_dir):
+    server = start(echo_dir)
+    try:
+        status, answer = call(server, "POST", "/v1/models/echo:predict", "[" * 100_000 + "]" * 100_000)
+        assert status == 400 and "nested deeper than 100 levels" in answer["error"]
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"])
+def test_other_methods_get_405_with_allow_or_404_in_json(server, method):
+    status, answer, headers = call(server, method, "/v1/models/echo:predict", "{}", response_headers=True)
+    assert status == 405 and headers["Allow"] == "POST" and headers["Content-Type"] == "application/json"
+    assert answer == {"error": f"Method {method} is not allowed on /v1/models/echo:predict; use POST."}
+    status, answer, headers = call(server, method, "/v1/models/echo/metadata", response_headers=True)
+    assert status == 405 and headers["Allow"] == "GET, HEAD" and "not allowed" in answer["error"]
+    assert call(server, method, "/elsewhere") == (404, {"error": f"Malformed request: {method} /elsewhere"})
+
+
+def test_unknown_methods_get_501_and_head_gets_the_headers_of_get(server):
+    status, answer = call(server, "BREW", "/v1/models/echo")
+    assert status == 501 and answer == {"error": "Unsupported method ('BREW'): Server does not support this operation"}
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        connection.request("HEAD", "/v1/models/echo")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b""
+        body = json.dumps(call(server, "GET", "/v1/models/echo")[1], ensure_ascii=False, indent=1)
+        assert int(response.getheader("Content-Length")) == len(body.encode())
+        connection.request("HEAD", "/v1/models/echo:predict")
+        response = connection.getresponse()
+        assert response.status == 405 and response.getheader("Allow") == "POST" and response.read() == b""
+    finally:
+        connection.close()
+
+
+def raw_connection(server):
+    return socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+
+
+def read_all(connection):
+    data = b""
+    while chunk := connection.recv(1 << 16):
+        data += chunk
+    return data
+
+
+def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
+    server = start(echo_dir, read_timeout=0.5)
+    try:
+        with raw_connection(server) as stalled:
+            started = time.monotonic()
+            stalled.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"inst")
+            head, _, body = read_all(stalled).partition(b"\r\n\r\n")
+            assert 0.4 < time.monotonic() - started < 10
+        assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+        assert json.loads(body) == {
+            "error": "Request body incomplete: 6 of 100 bytes arrived within 0.5 s (--read-timeout)."
+        }
+        with raw_connection(server) as idle:  # a connection that never sends is closed too
+            assert read_all(idle) == b""
+        assert call(server, "POST", "/v1/models/echo:predict", {"instances": ["a"]})[0] == 200
+    finally:
+        stop(server)
+
+
+def test_connections_beyond_the_cap_get_503_at_once(echo_dir):
+    server = start(echo_dir, max_connections=2, read_timeout=30)
+    stalled = [raw_connection(server) for _ in range(2)]
+    try:
+        for connection in stalled:
+            connection.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")
+        wait_until(lambda: server._connections._value == 0)  # both hold a thread
+        started = time.monotonic()
+        status, answer = call(server, "GET", "/v1/models/echo")
+        assert status == 503 and "2 connections are open (--max-connections)" in answer["error"]
+        assert time.monotonic() - started < 5
+        assert threading.active_count() < 50
+    finally:
+        for connection in stalled:
+            connection.close()
+    try:
+        wait_until(lambda: server._connections._value == 2)
+        assert call(server, "GET", "/v1/models/echo")[0] == 200
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize(
+    "host, warns", [("127.0.0.1", False), ("localhost", False), ("::1", False), ("0.0.0.0", True),
+                    ("192.168.1.5", True), ("example.org", True)],
+)
+def test_binding_beyond_localhost_warns(host, warns):
+    warning = exposure_warning(host)
+    assert (warning is not None) == warns
+    if warns:
+        assert warning.startswith(f"kgpt serve: warning: listening on {host}, beyond this machine;")
+        assert "no authentication and no TLS" in warning and "\n" not in warning
+
+
+def test_kgpt_serve_warns_on_stderr_when_it_listens_on_every_address(echo_dir, monkeypatch, capsys):
+    monkeypatch.setattr(_Server, "serve_forever", lambda self: None)  # return at once
+    assert main(["serve", str(echo_dir), "--host", "0.0.0.0", "--port", "0", "--no-batching"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("kgpt serve: warning: listening on 0.0.0.0") and captured.err.count("\n") == 1
+    assert "DEVELOPMENT server" in captured.out
+    assert main(["serve", str(echo_dir), "--port", "0", "--max-batch-size", "0"]) == 2
+    assert "max_batch_size=0 must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_a_folder_without_a_saved_model_is_refused(tmp_path):
@@ -212,16 +398,24 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, echo_dir, capsys):
         make_server(str(echo_dir), port=port)
 
 
-@pytest.mark.export
-def test_serves_a_kgpt_export(tmp_path, write_run_directory):
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, write_run_directory):
+    """`saved_models/tiny`: a `kgpt export` of a tiny random character model."""
     from kgpt.export import export
-    from kgpt.generate import load_generator
     from kgpt.tokenizer import train_characters
 
+    tmp_path = tmp_path_factory.mktemp("tiny")
     tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
     run_dir, _ = write_run_directory(tmp_path / "run", tokenizer)
     export(run_dir, "tiny", base_dir=str(tmp_path / "saved_models"), max_new_tokens=6)
-    model_dir = tmp_path / "saved_models" / "tiny"
+    return tmp_path / "saved_models" / "tiny"
+
+
+@pytest.mark.export
+def test_serves_a_kgpt_export(tiny_export):
+    from kgpt.generate import load_generator
+
+    model_dir = tiny_export
     expected = load_generator(str(model_dir)).generate(["the cat", "a"], max_new_tokens=6)
     server = start(model_dir)
     try:
@@ -254,5 +448,33 @@ def test_serves_a_kgpt_export(tmp_path, write_run_directory):
             )
             assert status == 400 and message in answer["error"], answer
             assert "\n" not in answer["error"]
+    finally:
+        stop(server)
+
+
+@pytest.mark.export
+def test_batched_generation_answers_as_unbatched_calls(tiny_export):
+    predict = "/v1/models/tiny:predict"
+    prompts = ["the cat", "a", "", "the mat. a dog ran! the cat sat on", "dog", "t"]
+    requests = [{"instances": [p]} for p in prompts] + [{"instances": prompts[:3]}]
+    for max_new_tokens in (3, 6):  # greedy generate: batched per max_new_tokens
+        requests += [{"signature_name": "generate",
+                      "inputs": {"prompts": [p], "top_k": 1, "max_new_tokens": max_new_tokens}}
+                     for p in prompts]
+    # Sampling with a seed: never batched, so the same seed still gives the same text.
+    requests += [{"signature_name": "generate", "inputs": {"prompts": [p], "top_k": 0, "seed": 5}}
+                 for p in prompts]
+    unbatched = start(tiny_export, batching=False)
+    try:
+        expected = [call(unbatched, "POST", predict, r) for r in requests]
+    finally:
+        stop(unbatched)
+    assert all(status == 200 for status, _ in expected)
+    server = start(tiny_export, batch_timeout=2.0)
+    try:
+        answers = in_threads(lambda r: call(server, "POST", predict, r), [(r,) for r in requests])
+        assert answers == expected  # text, token_ids (cut back to each request's width), counts
+        # 3 batched keys (serving_default, generate x 2) and 6 sampled requests alone.
+        assert server.model.scheduler.calls <= 3 + 6 < len(requests)
     finally:
         stop(server)
