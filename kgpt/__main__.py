@@ -2,6 +2,6 @@
 
 import sys
 
-from kgpt.cli import main
+from kgpt.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -88,6 +88,11 @@ def _add_export(subparsers):
     parser.add_argument("--base-dir", default="saved_models", help="default saved_models")
     parser.add_argument("--version", type=int, help="default: the next free version")
     parser.add_argument("--max-new-tokens", type=int, help="serving_default new tokens (min(64, context/2))")
+    parser.add_argument(
+        "--jit", action="store_true",
+        help="compile the decode loop with XLA: faster, for servers that run XLA (TF Serving with "
+        "--xla_cpu_compilation_enabled on CPUs; GPUs by default); the default export needs no XLA",
+    )
 
 
 def _add_serve(subparsers):
@@ -341,8 +346,10 @@ def _run_export(args):
 
     if not args.name:
         raise UsageError("--name NAME is required: the model name TF Serving serves it under.")
+    if args.jit and args.format != "saved_model":
+        raise UsageError("--jit is for --format saved_model (the decode loop of the SavedModel).")
     path = export(args.run_dir, args.name, base_dir=args.base_dir, version=args.version,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, jit_compile=args.jit)
     print(f"Exported {args.run_dir} to {path}")
 
 
@@ -386,6 +393,14 @@ def describe_os_error(error):
     text = f"{error.strerror}: {' -> '.join(paths)}" if paths else error.strerror
     fix = _OS_ERROR_FIXES.get(error.errno)
     return f"{text} ({fix})" if fix else text
+
+
+def console_main():
+    """The `kgpt` console script and `python -m kgpt`: `main()`, with TensorFlow's runtime noise
+    (beyond its import's) dropped from stderr for the whole command."""
+    environment.configure()
+    environment.filter_stderr()
+    return main()
 
 
 def main(argv=None):

@@ -276,6 +276,7 @@ class TrainConfig(Config):
     max_steps: int = 2000  # optimiser steps in the whole run
     eval_interval: int = 250  # steps per Keras epoch: evaluation, checkpoint, backup, sample
     eval_steps: int | None = None  # the same first validation batches each time; None: all
+    eval_batch_size: int | None = None  # windows per evaluation batch (same windows); None: batch_size
     learning_rate: float = 1e-3  # peak, reached after warmup_steps
     warmup_steps: int = 100  # linear warm-up from 0
     decay_steps: int | None = None  # cosine reaches min_learning_rate here; None: max_steps
@@ -303,6 +304,7 @@ class TrainConfig(Config):
         self.check_positive("batch_size", "max_steps", "eval_interval", "steps_per_execution",
                             "learning_rate", "epsilon", "sample_temperature")
         self.check_range("eval_steps", 1, float("inf"), ", or omitted to evaluate the whole split")
+        self.check_range("eval_batch_size", 1, float("inf"), ", or omitted for batch_size")
         for name in ("warmup_steps", "min_learning_rate", "weight_decay", "clip_norm", "patience",
                      "sample_length", "sample_top_k"):
             self.check_range(name, 0, float("inf"))
@@ -343,10 +345,11 @@ class TrainConfig(Config):
 MODEL_KINDS = ("gpt", "gru")
 RECIPE_SECTIONS = ("model", "data", "train")
 # Where things are, not what they are: a run resumes after its data or its initial run moved, and
-# samples shown during training do not change the model.
+# samples shown during training (or how evaluation windows are batched) do not change the model.
 _NOT_IDENTITY = {
     "data": ("dir", "cache_dir", "tokenizer_path"),
-    "train": ("init_from", "sample_prompt", "sample_length", "sample_temperature", "sample_top_k"),
+    "train": ("init_from", "sample_prompt", "sample_length", "sample_temperature", "sample_top_k",
+              "eval_batch_size"),
 }
 
 

@@ -202,7 +202,23 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
     if count > 1 and not by_shard:
         dataset = dataset.shard(count, index)
     dataset = dataset.batch(batch_size, drop_remainder=shuffle)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(PREFETCH_BATCHES).with_options(pipeline_options())
+
+
+# Batches read ahead; the pipeline has no parallel stage for tf.data's autotuner to size.
+PREFETCH_BATCHES = 4
+
+
+def pipeline_options():
+    """`tf.data.Options` for kgpt's pipelines: tf.data's autotuner off.
+
+    With it on, every iterator runs an optimisation thread that sleeps between rounds (doubling to
+    10 s), and destroying the iterator waits for that sleep to end: `fit` and each evaluation sat
+    idle for up to 10 s after their last step (the "slow mode" in benchmarks/RESULTS.md).
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def _check_windows(config, store, split):

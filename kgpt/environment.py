@@ -1,9 +1,12 @@
 """The process TensorFlow starts in for the command line: its settings and its start-up noise.
 
-`configure()` sets TensorFlow's environment defaults and makes the first `import tensorflow` drop
-the lines of `KNOWN_NOISE` from stderr, keeping every other line; it imports nothing heavy.
+`configure()` sets TensorFlow's environment defaults (oneDNN, log level, a persistent XLA
+compilation cache) and makes the first `import tensorflow` drop the lines of `KNOWN_NOISE` from
+stderr, keeping every other line; it imports nothing heavy. `filter_stderr()` keeps dropping the
+noise of later runtime lines (the compilation cache's) until the process exits.
 """
 
+import atexit
 import contextlib
 import ctypes
 import importlib.abc
@@ -12,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 # Lines TensorFlow's start-up writes that nobody can act on, each matched in full.
 _NOISE_PATTERNS = (
@@ -24,7 +28,14 @@ _NOISE_PATTERNS = (
     (rb"To enable the following instructions: .*, in other operations, rebuild TensorFlow with "
      rb"the appropriate compiler flags\."),
 )
-KNOWN_NOISE = tuple(re.compile(pattern) for pattern in _NOISE_PATTERNS)
+# TensorFlow reads each compilation-cache entry as text first, logs that it is not, then reads it
+# as the binary proto it wrote.
+_RUNTIME_NOISE = (
+    rb".*text_format\.cc:\d+\] Error parsing text-format tensorflow\.XlaSerializedCacheEntry: .*",
+)
+KNOWN_NOISE = tuple(re.compile(pattern) for pattern in _NOISE_PATTERNS + _RUNTIME_NOISE)
+# `XLA_CACHE_VARIABLE` names the compilation cache's directory; set it empty to turn the cache off.
+XLA_CACHE_VARIABLE = "KGPT_XLA_CACHE"
 # Dropped only where no CUDA driver library can be loaded: with a driver, a failure is real.
 CUDA_INIT_FAILURE = re.compile(rb".*cuda_platform\.cc:\d+\] failed call to cuInit: .*")
 
@@ -107,4 +118,61 @@ def configure():
     # oneDNN's custom ops are off by default on CPUs without AVX-512; on the AVX2 machines we
     # measured they make a training step ~30% faster (with float32 rounding differences).
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    enable_xla_cache()
     install_quiet_import()
+
+
+def xla_cache_directory():
+    """Where XLA's compiled programs persist across processes: `$KGPT_XLA_CACHE`, else
+    `$XDG_CACHE_HOME/kgpt/xla` (default `~/.cache/kgpt/xla`); None when set empty."""
+    if XLA_CACHE_VARIABLE in os.environ:
+        return os.environ[XLA_CACHE_VARIABLE] or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kgpt", "xla")
+
+
+def enable_xla_cache():
+    """Makes TensorFlow save each XLA-compiled program (the train, evaluation and decode steps)
+    and load it in later processes instead of compiling again; TensorFlow checks that a loaded
+    program was compiled from the same computation. The user's own `TF_XLA_FLAGS` cache wins; an
+    unwritable directory leaves the cache off. Returns the directory, or None."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    directory = xla_cache_directory()
+    if directory is None or "tf_xla_persistent_cache_directory" in flags:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(directory, os.W_OK):
+        return None
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+    return directory
+
+
+def filter_stderr():
+    """Until the process exits, file descriptor 2 goes through a thread that drops `KNOWN_NOISE`
+    lines and writes every other line on, in order. For the command line's process only."""
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    terminal = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not is_noise(line):
+                    os.write(terminal, line)
+
+    thread = threading.Thread(target=forward, name="kgpt-stderr", daemon=True)
+    thread.start()
+
+    def restore():
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(terminal, 2)  # closes the pipe's last writer here: the thread drains and ends
+            thread.join(timeout=5)
+
+    atexit.register(restore)

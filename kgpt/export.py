@@ -91,9 +91,12 @@ class ServingModule(tf.Module):
         tokenizer: a graph-compatible kgpt tokenizer (`bpe`, `gpt2`, `char`, `tiktoken:gpt2`).
         max_new_tokens: new tokens per prompt for `serving_default`, and the `generate` default.
         sampling_type: the options class whose fields become `generate`'s scalar inputs.
+        jit_compile: mark the decode loop for XLA (`kgpt export --jit`); the tokenizer and the rest
+            stay TensorFlow ops. Only servers that run XLA can serve such a graph.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens=None, sampling_type=SamplingOptions):
+    def __init__(self, model, tokenizer, max_new_tokens=None, sampling_type=SamplingOptions,
+                 jit_compile=False):
         super().__init__(name="kgpt")
         config = model.model_config
         if max_new_tokens is None:
@@ -106,6 +109,7 @@ class ServingModule(tf.Module):
         self._sequence_length = config.sequence_length
         self._vocabulary_size = config.vocabulary_size
         self._max_new_tokens = max_new_tokens
+        self.jit_compile = jit_compile
         readable = dict(sequence_length=config.sequence_length, vocabulary_size=config.vocabulary_size,
                         end_of_text_id=tokenizer.end_of_text_id, default_max_new_tokens=max_new_tokens)
         for name, value in readable.items():  # readable after loading, without kgpt
@@ -163,7 +167,7 @@ class ServingModule(tf.Module):
         dense, lengths = _take_last(ids.to_tensor(default_value=0), lengths, room)
         dense = tf.where(empty[:, None] & tf.equal(tf.range(tf.shape(dense)[1]), 0), end, dense)
         lengths = tf.where(empty, 1, lengths)
-        tokens, ends = decode(self._decoding_model, dense, lengths, max_new_tokens, end, sampling)
+        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling)
         # The continuation, without the end-of-text that stopped a row.
         stopped = tf.equal(tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1), end)
         counts = ends - lengths - tf.cast(stopped, tf.int32)
@@ -180,6 +184,13 @@ class ServingModule(tf.Module):
             "prompt_token_count": lengths,
             "truncated": truncated,
         }
+
+    def _decode(self, *args):
+        """`decoding.decode` on the cached model; with `jit_compile`, a call XLA must compile."""
+        function = lambda *inputs: decode(self._decoding_model, *inputs)  # noqa: E731
+        if self.jit_compile:
+            function = tf.function(function, jit_compile=True)
+        return function(*args)
 
     def _score(self, texts):
         tokenizer = self.tokenizer
@@ -259,9 +270,9 @@ def operations(saved_model_dir):
 def publish(module, model_dir, version=None):
     """Saves a `ServingModule` as `model_dir/VERSION/`, atomically; returns that path.
 
-    Written into a staging folder (TF Serving ignores it: not a number), checked to need no XLA,
-    and renamed into place with the umask's permissions, so TF Serving running as another user can
-    read it. Without `version`, the next free number, moving on if another export takes it meanwhile.
+    Written into a staging folder (TF Serving ignores it: not a number), checked to need no XLA
+    (unless the module's `jit_compile` asks for it), and renamed into place with the umask's
+    permissions, so TF Serving running as another user can read it. Without `version`, the next free number, moving on if another export takes it meanwhile.
     """
     model_dir = os.fspath(model_dir)
     fixed = version is not None
@@ -276,7 +287,7 @@ def publish(module, model_dir, version=None):
                 with staged_directory(final, replace=False) as staging:
                     tf.saved_model.save(module, staging, signatures=module.signatures())
                     findings = xla_findings(staging)
-                    if findings:
+                    if findings and not module.jit_compile:
                         raise RuntimeError(f"The graph needs XLA, which TF Serving runs without: {findings}")
                 return final
             except OSError as error:
@@ -293,13 +304,15 @@ def publish(module, model_dir, version=None):
     )
 
 
-def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_tokens=None):
+def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_tokens=None,
+           jit_compile=False):
     """Exports a run directory's model and tokenizer as `base_dir/name/version/`; returns that path.
 
     Args:
         name: the model name TF Serving serves it under (`/v1/models/NAME`).
         version: a positive int; default: the next free one (see `publish`).
         max_new_tokens: new tokens per prompt of `serving_default`, and `generate`'s default.
+        jit_compile: an XLA-compiled decode loop, for servers that run XLA (see `ServingModule`).
 
     Example:
         export("checkpoints/shakespeare_char", "shakespeare")  # saved_models/shakespeare/1
@@ -326,5 +339,7 @@ def export(run_dir, name, base_dir=DEFAULT_BASE_DIR, version=None, max_new_token
     problem = tokenizer.graph_problem()
     if problem:
         raise ValueError(f"Cannot export {run_dir}: the SavedModel tokenizes in its graph, and {problem}.")
-    module = ServingModule(run.load_model(), tokenizer, max_new_tokens=max_new_tokens)
+    module = ServingModule(
+        run.load_model(), tokenizer, max_new_tokens=max_new_tokens, jit_compile=jit_compile
+    )
     return publish(module, model_dir, version)

@@ -115,6 +115,9 @@ def build_model(recipe, tokenizer, strategy=None):
             jit_compile=config.jit_compile,
             steps_per_execution=config.steps_per_execution,
         )
+        # Its slots now, not inside the first traced step: a tf.function that creates variables
+        # is traced twice, which cost the first `fit` call seconds.
+        model.optimizer.build(model.trainable_variables)
         if distribute.is_multi_worker(strategy):
             distribute.enable_multi_worker_fit(model)
     return model
@@ -134,11 +137,16 @@ def make_datasets(recipe, tokenizer, strategy=None, skip_steps=0):
         # The same batches an uninterrupted run would see from here.
         return dataset.skip(skip_steps) if skip_steps else dataset
 
-    validation_data = kdata.make_dataset(recipe.data, tokenizer, "validation", global_batch)
+    eval_batch = (recipe.train.eval_batch_size or recipe.train.batch_size) * strategy.num_replicas_in_sync
+    validation_data = kdata.make_dataset(recipe.data, tokenizer, "validation", eval_batch)
     if recipe.train.eval_steps:
-        # The same first eval_steps batches at every evaluation (or all, if there are fewer),
-        # so validation losses compare across evaluations.
-        validation_data = validation_data.take(recipe.train.eval_steps)
+        # The same first eval_steps training batches' windows at every evaluation (or all, if
+        # there are fewer), so validation losses compare across evaluations; in eval_batch rows.
+        windows = recipe.train.eval_steps * global_batch
+        if windows % eval_batch:
+            validation_data = validation_data.unbatch().take(windows).batch(eval_batch)
+        else:
+            validation_data = validation_data.take(windows // eval_batch)
     if not distribute.is_multi_worker(strategy):
         return train_dataset(global_batch), validation_data
 

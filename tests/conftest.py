@@ -13,6 +13,14 @@ from kgpt.model import build_model  # noqa: E402
 from kgpt.saving import save_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _xla_cache(tmp_path_factory):
+    """Commands started by tests keep their compiled XLA programs in this session's folder, not in
+    the user's cache (`kgpt.environment.xla_cache_directory`)."""
+    if "KGPT_XLA_CACHE" not in os.environ:
+        os.environ["KGPT_XLA_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -1,5 +1,6 @@
 import errno
 import json
+import csv
 import os
 import shutil
 import subprocess
@@ -233,6 +234,31 @@ def test_a_real_error_after_tensorflow_starts_is_still_printed(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2
     assert len(lines) == 1 and "is not a .keras archive" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_loads_its_xla_programs_from_the_cache(tmp_path, write_toy_recipe):
+    recipe = write_toy_recipe(max_steps=4, eval_interval=2)
+    text = recipe.read_text().replace("jit_compile = false", "jit_compile = true")
+    recipe.write_text(text)
+    cache = tmp_path / "xla"
+    # TensorFlow's own log of the cache, asked for; kgpt drops only the text-format retry line.
+    logs = {"KGPT_XLA_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "0",
+            "TF_CPP_VMODULE": "device_executable_persistor=3"}
+    first = _kgpt(["train", str(recipe), "--run-dir", "a"], tmp_path, **logs)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(os.listdir(cache))
+    assert entries and all(name.endswith("XLA_CPU_JIT.pb") for name in entries)  # train + evaluation
+    second = _kgpt(["train", str(recipe), "--run-dir", "b"], tmp_path, **logs)
+    assert second.returncode == 0, second.stderr
+    assert "Verifying loaded cache entry" in second.stderr
+    assert "Error parsing text-format" not in second.stderr
+    assert sorted(os.listdir(cache)) == entries  # nothing compiled anew
+    losses = [
+        [(row["loss"], row["val_loss"]) for row in csv.DictReader(open(tmp_path / run / "history.csv"))]
+        for run in ("a", "b")
+    ]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]  # loaded programs compute what compiled ones did
 
 
 def test_import_kgpt_cli_does_not_import_tensorflow():

@@ -1,6 +1,7 @@
 """kgpt.environment: TensorFlow's known start-up lines are dropped from stderr, nothing else is."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -21,6 +22,8 @@ NOISE = [
     (b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow "
      b"with the appropriate compiler flags.\n"),
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    (b"E0000 00:00:1796015101.049024   10049 text_format.cc:430] Error parsing text-format "
+     b"tensorflow.XlaSerializedCacheEntry: 2:1: Expected identifier, got: 5\n"),
 ]
 REAL = [
     (b"2026-11-29 22:47:12.811438: E tensorflow/core/framework/op_kernel.cc:1830] OP_REQUIRES "
@@ -68,3 +71,50 @@ def test_quiet_import_is_installed_once_and_only_before_tensorflow(monkeypatch):
     assert sum(isinstance(f, environment._QuietTensorFlowFinder) for f in sys.meta_path) == 1
     environment.uninstall_quiet_import()
     assert not any(isinstance(f, environment._QuietTensorFlowFinder) for f in sys.meta_path)
+
+
+def test_xla_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(environment.XLA_CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert environment.xla_cache_directory() == str(tmp_path / "kgpt" / "xla")
+    monkeypatch.setenv(environment.XLA_CACHE_VARIABLE, str(tmp_path / "mine"))
+    assert environment.xla_cache_directory() == str(tmp_path / "mine")
+    monkeypatch.setenv(environment.XLA_CACHE_VARIABLE, "")
+    assert environment.xla_cache_directory() is None
+
+
+def test_enable_xla_cache_sets_the_flag_unless_the_user_did(monkeypatch, tmp_path):
+    monkeypatch.setenv(environment.XLA_CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0")
+    assert environment.enable_xla_cache() == str(tmp_path / "cache")
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={tmp_path / 'cache'}"
+    assert os.path.isdir(tmp_path / "cache")
+    mine = "--tf_xla_persistent_cache_directory=/elsewhere"
+    monkeypatch.setenv("TF_XLA_FLAGS", mine)
+    assert environment.enable_xla_cache() is None and os.environ["TF_XLA_FLAGS"] == mine
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv(environment.XLA_CACHE_VARIABLE, "")  # off
+    assert environment.enable_xla_cache() is None and os.environ["TF_XLA_FLAGS"] == ""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(environment.XLA_CACHE_VARIABLE, str(tmp_path / "file" / "cache"))  # unwritable
+    assert environment.enable_xla_cache() is None and os.environ["TF_XLA_FLAGS"] == ""
+
+
+FILTER_SCRIPT = """
+import os, sys
+from kgpt import environment
+environment.filter_stderr()
+os.write(2, {lines!r})
+sys.stderr.write("python line\\n")
+print("stdout line")
+raise SystemExit(3)
+"""
+
+
+def test_filter_stderr_drops_noise_until_exit_and_keeps_the_rest(tmp_path):
+    lines = NOISE[0] + REAL[0] + NOISE[-1] + REAL[1]
+    script = FILTER_SCRIPT.format(lines=lines)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout == b"stdout line\n"
+    assert result.stderr == REAL[0] + REAL[1] + b"python line\n"

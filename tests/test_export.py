@@ -419,6 +419,27 @@ def test_export_is_xla_free_and_uses_only_core_and_text_ops(exported):
 
 
 @pytest.mark.export
+def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(run, exported, capsys):
+    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
+
+    base_dir, plain = exported
+    assert main(["export", run[0], "--name", "tiny-jit", "--base-dir", base_dir, "--jit",
+                 "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    path = capsys.readouterr().out.strip().split(" to ")[-1]
+    findings = xla_findings(path)
+    assert findings and not [finding for finding in findings if finding.startswith("op ")]  # no Xla* op
+    jit, default = tf.saved_model.load(path).signatures, tf.saved_model.load(plain).signatures
+    prompts = tf.constant(PROMPTS)
+    assert _texts(jit["serving_default"](prompts=prompts)) == _texts(default["serving_default"](prompts=prompts))
+    sampled = dict(prompts=prompts, max_new_tokens=tf.constant(4), temperature=tf.constant(0.9),
+                   top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3))
+    # XLA draws its categorical samples its own way: seeded, so repeatable, but not TF's tokens.
+    assert _texts(jit["generate"](**sampled)) == _texts(jit["generate"](**sampled))
+    greedy = dict(sampled, top_k=tf.constant(1))  # top_k 1: greedy
+    assert _texts(jit["generate"](**greedy)) == _texts(default["generate"](**greedy))
+
+
+@pytest.mark.export
 def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, exported, capsys):
     base_dir, first = exported
     before = _tree_digest(first)
