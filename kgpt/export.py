@@ -272,7 +272,8 @@ def publish(module, model_dir, version=None):
 
     Written into a staging folder (TF Serving ignores it: not a number), checked to need no XLA
     (unless the module's `jit_compile` asks for it), and renamed into place with the umask's
-    permissions, so TF Serving running as another user can read it. Without `version`, the next free number, moving on if another export takes it meanwhile.
+    permissions, so TF Serving running as another user can read it. Without `version`, the next
+    free number, moving on if another export takes it meanwhile.
     """
     model_dir = os.fspath(model_dir)
     fixed = version is not None

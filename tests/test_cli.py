@@ -1,6 +1,6 @@
+import csv
 import errno
 import json
-import csv
 import os
 import shutil
 import subprocess
