@@ -1,4 +1,4 @@
-"""Generation throughput: kgpt vs keras-hub's GPT2CausalLM, and kgpt's exported SavedModel.
+"""Generation throughput: kgpt vs Hugging Face transformers and keras-hub, and kgpt's SavedModels.
 
 One process, one model size for all of them (same vocabulary, layers, width, context, parameter
 count), greedy decoding of a 32-token prompt plus 224 new tokens (a 256-token
@@ -10,9 +10,14 @@ context), batch 1 and batch 8:
   `stop_token_ids=None`), twice: as its users run it (`compile()` defaults; Keras' "auto"
   turns XLA off on CPU-only machines, so the loop is a plain `tf.function`), and with
   `compile(jit_compile=True)`. Ratios ("vs keras-hub") are against the first.
+- Hugging Face transformers: the same weights written by `kgpt.gpt2.export_gpt2`, loaded with
+  `GPT2LMHeadModel.from_pretrained` (PyTorch, CPU) and run with `generate(do_sample=False,
+  use_cache=True)` under `torch.inference_mode()`; its tokens must equal kgpt's ("vs HF" ratios).
+  Needs the `gpt2` extra (`pip install -e '.[gpt2]'`); skipped with a note without it.
 - SavedModel: `kgpt.export.ServingModule` saved with `tf.saved_model.save`, loaded with
   `tf.saved_model.load` and called through its `serving_default` signature, strings in and out
-  (in-graph tokenization, XLA off: the graph TensorFlow Serving runs).
+  (in-graph tokenization, XLA off: the graph TensorFlow Serving runs); and the same with
+  `jit_compile=True` (`kgpt export --jit`: the decode loop compiled by XLA when loaded).
 
 A character tokenizer with exactly `vocabulary_size` ids stands in for the real one, so a
 32-character prompt is 32 tokens; every run is checked to have produced all 224 tokens (none
@@ -23,7 +28,7 @@ busy machine slows them alike.
 
 Usage:
     python benchmarks/generate_throughput.py [--size small|tiny|gpt2] [--rounds 5]
-        [--batch-sizes 1,8] [--intra-op-threads N] [--inter-op-threads N]
+        [--batch-sizes 1,8] [--systems kgpt,hf,...] [--intra-op-threads N] [--inter-op-threads N]
 """
 
 import argparse
@@ -75,11 +80,38 @@ class KgptRunner:
     name = "kgpt (XLA decode loop)"
 
     def __init__(self, model, tokenizer):
-        self.decoder = Decoder(model, end_of_text_id=tokenizer.end_of_text_id, jit_compile=True)
+        # No end-of-text: every row makes all NEW_TOKENS tokens, as the other systems are asked to.
+        self.decoder = Decoder(model, end_of_text_id=-1, jit_compile=True)
+        self.tokens = None
 
     def __call__(self, ids, texts):
-        rows = self.decoder(ids, NEW_TOKENS)
-        return [len(row) for row in rows]
+        self.tokens = self.decoder(ids, NEW_TOKENS)
+        return [len(row) for row in self.tokens]
+
+
+class TransformersRunner:
+    name = "Hugging Face transformers GPT2LMHeadModel.generate (PyTorch, cache)"
+
+    def __init__(self, model, tokenizer, directory):
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        from kgpt.gpt2 import export_gpt2
+
+        export_gpt2(model, tokenizer, directory)
+        self.torch = torch
+        self.model = GPT2LMHeadModel.from_pretrained(directory).eval()
+        self.tokens = None
+
+    def __call__(self, ids, texts):
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                self.torch.tensor(ids), attention_mask=self.torch.ones(len(ids), len(ids[0]), dtype=self.torch.long),
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                pad_token_id=0,
+            )
+        self.tokens = out[:, PROMPT_LENGTH:].tolist()
+        return [len(row) for row in self.tokens]
 
 
 class KerasHubRunner:
@@ -117,13 +149,12 @@ class KerasHubRunner:
 
 
 class SavedModelRunner:
-    name = "kgpt SavedModel (signature, XLA off)"
-
-    def __init__(self, model, tokenizer, directory):
-        module = ServingModule(model, tokenizer, max_new_tokens=NEW_TOKENS)
+    def __init__(self, model, tokenizer, directory, jit_compile=False):
+        self.name = f"kgpt SavedModel (signature, {'--jit: XLA loop' if jit_compile else 'XLA off'})"
+        module = ServingModule(model, tokenizer, max_new_tokens=NEW_TOKENS, jit_compile=jit_compile)
         tf.saved_model.save(module, directory, signatures=module.signatures())
         findings = xla_findings(directory)
-        if findings:
+        if findings and not jit_compile:
             raise RuntimeError(f"The exported graph needs XLA: {findings}")
         self.signature = tf.saved_model.load(directory).signatures["serving_default"]
 
@@ -137,6 +168,10 @@ def main():
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per system and batch")
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument(
+        "--systems", default="kgpt,hf,saved-model,saved-model-jit,keras-hub,keras-hub-xla",
+        help="comma-separated, kgpt first: kgpt, hf, saved-model, saved-model-jit, keras-hub, keras-hub-xla",
+    )
     parser.add_argument(
         "--intra-op-threads", type=int, default=0,
         help="TensorFlow's intra-op threads for every system (0: its default, one per core); "
@@ -157,12 +192,31 @@ def main():
     keras.utils.set_random_seed(0)
     model = build_model(dict(size, intermediate_dim=4 * size["hidden_dim"]))
     tokenizer = character_tokenizer(size["vocabulary_size"])
-    runners = [KgptRunner(model, tokenizer), KerasHubRunner(size), KerasHubRunner(size, jit_compile=True)]
     parameters = count_parameters(model.model_config)
-    if runners[1].parameters != parameters:
-        raise RuntimeError(f"Sizes differ: kgpt {parameters:,} vs keras-hub {runners[1].parameters:,}")
+    systems = args.systems.split(",")
     with tempfile.TemporaryDirectory() as directory:
-        runners.insert(2, SavedModelRunner(model, tokenizer, os.path.join(directory, "1")))
+        makers = {
+            "kgpt": lambda: KgptRunner(model, tokenizer),
+            "hf": lambda: TransformersRunner(model, tokenizer, os.path.join(directory, "hf")),
+            "saved-model": lambda: SavedModelRunner(model, tokenizer, os.path.join(directory, "1")),
+            "saved-model-jit": lambda: SavedModelRunner(
+                model, tokenizer, os.path.join(directory, "2"), jit_compile=True
+            ),
+            "keras-hub": lambda: KerasHubRunner(size),
+            "keras-hub-xla": lambda: KerasHubRunner(size, jit_compile=True),
+        }
+        unknown = sorted(set(systems) - set(makers))
+        if unknown or "kgpt" not in systems:
+            parser.error(f"--systems: unknown {unknown}; kgpt plus any of {sorted(makers)}")
+        runners = []
+        for system in systems:
+            try:
+                runners.append(makers[system]())
+            except ImportError as error:  # the gpt2 extra is not installed
+                print(f"Skipping {system}: {error}", flush=True)
+        for runner in runners:
+            if isinstance(runner, KerasHubRunner) and runner.parameters != parameters:
+                raise RuntimeError(f"Sizes differ: kgpt {parameters:,} vs keras-hub {runner.parameters:,}")
         inputs = {b: prompts(tokenizer, b, seed=b) for b in batch_sizes}
         warm_up = {}
         for batch_size in batch_sizes:
@@ -172,6 +226,9 @@ def main():
                 warm_up[runner.name, batch_size] = time.perf_counter() - start
                 if counts != [NEW_TOKENS] * batch_size:
                     raise RuntimeError(f"{runner.name} generated {counts} tokens, not {NEW_TOKENS}")
+                if isinstance(runner, TransformersRunner) and runner.tokens != runners[0].tokens:
+                    differing = sum(a != b for a, b in zip(runner.tokens, runners[0].tokens))
+                    raise RuntimeError(f"transformers' tokens differ from kgpt's in {differing} rows")
         times = {key: [] for key in warm_up}
         for round_index in range(args.rounds):
             for batch_size in batch_sizes:
@@ -190,8 +247,11 @@ def main():
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}; intra-op threads "
         f"{args.intra_op_threads or 'default'}, inter-op threads {args.inter_op_threads or 'default'}\n"
     )
-    print("| system | batch | new tokens/s | ms / decode step | vs keras-hub | vs kgpt | warm-up s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    references = [r for r in runners if isinstance(r, (TransformersRunner, KerasHubRunner))]
+    print("| system | batch | new tokens/s | ms / decode step | "
+          + "".join(f"vs {'HF' if isinstance(r, TransformersRunner) else r.name} | " for r in references)
+          + "vs kgpt | warm-up s |")
+    print("|---|---:|---:|---:|" + "---:|" * len(references) + "---:|---:|")
     for batch_size in batch_sizes:
         rate = {
             runner.name: batch_size * NEW_TOKENS / statistics.median(times[runner.name, batch_size])
@@ -199,10 +259,10 @@ def main():
         }
         for runner in runners:
             median = statistics.median(times[runner.name, batch_size])
+            ratios = "".join(f"{rate[runner.name] / rate[r.name]:.2f}x | " for r in references)
             print(
                 f"| {runner.name} | {batch_size} | {rate[runner.name]:,.0f} | "
-                f"{1000 * median / NEW_TOKENS:.2f} | "
-                f"{rate[runner.name] / rate[runners[1].name]:.2f}x | "
+                f"{1000 * median / NEW_TOKENS:.2f} | {ratios}"
                 f"{rate[runner.name] / rate[runners[0].name]:.2f}x | "
                 f"{warm_up[runner.name, batch_size]:.1f} |"
             )
