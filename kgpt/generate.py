@@ -27,7 +27,7 @@ from kgpt.stopping import check_stops, cut_at_stop
 def _report_truncation(count, room, truncate):
     if not count:
         return
-    message = f"{count} prompt(s) longer than the {room} tokens kept of a prompt (see max_new_tokens)"
+    message = f"{count} prompt(s) longer than the {room} tokens kept in the context with max_new_tokens"
     if not truncate:
         raise ValueError(f"{message}; shorten them, lower max_new_tokens, or allow truncation.")
     warnings.warn(f"{message} were left-truncated to their last {room} tokens.", stacklevel=4)

@@ -32,8 +32,8 @@ def check_stops(stop=None, stop_token_ids=None, vocabulary_size=None):
         if not isinstance(text, str) or not text:
             raise ValueError(f"Stop sequence {text!r} must be a non-empty string.")
     for token in ids:
-        in_range = vocabulary_size is None or 0 <= token < vocabulary_size
-        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not in_range:
+        integer = isinstance(token, (int, np.integer)) and not isinstance(token, bool)
+        if not integer or not (token >= 0 and (vocabulary_size is None or token < vocabulary_size)):
             bound = "" if vocabulary_size is None else f" in [0, {vocabulary_size})"
             raise ValueError(f"Stop token id {token!r} must be an integer{bound}.")
     if len(strings) + len(ids) > MAX_STOPS:
