@@ -239,12 +239,12 @@ def test_serves_a_kgpt_export(tmp_path, write_run_directory):
         )
         assert status == 200 and answer["outputs"]["text"] == expected[:1]
         # Stop strings reach the graph: the text ends before the first one; past the context too.
-        stop = [expected[0][2:4]]
+        stops = [expected[0][2:4]]
         status, answer = call(
             server, "POST", predict, {"signature_name": "generate", "inputs": {
-                "prompts": ["the cat"], "top_k": 1, "stop": stop, "max_new_tokens": 6}},
+                "prompts": ["the cat"], "top_k": 1, "stop": stops, "max_new_tokens": 6}},
         )
-        assert status == 200 and answer["outputs"]["text"] == [expected[0].split(stop[0])[0]]
+        assert status == 200 and answer["outputs"]["text"] == [expected[0].split(stops[0])[0]]
         status, answer = call(
             server, "POST", predict, {"signature_name": "generate", "inputs": {
                 "prompts": ["the cat"], "max_new_tokens": 80, "stop_token_ids": [0]}},
