@@ -179,7 +179,7 @@ class SampleText(keras.callbacks.Callback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt keeps its end, every evaluation
             return self._generator.generate(
-                [self.prompt], min(self.max_new_tokens, self._generator.sequence_length - 1),
+                [self.prompt], self.max_new_tokens,
                 temperature=self.temperature, top_k=self.top_k, seed=self.seed, keep_prompt=True,
             )[0]
 

@@ -54,10 +54,18 @@ def _add_generate(subparsers):
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable; '' allowed)")
     parser.add_argument(
         "--max-new-tokens", type=int,
-        help="tokens to add per prompt (default: 64, or half a smaller context; for a SavedModel, "
-        "the export's default)",
+        help="tokens to add per prompt, past the context too (default: 64, or half a smaller "
+        "context; for a SavedModel, the export's default)",
     )
     add_sampling_arguments(parser)  # --temperature, --top-k, --top-p, --seed
+    parser.add_argument(
+        "--stop", action="append", metavar="TEXT",
+        help="end a continuation before this text (repeatable; not printed)",
+    )
+    parser.add_argument(
+        "--stop-token-id", action="append", type=int, metavar="ID",
+        help="end a continuation at this token id, like end-of-text (repeatable)",
+    )
     parser.add_argument("--beams", type=int, default=1, help="beam search width (1: none)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score exponent")
     parser.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
@@ -325,6 +333,7 @@ def _run_generate(args):
             args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, num_beams=args.beams,
             length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
             keep_prompt=not args.continuation_only, truncate=not args.no_truncate,
+            stop=args.stop, stop_token_ids=args.stop_token_id,
         )
     for warning in caught:
         print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)

@@ -294,7 +294,7 @@ class TrainConfig(Config):
     steps_per_execution: int = 1  # train steps per compiled call
     init_from: str | None = None  # a run directory whose weights and tokenizer start this one
     sample_prompt: str = ""  # continued at each evaluation; empty: no samples
-    sample_length: int = 100  # new tokens per sample, at most what fits after the prompt
+    sample_length: int = 100  # new tokens per sample (past the context, from its last half)
     sample_temperature: float = 0.8  # nanoGPT's
     sample_top_k: int = 200  # nanoGPT's; 0: all tokens
 

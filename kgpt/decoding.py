@@ -7,8 +7,11 @@ prompts, then a `tf.while_loop` of one-token `call_with_cache` steps, without XL
 import tensorflow as tf
 
 from kgpt.sampling import SamplingOptions, sample_logits
+from kgpt.stopping import ends_with_stop, stop_id_matrix
 
 _NEGATIVE_INFINITY = float("-inf")
+# New tokens per prompt: past the context generation is bounded by time and memory, not the model.
+MAX_NEW_TOKENS = 1 << 16
 
 
 class CausalRecomputation:
@@ -65,61 +68,94 @@ def _cache_shape_invariants(cache):
     return tf.nest.map_structure(invariant, cache)
 
 
-def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1, sampling=None):
+def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1, sampling=None,
+           stop_ids=None, sequence_length=None, window=None):
     """Continues a right-padded batch of prompts, inside a `tf.function`; arguments may be tensors.
 
     Decoding starts after the shortest prompt; a row still inside its own prompt keeps its token.
+    Past the context, the cache is rebuilt from the last `window` tokens each time it fills, so a
+    token sees at least `window` tokens before it (nanoGPT's cropping, one prefill per
+    `sequence_length - window` new tokens instead of one per token).
 
     Args:
         model: anything with `initial_cache` and `call_with_cache` (`cached(model)`).
-        prompt_ids: int32 `(batch, prompt_length)`, right-padded; every row has at least one token.
+        prompt_ids: int32 `(batch, prompt_length)`, right-padded; rows of 1 to `sequence_length` tokens.
         prompt_lengths: int32 `(batch,)` true prompt lengths.
         end_of_text_id: a row stops after producing this id (-1: never).
         sampling: a `kgpt.sampling.SamplingOptions` (default greedy), or its `graph_inputs()`.
+        stop_ids: int32 `(stops, length)` from `kgpt.stopping.stop_id_matrix`: a row also stops once
+            its continuation ends with one of these sequences (kept, like end-of-text).
+        sequence_length: the model's context (a Python int); None: prompt + new tokens fit in it.
+        window: tokens the rebuilt cache starts from, a Python int in `[1, sequence_length)`;
+            default `default_window(sequence_length)`.
 
     Returns:
         `(tokens, lengths)`: int32 `(batch, prompt_length + max_new_tokens)`, prompt + continuation,
-        and int32 `(batch,)` valid tokens per row (end-of-text included); the rest is filler.
+        and int32 `(batch,)` valid tokens per row (end-of-text or stop included); the rest is filler.
     """
     if sampling is None or isinstance(sampling, SamplingOptions):
         sampling = (sampling or SamplingOptions()).graph_inputs()
     prompt_ids = tf.cast(prompt_ids, tf.int32)
     prompt_lengths = tf.cast(prompt_lengths, tf.int32)
     max_new_tokens = tf.cast(max_new_tokens, tf.int32)
+    stop_ids = tf.zeros([0, 1], tf.int32) if stop_ids is None else tf.cast(stop_ids, tf.int32)
     batch_size = tf.shape(prompt_ids)[0]
     total_length = tf.shape(prompt_ids)[1] + max_new_tokens
     tokens = tf.pad(prompt_ids, [[0, 0], [0, max_new_tokens]])
     start = tf.reduce_min(prompt_lengths)
-    cache = model.initial_cache(batch_size, total_length)
+    cache_length = total_length if sequence_length is None else tf.minimum(total_length, sequence_length)
+    window = default_window(sequence_length) if window is None and sequence_length else window
+    cache = model.initial_cache(batch_size, cache_length)
     logits, cache = model.call_with_cache(tokens[:, :start], cache, 0)
     seed = tf.stack([tf.cast(sampling["seed"], tf.int32), 0])
     limits = prompt_lengths + max_new_tokens
 
-    def condition(index, tokens, cache, next_logits, lengths, done):
+    def feed(tokens, token, cache, index, offset):
+        """Logits after the token at `index`: one cached step, or, with the cache full, a rebuild
+        from the last `window` tokens. `offset` is the position of the cache's first token."""
+
+        def step():
+            logits, new_cache = model.call_with_cache(token[:, None], cache, index - offset)
+            return logits[:, -1], new_cache, offset
+
+        def rebuild():
+            first = index + 1 - window
+            recent = tf.gather(tokens, first + tf.range(window), axis=1)  # (batch, window)
+            empty = model.initial_cache(batch_size, cache_length)
+            logits, new_cache = model.call_with_cache(recent, empty, 0)
+            return logits[:, -1], new_cache, first
+
+        if sequence_length is None:
+            return step()
+        return tf.cond(index - offset < cache_length, step, rebuild)
+
+    def condition(index, tokens, cache, offset, next_logits, lengths, done):
         return tf.logical_and(index < total_length, tf.logical_not(tf.reduce_all(done)))
 
-    def body(index, tokens, cache, next_logits, lengths, done):
+    def body(index, tokens, cache, offset, next_logits, lengths, done):
         sampled = sample_logits(next_logits, sampling, seed + [0, index])
         in_prompt = index < prompt_lengths
         token = tf.where(in_prompt, tokens[:, index], sampled)
         token = tf.where(done, tf.fill([batch_size], tf.maximum(end_of_text_id, 0)), token)
         tokens = _write_column(tokens, token, index)
-        # A row ends at end-of-text or once it has max_new_tokens tokens past its own prompt.
+        # A row ends at end-of-text, a stop, or once it has max_new_tokens tokens past its prompt.
         ended = tf.logical_or(tf.equal(token, end_of_text_id), index + 1 >= limits)
+        ended = tf.logical_or(ended, ends_with_stop(tokens, index + 1, prompt_lengths, stop_ids))
         finished = tf.logical_and(tf.logical_not(done), tf.logical_and(~in_prompt, ended))
         lengths = tf.where(finished, index + 1, lengths)
         done = tf.logical_or(done, finished)
-        logits, cache = model.call_with_cache(token[:, None], cache, index)
-        return index + 1, tokens, cache, logits[:, -1], lengths, done
+        logits, cache, offset = feed(tokens, token, cache, index, offset)
+        return index + 1, tokens, cache, offset, logits, lengths, done
 
-    _, tokens, _, _, lengths, _ = tf.while_loop(
+    _, tokens, _, _, _, lengths, _ = tf.while_loop(
         condition,
         body,
-        (start, tokens, cache, logits[:, -1], limits, tf.zeros([batch_size], tf.bool)),
+        (start, tokens, cache, tf.constant(0), logits[:, -1], limits, tf.zeros([batch_size], tf.bool)),
         shape_invariants=(
             tf.TensorShape([]),
             tf.TensorShape([None, None]),
             _cache_shape_invariants(cache),
+            tf.TensorShape([]),
             tf.TensorShape([None, None]),
             tf.TensorShape([None]),
             tf.TensorShape([None]),
@@ -129,12 +165,13 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
 
 
 def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, end_of_text_id=-1,
-                length_penalty=1.0):
-    """Beam search over a right-padded batch of prompts, with `decode`'s arguments.
+                length_penalty=1.0, stop_ids=None):
+    """Beam search over a right-padded batch of prompts, with `decode`'s arguments, within the context.
 
-    Each step scores the `2 * num_beams` best extensions: those ending in end-of-text (all, at the
-    last step) finish, scored `log_probability / new_tokens ** length_penalty`; the best others stay
-    live. A prompt stops at `num_beams` finished hypotheses (Hugging Face's `early_stopping=True`).
+    Each step scores the `2 * num_beams` best extensions: those ending in end-of-text or a stop
+    (all, at the last step) finish, scored `log_probability / new_tokens ** length_penalty`; the
+    best others stay live. A prompt stops at `num_beams` finished hypotheses (Hugging Face's
+    `early_stopping=True`).
 
     Args:
         num_beams: hypotheses kept per prompt (a Python int).
@@ -145,6 +182,7 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
         max_new_tokens)`, int32 `(batch, num_beams)`, float32 `(batch, num_beams)`.
     """
     beams = int(num_beams)
+    stop_ids = tf.zeros([0, 1], tf.int32) if stop_ids is None else tf.cast(stop_ids, tf.int32)
     prompt_ids = tf.cast(prompt_ids, tf.int32)
     prompt_lengths = tf.cast(prompt_lengths, tf.int32)
     max_new_tokens = tf.cast(max_new_tokens, tf.int32)
@@ -183,6 +221,7 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
 
         new_tokens = tf.cast(index + 1 - prompt_lengths, tf.float32)[:, None]  # (batch, 1)
         is_end = tf.equal(candidate_tokens, end_of_text_id)
+        is_end = is_end | ends_with_stop(candidates, index + 1, prompt_lengths[:, None], stop_ids)
         last_step = (index + 1 >= limits)[:, None]
         finishes = tf.logical_or(is_end, last_step)
         normalised = candidate_scores / tf.pow(tf.maximum(new_tokens, 1.0), length_penalty)
@@ -248,13 +287,20 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
 def check_options(max_new_tokens, sequence_length, sampling=None, num_beams=1, num_return_sequences=1):
     """Raises `ValueError` with a fix for length and beam options that cannot work with `sampling`."""
     temperature = None if sampling is None else sampling.temperature
-    if not 1 <= max_new_tokens < sequence_length:
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} does not fit the model's context of {sequence_length} "
-            f"tokens (at least one goes to the prompt); choose 1 to {sequence_length - 1}."
+            f"max_new_tokens={max_new_tokens} is out of range; choose 1 to {MAX_NEW_TOKENS} (past the "
+            f"context of {sequence_length} tokens, generation continues from the last "
+            f"{default_window(sequence_length)})."
         )
     if num_beams < 1:
         raise ValueError(f"beams={num_beams} must be >= 1 (1 means no beam search).")
+    if num_beams > 1 and max_new_tokens >= sequence_length:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit the model's context of {sequence_length} "
+            f"tokens, and beam search stays within the context; choose 1 to {sequence_length - 1}, "
+            "or decode without beams (greedy or sampling continue past the context)."
+        )
     if num_beams > 1 and temperature is not None:
         raise ValueError("Beam search is deterministic; use either beams > 1 or a sampling temperature.")
     if num_return_sequences < 1:
@@ -276,6 +322,18 @@ def default_max_new_tokens(sequence_length):
     return min(64, sequence_length // 2)
 
 
+def default_window(sequence_length):
+    """Tokens kept when generation passes the context: half of it (at least 1)."""
+    return max(1, sequence_length // 2)
+
+
+def prompt_room(sequence_length, max_new_tokens, num_beams=1):
+    """Prompt tokens kept: what leaves room for `max_new_tokens` in the context, and past the
+    context (not for beams) at least `default_window`, the context every rebuild keeps anyway."""
+    room = sequence_length - max_new_tokens
+    return room if num_beams > 1 else max(room, default_window(sequence_length))
+
+
 class Decoder:
     """Generation for one model on token ids: pads prompts, runs `decode` or `beam_search`, unpads.
 
@@ -284,12 +342,14 @@ class Decoder:
         jit_compile: compile the loops with XLA (faster on CPU); only for models with a cache.
         bucket: prompts are padded to a multiple of this, so similar lengths share one graph.
         sequence_length: the model's context; default `model.model_config.sequence_length`.
+        window: tokens kept when generation passes the context (default half of it).
 
     Example:
         Decoder(model, end_of_text_id=0)([[5, 6, 7], [8]], 20, sampling=SamplingOptions(temperature=0.8))
     """
 
-    def __init__(self, model, end_of_text_id=-1, jit_compile=False, bucket=16, sequence_length=None):
+    def __init__(self, model, end_of_text_id=-1, jit_compile=False, bucket=16, sequence_length=None,
+                 window=None):
         if sequence_length is None:
             config = getattr(model, "model_config", None)
             if config is None:
@@ -298,6 +358,12 @@ class Decoder:
                     "sequence_length= (the longest prompt + new tokens it accepts)."
                 )
             sequence_length = config.sequence_length
+        window = default_window(sequence_length) if window is None else window
+        if not 1 <= window < sequence_length:
+            raise ValueError(
+                f"window={window} must be 1 to {sequence_length - 1}: the tokens kept when generation "
+                f"passes the context of {sequence_length}."
+            )
         self._cached_model = cached(model)
         if jit_compile and isinstance(self._cached_model, CausalRecomputation):
             # Seen with the GRU baseline: under XLA the loop returned token 0 at every step.
@@ -307,52 +373,73 @@ class Decoder:
             )
         self.model = model
         self.sequence_length = sequence_length
+        self.window = window
         self.end_of_text_id = end_of_text_id
         self.jit_compile = jit_compile
         self.bucket = bucket
         self._decode = tf.function(
-            lambda *args: decode(self._cached_model, *args), jit_compile=jit_compile, reduce_retracing=True
+            lambda ids, lengths, steps, end, sampling, stops: decode(
+                self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window
+            ),
+            jit_compile=jit_compile,
+            reduce_retracing=True,
         )
         # num_beams is a Python int: one trace per value.
         self._beam_search = tf.function(
-            lambda num_beams, ids, lengths, steps, end, penalty: beam_search(
-                self._cached_model, ids, lengths, steps, num_beams, end, penalty
+            lambda num_beams, ids, lengths, steps, end, penalty, stops: beam_search(
+                self._cached_model, ids, lengths, steps, num_beams, end, penalty, stops
             ),
             jit_compile=jit_compile,
             reduce_retracing=True,
         )
 
     def __call__(self, prompts, max_new_tokens, sampling=None, keep_prompt=False, num_beams=1,
-                 length_penalty=1.0, num_return_sequences=1):
+                 length_penalty=1.0, num_return_sequences=1, stop_sequences=()):
         """Continues each prompt (a non-empty list of token ids).
+
+        Past the context (not with beams), each time the cache fills it is rebuilt from the last
+        `window` tokens.
 
         Args:
             sampling: a `kgpt.sampling.SamplingOptions` (default greedy).
             keep_prompt: return prompt + continuation instead of the continuation alone.
             num_beams: > 1 runs `beam_search` (with `length_penalty`) instead of `decode`.
             num_return_sequences: sequences per prompt (samples, or the best beams).
+            stop_sequences: lists of token ids; a row ends once its continuation ends with one.
 
         Returns:
-            `len(prompts) * num_return_sequences` lists of ids, prompt-major (end-of-text kept).
+            `len(prompts) * num_return_sequences` lists of ids, prompt-major (end-of-text or the
+            stop sequence that ended a row kept).
         """
         sequence_length = self.sequence_length
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token; got an empty prompt.")
         longest = max(len(p) for p in prompts)
-        if max_new_tokens <= 0 or longest + max_new_tokens > sequence_length:
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(
-                f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} does not fit "
-                f"the model's context of {sequence_length}; shorten the prompt or ask for 1 to "
-                f"{sequence_length - longest} new tokens."
+                f"max_new_tokens={max_new_tokens} is out of range; choose 1 to {MAX_NEW_TOKENS}."
             )
-        padded_length = min(-(-longest // self.bucket) * self.bucket, sequence_length - max_new_tokens)
+        if num_beams > 1 and longest + max_new_tokens > sequence_length:
+            raise ValueError(
+                f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} does not fit the "
+                f"model's context of {sequence_length}, and beam search stays within it; shorten the "
+                f"prompt or ask for 1 to {sequence_length - longest} new tokens."
+            )
+        if longest > sequence_length:
+            raise ValueError(
+                f"A prompt of {longest} tokens does not fit the model's context of {sequence_length}; "
+                f"keep its last {sequence_length} tokens."
+            )
+        bucketed = -(-longest // self.bucket) * self.bucket
+        padded_length = min(bucketed, max(longest, sequence_length - max_new_tokens))
         ids = tf.constant([list(p) + [0] * (padded_length - len(p)) for p in prompts], tf.int32)
         lengths = tf.constant([len(p) for p in prompts], tf.int32)
         steps = tf.constant(max_new_tokens, tf.int32)
         end_of_text = tf.constant(self.end_of_text_id, tf.int32)
+        stops = tf.constant(stop_id_matrix([list(sequence) for sequence in stop_sequences]))
         if num_beams > 1:
             penalty = tf.constant(length_penalty, tf.float32)
-            tokens, ends, _ = self._beam_search(num_beams, ids, lengths, steps, end_of_text, penalty)
+            tokens, ends, _ = self._beam_search(num_beams, ids, lengths, steps, end_of_text, penalty, stops)
             # (batch, num_beams, ...) -> the best num_return_sequences of each prompt, prompt-major
             tokens = tokens.numpy()[:, :num_return_sequences].reshape(-1, tokens.shape[-1])
             ends = ends.numpy()[:, :num_return_sequences].reshape(-1)
@@ -360,7 +447,8 @@ class Decoder:
             ids = tf.repeat(ids, num_return_sequences, axis=0)
             lengths = tf.repeat(lengths, num_return_sequences, axis=0)
             sampling = (sampling or SamplingOptions()).graph_tensors()
-            tokens, ends = [t.numpy() for t in self._decode(ids, lengths, steps, end_of_text, sampling)]
+            outputs = self._decode(ids, lengths, steps, end_of_text, sampling, stops)
+            tokens, ends = [t.numpy() for t in outputs]
         prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
         rows = zip(prompts, tokens, ends)
         return [row[0 if keep_prompt else len(prompt) : end].tolist() for prompt, row, end in rows]

@@ -13,10 +13,18 @@ import re
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from kgpt.decoding import cached, check_options, decode, default_max_new_tokens
+from kgpt.decoding import (
+    MAX_NEW_TOKENS,
+    cached,
+    check_options,
+    decode,
+    default_max_new_tokens,
+    default_window,
+)
 from kgpt.files import remove_stale, staged_directory
 from kgpt.rundir import RunDirectory
 from kgpt.sampling import SamplingOptions, graph_checks, signature_defaults, signature_dtypes
+from kgpt.stopping import cut_at_stop_tensor, graph_stop_checks, graph_stop_ids
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -110,6 +118,7 @@ class ServingModule(tf.Module):
         self._vocabulary_size = config.vocabulary_size
         self._max_new_tokens = max_new_tokens
         self.jit_compile = jit_compile
+        self._window = default_window(config.sequence_length)
         readable = dict(sequence_length=config.sequence_length, vocabulary_size=config.vocabulary_size,
                         end_of_text_id=tokenizer.end_of_text_id, default_max_new_tokens=max_new_tokens)
         for name, value in readable.items():  # readable after loading, without kgpt
@@ -129,47 +138,63 @@ class ServingModule(tf.Module):
         return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
 
     def _generate_function(self, prompts, default_max_new_tokens):
-        """`generate(prompts, max_new_tokens, *options)`; its `__signature__` holds the recorded defaults."""
+        """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`; its `__signature__`
+        holds the recorded defaults (no stops)."""
         dtypes = signature_dtypes(self._sampling_type)
         defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32)}
         for name, value in signature_defaults(self._sampling_type).items():
             defaults[name] = tf.constant(value, dtypes[name])
+        stop_defaults = {"stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
 
         def generate(prompts, max_new_tokens, *options):
-            options = dict(zip(dtypes, options))
+            options, (stop, stop_token_ids) = dict(zip(dtypes, options[:-2])), options[-2:]
             options = _checked(graph_checks(options, self._sampling_type), options)
-            return self._run(prompts, max_new_tokens, options)
+            stop, stop_token_ids = _checked(
+                graph_stop_checks(stop, stop_token_ids, self._vocabulary_size), (stop, stop_token_ids)
+            )
+            return self._run(prompts, max_new_tokens, options, stop, stop_token_ids)
+
+        defaults.update(stop_defaults)
 
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         generate.__signature__ = inspect.Signature([inspect.Parameter("prompts", kind)] + [
             inspect.Parameter(name, kind, default=default) for name, default in defaults.items()
         ])
-        specs = [tf.TensorSpec([], default.dtype, name=name) for name, default in defaults.items()]
+        specs = [
+            tf.TensorSpec([None] if name in stop_defaults else [], default.dtype, name=name)
+            for name, default in defaults.items()
+        ]
         return _function(generate, prompts, *specs)
 
-    def _run(self, prompts, max_new_tokens, sampling):
+    def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None):
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
         max_new_tokens = _checked([
             tf.debugging.assert_positive(tf.size(prompts), message="prompts is empty; send a prompt"),
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be >= 1"),
-            tf.debugging.assert_less(
-                max_new_tokens, self._sequence_length,
-                message=f"max_new_tokens must be < the context of {self._sequence_length} tokens",
+            tf.debugging.assert_less_equal(
+                max_new_tokens, MAX_NEW_TOKENS, message=f"max_new_tokens must be <= {MAX_NEW_TOKENS}",
             ),
         ], max_new_tokens)
+        stop = tf.constant([], tf.string) if stop is None else stop
+        stop_token_ids = tf.constant([], tf.int32) if stop_token_ids is None else stop_token_ids
         tokenizer, end = self.tokenizer, self.tokenizer.end_of_text_id
         ids = tokenizer.tokenize(prompts)  # ragged (batch, None)
         lengths = tf.cast(ids.row_lengths(), tf.int32)
-        room = self._sequence_length - max_new_tokens
+        # A prompt keeps what leaves room for max_new_tokens, and at least the window that
+        # generation past the context keeps (`kgpt.decoding.prompt_room`).
+        room = tf.maximum(self._sequence_length - max_new_tokens, self._window)
         truncated = lengths > room
         # An empty prompt starts from end-of-text, as GPT-2 does.
         empty = tf.equal(lengths, 0)
         dense, lengths = _take_last(ids.to_tensor(default_value=0), lengths, room)
         dense = tf.where(empty[:, None] & tf.equal(tf.range(tf.shape(dense)[1]), 0), end, dense)
         lengths = tf.where(empty, 1, lengths)
-        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling)
-        # The continuation, without the end-of-text that stopped a row.
-        stopped = tf.equal(tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1), end)
+        stop_ids = graph_stop_ids(tokenizer, stop, stop_token_ids)
+        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
+        # The continuation, without the end-of-text or stop token id that stopped a row.
+        last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
+        enders = tf.concat([[end], stop_token_ids], 0)
+        stopped = tf.reduce_any(tf.equal(last[:, None], enders[None, :]), axis=1)
         counts = ends - lengths - tf.cast(stopped, tf.int32)
         width = tf.reduce_max(counts)
         positions = lengths[:, None] + tf.range(width)[None, :]
@@ -178,7 +203,7 @@ class ServingModule(tf.Module):
         new = tf.where(valid, new, tokenizer.padding_id)
         text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
         return {
-            "text": text,
+            "text": cut_at_stop_tensor(text, stop),
             "token_ids": new,
             "token_count": counts,
             "prompt_token_count": lengths,
@@ -187,7 +212,10 @@ class ServingModule(tf.Module):
 
     def _decode(self, *args):
         """`decoding.decode` on the cached model; with `jit_compile`, a call XLA must compile."""
-        function = lambda *inputs: decode(self._decoding_model, *inputs)  # noqa: E731
+
+        def function(*inputs):
+            return decode(self._decoding_model, *inputs, self._sequence_length, self._window)
+
         if self.jit_compile:
             function = tf.function(function, jit_compile=True)
         return function(*args)

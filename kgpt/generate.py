@@ -5,20 +5,29 @@ The base checks prompts and options, reports truncation and keeps prompts; subcl
 
 import dataclasses
 import os
+import re
 import warnings
 
 import tensorflow as tf
 
-from kgpt.decoding import CausalRecomputation, Decoder, cached, check_options, default_max_new_tokens
+from kgpt.decoding import (
+    CausalRecomputation,
+    Decoder,
+    cached,
+    check_options,
+    default_max_new_tokens,
+    prompt_room,
+)
 from kgpt.export import is_saved_model, saved_model_version_path
 from kgpt.rundir import RunDirectory
 from kgpt.sampling import SamplingOptions
+from kgpt.stopping import check_stops, cut_at_stop
 
 
 def _report_truncation(count, room, truncate):
     if not count:
         return
-    message = f"{count} prompt(s) longer than the {room} tokens that fit in the context before max_new_tokens"
+    message = f"{count} prompt(s) longer than the {room} tokens kept in the context with max_new_tokens"
     if not truncate:
         raise ValueError(f"{message}; shorten them, lower max_new_tokens, or allow truncation.")
     warnings.warn(f"{message} were left-truncated to their last {room} tokens.", stacklevel=4)
@@ -40,9 +49,10 @@ def sampling_options(sampling=None, **fields):
 
 
 class TextGenerator:
-    """The shared text interface; subclasses set the two class attributes and `_continue`."""
+    """The shared text interface; subclasses set the three class attributes and `_continue`."""
 
     sequence_length = None
+    vocabulary_size = None
     default_max_new_tokens = None
 
     def generate(
@@ -56,16 +66,23 @@ class TextGenerator:
         num_return_sequences=1,
         keep_prompt=False,
         truncate=True,
+        stop=None,
+        stop_token_ids=None,
         **sampling_fields,
     ):
         """Continues each prompt (an empty string starts from end-of-text).
 
+        Past the context (not with beams), generation goes on from the last half of the context.
+
         Args:
-            max_new_tokens: at most this many tokens per prompt; default `default_max_new_tokens`.
+            max_new_tokens: at most this many tokens per prompt (up to `decoding.MAX_NEW_TOKENS`);
+                default `default_max_new_tokens`.
             sampling: a `kgpt.sampling.SamplingOptions` (default greedy).
             num_beams: > 1 for beam search, with `length_penalty`.
             num_return_sequences: continuations per prompt (samples or best beams).
             truncate: left-truncate prompts too long for the context (with a warning), else raise.
+            stop: a string or up to 16 strings; a continuation ends before the first one it contains.
+            stop_token_ids: token ids that end a continuation like end-of-text (not returned).
             **sampling_fields: `SamplingOptions` fields replacing those of `sampling`.
 
         Returns:
@@ -78,7 +95,9 @@ class TextGenerator:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, num_beams, num_return_sequences)
-        decoding = dict(num_beams=num_beams, length_penalty=length_penalty)
+        stop, stop_token_ids = check_stops(stop, stop_token_ids, self.vocabulary_size)
+        decoding = dict(num_beams=num_beams, length_penalty=length_penalty, stop=stop,
+                        stop_token_ids=stop_token_ids)
         texts = self._continue(prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding)
         if keep_prompt:
             texts = [prompts[i // num_return_sequences] + t for i, t in enumerate(texts)]
@@ -109,6 +128,7 @@ class Generator(TextGenerator):
         self.model = model
         self.tokenizer = tokenizer
         self.sequence_length = model.model_config.sequence_length
+        self.vocabulary_size = tokenizer.vocabulary_size
         self.default_max_new_tokens = default_max_new_tokens(self.sequence_length)
         self.decoder = Decoder(model, tokenizer.end_of_text_id, jit_compile=jit_compile)
 
@@ -118,17 +138,29 @@ class Generator(TextGenerator):
         run = RunDirectory(run_dir)
         return cls(run.load_model(), run.load_tokenizer(), **kwargs)
 
-    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding):
-        end = self.tokenizer.end_of_text_id
-        room = self.sequence_length - max_new_tokens
+    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
+                  length_penalty, stop, stop_token_ids):
+        tokenizer, end = self.tokenizer, self.tokenizer.end_of_text_id
+        room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
         # Empty prompts start from end-of-text; prompts over `room` tokens keep their last `room`.
-        ids = [list(row) or [end] for row in self.tokenizer.encode_documents(prompts)]
+        ids = [list(row) or [end] for row in tokenizer.encode_documents(prompts)]
         _report_truncation(sum(len(row) > room for row in ids), room, truncate)
         rows = self.decoder([row[-room:] for row in ids], max_new_tokens, sampling=sampling,
-                            num_return_sequences=num_return_sequences, **decoding)
-        rows = [row[:-1] if row and row[-1] == end else row for row in rows]
-        texts = self.tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
-        return [t.decode("utf-8") for t in texts.numpy()]
+                            num_return_sequences=num_return_sequences, num_beams=num_beams,
+                            length_penalty=length_penalty,
+                            stop_sequences=self._stop_sequences(stop, stop_token_ids))
+        enders = {end, *stop_token_ids}
+        rows = [row[:-1] if row and row[-1] in enders else row for row in rows]
+        texts = tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
+        return [cut_at_stop(t.decode("utf-8"), stop) for t in texts.numpy()]
+
+    def _stop_sequences(self, stop, stop_token_ids):
+        """Token ids of each stop string that detokenize back to it (an early end), and each stop id."""
+        encoded = [row.tolist() for row in self.tokenizer.encode_documents(stop)] if stop else []
+        texts = self.tokenizer.detokenize(tf.ragged.constant(encoded, dtype=tf.int32, ragged_rank=1))
+        round_trips = [text.decode("utf-8") for text in texts.numpy()] if stop else []
+        sequences = [row for text, row, back in zip(stop, encoded, round_trips) if row and back == text]
+        return sequences + [[token] for token in stop_token_ids]
 
 
 class SavedModelGenerator(TextGenerator):
@@ -145,22 +177,39 @@ class SavedModelGenerator(TextGenerator):
         self.module = tf.saved_model.load(self.path)
         self.signature = self.module.signatures["generate"]
         self.sequence_length = int(self.module.sequence_length.numpy())
+        self.vocabulary_size = int(self.module.vocabulary_size.numpy())
         self.default_max_new_tokens = int(self.module.default_max_new_tokens.numpy())
+        self._inputs = set(self.signature.structured_input_signature[1])
 
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
-                  length_penalty):
+                  length_penalty, stop, stop_token_ids):
         if num_beams > 1:
             raise ValueError(
                 "Beam search is not part of the exported SavedModel; run it from the run "
                 "directory (kgpt generate RUN_DIR --beams N)."
             )
-        outputs = self.signature(
-            prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
-            max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-            **sampling.graph_tensors(),
+        if "stop" not in self._inputs and (stop or stop_token_ids):
+            raise ValueError(
+                f"The SavedModel {self.path} was exported before stop sequences existed; export the "
+                "run again (kgpt export) to use stop and stop_token_ids."
+            )
+        stops = {} if "stop" not in self._inputs else dict(
+            stop=tf.constant(stop, tf.string, shape=[len(stop)]),
+            stop_token_ids=tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
         )
+        try:
+            outputs = self.signature(
+                prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
+                max_new_tokens=tf.constant(max_new_tokens, tf.int32),
+                **sampling.graph_tensors(),
+                **stops,
+            )
+        except tf.errors.InvalidArgumentError as error:  # e.g. an older export's narrower limits
+            match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
+            reason = match.group(1) if match else error.message.splitlines()[0]
+            raise ValueError(f"The SavedModel {self.path} refused the request: {reason}.") from error
         truncated = outputs["truncated"].numpy()[::num_return_sequences]
-        _report_truncation(int(truncated.sum()), self.sequence_length - max_new_tokens, truncate)
+        _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
         return [t.decode("utf-8") for t in outputs["text"].numpy()]
 
 

@@ -159,21 +159,6 @@ def make_datasets(recipe, tokenizer, strategy=None, skip_steps=0):
     return strategy.distribute_datasets_from_function(worker_dataset), validation_data.with_options(options)
 
 
-def _sample_room(recipe, tokenizer, model):
-    """New tokens a training sample can have; says so when `train.sample_length` does not fit."""
-    config = recipe.train
-    prompt_tokens = max(1, len(tokenizer.encode_documents([config.sample_prompt])[0]))
-    room = model.model_config.sequence_length - prompt_tokens
-    if config.sample_length > room:
-        print(
-            f"Note: train.sample_length={config.sample_length} does not fit the context of "
-            f"{model.model_config.sequence_length} tokens after the {prompt_tokens}-token prompt "
-            f"{config.sample_prompt!r}; samples have {max(room, 0)} new tokens.",
-            flush=True,
-        )
-    return max(min(config.sample_length, room), 0)
-
-
 def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra=()):
     """The run's callbacks: throughput, NaN stop, early stopping (carrying on from `val_losses`
     of a resumed run), worker 0's checkpoint, CSV log, TensorBoard and samples, `extra`, and last
@@ -193,15 +178,14 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
             keras.callbacks.TensorBoard(run.logs_dir),
         ]
         if config.sample_prompt and config.sample_length:
-            length = _sample_room(recipe, tokenizer, model)
-            if length:
-                result.append(
-                    kcallbacks.SampleText(
-                        tokenizer, config.sample_prompt, length,
-                        temperature=config.sample_temperature, top_k=config.sample_top_k,
-                        seed=config.seed,
-                    )
+            # Past the context, the sample goes on from the last half of it (kgpt.decoding).
+            result.append(
+                kcallbacks.SampleText(
+                    tokenizer, config.sample_prompt, config.sample_length,
+                    temperature=config.sample_temperature, top_k=config.sample_top_k,
+                    seed=config.seed,
                 )
+            )
     result += list(extra)
     # Last, so that an evaluation is backed up only once everything above has recorded it; a
     # kill before the backup re-runs that interval and `trim_history` drops its first record.

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt.decoding import CausalRecomputation, Decoder, beam_search, cached, check_options, decode
+from kgpt.decoding import (
+    MAX_NEW_TOKENS,
+    CausalRecomputation,
+    Decoder,
+    beam_search,
+    cached,
+    check_options,
+    decode,
+    default_window,
+)
 from kgpt.model import build_model
 from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions
@@ -58,19 +67,83 @@ def test_keep_prompt_returns_prompt_and_continuation(model):
 
 
 @pytest.mark.parametrize(
-    "prompts, steps, match",
-    [([[1] * 20], 5, "does not fit"), ([[1]], 0, "does not fit"), ([[]], 3, "at least one token")],
+    "prompts, steps, options, match",
+    [
+        ([[1] * 25], 5, {}, "25 tokens does not fit the model's context of 24"),
+        ([[1] * 20], 5, dict(num_beams=2), "beam search stays within it"),
+        ([[1]], 0, {}, "max_new_tokens=0 is out of range"),
+        ([[1]], MAX_NEW_TOKENS + 1, {}, "out of range"),
+        ([[]], 3, {}, "at least one token"),
+    ],
 )
-def test_rejects_requests_that_do_not_fit(model, prompts, steps, match):
+def test_rejects_requests_that_do_not_fit(model, prompts, steps, options, match):
     with pytest.raises(ValueError, match=match):
-        Decoder(model)(prompts, steps)
+        Decoder(model)(prompts, steps, **options)
+
+
+def _greedy_past_the_context(model, prompt, steps, sequence_length, window):
+    """The reference: a full pass over the tokens since `offset`, which moves to the last `window`
+    tokens whenever more than `sequence_length` would be needed (no cache)."""
+    ids, offset = list(prompt), 0
+    for _ in range(steps):
+        if len(ids) - offset > sequence_length:
+            offset = len(ids) - window
+        ids.append(int(np.argmax(model(np.array([ids[offset:]], "int32"))[0, -1])))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def spread():
+    """A model with a wide initialisation: far-apart logits, so greedy picks are robust to rounding."""
+    keras.utils.set_random_seed(5)
+    return build_model(dict(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2,
+                            hidden_dim=16, initializer_range=0.5))
+
+
+def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(spread):
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15, 16]]  # the last one fills the context
+    steps = 3 * 8
+    for window in (default_window(8), 7):  # a rebuild every 4 tokens; every token, as nanoGPT
+        expected = [_greedy_past_the_context(spread, p, steps, 8, window) for p in prompts]
+        assert len(set(map(tuple, expected))) == 3  # the rows differ
+        assert Decoder(spread, bucket=4, window=window)(prompts, steps) == expected, window
+    # The XLA-compiled loop rebuilds the cache the same way.
+    assert Decoder(spread, bucket=4, jit_compile=True, window=7)(prompts, steps) == expected
+    # Sampling past the context is reproducible and agrees with the within-context tokens.
+    decoder = Decoder(spread, bucket=4)
+    sampled = SamplingOptions(temperature=1.0, seed=2)
+    long = decoder(prompts, steps, sampling=sampled)
+    assert [len(row) for row in long] == [steps] * 3 and long == decoder(prompts, steps, sampling=sampled)
+    assert decoder(prompts, 3, sampling=sampled) == [row[:3] for row in long]
+
+
+def test_stop_sequences_end_rows_like_the_generation_cut_after_them(spread):
+    decoder = Decoder(spread, bucket=4)
+    prompts = [[1, 2, 3], [7]]
+    full = decoder(prompts, 20)
+    first = full[0]
+    stop = first[5:7]  # a two-token stop inside row 0's continuation
+    out = decoder(prompts, 20, stop_sequences=[stop])
+    cut = next(i for i in range(2, len(first) + 1) if first[i - 2 : i] == stop)
+    assert out[0] == first[:cut]  # the stop is kept, like end-of-text; the caller drops it
+    for row, expected in zip(out[1:], full[1:]):
+        ends = [i for i in range(2, len(expected) + 1) if expected[i - 2 : i] == stop]
+        assert row == expected[: ends[0]] if ends else row == expected
+    # A one-token stop (a stop token id) and a stop that spans the prompt's end, which does not count.
+    assert decoder(prompts[:1], 20, stop_sequences=[[first[3]]])[0] == first[: first.index(first[3]) + 1]
+    assert decoder(prompts[:1], 20, stop_sequences=[[3, first[0]]])[0] == first
+    # Beam search finishes hypotheses at a stop too: one beam is greedy.
+    assert decoder(prompts[:1], 20, num_beams=1, stop_sequences=[stop]) == out[:1]
+    beams = decoder(prompts[:1], 5, num_beams=2, num_return_sequences=2, stop_sequences=[[first[1]]])
+    assert all(first[1] not in row[:-1] for row in beams)
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(max_new_tokens=0), "max_new_tokens=0 does not fit"),
-        (dict(max_new_tokens=32), "max_new_tokens=32 does not fit"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 is out of range"),
+        (dict(max_new_tokens=MAX_NEW_TOKENS + 1), "is out of range; choose 1 to 65536"),
+        (dict(max_new_tokens=32, num_beams=2), "beam search stays within the context"),
         (dict(num_beams=0), "beams=0 must be >= 1"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 exceeds beams=2"),
         (dict(num_beams=2, sampling=SamplingOptions(temperature=1.0)), "Beam search is deterministic"),

@@ -22,6 +22,8 @@ import tensorflow as tf
 from kgpt import export as export_module
 from kgpt import sampling
 from kgpt.cli import main
+from kgpt.decoding import MAX_NEW_TOKENS as MAX_NEW_TOKENS_LIMIT
+from kgpt.decoding import default_window
 from kgpt.export import (
     ServingModule,
     export,
@@ -33,8 +35,10 @@ from kgpt.export import (
     xla_findings,
 )
 from kgpt.generate import Generator, SavedModelGenerator, load_generator
+from kgpt.model import build_model
 from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions, option
+from kgpt.stopping import cut_at_stop
 from kgpt.tokenizer import train_bpe, train_characters
 
 SEQUENCE_LENGTH = 32
@@ -56,10 +60,13 @@ def module(run):
     return ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def _generate(module, prompts=("the",), max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+def _generate(module, prompts=("the",), max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+              stop=(), stop_token_ids=()):
     return module.generate(
         tf.constant(list(prompts), tf.string), tf.constant(max_new_tokens), tf.constant(temperature),
         tf.constant(top_k), tf.constant(top_p), tf.constant(seed),
+        tf.constant(list(stop), tf.string, shape=[len(stop)]),
+        tf.constant(list(stop_token_ids), tf.int32, shape=[len(stop_token_ids)]),
     )
 
 
@@ -104,11 +111,15 @@ def test_prompts_longer_than_the_context_keep_their_end(module):
     [
         (dict(prompts=()), "prompts is empty"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-        (dict(max_new_tokens=SEQUENCE_LENGTH), "max_new_tokens must be <"),
+        (dict(max_new_tokens=MAX_NEW_TOKENS_LIMIT + 1), f"max_new_tokens must be <= {MAX_NEW_TOKENS_LIMIT}"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.5), "top_p must be in"),
         (dict(top_k=-1), "top_k must be >= 0"),
         (dict(temperature=0.0), "for greedy decoding use top_k=1"),
+        (dict(stop=["a", ""]), "stop sequences must be non-empty strings"),
+        (dict(stop=["a"] * 10, stop_token_ids=[1] * 7), "too many stop sequences: at most 16"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids must be >= 0"),
+        (dict(stop_token_ids=[1000]), "stop_token_ids must be < vocabulary_size"),
     ],
 )
 def test_generate_refuses_bad_arguments_with_invalid_argument(module, arguments, message):
@@ -125,12 +136,15 @@ def test_generate_signature_inputs_are_the_sampling_fields(module):
     spec = module.generate.input_signature
     names = [tensor.name for tensor in spec]
     fields = [field.name for field in dataclasses.fields(SamplingOptions)]
-    assert names == ["prompts", "max_new_tokens", *fields]
-    assert {t.name: t.dtype for t in spec[2:]} == sampling.signature_dtypes()
+    assert names == ["prompts", "max_new_tokens", *fields, "stop", "stop_token_ids"]
+    assert {t.name: t.dtype for t in spec[2:-2]} == sampling.signature_dtypes()
+    assert [(t.shape.as_list(), t.dtype) for t in spec[-2:]] == [([None], tf.string), ([None], tf.int32)]
     # The Python defaults are what the SignatureDef records (temperature 1: greedy is top_k=1).
     parameters = inspect.signature(module.generate.python_function).parameters
-    defaults = {name: p.default.numpy().item() for name, p in parameters.items() if name != "prompts"}
-    assert defaults == {"max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults()}
+    defaults = {name: p.default.numpy().tolist() for name, p in parameters.items() if name != "prompts"}
+    assert defaults == {
+        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": []
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +161,7 @@ def test_a_new_sampling_field_becomes_a_checked_signature_input(run, module, mon
     monkeypatch.setitem(sampling.FILTERS, "min_p", keep_min_p)
     _, model, tokenizer = run
     extended = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS, sampling_type=MinPOptions)
-    assert [t.name for t in extended.generate.input_signature][-1] == "min_p"
+    assert [t.name for t in extended.generate.input_signature][-3] == "min_p"
     prompts = tf.constant(PROMPTS)
     inputs = dict(prompts=prompts, max_new_tokens=tf.constant(MAX_NEW_TOKENS), **MinPOptions(
         temperature=1.0, seed=3, min_p=1.0).graph_tensors())
@@ -224,6 +238,73 @@ def test_logits_refuse_bad_token_ids(module, ids, message):
         module.logits(tf.constant(ids, tf.int32))
 
 
+def test_stops_cut_the_text_as_the_generator_does(run, module):
+    _, model, tokenizer = run
+    generator = Generator(model, tokenizer, jit_compile=False)
+    plain = _texts(_generate(module, PROMPTS, 24, seed=3))
+    # Stops drawn from the plain texts: a string spanning tokens, and one the tokenizer cannot encode.
+    stop = [plain[0][5:7], plain[3][2:3], "Z"]
+    outputs = _generate(module, PROMPTS, 24, seed=3, stop=stop)
+    texts = _texts(outputs)
+    assert texts == [cut_at_stop(text, stop) for text in plain]
+    assert not any(s in text for text in texts for s in stop)
+    with pytest.warns(UserWarning, match="left-truncated"):  # as the graph: 16 tokens kept
+        assert texts == generator.generate(PROMPTS, 24, temperature=1.0, seed=3, stop=stop)
+    assert any(len(t) < len(p) for t, p in zip(texts, plain))
+    # A row ends early at its stop; token_ids still hold the tokens of the stop string.
+    assert outputs["token_count"].numpy()[0] < 24
+    # A stop token id ends a row like end-of-text and is not returned.
+    token = tokenizer.encode_documents([plain[0][3]])[0][0]
+    by_id = _generate(module, PROMPTS[:1], 24, seed=3, stop_token_ids=[token])
+    assert _texts(by_id) == [plain[0][: plain[0].index(plain[0][3])]]
+    assert by_id["token_count"].numpy().tolist() == [plain[0].index(plain[0][3])]
+    assert _texts(by_id) == generator.generate(PROMPTS[:1], 24, temperature=1.0, seed=3,
+                                               stop_token_ids=[int(token)])
+
+
+def _spread_model(tokenizer, sequence_length=16):
+    """A model with a wide initialisation: far-apart logits, so greedy picks are robust to rounding."""
+    keras.utils.set_random_seed(7)
+    return build_model(dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=sequence_length,
+                            num_layers=2, num_heads=2, hidden_dim=16, initializer_range=0.5))
+
+
+def _greedy_past_the_context(model, prompt, steps, sequence_length, window, end_of_text_id):
+    """Full passes over the tokens since `offset`, which moves to the last `window` tokens whenever
+    more than `sequence_length` would be needed (the reference, no cache), up to end-of-text."""
+    ids, offset = list(prompt), 0
+    for _ in range(steps):
+        if len(ids) - offset > sequence_length:
+            offset = len(ids) - window
+        ids.append(int(np.argmax(model(np.array([ids[offset:]], "int32"))[0, -1])))
+        if ids[-1] == end_of_text_id:
+            return ids[len(prompt) : -1]
+    return ids[len(prompt) :]
+
+
+def _expected_past_the_context(model, tokenizer, prompts, steps):
+    context = model.model_config.sequence_length
+    rows = [tokenizer.encode_documents([p])[0].tolist() for p in prompts]
+    rows = [row[-max(context - steps, default_window(context)):] for row in rows]
+    window, end = default_window(context), tokenizer.end_of_text_id
+    rows = [_greedy_past_the_context(model, row, steps, context, window, end) for row in rows]
+    return [tokenizer.detokenize(tf.constant(row, tf.int32)).numpy().decode() for row in rows]
+
+
+def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(run):
+    _, _, tokenizer = run
+    model = _spread_model(tokenizer)
+    module = ServingModule(model, tokenizer, max_new_tokens=64)
+    prompts = ["the cat", "dog ran on the mat"]  # the second keeps its last 8 tokens
+    expected = _expected_past_the_context(model, tokenizer, prompts, 64)
+    outputs = module.serving_default(tf.constant(prompts))
+    assert len(expected[0]) == len(expected[1]) == 64 and expected[0] != expected[1]
+    assert _texts(outputs) == expected and outputs["token_count"].numpy().tolist() == [64, 64]
+    assert outputs["truncated"].numpy().tolist() == [False, True]
+    with pytest.warns(UserWarning, match="left-truncated to their last 8 tokens"):
+        assert Generator(model, tokenizer).generate(prompts, 64) == expected
+
+
 # --- the XLA check and versioning (fast: no real export) ----------------------------------------
 
 
@@ -269,7 +350,7 @@ def test_export_refuses_an_existing_version_and_bad_names(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="No run directory"):
         export(str(tmp_path / "missing"), "tiny", base_dir=tmp_path)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        export(run_dir, "tiny", base_dir=tmp_path, max_new_tokens=SEQUENCE_LENGTH)
+        export(run_dir, "tiny", base_dir=tmp_path, max_new_tokens=MAX_NEW_TOKENS_LIMIT + 1)
 
 
 def test_a_save_that_fails_halfway_leaves_no_version_and_no_temporary_folder(
@@ -472,12 +553,14 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
     good = dict(
         prompts=tf.constant(["the"]), max_new_tokens=tf.constant(4), temperature=tf.constant(1.0),
         top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(0),
+        stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32),
     )
     assert len(_texts(signatures["generate"](**good))) == 1
     bad = [
         ("prompts", tf.constant([], tf.string)), ("max_new_tokens", tf.constant(0)),
-        ("max_new_tokens", tf.constant(SEQUENCE_LENGTH)), ("top_p", tf.constant(0.0)),
+        ("max_new_tokens", tf.constant(MAX_NEW_TOKENS_LIMIT + 1)), ("top_p", tf.constant(0.0)),
         ("top_p", tf.constant(1.5)), ("top_k", tf.constant(-1)), ("temperature", tf.constant(0.0)),
+        ("stop", tf.constant([""])), ("stop_token_ids", tf.constant([-1])),
     ]
     for key, value in bad:
         with pytest.raises(tf.errors.InvalidArgumentError, match=key):
@@ -510,11 +593,27 @@ def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
     proto = export_module._read_saved_model(exported[1])
     signature = proto.meta_graphs[0].signature_def["generate"]
     fields = [field.name for field in dataclasses.fields(SamplingOptions)]
-    assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields}
-    defaults = {key: tf.make_ndarray(value).item() for key, value in signature.defaults.items()}
-    assert defaults == {"max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults()}
+    assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields, "stop", "stop_token_ids"}
+    defaults = {key: tf.make_ndarray(value).tolist() for key, value in signature.defaults.items()}
+    assert defaults == {
+        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": []
+    }
     for name, dtype in sampling.signature_dtypes().items():
         assert signature.inputs[name].dtype == dtype.as_datatype_enum
+
+
+@pytest.mark.export
+def test_a_saved_model_generates_past_the_context_like_the_reference(run, tmp_path):
+    _, _, tokenizer = run
+    model = _spread_model(tokenizer)
+    path = publish(ServingModule(model, tokenizer, max_new_tokens=8), tmp_path / "long")
+    assert xla_findings(path) == []
+    prompts = ["the cat", "a"]
+    expected = _expected_past_the_context(model, tokenizer, prompts, 64)  # 4x the context
+    saved = SavedModelGenerator(path)
+    assert saved.generate(prompts, 64) == expected
+    stop = [expected[0][20:22]]
+    assert saved.generate(prompts, 64, stop=stop) == [cut_at_stop(text, stop) for text in expected]
 
 
 @pytest.mark.export
@@ -585,7 +684,7 @@ def test_cli_generate_from_a_saved_model_and_its_errors(exported, capsys):
     for bad in (
         ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
         ["--beams", "0"], ["--beams", "2"], ["--max-new-tokens", "0"],
-        ["--max-new-tokens", str(SEQUENCE_LENGTH)],
+        ["--max-new-tokens", str(MAX_NEW_TOKENS_LIMIT + 1)], ["--stop", ""], ["--stop-token-id", "-1"],
     ):
         assert main(["generate", model_dir, "--prompt", "a", *bad]) == 2, bad
         error = capsys.readouterr().err

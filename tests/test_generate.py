@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from kgpt.cli import main
-from kgpt.decoding import Decoder
+from kgpt.decoding import MAX_NEW_TOKENS, Decoder
 from kgpt.generate import Generator, TextGenerator, load_generator, sampling_options
 from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions
@@ -63,7 +63,15 @@ def test_long_prompts_are_left_truncated_with_a_warning_or_refused(generator):
     "options, match",
     [
         (dict(max_new_tokens=0), "max_new_tokens=0"),
-        (dict(max_new_tokens=32), "max_new_tokens=32"),
+        (dict(max_new_tokens=MAX_NEW_TOKENS + 1), "out of range; choose 1 to 65536"),
+        (dict(max_new_tokens=32, num_beams=2), "beam search stays within the context"),
+        (dict(stop=[""]), "Stop sequence '' must be a non-empty string"),
+        (dict(stop=["a", 3]), "Stop sequence 3 must be a non-empty string"),
+        (dict(stop={"a": 1}), "must be a string or a list of strings"),
+        (dict(stop=["x"] * 17), "17 stop sequences given; at most 16"),
+        (dict(stop=["x"] * 8, stop_token_ids=list(range(9))), "17 stop sequences given"),
+        (dict(stop_token_ids=[-1]), "Stop token id -1 must be an integer in"),
+        (dict(stop_token_ids=["a"]), "Stop token id 'a' must be an integer"),
         (dict(temperature=0.0), "greedy"),
         (dict(top_k=-1), "top_k=-1"),
         (dict(temperature=1.0, top_p=1.5), "top_p=1.5"),
@@ -109,14 +117,36 @@ def test_a_recurrent_model_generates_in_process(generator):
     )
 
 
+def test_stop_strings_cut_the_text_before_the_first_one(generator):
+    prompts = ["the cat", "a dog"]
+    plain = generator.generate(prompts, 40, temperature=1.0, seed=5)
+    stop = [plain[0][6:9], plain[1][2:4]]  # strings that span tokens (one per character)
+    texts = generator.generate(prompts, 40, temperature=1.0, seed=5, stop=stop)
+    assert texts == [text[: min([text.find(s) for s in stop if s in text] + [len(text)])] for text in plain]
+    assert not any(s in text for text in texts for s in stop)
+    assert len(texts[0]) <= 6
+    # One string is a list of one; keep_prompt keeps the prompt in front of the cut text.
+    assert generator.generate(prompts, 40, temperature=1.0, seed=5, stop=stop[0]) == [
+        text.split(stop[0])[0] for text in plain
+    ]
+    kept = generator.generate(prompts, 40, temperature=1.0, seed=5, stop=stop, keep_prompt=True)
+    assert kept == [p + t for p, t in zip(prompts, texts)]
+
+
 def test_cli_generate(run_dir, capsys):
     assert main(["generate", run_dir, "--prompt", "the cat", "--prompt", "a", "--max-new-tokens", "5", "--json"]) == 0
     texts = json.loads(capsys.readouterr().out)
     assert [t[: len(p)] for t, p in zip(texts, ["the cat", "a"])] == ["the cat", "a"]
     assert main(["generate", run_dir, "--prompt", "a", "--beams", "2", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", run_dir, "--prompt", "a", "--max-new-tokens", "80", "--json",
+                 "--temperature", "1", "--stop", "t", "--stop", "e", "--continuation-only"]) == 0
+    [text] = json.loads(capsys.readouterr().out)
+    assert "t" not in text and "e" not in text
     for bad in (
         ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
-        ["--beams", "0"], ["--max-new-tokens", "0"], ["--max-new-tokens", "40"],
+        ["--beams", "0"], ["--max-new-tokens", "0"], ["--max-new-tokens", "70000"],
+        ["--beams", "2", "--max-new-tokens", "40"], ["--stop", ""], ["--stop-token-id", "999"],
     ):
         capsys.readouterr()
         assert main(["generate", run_dir, "--prompt", "a", *bad]) == 2, bad

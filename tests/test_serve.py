@@ -432,6 +432,18 @@ def test_serves_a_kgpt_export(tiny_export):
             {"signature_name": "generate", "inputs": {"prompts": ["the cat"], "top_k": 1}},
         )
         assert status == 200 and answer["outputs"]["text"] == expected[:1]
+        # Stop strings reach the graph: the text ends before the first one; past the context too.
+        stops = [expected[0][2:4]]
+        status, answer = call(
+            server, "POST", predict, {"signature_name": "generate", "inputs": {
+                "prompts": ["the cat"], "top_k": 1, "stop": stops, "max_new_tokens": 6}},
+        )
+        assert status == 200 and answer["outputs"]["text"] == [expected[0].split(stops[0])[0]]
+        status, answer = call(
+            server, "POST", predict, {"signature_name": "generate", "inputs": {
+                "prompts": ["the cat"], "max_new_tokens": 80, "stop_token_ids": [0]}},
+        )
+        assert status == 200 and answer["outputs"]["token_count"][0] <= 80
         status, answer = call(
             server, "POST", predict, {"signature_name": "score", "instances": ["the cat sat"]}
         )
@@ -439,7 +451,12 @@ def test_serves_a_kgpt_export(tiny_export):
         assert answer["predictions"][0]["log_likelihood"] < 0
         for inputs, message in [
             ({"prompts": ["a"], "temperature": 0.0}, "temperature must be > 0"),
-            ({"prompts": ["a"], "max_new_tokens": 40}, "max_new_tokens must be <"),
+            ({"prompts": ["a"], "max_new_tokens": 70000}, "max_new_tokens must be <= 65536"),
+            ({"prompts": ["a"], "stop": ["a", ""]}, "stop sequences must be non-empty strings"),
+            ({"prompts": ["a"], "stop": ["a"] * 17}, "too many stop sequences: at most 16"),
+            ({"prompts": ["a"], "stop": [1]}, "Input 'stop' is not a valid string tensor"),
+            ({"prompts": ["a"], "stop": "a"}, "Input 'stop' has shape []"),
+            ({"prompts": ["a"], "stop_token_ids": [-1]}, "stop_token_ids must be >= 0"),
             ({"prompts": ["a"], "top_p": 1.5}, "top_p must be in (0, 1]"),
             ({"prompts": []}, "prompts is empty"),
         ]:
