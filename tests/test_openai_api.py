@@ -209,3 +209,33 @@ def test_the_playground_is_one_self_contained_page(server):
     for element in ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "generate"):
         assert f'id="{element}"' in page
     assert "http://" not in page and "https://" not in page and "<link" not in page and " src=" not in page
+
+
+@pytest.mark.export
+def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_path):
+    from kgpt.export import export
+
+    path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
+    generator = load_generator(path)
+    for prompt in ["the cat", "", "the cat sat on the mat. " * 2]:
+        expected = generator.generate([prompt], max_new_tokens=12)
+        pieces = list(generator.stream(prompt, 12))
+        assert "".join(p.text for p in pieces) == expected[0]
+        assert pieces[-1].finish_reason in ("stop", "length")
+    streamed = [""] * 2
+    for piece in generator.stream("the", 9, temperature=1.0, seed=5, num_return_sequences=2):
+        streamed[piece.index] += piece.text
+    assert streamed == generator.generate(["the"], 9, temperature=1.0, seed=5, num_return_sequences=2)
+    server = make_server(str(tmp_path / "tiny"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+        whole = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+        assert whole.choices[0].text == generator.generate(["the cat"], max_new_tokens=12)[0]
+        chunks = list(client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(c.text for chunk in chunks for c in chunk.choices) == whole.choices[0].text
+        assert whole.usage.prompt_tokens == 7
+    finally:
+        server.shutdown()
+        server.server_close()
