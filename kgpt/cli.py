@@ -75,6 +75,10 @@ def _add_generate(subparsers):
     )
     parser.add_argument("--continuation-only", action="store_true", help="print only the generated text")
     parser.add_argument("--json", action="store_true", help="print a JSON list of strings")
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="print the text as it is produced (one prompt, one sequence, no beams)",
+    )
 
 
 def _add_export(subparsers):
@@ -105,11 +109,16 @@ def _add_export(subparsers):
 
 def _add_serve(subparsers):
     parser = _command(
-        subparsers, "serve", _run_serve, "a local development server speaking TensorFlow Serving's REST API",
+        subparsers, "serve", _run_serve,
+        "a local development server: TF Serving's REST API, OpenAI completions, a playground",
         "Serve the highest version of an exported model over TF Serving's REST API "
-        "(/v1/models/NAME, :predict). For development; TensorFlow Serving is the production path.",
+        "(/v1/models/NAME, :predict), and an export or a run directory over OpenAI's completions "
+        "API (/v1/completions, /v1/models) with a playground page at /. For development; "
+        "TensorFlow Serving is the production path.",
     )
-    parser.add_argument("model_dir", help="saved_models/NAME (its highest version is served)")
+    parser.add_argument(
+        "model_dir", help="saved_models/NAME (its highest version is served), or a run directory",
+    )
     parser.add_argument("--port", type=int, default=8501, help="default 8501, as TF Serving")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (local only)")
     parser.add_argument("--name", help="model name in URLs (default: the folder name)")
@@ -327,6 +336,8 @@ def _run_generate(args):
     from kgpt.generate import load_generator
 
     sampling = sampling_from_arguments(args)  # checked before a model is loaded
+    if args.stream:
+        return _stream_generate(args, sampling)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         texts = load_generator(args.path).generate(
@@ -341,6 +352,30 @@ def _run_generate(args):
         print(json.dumps(texts, ensure_ascii=False))
     else:
         print("\n\n".join(texts))
+
+
+def _stream_generate(args, sampling):
+    import warnings
+
+    from kgpt.generate import load_generator
+
+    if len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json:
+        raise UsageError(
+            "--stream prints one continuation as it is produced: give one --prompt, and leave out "
+            "--beams, --num-return-sequences and --json."
+        )
+    generator = load_generator(args.path)
+    pieces = generator.stream(args.prompt[0], args.max_new_tokens, sampling=sampling,
+                              truncate=not args.no_truncate)
+    if not args.continuation_only:
+        print(args.prompt[0], end="", flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for piece in pieces:
+            print(piece.text, end="", flush=True)
+    print()
+    for warning in caught:
+        print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)
 
 
 def _run_export(args):

@@ -22,6 +22,7 @@ from kgpt.export import is_saved_model, saved_model_version_path
 from kgpt.rundir import RunDirectory
 from kgpt.sampling import SamplingOptions
 from kgpt.stopping import check_stops, cut_at_stop
+from kgpt.streaming import Piece, StepDecoder, TextDeltas
 
 
 def _report_truncation(count, room, truncate):
@@ -107,6 +108,32 @@ class TextGenerator:
         """Continuations only, `len(prompts) * num_return_sequences` strings, prompt-major."""
         raise NotImplementedError
 
+    def stream(self, prompt, max_new_tokens=None, *, sampling=None, num_return_sequences=1, truncate=True,
+               chunked=True, **sampling_fields):
+        """Continues one prompt, yielding `kgpt.streaming.Piece`s as the text is produced.
+
+        The options are checked now; the returned iterator decodes as it is read (closing it stops
+        decoding). Each continuation's pieces join to `generate`'s text for the same options.
+
+        Args:
+            chunked: False computes each continuation at once where that is cheaper (an export's
+                one signature call) and yields it as one piece.
+
+        Example:
+            for piece in generator.stream("ROMEO:", 40):
+                print(piece.text, end="", flush=True)
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"stream takes one prompt string; got {type(prompt).__name__}.")
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens
+        sampling = sampling_options(sampling, **sampling_fields)
+        check_options(max_new_tokens, self.sequence_length, sampling, 1, num_return_sequences)
+        return self._stream(prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked)
+
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+        raise NotImplementedError
+
 
 class Generator(TextGenerator):
     """Text in, text out for a trained model, in-process (the compiled `kgpt.decoding.Decoder`).
@@ -131,6 +158,7 @@ class Generator(TextGenerator):
         self.vocabulary_size = tokenizer.vocabulary_size
         self.default_max_new_tokens = default_max_new_tokens(self.sequence_length)
         self.decoder = Decoder(model, tokenizer.end_of_text_id, jit_compile=jit_compile)
+        self.step_decoder = StepDecoder(model, self.sequence_length, tokenizer.end_of_text_id, jit_compile)
 
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
@@ -162,19 +190,41 @@ class Generator(TextGenerator):
         sequences = [row for text, row, back in zip(stop, encoded, round_trips) if row and back == text]
         return sequences + [[token] for token in stop_token_ids]
 
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+        end = self.tokenizer.end_of_text_id
+        room = self.sequence_length - max_new_tokens
+        ids = list(self.tokenizer.encode_documents([prompt])[0]) or [end]
+        _report_truncation(int(len(ids) > room), room, truncate)
+        ids = ids[-room:]
+        rows = [[] for _ in range(num_return_sequences)]
+        deltas = [TextDeltas() for _ in rows]
+        finished = [False] * len(rows)
+        for step, tokens in enumerate(self.step_decoder(ids, max_new_tokens, sampling, len(rows))):
+            for index, token in enumerate(tokens.tolist()):
+                if finished[index]:
+                    continue
+                if token != end:
+                    rows[index].append(token)
+                reason = "stop" if token == end else "length" if step + 1 == max_new_tokens else None
+                finished[index] = reason is not None
+                text = self.tokenizer.detokenize(tf.constant(rows[index], tf.int32)).numpy().decode("utf-8")
+                piece = deltas[index].update(text, final=finished[index])
+                yield Piece(index, piece, len(rows[index]), len(ids), reason)
+
 
 class SavedModelGenerator(TextGenerator):
     """`Generator`'s interface over an export's `generate` signature, the graph TF Serving runs.
 
     Args:
         path: a version folder (`saved_models/NAME/1`) or a model folder (highest version).
+        module: the SavedModel at `path`, already loaded (else it is loaded).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, module=None):
         import tensorflow_text  # noqa: F401  (registers the tokenizer ops the graph uses)
 
         self.path = saved_model_version_path(path)
-        self.module = tf.saved_model.load(self.path)
+        self.module = tf.saved_model.load(self.path) if module is None else module
         self.signature = self.module.signatures["generate"]
         self.sequence_length = int(self.module.sequence_length.numpy())
         self.vocabulary_size = int(self.module.vocabulary_size.numpy())
@@ -211,6 +261,39 @@ class SavedModelGenerator(TextGenerator):
         truncated = outputs["truncated"].numpy()[::num_return_sequences]
         _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
         return [t.decode("utf-8") for t in outputs["text"].numpy()]
+
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+        """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each
+        answer extending the last (per-position seeds), and yields what each call added."""
+        def call(count):
+            outputs = self.signature(
+                prompts=tf.constant([prompt] * num_return_sequences, tf.string),
+                max_new_tokens=tf.constant(count, tf.int32), **sampling.graph_tensors(),
+            )
+            return {key: value.numpy() for key, value in outputs.items()}
+
+        room = self.sequence_length - max_new_tokens
+        count = 1 if chunked else max_new_tokens
+        outputs = call(count)
+        prompt_tokens = int(outputs["prompt_token_count"][0])
+        if prompt_tokens > room:  # truncated differently for each count: one call keeps the answer
+            count, outputs = max_new_tokens, call(max_new_tokens)
+        _report_truncation(int(outputs["truncated"][0]), room, truncate)
+        prompt_tokens = int(outputs["prompt_token_count"][0])
+        deltas = [TextDeltas() for _ in range(num_return_sequences)]
+        finished = [False] * num_return_sequences
+        while True:
+            for index, (text, tokens) in enumerate(zip(outputs["text"], outputs["token_count"])):
+                if finished[index]:
+                    continue
+                reason = "stop" if tokens < count else "length" if count == max_new_tokens else None
+                finished[index] = reason is not None
+                piece = deltas[index].update(text.decode("utf-8"), final=finished[index])
+                yield Piece(index, piece, int(tokens), prompt_tokens, reason)
+            if all(finished):
+                return
+            count = min(2 * count, max_new_tokens)
+            outputs = call(count)
 
 
 def load_generator(path, **kwargs):

@@ -152,3 +152,31 @@ def test_cli_generate(run_dir, capsys):
         assert main(["generate", run_dir, "--prompt", "a", *bad]) == 2, bad
         error = capsys.readouterr().err
         assert error.startswith("kgpt generate: error:") and error.count("\n") == 1
+
+
+@pytest.mark.slow  # compiles the decode loop and the step
+def test_streamed_text_equals_generated_text(generator):
+    for prompt in ["the cat", "", "the cat sat on the mat. " * 3]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the long prompt is left-truncated, both ways
+            expected = generator.generate([prompt], max_new_tokens=10)
+            pieces = list(generator.stream(prompt, 10))
+        assert "".join(piece.text for piece in pieces) == expected[0]
+        assert pieces[-1].finish_reason in ("stop", "length") and all(p.finish_reason is None for p in pieces[:-1])
+    options = dict(temperature=1.0, top_p=0.9, seed=3, num_return_sequences=3)
+    streamed = [""] * 3
+    for piece in generator.stream("the", 8, **options):
+        streamed[piece.index] += piece.text
+    assert streamed == generator.generate(["the"], 8, **options)
+    with pytest.raises(ValueError, match="context"):
+        generator.stream("the cat sat on the mat. " * 3, 8, truncate=False).__next__()
+    with pytest.raises(ValueError, match="max_new_tokens=32"):
+        generator.stream("a", 32)
+
+
+def test_cli_generate_stream_prints_the_continuation(run_dir, capsys):
+    assert main(["generate", run_dir, "--prompt", "the", "--max-new-tokens", "6", "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("the") and streamed.endswith("\n")
+    assert main(["generate", run_dir, "--prompt", "a", "--prompt", "b", "--stream"]) == 2
+    assert "--stream prints one continuation" in capsys.readouterr().err

@@ -1,0 +1,271 @@
+"""The OpenAI completions API of `kgpt serve`: `POST /v1/completions` (whole, or streamed as
+server-sent events) and `GET /v1/models`, over a `kgpt.generate.TextGenerator`.
+
+Requests follow OpenAI's legacy completions API: its documented fields that kgpt implements are
+honoured, `user` is ignored, documented fields kgpt cannot honour are refused unless they hold
+their default, and unknown fields are refused, each with OpenAI's error shape and a 4xx status.
+"""
+
+import dataclasses
+import json
+import secrets
+import time
+
+from kgpt.sampling import SamplingOptions
+
+MAX_STOPS = 4  # OpenAI's limit
+MAX_CHOICES = 16  # n: continuations per prompt
+MAX_PROMPTS = 32
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default
+_INT32 = 2**31 - 1
+
+_IMPLEMENTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "seed",
+                "stream_options", "top_k"}  # top_k: an extension (vLLM has it too)
+_IGNORED = {"user"}  # an end-user id for OpenAI's abuse monitoring
+# Documented fields kgpt does not implement: accepted only at these defaults (or null).
+_DEFAULT_ONLY = {"echo": False, "best_of": 1, "logprobs": None, "suffix": "", "presence_penalty": 0,
+                 "frequency_penalty": 0, "logit_bias": {}}
+
+
+class OpenAIError(Exception):
+    """A refused request: HTTP `status` and OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, message, param=None, status=400, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass
+class CompletionRequest:
+    prompts: list
+    max_tokens: int
+    sampling: SamplingOptions
+    stops: list
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def _integer(request, name, default, low, high):
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise OpenAIError(f"{name}={json.dumps(value)} must be an integer from {low} to {high}.", name)
+    return value
+
+
+def _number(request, name, default, low, high):
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise OpenAIError(f"{name}={json.dumps(value)} must be a number from {low} to {high}.", name)
+    return float(value)
+
+
+def _strings(value, name, what):
+    """`value` as a list of strings: a string, or a non-empty list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return value
+    raise OpenAIError(f"{name} must be {what}; got {json.dumps(value)[:80]}.", name)
+
+
+def parse_request(request, served_name):
+    """Checks a `/v1/completions` request object; returns a `CompletionRequest` or raises `OpenAIError`."""
+    if not isinstance(request, dict):
+        raise OpenAIError("The request body must be a JSON object.")
+    for name in request:
+        if name in _DEFAULT_ONLY:
+            if request[name] is not None and request[name] != _DEFAULT_ONLY[name]:
+                raise OpenAIError(
+                    f"{name}={json.dumps(request[name])[:80]} is not supported by kgpt serve; leave it "
+                    f"out (or send {json.dumps(_DEFAULT_ONLY[name])}).", name, code="unsupported_parameter")
+        elif name not in _IMPLEMENTED | _IGNORED:
+            raise OpenAIError(f"Unrecognized request argument supplied: {name}", name)
+    if "model" not in request:
+        raise OpenAIError(f"You must provide a model parameter (this server has {served_name!r}).", "model")
+    if request["model"] != served_name:
+        raise OpenAIError(f"The model {request['model']!r} does not exist; this server serves "
+                          f"{served_name!r}.", "model", status=404, code="model_not_found")
+    if "prompt" not in request:
+        raise OpenAIError("You must provide a prompt (a string or a list of strings).", "prompt")
+    prompts = _strings(request["prompt"], "prompt", "a string or a non-empty list of strings (token-id "
+                       "prompts are not supported; send text)")
+    if len(prompts) > MAX_PROMPTS:
+        raise OpenAIError(f"prompt has {len(prompts)} strings; send at most {MAX_PROMPTS} per request.",
+                          "prompt")
+    stops = [] if request.get("stop") is None else _strings(
+        request["stop"], "stop", f"a non-empty string or a list of 1 to {MAX_STOPS} of them")
+    if len(stops) > MAX_STOPS or not all(stops):
+        problem = (f"{len(stops)} stop sequences (at most {MAX_STOPS})" if len(stops) > MAX_STOPS
+                   else "an empty one")
+        raise OpenAIError(f"stop has {problem}; send 1 to {MAX_STOPS} non-empty strings.", "stop")
+    temperature = _number(request, "temperature", 1.0, 0, 2)
+    seed = _integer(request, "seed", None, -_INT32 - 1, _INT32)
+    try:
+        sampling = SamplingOptions(
+            temperature=temperature or None,  # 0: greedy
+            top_p=_number(request, "top_p", 1.0, 0, 1), top_k=_integer(request, "top_k", 0, 0, _INT32),
+            seed=secrets.randbelow(_INT32) if seed is None else seed,
+        )
+    except ValueError as error:  # e.g. top_p=0
+        raise OpenAIError(str(error), str(error).split("=")[0]) from error
+    stream = request.get("stream") or False
+    options = request.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise OpenAIError("stream must be true or false, stream_options {\"include_usage\": bool}.", "stream")
+    if options and not stream:
+        raise OpenAIError("stream_options is only allowed with stream: true.", "stream_options")
+    return CompletionRequest(
+        prompts=prompts, max_tokens=_integer(request, "max_tokens", DEFAULT_MAX_TOKENS, 1, _INT32),
+        sampling=sampling, stops=stops, n=_integer(request, "n", 1, 1, MAX_CHOICES), stream=stream,
+        include_usage=bool(options.get("include_usage")),
+    )
+
+
+class StopText:
+    """Cuts a growing text at the first of `stops`, holding back a tail that may begin one.
+
+    Example:
+        stop = StopText(["\\n\\n"])
+        stop.add("a\\n"), stop.add("\\nb")  # "a", "" (and stop.stopped)
+    """
+
+    def __init__(self, stops):
+        self.stops = stops
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, piece, final=False):
+        """The text that may be sent now, after `piece` arrived (all of it if `final`)."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        found = [i for i in (self.text.find(stop, self.sent) for stop in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            end = min(found)
+        else:
+            # Hold the longest tail that is the start of a stop sequence.
+            hold = 0 if final else max((k for stop in self.stops for k in range(1, len(stop))
+                                        if self.text.endswith(stop[:k])), default=0)
+            end = len(self.text) - hold
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+class Completions:
+    """Answers the `/v1` routes for one `TextGenerator` served as `name`.
+
+    Args:
+        generator: a `kgpt.generate.Generator` or `SavedModelGenerator`.
+        run: `run(function)` calls `function()` and returns its value; the server passes its
+            scheduler here (a bounded queue, a limit on model calls at once).
+    """
+
+    def __init__(self, generator, name, run=None):
+        self.generator = generator
+        self.name = name
+        self.created = int(time.time())
+        self.run = run or (lambda function: function())
+
+    def models(self):
+        return {"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": self.created, "owned_by": "kgpt"}]}
+
+    def create(self, request):
+        """A checked request -> the response object, or (stream) an iterator of event objects whose
+        first item is computed now (so a refusal is still an HTTP error, not an event)."""
+        request = parse_request(request, self.name)
+        try:  # before any decoding: max_tokens against the context, n with greedy decoding, ...
+            self.generator.stream("", request.max_tokens, sampling=request.sampling)
+        except ValueError as error:
+            raise OpenAIError(str(error).replace("max_new_tokens", "max_tokens"), "max_tokens") from error
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": self.name}
+        events = self._events(request, head)
+        first = self.run(lambda: next(events, None))
+        if not request.stream:
+            return self._whole(request, head, [first] + list(self._run_all(events)))
+        return self._chunks(request, head, first, events)
+
+    def _run_all(self, events):
+        while True:
+            event = self.run(lambda: next(events, None))
+            if event is None:
+                return
+            yield event
+
+    def _events(self, request, head):
+        """`(index, text, finish_reason, prompt_tokens, completion_tokens)` per piece, stops applied;
+        prompt-major choices, n copies of a greedy continuation."""
+        greedy = request.sampling.temperature is None
+        copies = request.n if greedy else 1
+        for number, prompt in enumerate(request.prompts):
+            rows = 1 if greedy else request.n
+            pieces = self.generator.stream(prompt, request.max_tokens, sampling=request.sampling,
+                                           num_return_sequences=rows, chunked=request.stream)
+            stops = [StopText(request.stops) for _ in range(rows)]
+            try:
+                for piece in pieces:
+                    stop = stops[piece.index]
+                    if stop.stopped:
+                        continue
+                    text = stop.add(piece.text, final=piece.finish_reason is not None)
+                    reason = "stop" if stop.stopped else piece.finish_reason
+                    if not text and reason is None:
+                        continue
+                    for copy in range(copies):
+                        index = (number * rows + piece.index) * copies + copy
+                        yield index, text, reason, piece.prompt_token_count, piece.token_count
+                    if all(stop.stopped for stop in stops):
+                        break
+            finally:
+                pieces.close()
+
+    def _whole(self, request, head, events):
+        choices = {}
+        prompt_tokens = {}
+        for index, text, reason, prompt_count, count in (e for e in events if e is not None):
+            choice = choices.setdefault(index, {"text": "", "index": index, "logprobs": None,
+                                                "finish_reason": None, "tokens": 0})
+            choice["text"] += text
+            choice["finish_reason"] = reason or choice["finish_reason"]
+            choice["tokens"] = count
+            prompt_tokens[index // request.n] = prompt_count
+        usage = {"prompt_tokens": sum(prompt_tokens.values()),
+                 "completion_tokens": sum(choice.pop("tokens") for choice in choices.values())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**head, "choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+    def _chunks(self, request, head, first, events):
+        prompt_tokens, counts = {}, {}
+        try:
+            event = first
+            while event is not None:
+                index, text, reason, prompt_count, count = event
+                prompt_tokens[index // request.n] = prompt_count
+                counts[index] = count
+                yield {**head, "choices": [
+                    {"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
+                event = self.run(lambda: next(events, None))
+        finally:
+            events.close()
+        if request.include_usage:
+            usage = {"prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": sum(counts.values())}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield {**head, "choices": [], "usage": usage}
+
+
+def server_sent_events(objects):
+    """Encodes objects as `data: {json}\\n\\n` events, then `data: [DONE]\\n\\n` (bytes)."""
+    for value in objects:
+        yield f"data: {json.dumps(value, ensure_ascii=False)}\n\n".encode()
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,244 @@
+"""OpenAI's completions API on `kgpt serve`: request checks, stop sequences, and the `openai`
+client package against a served run directory (whole and streamed answers equal `generate`'s)."""
+
+import http.client
+import json
+import random
+import socket
+import threading
+import warnings
+
+import openai
+import pytest
+
+from kgpt.generate import load_generator
+from kgpt.openai_api import StopText, parse_request
+from kgpt.serve import make_server
+from kgpt.tokenizer import train_characters
+
+TEXT = "the cat sat on the mat. a dog ran!\n"
+
+
+@pytest.mark.parametrize(
+    "fields, status, param, message",
+    [
+        ({"frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+        ({"best_of": 2}, 400, "best_of", "best_of=2 is not supported"),
+        ({"echo": True}, 400, "echo", "echo=true is not supported"),
+        ({"logprobs": 1}, 400, "logprobs", "logprobs=1 is not supported"),
+        ({"suffix": "x"}, 400, "suffix", "suffix=\"x\" is not supported"),
+        ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+        ({"frequency_penalty": -1}, 400, "frequency_penalty", "not supported"),
+        ({"logit_bias": {"5": 100}}, 400, "logit_bias", "not supported"),
+        ({"model": "gpt-4"}, 404, "model", "The model 'gpt-4' does not exist; this server serves 'tiny'"),
+        ({"prompt": []}, 400, "prompt", "a non-empty list of strings"),
+        ({"prompt": [1, 2]}, 400, "prompt", "token-id prompts are not supported"),
+        ({"stop": ""}, 400, "stop", "empty one"),
+        ({"stop": []}, 400, "stop", "a non-empty string or a list"),
+        ({"stop": ["a", 3]}, 400, "stop", "a non-empty string or a list"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "5 stop sequences (at most 4)"),
+        ({"n": 0}, 400, "n", "n=0 must be an integer from 1 to 16"),
+        ({"n": 17}, 400, "n", "n=17 must be an integer from 1 to 16"),
+        ({"max_tokens": 0}, 400, "max_tokens", "max_tokens=0 must be an integer from 1"),
+        ({"max_tokens": "8"}, 400, "max_tokens", "max_tokens=\"8\" must be an integer"),
+        ({"temperature": 2.5}, 400, "temperature", "temperature=2.5 must be a number from 0 to 2"),
+        ({"top_p": 0}, 400, "top_p", "top_p=0.0 must be in (0, 1]"),
+        ({"seed": 2**40}, 400, "seed", "seed=1099511627776 must be an integer"),
+        ({"stream": "yes"}, 400, "stream", "stream must be true or false"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_and_the_reason(fields, status, param, message):
+    with pytest.raises(Exception) as caught:
+        parse_request({"model": "tiny", "prompt": "a", **fields}, "tiny")
+    error = caught.value
+    assert (error.status, error.param) == (status, param)
+    assert message in str(error), str(error)
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_documented_fields_at_their_defaults_are_accepted_and_user_is_ignored():
+    request = parse_request({
+        "model": "tiny", "prompt": ["a", "b"], "user": "me", "echo": False, "best_of": 1, "logprobs": None,
+        "suffix": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+        "temperature": 0, "stop": "\n", "seed": 3,
+    }, "tiny")
+    assert request.prompts == ["a", "b"] and request.stops == ["\n"] and request.max_tokens == 16
+    assert request.sampling.temperature is None and request.sampling.seed == 3  # 0: greedy
+
+
+def test_stop_text_cuts_at_the_first_stop_however_the_text_arrives():
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("ab\n") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab\n") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        stop = StopText(stops)
+        out = "".join(stop.add(piece, final=k == len(pieces) - 1) for k, piece in enumerate(pieces))
+        first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        assert out == (text if first < 0 else text[:first]), (text, stops, pieces)
+        assert stop.stopped == (first >= 0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, write_run_directory):
+    return write_run_directory(tmp_path_factory.mktemp("openai") / "tiny", train_characters([TEXT]))[0]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    server = make_server(str(run_dir), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+
+
+def test_openai_client_whole_and_streamed_greedy_answers_agree(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    answer = client.completions.create(model="tiny", prompt=["the cat", "a"], max_tokens=10, temperature=0, n=2)
+    assert answer.object == "text_completion" and answer.model == "tiny" and answer.id.startswith("cmpl-")
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in answer.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: n equal copies
+    assert {c.finish_reason for c in answer.choices} <= {"stop", "length"}
+    assert answer.usage.prompt_tokens == 7 + 1
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    streamed, chunks = {}, 0
+    for chunk in client.completions.create(model="tiny", prompt=["the cat", "a"], max_tokens=10, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}):
+        chunks += 1
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[0], streamed[1]] == [texts[0], texts[2]]
+    assert chunks > 3  # piece by piece, not one answer
+    assert chunk.usage.prompt_tokens == 8 and not chunk.choices  # the last chunk: usage only
+
+
+@pytest.mark.slow
+def test_served_greedy_answers_equal_generate(client, run_dir):
+    expected = load_generator(str(run_dir)).generate(["the cat", "a", ""], max_new_tokens=10)
+    answer = client.completions.create(model="tiny", prompt=["the cat", "a", ""], max_tokens=10, temperature=0)
+    assert [c.text for c in answer.choices] == expected
+    streamed = {}
+    for chunk in client.completions.create(model="tiny", prompt=["the cat", "a", ""], max_tokens=10,
+                                           temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == expected
+
+
+def test_seeded_samples_stream_as_they_are_answered_whole(client):
+    options = dict(model="tiny", prompt="the", max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3)
+    whole = client.completions.create(**options)
+    streamed = [""] * 3
+    reasons = [None] * 3
+    for chunk in client.completions.create(stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert streamed == [c.text for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+    assert len(set(streamed)) > 1  # three different samples
+
+
+def test_stop_sequences_cut_the_text_and_finish_with_stop(client):
+    full = client.completions.create(model="tiny", prompt="a", max_tokens=12, temperature=0).choices[0].text
+    assert len(full) > 3
+    stop = full[2:4]
+    answer = client.completions.create(model="tiny", prompt="a", max_tokens=12, temperature=0, stop=[stop, "@@"])
+    assert answer.choices[0].text == full[: full.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model="tiny", prompt="a", max_tokens=12, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.text for p in pieces for c in p.choices) == full[: full.index(stop)]
+    assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_errors_reach_the_client_in_openais_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="a", max_tokens=40)
+    assert "max_tokens=40 does not fit the model's context of 32" in caught.value.message
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="at most 4"):
+        client.completions.create(model="tiny", prompt="a", stop=["1", "2", "3", "4", "5"])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="a")
+    port = server.server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/completions", body="{not json")
+    response = connection.getresponse()
+    assert response.status == 400 and "JSON Parse error" in json.loads(response.read())["error"]["message"]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/v1/completions")
+    response = connection.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    assert json.loads(response.read())["error"]["type"] == "invalid_request_error"
+    # TF Serving's routes need an export.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/v1/models/tiny")
+    response = connection.getresponse()
+    assert response.status == 404 and "needs an export" in json.loads(response.read())["error"]
+
+
+def test_a_client_that_drops_a_stream_does_not_break_the_server(client, server):
+    body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 25, "temperature": 0, "stream": True})
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as connection:
+            connection.sendall(request)
+            head = connection.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+        # closed mid-stream
+    answer = client.completions.create(model="tiny", prompt="the", max_tokens=5, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_playground_is_one_self_contained_page(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    page = response.read().decode()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert "/v1/completions" in page and "getReader" in page and "stream: true" in page
+    for element in ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "generate"):
+        assert f'id="{element}"' in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page and " src=" not in page
+
+
+@pytest.mark.export
+def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_path):
+    from kgpt.export import export
+
+    path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
+    generator = load_generator(path)
+    for prompt in ["the cat", "", "the cat sat on the mat. " * 2]:  # the last is left-truncated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = generator.generate([prompt], max_new_tokens=12)
+            pieces = list(generator.stream(prompt, 12))
+        assert "".join(p.text for p in pieces) == expected[0]
+        assert pieces[-1].finish_reason in ("stop", "length")
+    streamed = [""] * 2
+    for piece in generator.stream("the", 9, temperature=1.0, seed=5, num_return_sequences=2):
+        streamed[piece.index] += piece.text
+    assert streamed == generator.generate(["the"], 9, temperature=1.0, seed=5, num_return_sequences=2)
+    server = make_server(str(tmp_path / "tiny"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+        whole = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+        assert whole.choices[0].text == generator.generate(["the cat"], max_new_tokens=12)[0]
+        chunks = list(client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(c.text for chunk in chunks for c in chunk.choices) == whole.choices[0].text
+        assert whole.usage.prompt_tokens == 7
+    finally:
+        server.shutdown()
+        server.server_close()

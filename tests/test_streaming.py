@@ -1,0 +1,75 @@
+"""Streaming: `StepDecoder` yields `decode`'s tokens one step at a time; `TextDeltas` never splits
+a character."""
+
+import keras
+import numpy as np
+import pytest
+
+from kgpt.decoding import Decoder
+from kgpt.model import build_model
+from kgpt.recurrent import RecurrentLanguageModel
+from kgpt.sampling import SamplingOptions
+from kgpt.streaming import StepDecoder, TextDeltas
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return build_model(dict(vocabulary_size=32, sequence_length=16, num_layers=2, num_heads=2, hidden_dim=16))
+
+
+def _stepped(decoder, prompt, steps, sampling=None, rows=1):
+    """`(rows, tokens)` of a step decoder, cut after each row's end-of-text."""
+    columns = np.stack(list(decoder(prompt, steps, sampling, rows)), axis=1)
+    out = []
+    for row in columns.tolist():
+        end = row.index(decoder.end_of_text_id) + 1 if decoder.end_of_text_id in row else len(row)
+        out.append(row[:end])
+    return out
+
+
+def test_greedy_steps_equal_full_recomputation(model):
+    steps = StepDecoder(model, 16)
+    for prompt in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]):
+        ids = list(prompt)
+        for _ in range(6):
+            ids.append(int(np.argmax(model(np.array([ids], "int32"))[0, -1])))
+        assert _stepped(steps, prompt, 6) == [ids[len(prompt):]]
+
+
+@pytest.mark.slow  # tracing the decode loop takes ~15 s
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_steps_give_the_tokens_of_the_decode_loop(model, jit_compile):
+    decoder = Decoder(model, end_of_text_id=3, jit_compile=jit_compile)
+    steps = StepDecoder(model, 16, end_of_text_id=3, jit_compile=jit_compile)
+    for prompt in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]):
+        assert _stepped(steps, prompt, 6) == decoder([prompt], 6)
+    sampled = SamplingOptions(temperature=1.0, top_k=8, seed=4)
+    assert _stepped(steps, [5, 6], 8, sampled, rows=3) == decoder([[5, 6]], 8, sampling=sampled,
+                                                                  num_return_sequences=3)
+
+
+def test_steps_stop_at_end_of_text_and_refuse_what_does_not_fit(model):
+    greedy = int(np.argmax(model(np.array([[5, 6, 7]], "int32"))[0, -1]))  # the first token, made the end
+    assert list(StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)) == [[greedy]]
+    with pytest.raises(ValueError, match="does not fit the context of 16"):
+        next(StepDecoder(model, 16)([1] * 10, 8))
+
+
+def test_a_model_without_a_cache_steps_by_recomputation():
+    keras.utils.set_random_seed(0)
+    gru = RecurrentLanguageModel(vocabulary_size=32, sequence_length=16, hidden_dim=16)
+    ids = [5, 6, 7]
+    for _ in range(3):
+        ids.append(int(np.argmax(gru(np.array([ids], "int32"))[0, -1])))
+    assert _stepped(StepDecoder(gru, 16), [5, 6, 7], 3) == [ids[3:]]
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        StepDecoder(gru, 16, jit_compile=True)
+
+
+def test_text_deltas_hold_a_partial_character_until_it_is_complete():
+    deltas = TextDeltas()
+    assert [deltas.update("ca"), deltas.update("caf\ufffd"), deltas.update("caf\ufffd\ufffd"),
+            deltas.update("café"), deltas.update("café!", final=True)] == ["ca", "f", "", "é", "!"]
+    final = TextDeltas()
+    assert final.update("a\ufffd") == "a" and final.update("a\ufffd", final=True) == "\ufffd"
