@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgpt.export import PADDED_OUTPUTS
+from kgpt.export import PADDED_OUTPUTS, REQUEST_LISTS
 from kgpt.sampling import draws_at_random
 
 
@@ -24,7 +24,8 @@ class Busy(Exception):
 def batch_rows(signature_def):
     """The input whose rows a signature may batch, or None.
 
-    Batched: one input of shape `[-1]` (the rows; the others are scalars, equal within a batch),
+    Batched: one input of shape `[-1]` (the rows; the others are scalars or request-wide lists,
+    `REQUEST_LISTS` such as stop sequences, equal within a batch),
     and outputs that are exact (no floats: their last bits follow the batch's padded width) and
     split by row (first axis -1; a further variable axis only in `PADDED_OUTPUTS`).
     """
@@ -32,7 +33,7 @@ def batch_rows(signature_def):
         shape = tf.TensorShape(info.tensor_shape)
         return None if shape.rank is None else shape.as_list()
 
-    inputs = {key: dims(info) for key, info in signature_def.inputs.items()}
+    inputs = {key: dims(info) for key, info in signature_def.inputs.items() if key not in REQUEST_LISTS}
     rows = [key for key, shape in inputs.items() if shape == [None]]
     if len(rows) != 1 or any(shape != [] for key, shape in inputs.items() if key != rows[0]):
         return None
@@ -55,7 +56,10 @@ def batch_key(signature_name, rows, arrays):
     """
     if rows is None or not len(arrays[rows]):  # an empty request keeps its own error
         return None
-    scalars = {key: value.item() for key, value in arrays.items() if key != rows}
+    scalars = {
+        key: tuple(value.tolist()) if key in REQUEST_LISTS else value.item()
+        for key, value in arrays.items() if key != rows
+    }
     if draws_at_random(scalars):
         return None
     return signature_name, arrays[rows].dtype.str, tuple(sorted(scalars.items()))

@@ -33,6 +33,8 @@ _PUBLISH_ATTEMPTS = 100
 # Outputs padded along axis 1 to the longest row of a call: {output: its per-row count}. A batching
 # server cuts each request's part back to its own longest row.
 PADDED_OUTPUTS = {"token_ids": "token_count"}
+# Inputs of shape [n] that hold one list for the whole request, not one value per prompt.
+REQUEST_LISTS = ("stop", "stop_token_ids")
 _TAKEN = "{} already exists; versions are never overwritten. Leave --version out to write the next one."
 
 

@@ -129,6 +129,12 @@ class TextGenerator:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, 1, num_return_sequences)
+        if max_new_tokens >= self.sequence_length:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} does not fit the model's context of "
+                f"{self.sequence_length} tokens: token-by-token decoding stays within it (generation "
+                f"past the context is not streamed); ask for at most {self.sequence_length - 1}."
+            )
         return self._stream(prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked)
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
@@ -265,10 +271,14 @@ class SavedModelGenerator(TextGenerator):
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
         """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each
         answer extending the last (per-position seeds), and yields what each call added."""
+        no_stops = {} if "stop" not in self._inputs else dict(  # stops apply to the joined text
+            stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32)
+        )
+
         def call(count):
             outputs = self.signature(
                 prompts=tf.constant([prompt] * num_return_sequences, tf.string),
-                max_new_tokens=tf.constant(count, tf.int32), **sampling.graph_tensors(),
+                max_new_tokens=tf.constant(count, tf.int32), **sampling.graph_tensors(), **no_stops,
             )
             return {key: value.numpy() for key, value in outputs.items()}
 

@@ -210,8 +210,10 @@ GENERATE_OUTPUTS = {"text": ([None], tf.string), "token_ids": ([None, None], tf.
         ({"texts": ([None], tf.string)}, {"log_likelihood": ([None], tf.float32)}, None),
         # Rows of several tokens: their widths would have to match.
         ({"token_ids": ([None, None], tf.int32)}, {"count": ([None], tf.int32)}, None),
+        # Stop lists are one per request (an option), not rows.
+        ({"prompts": ([None], tf.string), "stop": ([None], tf.string)}, GENERATE_OUTPUTS, "prompts"),
         # Two inputs of rows: which one is the batch is not known.
-        ({"prompts": ([None], tf.string), "stop": ([None], tf.string)}, GENERATE_OUTPUTS, None),
+        ({"prompts": ([None], tf.string), "suffixes": ([None], tf.string)}, GENERATE_OUTPUTS, None),
         # A padded output without its count cannot be cut back to each request's width.
         ({"prompts": ([None], tf.string)}, {"token_ids": ([None, None], tf.int32)}, None),
         ({"prompts": ([None], tf.string)}, {"total": ([], tf.int32)}, None),
@@ -233,3 +235,12 @@ def test_batch_key_keeps_options_apart_and_never_batches_a_random_draw():
     assert key([b"a"], **{**greedy, "top_k": 0}) is None  # a draw: its row's place changes it
     assert key([], **greedy) is None  # an empty request runs alone and gets its own error
     assert batch_key("generate", None, {"prompts": np.array([b"a"])}) is None
+
+
+def test_requests_batch_only_with_equal_stop_lists():
+    def request(*stops):
+        return {"prompts": np.array([b"a"]), "top_k": np.array(1), "stop": np.array(stops, dtype=object)}
+
+    assert batch_key("generate", "prompts", request(b"\n")) == batch_key("generate", "prompts", request(b"\n"))
+    assert batch_key("generate", "prompts", request(b"\n")) != batch_key("generate", "prompts", request(b"."))
+    assert batch_key("generate", "prompts", request()) != batch_key("generate", "prompts", request(b"."))

@@ -243,7 +243,7 @@ def test_a_second_run_loads_its_xla_programs_from_the_cache(tmp_path, write_toy_
     recipe.write_text(text)
     cache = tmp_path / "xla"
     # TensorFlow's own log of the cache, asked for; kgpt drops only the text-format retry line.
-    logs = {"KGPT_XLA_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "0",
+    logs = {"KGPT_XLA_CACHE": str(cache), "TF_XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "0",
             "TF_CPP_VMODULE": "device_executable_persistor=3"}
     first = _kgpt(["train", str(recipe), "--run-dir", "a"], tmp_path, **logs)
     assert first.returncode == 0, first.stderr
