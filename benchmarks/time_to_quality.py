@@ -16,6 +16,7 @@ Usage:
 
 import argparse
 import csv
+import json
 import os
 import platform
 import signal
@@ -33,9 +34,19 @@ def history(path):
         return [row for row in csv.DictReader(f) if row.get("val_loss")]
 
 
+def backed_up(run_dir):
+    """Evaluations the run's backup holds (the backup is written after the history row)."""
+    try:
+        with open(os.path.join(run_dir, "backup", "training_metadata.json")) as f:
+            return len(json.load(f).get("val_loss", []))
+    except (OSError, ValueError):
+        return 0
+
+
 def run(recipe, run_dir, extra, stop_after=None, poll=0.05):
     """Starts `kgpt train`; returns (seconds from start at which each evaluation was logged,
-    validation losses, whole-process seconds). `stop_after`: SIGKILL after that many new rows."""
+    validation losses, whole-process seconds). `stop_after`: SIGKILL once that many evaluations
+    are logged and backed up."""
     path = os.path.join(run_dir, "history.csv")
     before = len(history(path))
     command = [sys.executable, "-m", "kgpt", "train", recipe, "--run-dir", run_dir, *extra]
@@ -48,7 +59,7 @@ def run(recipe, run_dir, extra, stop_after=None, poll=0.05):
         for row in rows[len(times):]:
             times.append(now)
             losses.append(float(row["val_loss"]))
-        if stop_after is not None and len(times) >= stop_after:
+        if stop_after is not None and len(times) >= stop_after and backed_up(run_dir) >= stop_after:
             process.send_signal(signal.SIGKILL)
             process.wait()
             return times, losses, time.perf_counter() - start

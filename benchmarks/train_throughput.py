@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
+from kgpt.data import pipeline_options  # noqa: E402
 from kgpt.model import build_model, count_parameters  # noqa: E402
 from kgpt.train import make_optimizer  # noqa: E402
 
@@ -52,7 +53,10 @@ def dataset(size, steps):
     rng = np.random.default_rng(0)
     x = rng.integers(0, size["vocabulary_size"], (size["batch_size"] * 64, size["sequence_length"]), dtype=np.int32)
     y = np.roll(x, -1, axis=1)
-    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(size["batch_size"], drop_remainder=True).prefetch(8)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(size["batch_size"], drop_remainder=True)
+    # As kgpt's pipelines: tf.data's autotuner off, whose thread held each iterator's teardown up
+    # to 10 s (the "slow mode" in RESULTS.md).
+    return dataset.prefetch(8).with_options(pipeline_options())
 
 
 def keras_hub_model(size):
