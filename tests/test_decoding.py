@@ -100,6 +100,7 @@ def spread():
                             hidden_dim=16, initializer_range=0.5))
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(spread):
     prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15, 16]]  # the last one fills the context
     steps = 3 * 8
@@ -117,6 +118,7 @@ def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(spread)
     assert decoder(prompts, 3, sampling=sampled) == [row[:3] for row in long]
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_stop_sequences_end_rows_like_the_generation_cut_after_them(spread):
     decoder = Decoder(spread, bucket=4)
     prompts = [[1, 2, 3], [7]]

@@ -238,6 +238,7 @@ def test_logits_refuse_bad_token_ids(module, ids, message):
         module.logits(tf.constant(ids, tf.int32))
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_stops_cut_the_text_as_the_generator_does(run, module):
     _, model, tokenizer = run
     generator = Generator(model, tokenizer, jit_compile=False)
@@ -291,6 +292,7 @@ def _expected_past_the_context(model, tokenizer, prompts, steps):
     return [tokenizer.detokenize(tf.constant(row, tf.int32)).numpy().decode() for row in rows]
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(run):
     _, _, tokenizer = run
     model = _spread_model(tokenizer)

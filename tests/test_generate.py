@@ -117,6 +117,7 @@ def test_a_recurrent_model_generates_in_process(generator):
     )
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_stop_strings_cut_the_text_before_the_first_one(generator):
     prompts = ["the cat", "a dog"]
     plain = generator.generate(prompts, 40, temperature=1.0, seed=5)
