@@ -515,11 +515,14 @@ def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(ru
     prompts = tf.constant(PROMPTS)
     assert _texts(jit["serving_default"](prompts=prompts)) == _texts(default["serving_default"](prompts=prompts))
     sampled = dict(prompts=prompts, max_new_tokens=tf.constant(4), temperature=tf.constant(0.9),
-                   top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3))
+                   top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3),
+                   stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32))
     # XLA draws its categorical samples its own way: seeded, so repeatable, but not TF's tokens.
     assert _texts(jit["generate"](**sampled)) == _texts(jit["generate"](**sampled))
     greedy = dict(sampled, top_k=tf.constant(1))  # top_k 1: greedy
     assert _texts(jit["generate"](**greedy)) == _texts(default["generate"](**greedy))
+    stopped = dict(greedy, stop=tf.constant(["e", "t "]), stop_token_ids=tf.constant([3], tf.int32))
+    assert _texts(jit["generate"](**stopped)) == _texts(default["generate"](**stopped))
 
 
 @pytest.mark.export
