@@ -51,7 +51,7 @@ def in_threads(function, arguments):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
+        thread.join(120)  # an export's first call traces and compiles
     return results
 
 

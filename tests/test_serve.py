@@ -14,6 +14,7 @@ import time
 
 import pytest
 import tensorflow as tf
+from test_batching import in_threads  # the one concurrent-start helper
 
 from kgpt.cli import main
 from kgpt.serve import _Server, exposure_warning, make_server
@@ -72,23 +73,6 @@ def call(server, method, path, body=None, response_headers=False):
         return answer + (dict(response.getheaders()),) if response_headers else answer
     finally:
         connection.close()
-
-
-def in_threads(function, arguments):
-    """`function(*a)` for each `a`, started together in threads; the results in order."""
-    results = [None] * len(arguments)
-    barrier = threading.Barrier(len(arguments))
-
-    def work(index):
-        barrier.wait()
-        results[index] = function(*arguments[index])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(arguments))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
 
 
 def wait_until(condition, seconds=10):
