@@ -68,7 +68,7 @@ class Server:
         command = [sys.executable, "-m", "kgpt", "serve", model_dir, "--port", "0", *flags]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()  # the banner: "... at http://127.0.0.1:PORT/v1/models/bench"
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not match:
             self.process.kill()
             raise RuntimeError(f"kgpt serve did not start: {line!r}")

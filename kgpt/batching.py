@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgpt.export import PADDED_OUTPUTS, REQUEST_LISTS
+from kgpt.export import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS
 from kgpt.sampling import draws_at_random
 
 
@@ -27,7 +27,8 @@ def batch_rows(signature_def):
     Batched: one input of shape `[-1]` (the rows; the others are scalars or request-wide lists,
     `REQUEST_LISTS` such as stop sequences, equal within a batch),
     and outputs that are exact (no floats: their last bits follow the batch's padded width) and
-    split by row (first axis -1; a further variable axis only in `PADDED_OUTPUTS`).
+    split by row (first axis -1; a further variable axis only in `PADDED_OUTPUTS`, or in
+    `REQUEST_WIDTH_OUTPUTS`, whose width the equal scalars of a batch set, such as `num_beams`).
     """
     def dims(info):
         shape = tf.TensorShape(info.tensor_shape)
@@ -41,7 +42,8 @@ def batch_rows(signature_def):
         shape, dtype = dims(info), tf.dtypes.as_dtype(info.dtype)
         if not shape or shape[0] is not None or dtype.is_floating or dtype.is_complex:
             return None
-        if None in shape[1:] and PADDED_OUTPUTS.get(key) not in signature_def.outputs:
+        padded = key in PADDED_OUTPUTS and PADDED_OUTPUTS[key] in signature_def.outputs
+        if None in shape[1:] and not padded and not (key in REQUEST_WIDTH_OUTPUTS and len(shape) == 2):
             return None
     return rows[0]
 

@@ -174,14 +174,16 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
     `early_stopping=True`).
 
     Args:
-        num_beams: hypotheses kept per prompt (a Python int).
+        num_beams: hypotheses kept per prompt: a Python int, or a scalar tensor (an exported
+            signature's input; then XLA cannot compile the search, whose `top_k` widths vary).
         length_penalty: 0 compares raw log-probabilities; larger values favour longer hypotheses.
 
     Returns:
         `(tokens, lengths, scores)`, best first: int32 `(batch, num_beams, prompt_length +
         max_new_tokens)`, int32 `(batch, num_beams)`, float32 `(batch, num_beams)`.
     """
-    beams = int(num_beams)
+    beams = num_beams if tf.is_tensor(num_beams) else int(num_beams)
+    beams_dimension = None if tf.is_tensor(beams) else beams
     stop_ids = tf.zeros([0, 1], tf.int32) if stop_ids is None else tf.cast(stop_ids, tf.int32)
     prompt_ids = tf.cast(prompt_ids, tf.int32)
     prompt_lengths = tf.cast(prompt_lengths, tf.int32)
@@ -271,13 +273,13 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
         ),
         shape_invariants=(
             tf.TensorShape([]),
-            tf.TensorShape([None, beams, None]),
+            tf.TensorShape([None, beams_dimension, None]),
             _cache_shape_invariants(cache),
             tf.TensorShape([None, None]),
-            tf.TensorShape([None, beams]),
-            tf.TensorShape([None, beams, None]),
-            tf.TensorShape([None, beams]),
-            tf.TensorShape([None, beams]),
+            tf.TensorShape([None, beams_dimension]),
+            tf.TensorShape([None, beams_dimension, None]),
+            tf.TensorShape([None, beams_dimension]),
+            tf.TensorShape([None, beams_dimension]),
             tf.TensorShape([None]),
         ),
     )

@@ -1,8 +1,9 @@
 """SavedModels for TensorFlow Serving: string in, string out, tokenizer and decode loop in the graph.
 
-`export(run_dir, name)` publishes `saved_models/NAME/VERSION/` with the signatures `serving_default`,
-`generate`, `score` and `logits` (see the README), needing no XLA (`xla_findings`). This module also
-owns TF Serving's folder layout, which `kgpt.generate` and `kgpt.serve` read.
+`export(run_dir, name)` publishes `saved_models/NAME/VERSION/` with the signatures `SIGNATURES`
+(`serving_default`, `generate`, `beam_search`, `score`, `logits`; see the README), needing no XLA
+(`xla_findings`). This module also owns TF Serving's folder layout, which `kgpt.generate` and
+`kgpt.serve` read.
 """
 
 import errno
@@ -15,6 +16,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from kgpt.decoding import (
     MAX_NEW_TOKENS,
+    beam_search,
     cached,
     check_options,
     decode,
@@ -35,6 +37,12 @@ _PUBLISH_ATTEMPTS = 100
 PADDED_OUTPUTS = {"token_ids": "token_count"}
 # Inputs of shape [n] that hold one list for the whole request, not one value per prompt.
 REQUEST_LISTS = ("stop", "stop_token_ids")
+# Outputs of shape [batch, n] whose n is set by a request's scalar inputs, so equal within a batch.
+REQUEST_WIDTH_OUTPUTS = ("beam_text", "beam_token_count")
+SIGNATURES = ("serving_default", "generate", "beam_search", "score", "logits")
+# `beam_search`: beams per prompt when the request gives none, and at most.
+DEFAULT_BEAMS = 4
+MAX_BEAMS = 16
 _TAKEN = "{} already exists; versions are never overwritten. Leave --version out to write the next one."
 
 
@@ -80,6 +88,25 @@ def _checked(checks, structure):
 def _function(python_function, *input_signature):
     """A serving function: a `tf.function` of this signature, without XLA."""
     return tf.function(python_function, input_signature=list(input_signature), jit_compile=False)
+
+
+def _function_with_defaults(python_function, prompts, defaults):
+    """A serving function of `(prompts, *defaults, stop, stop_token_ids)`: scalars with recorded
+    `defaults` (`{name: tensor}`, in order), then the two stop lists (default: none)."""
+    defaults = {**defaults, "stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
+
+    def function(prompts, *inputs):
+        return python_function(prompts, *inputs)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    function.__signature__ = inspect.Signature([inspect.Parameter("prompts", kind)] + [
+        inspect.Parameter(name, kind, default=default) for name, default in defaults.items()
+    ])
+    specs = [
+        tf.TensorSpec([None] if name in REQUEST_LISTS else [], default.dtype, name=name)
+        for name, default in defaults.items()
+    ]
+    return _function(function, prompts, *specs)
 
 
 def _take_last(dense, lengths, room):
@@ -131,22 +158,21 @@ class ServingModule(tf.Module):
         self.generate = self._generate_function(prompts, max_new_tokens)
         self.score = _function(self._score, tf.TensorSpec([None], tf.string, name="texts"))
         self.logits = _function(self._logits, tf.TensorSpec([None, None], tf.int32, name="token_ids"))
+        self.beam_search = self._beam_search_function(prompts, max_new_tokens)
 
     def signatures(self):
         """The `signatures` argument of `tf.saved_model.save`."""
-        return {name: getattr(self, name) for name in ("serving_default", "generate", "score", "logits")}
+        return {name: getattr(self, name) for name in SIGNATURES}
 
     def _greedy(self, prompts):
         return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
 
     def _generate_function(self, prompts, default_max_new_tokens):
-        """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`; its `__signature__`
-        holds the recorded defaults (no stops)."""
+        """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`, defaults recorded."""
         dtypes = signature_dtypes(self._sampling_type)
         defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32)}
         for name, value in signature_defaults(self._sampling_type).items():
             defaults[name] = tf.constant(value, dtypes[name])
-        stop_defaults = {"stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
 
         def generate(prompts, max_new_tokens, *options):
             options, (stop, stop_token_ids) = dict(zip(dtypes, options[:-2])), options[-2:]
@@ -156,60 +182,112 @@ class ServingModule(tf.Module):
             )
             return self._run(prompts, max_new_tokens, options, stop, stop_token_ids)
 
-        defaults.update(stop_defaults)
+        return _function_with_defaults(generate, prompts, defaults)
 
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        generate.__signature__ = inspect.Signature([inspect.Parameter("prompts", kind)] + [
-            inspect.Parameter(name, kind, default=default) for name, default in defaults.items()
-        ])
-        specs = [
-            tf.TensorSpec([None] if name in stop_defaults else [], default.dtype, name=name)
-            for name, default in defaults.items()
-        ]
-        return _function(generate, prompts, *specs)
+    def _beam_search_function(self, prompts, default_max_new_tokens):
+        """`beam_search(prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids)`."""
+        defaults = {
+            "max_new_tokens": tf.constant(min(default_max_new_tokens, self._sequence_length - 1), tf.int32),
+            "num_beams": tf.constant(DEFAULT_BEAMS, tf.int32),
+            "length_penalty": tf.constant(1.0, tf.float32),
+        }
+        return _function_with_defaults(self._beam_search, prompts, defaults)
 
     def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None):
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
-        max_new_tokens = _checked([
+        max_new_tokens = _checked(self._length_checks(prompts, max_new_tokens), max_new_tokens)
+        stop = tf.constant([], tf.string) if stop is None else stop
+        stop_token_ids = tf.constant([], tf.int32) if stop_token_ids is None else stop_token_ids
+        # A prompt keeps what leaves room for max_new_tokens, and at least the window that
+        # generation past the context keeps (`kgpt.decoding.prompt_room`).
+        room = tf.maximum(self._sequence_length - max_new_tokens, self._window)
+        dense, lengths, truncated = self._prompt_ids(prompts, room)
+        stop_ids = graph_stop_ids(self.tokenizer, stop, stop_token_ids)
+        end = self.tokenizer.end_of_text_id
+        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
+        outputs = self._continuations(tokens, ends, lengths, stop, stop_token_ids)
+        return {**outputs, "prompt_token_count": lengths, "truncated": truncated}
+
+    def _length_checks(self, prompts, max_new_tokens):
+        return [
             tf.debugging.assert_positive(tf.size(prompts), message="prompts is empty; send a prompt"),
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be >= 1"),
             tf.debugging.assert_less_equal(
                 max_new_tokens, MAX_NEW_TOKENS, message=f"max_new_tokens must be <= {MAX_NEW_TOKENS}",
             ),
-        ], max_new_tokens)
-        stop = tf.constant([], tf.string) if stop is None else stop
-        stop_token_ids = tf.constant([], tf.int32) if stop_token_ids is None else stop_token_ids
-        tokenizer, end = self.tokenizer, self.tokenizer.end_of_text_id
-        ids = tokenizer.tokenize(prompts)  # ragged (batch, None)
+        ]
+
+    def _prompt_ids(self, prompts, room):
+        """Right-padded prompt ids, each prompt's last `room` tokens (an empty one: end-of-text);
+        returns `(ids, lengths, truncated)`."""
+        end = self.tokenizer.end_of_text_id
+        ids = self.tokenizer.tokenize(prompts)  # ragged (batch, None)
         lengths = tf.cast(ids.row_lengths(), tf.int32)
-        # A prompt keeps what leaves room for max_new_tokens, and at least the window that
-        # generation past the context keeps (`kgpt.decoding.prompt_room`).
-        room = tf.maximum(self._sequence_length - max_new_tokens, self._window)
         truncated = lengths > room
         # An empty prompt starts from end-of-text, as GPT-2 does.
         empty = tf.equal(lengths, 0)
         dense, lengths = _take_last(ids.to_tensor(default_value=0), lengths, room)
         dense = tf.where(empty[:, None] & tf.equal(tf.range(tf.shape(dense)[1]), 0), end, dense)
-        lengths = tf.where(empty, 1, lengths)
-        stop_ids = graph_stop_ids(tokenizer, stop, stop_token_ids)
-        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
-        # The continuation, without the end-of-text or stop token id that stopped a row.
+        return dense, tf.where(empty, 1, lengths), truncated
+
+    def _continuations(self, tokens, ends, lengths, stop, stop_token_ids):
+        """`text`, `token_ids` (padded) and `token_count` of rows `tokens[lengths:ends]`, without
+        the end-of-text or stop token id that stopped a row, text cut before a stop string."""
+        tokenizer = self.tokenizer
         last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
-        enders = tf.concat([[end], stop_token_ids], 0)
+        enders = tf.concat([[tokenizer.end_of_text_id], stop_token_ids], 0)
         stopped = tf.reduce_any(tf.equal(last[:, None], enders[None, :]), axis=1)
-        counts = ends - lengths - tf.cast(stopped, tf.int32)
+        counts = tf.maximum(ends - lengths - tf.cast(stopped, tf.int32), 0)
         width = tf.reduce_max(counts)
         positions = lengths[:, None] + tf.range(width)[None, :]
         valid = tf.range(width)[None, :] < counts[:, None]
         new = tf.gather(tokens, tf.where(valid, positions, 0), batch_dims=1)
         new = tf.where(valid, new, tokenizer.padding_id)
         text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
+        return {"text": cut_at_stop_tensor(text, stop), "token_ids": new, "token_count": counts}
+
+    def _beam_search(self, prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids):
+        """Every prompt's `num_beams` best continuations by beam search (`kgpt.decoding.beam_search`,
+        as `Decoder` runs it in-process), within the context; the best one as `generate`'s outputs."""
+        checks = self._length_checks(prompts, max_new_tokens) + [
+            tf.debugging.assert_less(
+                max_new_tokens, self._sequence_length,
+                message=f"max_new_tokens must be < the context of {self._sequence_length}: beam search "
+                "stays within it (generate continues past it)",
+            ),
+            tf.debugging.assert_greater(num_beams, 0, message="num_beams must be >= 1"),
+            tf.debugging.assert_less_equal(
+                num_beams, MAX_BEAMS, message=f"num_beams must be <= {MAX_BEAMS}",
+            ),
+            tf.debugging.assert_all_finite(length_penalty, message="length_penalty must be a finite number"),
+        ] + graph_stop_checks(stop, stop_token_ids, self._vocabulary_size)
+        max_new_tokens, num_beams, length_penalty, stop, stop_token_ids = _checked(
+            checks, (max_new_tokens, num_beams, length_penalty, stop, stop_token_ids)
+        )
+        dense, lengths, truncated = self._prompt_ids(prompts, self._sequence_length - max_new_tokens)
+        stop_ids = graph_stop_ids(self.tokenizer, stop, stop_token_ids)
+        tokens, ends, _ = beam_search(
+            self._decoding_model, dense, lengths, max_new_tokens, num_beams,
+            self.tokenizer.end_of_text_id, length_penalty, stop_ids,
+        )
+        batch_size = tf.shape(tokens)[0]
+        flat = self._continuations(
+            tf.reshape(tokens, [batch_size * num_beams, -1]), tf.reshape(ends, [-1]),
+            tf.repeat(lengths, num_beams), stop, stop_token_ids,
+        )
+        beams = {
+            key: tf.reshape(value, tf.concat([[batch_size, num_beams], tf.shape(value)[1:]], 0))
+            for key, value in flat.items()
+        }
+        count = beams["token_count"][:, 0]
         return {
-            "text": cut_at_stop_tensor(text, stop),
-            "token_ids": new,
-            "token_count": counts,
+            "text": beams["text"][:, 0],
+            "token_ids": beams["token_ids"][:, 0, : tf.reduce_max(count)],
+            "token_count": count,
             "prompt_token_count": lengths,
             "truncated": truncated,
+            "beam_text": beams["text"],
+            "beam_token_count": beams["token_count"],
         }
 
     def _decode(self, *args):

@@ -240,33 +240,53 @@ class SavedModelGenerator(TextGenerator):
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
                   length_penalty, stop, stop_token_ids):
         if num_beams > 1:
-            raise ValueError(
-                "Beam search is not part of the exported SavedModel; run it from the run "
-                "directory (kgpt generate RUN_DIR --beams N)."
-            )
-        if "stop" not in self._inputs and (stop or stop_token_ids):
-            raise ValueError(
-                f"The SavedModel {self.path} was exported before stop sequences existed; export the "
-                "run again (kgpt export) to use stop and stop_token_ids."
-            )
+            return self._beam_search(prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
+                                     length_penalty, stop, stop_token_ids)
         stops = {} if "stop" not in self._inputs else dict(
             stop=tf.constant(stop, tf.string, shape=[len(stop)]),
             stop_token_ids=tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
         )
-        try:
-            outputs = self.signature(
-                prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
-                max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-                **sampling.graph_tensors(),
-                **stops,
-            )
-        except tf.errors.InvalidArgumentError as error:  # e.g. an older export's narrower limits
-            match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
-            reason = match.group(1) if match else error.message.splitlines()[0]
-            raise ValueError(f"The SavedModel {self.path} refused the request: {reason}.") from error
+        outputs = self._call(
+            self.signature,
+            prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
+            max_new_tokens=tf.constant(max_new_tokens, tf.int32),
+            **sampling.graph_tensors(),
+            **stops,
+        )
         truncated = outputs["truncated"].numpy()[::num_return_sequences]
         _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
         return [t.decode("utf-8") for t in outputs["text"].numpy()]
+
+    def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
+                     length_penalty, stop, stop_token_ids):
+        """The `beam_search` signature: each prompt's best `num_return_sequences` beams."""
+        signature = self.module.signatures.get("beam_search")
+        if signature is None:
+            raise ValueError(
+                f"The SavedModel {self.path} was exported before beam search was part of exports; "
+                "export the run again (kgpt export), or run it from the run directory."
+            )
+        outputs = self._call(
+            signature, prompts=tf.constant(prompts, tf.string),
+            max_new_tokens=tf.constant(max_new_tokens, tf.int32), num_beams=tf.constant(num_beams, tf.int32),
+            length_penalty=tf.constant(length_penalty, tf.float32),
+            stop=tf.constant(stop, tf.string, shape=[len(stop)]),
+            stop_token_ids=tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
+        )
+        truncated = outputs["truncated"].numpy()
+        room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
+        _report_truncation(int(truncated.sum()), room, truncate)
+        beams = outputs["beam_text"].numpy()[:, :num_return_sequences]
+        return [text.decode("utf-8") for text in beams.reshape(-1)]
+
+    def _call(self, signature, **inputs):
+        """`signature(**inputs)`; a refusal (e.g. an older export's narrower limits) as a ValueError."""
+        try:
+            return signature(**inputs)
+        except tf.errors.InvalidArgumentError as error:
+            match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
+            reason = match.group(1) if match else error.message.splitlines()[0]
+            raise ValueError(f"The SavedModel {self.path} refused the request: {reason}.") from error
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
         """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each

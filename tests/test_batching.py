@@ -212,6 +212,12 @@ GENERATE_OUTPUTS = {"text": ([None], tf.string), "token_ids": ([None, None], tf.
         ({"token_ids": ([None, None], tf.int32)}, {"count": ([None], tf.int32)}, None),
         # Stop lists are one per request (an option), not rows.
         ({"prompts": ([None], tf.string), "stop": ([None], tf.string)}, GENERATE_OUTPUTS, "prompts"),
+        # beam_search: each prompt's beams, as many as the batch's equal num_beams asks for.
+        ({"prompts": ([None], tf.string), "num_beams": ([], tf.int32)},
+         {**GENERATE_OUTPUTS, "beam_text": ([None, None], tf.string),
+          "beam_token_count": ([None, None], tf.int32)}, "prompts"),
+        # Any other output of a variable second axis cannot be split back.
+        ({"prompts": ([None], tf.string)}, {**GENERATE_OUTPUTS, "beams": ([None, None], tf.string)}, None),
         # Two inputs of rows: which one is the batch is not known.
         ({"prompts": ([None], tf.string), "suffixes": ([None], tf.string)}, GENERATE_OUTPUTS, None),
         # A padded output without its count cannot be cut back to each request's width.

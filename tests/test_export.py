@@ -127,6 +127,57 @@ def test_generate_refuses_bad_arguments_with_invalid_argument(module, arguments,
         _generate(module, **arguments)
 
 
+def _beam_search(module, prompts=("the",), max_new_tokens=4, num_beams=3, length_penalty=1.0, stop=(),
+                 stop_token_ids=()):
+    return module.beam_search(
+        tf.constant(list(prompts), tf.string), tf.constant(max_new_tokens), tf.constant(num_beams),
+        tf.constant(length_penalty), tf.constant(list(stop), tf.string, shape=[len(stop)]),
+        tf.constant(list(stop_token_ids), tf.int32, shape=[len(stop_token_ids)]),
+    )
+
+
+@pytest.mark.parametrize("stop", [(), ("t",)])
+def test_beam_search_signature_equals_the_in_process_beams(run, module, stop):
+    _, model, tokenizer = run
+    generator = Generator(model, tokenizer, jit_compile=False)
+    beams, length_penalty = 3, 0.5
+    expected = generator.generate(PROMPTS, MAX_NEW_TOKENS, num_beams=beams, num_return_sequences=beams,
+                                  length_penalty=length_penalty, stop=list(stop))
+    outputs = _beam_search(module, PROMPTS, MAX_NEW_TOKENS, beams, length_penalty, stop)
+    beam_texts = [[t.decode() for t in row] for row in outputs["beam_text"].numpy()]
+    assert beam_texts == [expected[i:i + beams] for i in range(0, len(expected), beams)]
+    assert _texts(outputs) == [row[0] for row in beam_texts]  # the best beam, as generate's outputs
+    counts = outputs["token_count"].numpy()
+    assert counts.tolist() == outputs["beam_token_count"].numpy()[:, 0].tolist()
+    ids = [row[:n].tolist() for row, n in zip(outputs["token_ids"].numpy(), counts)]
+    texts = [tokenizer.detokenize(tf.constant(row, tf.int32)).numpy().decode() for row in ids]
+    assert [cut_at_stop(text, list(stop)) for text in texts] == _texts(outputs)
+    assert outputs["prompt_token_count"].numpy().tolist() == [7, 1, 1, 18]
+    # Left out, the inputs take their recorded defaults: 4 beams, length penalty 1, no stops.
+    defaults = module.beam_search(tf.constant(PROMPTS[:2]), tf.constant(MAX_NEW_TOKENS))
+    assert [[t.decode() for t in row] for row in defaults["beam_text"].numpy()] == [
+        generator.generate([prompt], MAX_NEW_TOKENS, num_beams=4, num_return_sequences=4)
+        for prompt in PROMPTS[:2]
+    ]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(num_beams=0), "num_beams must be >= 1"),
+        (dict(num_beams=export_module.MAX_BEAMS + 1), f"num_beams must be <= {export_module.MAX_BEAMS}"),
+        (dict(max_new_tokens=SEQUENCE_LENGTH), "beam search stays within"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+        (dict(prompts=()), "prompts is empty"),
+        (dict(stop=[""]), "stop sequences must be non-empty strings"),
+    ],
+)
+def test_beam_search_refuses_bad_arguments_with_invalid_argument(module, arguments, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _beam_search(module, **arguments)
+
+
 def test_serving_default_refuses_an_empty_prompt_list(module):
     with pytest.raises(tf.errors.InvalidArgumentError, match="prompts is empty"):
         module.serving_default(tf.constant([], tf.string))
@@ -543,7 +594,7 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
 
     loaded = tf.saved_model.load(exported[1])
     signatures = loaded.signatures
-    assert set(signatures) == {"serving_default", "generate", "score", "logits"}
+    assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "logits"}
     prompts = tf.constant(PROMPTS)
     assert _texts(signatures["serving_default"](prompts=prompts)) == _texts(
         module.serving_default(prompts)
@@ -570,6 +621,10 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
     for key, value in bad:
         with pytest.raises(tf.errors.InvalidArgumentError, match=key):
             signatures["generate"](**{**good, key: value})
+    beams = dict(prompts=prompts, max_new_tokens=tf.constant(5), num_beams=tf.constant(3),
+                 length_penalty=tf.constant(1.0), stop=tf.constant(["t"]), stop_token_ids=tf.constant([], tf.int32))
+    loaded_beams, in_process = signatures["beam_search"](**beams), module.beam_search(**beams)
+    assert loaded_beams["beam_text"].numpy().tolist() == in_process["beam_text"].numpy().tolist()
 
 
 @pytest.mark.export
@@ -681,14 +736,22 @@ def test_fresh_process_with_only_tensorflow_gives_the_in_process_greedy_text(
 
 
 @pytest.mark.export
-def test_cli_generate_from_a_saved_model_and_its_errors(exported, capsys):
+def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys):
     model_dir = os.path.join(exported[0], "tiny")
     assert main(["generate", model_dir, "--prompt", "the cat", "--json"]) == 0
     texts = json.loads(capsys.readouterr().out)
     assert len(texts) == 1 and texts[0].startswith("the cat")
+    # --beams runs the export's beam_search signature: the run directory's beams.
+    beams = ["--prompt", "the cat", "--prompt", "a", "--beams", "3", "--num-return-sequences", "2",
+             "--max-new-tokens", "5", "--json"]
+    assert main(["generate", model_dir, *beams]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert main(["generate", run[0], *beams]) == 0
+    assert from_export == json.loads(capsys.readouterr().out) and len(from_export) == 4
     for bad in (
         ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
-        ["--beams", "0"], ["--beams", "2"], ["--max-new-tokens", "0"],
+        ["--beams", "0"], ["--beams", "2", "--max-new-tokens", str(SEQUENCE_LENGTH)],
+        ["--beams", str(export_module.MAX_BEAMS + 1)], ["--max-new-tokens", "0"],
         ["--max-new-tokens", str(MAX_NEW_TOKENS_LIMIT + 1)], ["--stop", ""], ["--stop-token-id", "-1"],
     ):
         assert main(["generate", model_dir, "--prompt", "a", *bad]) == 2, bad

@@ -428,6 +428,16 @@ def test_serves_a_kgpt_export(tiny_export):
                 "prompts": ["the cat"], "max_new_tokens": 80, "stop_token_ids": [0]}},
         )
         assert status == 200 and answer["outputs"]["token_count"][0] <= 80
+        # beam_search: each prompt's beams, best first; the best is its text.
+        status, answer = call(server, "POST", predict, {"signature_name": "beam_search", "inputs": {
+            "prompts": ["the cat", "a"], "num_beams": 3, "max_new_tokens": 5}})
+        beams = load_generator(str(model_dir)).generate(
+            ["the cat", "a"], max_new_tokens=5, num_beams=3, num_return_sequences=3)
+        assert status == 200 and answer["outputs"]["beam_text"] == [beams[:3], beams[3:]]
+        assert answer["outputs"]["text"] == [beams[0], beams[3]]
+        status, answer = call(server, "POST", predict, {"signature_name": "beam_search", "inputs": {
+            "prompts": ["a"], "num_beams": 99}})
+        assert status == 400 and "num_beams must be <= 16" in answer["error"]
         status, answer = call(
             server, "POST", predict, {"signature_name": "score", "instances": ["the cat sat"]}
         )
