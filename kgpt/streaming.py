@@ -60,6 +60,40 @@ class TextDeltas:
         return piece
 
 
+class RowTexts:
+    """The texts of growing rows of token ids, all rows in one compiled call per step.
+
+    A streamed continuation is detokenized again after every token; as eager TensorFlow ops that
+    cost ~20 ms a call (ragged tensors built op by op), as one `tf.function` call well under 1 ms.
+    Tokenizers that cannot run in a graph (tiktoken's larger encodings) detokenize eagerly.
+
+    Example:
+        RowTexts(tokenizer)([[5, 6], []])  # ["ab", ""]
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._compiled = None
+        if tokenizer.graph_compatible:
+            specs = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]
+            self._compiled = tf.function(self._texts, input_signature=specs)
+
+    def _texts(self, ids, lengths):
+        return self.tokenizer.detokenize(tf.RaggedTensor.from_tensor(ids, lengths=lengths))
+
+    def __call__(self, rows):
+        """A `str` per row of ids (lists of ints)."""
+        if self._compiled is None:
+            texts = self.tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
+        else:
+            lengths = np.array([len(row) for row in rows], np.int32)
+            ids = np.zeros((len(rows), int(lengths.max(initial=0))), np.int32)
+            for index, row in enumerate(rows):
+                ids[index, : len(row)] = row
+            texts = self._compiled(ids, lengths)
+        return [text.decode("utf-8") for text in texts.numpy()]
+
+
 class StepDecoder:
     """Yields the tokens of `decode` one step at a time, for a prompt repeated on `num_rows` rows.
 

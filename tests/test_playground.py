@@ -2,7 +2,9 @@
 API with the standard library (no Selenium): type a prompt, click Generate, read the streamed text.
 
 Marked `browser`; skipped when Debian's `chromium` and `chromium-driver` are not installed. With
-KGPT_UPDATE_SCREENSHOT=1 the test's screenshot replaces docs/playground.png (the README's).
+KGPT_UPDATE_SCREENSHOT=1 the test's screenshot replaces docs/playground.png (the README's), and
+KGPT_PLAYGROUND_RUN_DIR=checkpoints/shakespeare_char serves that trained run instead of a tiny
+random one (the README's screenshot shows it).
 """
 
 import base64
@@ -23,6 +25,8 @@ from kgpt.tokenizer import train_characters
 
 pytestmark = pytest.mark.browser
 
+# What the page is asked to continue (the README's screenshot: a trained Shakespeare run).
+PROMPT = "ROMEO:" if os.environ.get("KGPT_PLAYGROUND_RUN_DIR") else "the cat"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "playground.png")
@@ -100,8 +104,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, write_run_directory):
-    text = "the cat sat on the mat. a dog ran!\n"
-    run_dir, _ = write_run_directory(tmp_path_factory.mktemp("play") / "tiny", train_characters([text]))
+    run_dir = os.environ.get("KGPT_PLAYGROUND_RUN_DIR")
+    if not run_dir:
+        text = "the cat sat on the mat. a dog ran!\n"
+        run_dir, _ = write_run_directory(tmp_path_factory.mktemp("play") / "tiny", train_characters([text]))
     server = make_server(str(run_dir), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -109,8 +115,8 @@ def server(tmp_path_factory, write_run_directory):
     server.server_close()
 
 
-def _greedy_answer(port, prompt, max_tokens):
-    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+def _greedy_answer(port, name, prompt, max_tokens):
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -118,14 +124,14 @@ def _greedy_answer(port, prompt, max_tokens):
 
 
 def test_the_playground_streams_the_apis_greedy_answer(browser, server, tmp_path):
-    port = server.server_address[1]
-    expected = _greedy_answer(port, "the cat", 20)
+    port, name = server.server_address[1], server.model.name
+    expected = _greedy_answer(port, name, PROMPT, 20)
     browser.command("POST", "/url", {"url": f"http://127.0.0.1:{port}/"})
     deadline = time.monotonic() + 30
-    while browser.text("#model") != "model: tiny":  # the page lists the served model first
+    while browser.text("#model") != f"model: {name}":  # the page lists the served model first
         assert time.monotonic() < deadline, browser.text("#model")
         time.sleep(0.1)
-    browser.set_value("#prompt", "the cat")
+    browser.set_value("#prompt", PROMPT)
     browser.set_value("#max_tokens", "20")
     browser.set_value("#temperature", "0")
     browser.command("POST", browser.find("#generate") + "/click", {})
@@ -139,13 +145,16 @@ def test_the_playground_streams_the_apis_greedy_answer(browser, server, tmp_path
     assert shown == expected
     assert browser.text("#status").startswith("finished (")
     # Bad options come back as the API's message, not a hang.
-    browser.set_value("#max_tokens", "400")
+    browser.set_value("#top_p", "1.5")
     browser.command("POST", browser.find("#generate") + "/click", {})
     deadline = time.monotonic() + 60
-    while "max_tokens=400" not in browser.text("#status"):
+    while "top_p=1.5" not in browser.text("#status"):
         assert time.monotonic() < deadline, browser.text("#status")
         time.sleep(0.1)
-    browser.set_value("#max_tokens", "20")
+    # The screenshot: a seeded sample (longer from a trained run).
+    browser.set_value("#top_p", "1")
+    browser.set_value("#temperature", "0.8")
+    browser.set_value("#max_tokens", "300" if os.environ.get("KGPT_PLAYGROUND_RUN_DIR") else "20")
     browser.command("POST", browser.find("#generate") + "/click", {})
     deadline = time.monotonic() + 120
     while not browser.text("#status").startswith("finished"):
