@@ -204,12 +204,17 @@ class ServingModule(tf.Module):
         new = tf.gather(tokens, tf.where(valid, positions, 0), batch_dims=1)
         new = tf.where(valid, new, tokenizer.padding_id)
         text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
+        kept = cut_at_stop_tensor(text, stop)
+        # Ended by end-of-text or a stop (a stop id, a stop string's tokens, or its text), not by length.
+        cut = tf.strings.length(kept) < tf.strings.length(text)
+        stopped = stopped | (ends - lengths < max_new_tokens) | cut
         return {
-            "text": cut_at_stop_tensor(text, stop),
+            "text": kept,
             "token_ids": new,
             "token_count": counts,
             "prompt_token_count": lengths,
             "truncated": truncated,
+            "stopped": stopped,
         }
 
     def _decode(self, *args):
