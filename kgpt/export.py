@@ -38,7 +38,7 @@ PADDED_OUTPUTS = {"token_ids": "token_count"}
 # Inputs of shape [n] that hold one list for the whole request, not one value per prompt.
 REQUEST_LISTS = ("stop", "stop_token_ids")
 # Outputs of shape [batch, n] whose n is set by a request's scalar inputs, so equal within a batch.
-REQUEST_WIDTH_OUTPUTS = ("beam_text", "beam_token_count")
+REQUEST_WIDTH_OUTPUTS = ("beam_text", "beam_token_count", "beam_stopped")
 SIGNATURES = ("serving_default", "generate", "beam_search", "score", "logits")
 # `beam_search`: beams per prompt when the request gives none, and at most.
 DEFAULT_BEAMS = 4
@@ -205,7 +205,7 @@ class ServingModule(tf.Module):
         stop_ids = graph_stop_ids(self.tokenizer, stop, stop_token_ids)
         end = self.tokenizer.end_of_text_id
         tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
-        outputs = self._continuations(tokens, ends, lengths, stop, stop_token_ids)
+        outputs = self._continuations(tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
         return {**outputs, "prompt_token_count": lengths, "truncated": truncated}
 
     def _length_checks(self, prompts, max_new_tokens):
@@ -230,9 +230,9 @@ class ServingModule(tf.Module):
         dense = tf.where(empty[:, None] & tf.equal(tf.range(tf.shape(dense)[1]), 0), end, dense)
         return dense, tf.where(empty, 1, lengths), truncated
 
-    def _continuations(self, tokens, ends, lengths, stop, stop_token_ids):
-        """`text`, `token_ids` (padded) and `token_count` of rows `tokens[lengths:ends]`, without
-        the end-of-text or stop token id that stopped a row, text cut before a stop string."""
+    def _continuations(self, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
+        """`text`, `token_ids` (padded), `token_count` and `stopped` of rows `tokens[lengths:ends]`,
+        without the end-of-text or stop token id that stopped a row, text cut before a stop string."""
         tokenizer = self.tokenizer
         last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
         enders = tf.concat([[tokenizer.end_of_text_id], stop_token_ids], 0)
@@ -244,7 +244,11 @@ class ServingModule(tf.Module):
         new = tf.gather(tokens, tf.where(valid, positions, 0), batch_dims=1)
         new = tf.where(valid, new, tokenizer.padding_id)
         text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
-        return {"text": cut_at_stop_tensor(text, stop), "token_ids": new, "token_count": counts}
+        kept = cut_at_stop_tensor(text, stop)
+        # Ended by end-of-text or a stop (a stop id, a stop string's tokens, or its text), not by length.
+        cut = tf.strings.length(kept) < tf.strings.length(text)
+        stopped = stopped | (ends - lengths < max_new_tokens) | cut
+        return {"text": kept, "token_ids": new, "token_count": counts, "stopped": stopped}
 
     def _beam_search(self, prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids):
         """Every prompt's `num_beams` best continuations by beam search (`kgpt.decoding.beam_search`,
@@ -273,7 +277,7 @@ class ServingModule(tf.Module):
         batch_size = tf.shape(tokens)[0]
         flat = self._continuations(
             tf.reshape(tokens, [batch_size * num_beams, -1]), tf.reshape(ends, [-1]),
-            tf.repeat(lengths, num_beams), stop, stop_token_ids,
+            tf.repeat(lengths, num_beams), max_new_tokens, stop, stop_token_ids,
         )
         beams = {
             key: tf.reshape(value, tf.concat([[batch_size, num_beams], tf.shape(value)[1:]], 0))
@@ -288,6 +292,8 @@ class ServingModule(tf.Module):
             "truncated": truncated,
             "beam_text": beams["text"],
             "beam_token_count": beams["token_count"],
+            "stopped": beams["stopped"][:, 0],
+            "beam_stopped": beams["stopped"],
         }
 
     def _decode(self, *args):

@@ -49,6 +49,31 @@ def sampling_options(sampling=None, **fields):
     return dataclasses.replace(sampling, **fields) if fields else sampling
 
 
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One continuation of `TextGenerator.complete`.
+
+    Args:
+        text: the continuation, without end-of-text or a stop token id, cut before a stop string.
+        token_count: the tokens decoded for it (a stop string's counted; end-of-text and stop ids not).
+        prompt_token_count: its prompt's tokens as decoded (after any truncation; "" is end-of-text).
+        finish_reason: "stop" (end-of-text, a stop token id or a stop string ended it) or
+            "length" (`max_new_tokens` were made).
+    """
+
+    text: str
+    token_count: int
+    prompt_token_count: int
+    finish_reason: str
+
+
+def _prompt_list(prompts):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("No prompts given; pass at least one (an empty string is allowed).")
+    return prompts
+
+
 class TextGenerator:
     """The shared text interface; subclasses set the three class attributes and `_continue`."""
 
@@ -56,7 +81,27 @@ class TextGenerator:
     vocabulary_size = None
     default_max_new_tokens = None
 
-    def generate(
+    def generate(self, prompts, max_new_tokens=None, *, keep_prompt=False, **options):
+        """Continues each prompt (an empty string starts from end-of-text); the texts of `complete`.
+
+        Args:
+            keep_prompt: return prompt + continuation instead of the continuation alone.
+            **options: the options of `complete` (sampling, beams, stops, truncation).
+
+        Returns:
+            `len(prompts) * num_return_sequences` strings, prompt-major, without end-of-text.
+
+        Example:
+            generator.generate(["ROMEO:"], 40, temperature=0.8, seed=1, stop="\\n\\n")
+        """
+        prompts = _prompt_list(prompts)
+        texts = [completion.text for completion in self.complete(prompts, max_new_tokens, **options)]
+        if keep_prompt:
+            count = len(texts) // len(prompts)  # num_return_sequences
+            texts = [prompts[i // count] + t for i, t in enumerate(texts)]
+        return texts
+
+    def complete(
         self,
         prompts,
         max_new_tokens=None,
@@ -65,13 +110,12 @@ class TextGenerator:
         num_beams=1,
         length_penalty=1.0,
         num_return_sequences=1,
-        keep_prompt=False,
         truncate=True,
         stop=None,
         stop_token_ids=None,
         **sampling_fields,
     ):
-        """Continues each prompt (an empty string starts from end-of-text).
+        """Continues each prompt in one batched decode; returns the continuations with their counts.
 
         Past the context (not with beams), generation goes on from the last half of the context.
 
@@ -87,11 +131,9 @@ class TextGenerator:
             **sampling_fields: `SamplingOptions` fields replacing those of `sampling`.
 
         Returns:
-            `len(prompts) * num_return_sequences` strings, prompt-major, without end-of-text.
+            `len(prompts) * num_return_sequences` `Completion`s, prompt-major.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("No prompts given; pass at least one (an empty string is allowed).")
+        prompts = _prompt_list(prompts)
         if max_new_tokens is None:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
@@ -99,13 +141,10 @@ class TextGenerator:
         stop, stop_token_ids = check_stops(stop, stop_token_ids, self.vocabulary_size)
         decoding = dict(num_beams=num_beams, length_penalty=length_penalty, stop=stop,
                         stop_token_ids=stop_token_ids)
-        texts = self._continue(prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding)
-        if keep_prompt:
-            texts = [prompts[i // num_return_sequences] + t for i, t in enumerate(texts)]
-        return texts
+        return self._continue(prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding)
 
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding):
-        """Continuations only, `len(prompts) * num_return_sequences` strings, prompt-major."""
+        """`len(prompts) * num_return_sequences` `Completion`s, prompt-major."""
         raise NotImplementedError
 
     def stream(self, prompt, max_new_tokens=None, *, sampling=None, num_return_sequences=1, truncate=True,
@@ -113,7 +152,8 @@ class TextGenerator:
         """Continues one prompt, yielding `kgpt.streaming.Piece`s as the text is produced.
 
         The options are checked now; the returned iterator decodes as it is read (closing it stops
-        decoding). Each continuation's pieces join to `generate`'s text for the same options.
+        decoding). Each continuation's pieces join to `generate`'s text for the same options, past
+        the context too. Beam search is not streamed.
 
         Args:
             chunked: False computes each continuation at once where that is cheaper (an export's
@@ -125,16 +165,15 @@ class TextGenerator:
         """
         if not isinstance(prompt, str):
             raise ValueError(f"stream takes one prompt string; got {type(prompt).__name__}.")
+        if sampling_fields.pop("num_beams", 1) > 1:
+            raise ValueError(
+                "Beam search is not streamed: its best continuation is known only when it ends; use "
+                "generate(..., num_beams=N), or stream greedy or sampled text."
+            )
         if max_new_tokens is None:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, 1, num_return_sequences)
-        if max_new_tokens >= self.sequence_length:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} does not fit the model's context of "
-                f"{self.sequence_length} tokens: token-by-token decoding stays within it (generation "
-                f"past the context is not streamed); ask for at most {self.sequence_length - 1}."
-            )
         return self._stream(prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked)
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
@@ -184,9 +223,18 @@ class Generator(TextGenerator):
                             length_penalty=length_penalty,
                             stop_sequences=self._stop_sequences(stop, stop_token_ids))
         enders = {end, *stop_token_ids}
-        rows = [row[:-1] if row and row[-1] in enders else row for row in rows]
+        ended = [bool(row) and row[-1] in enders for row in rows]
+        rows = [row[:-1] if ender else row for row, ender in zip(rows, ended)]
         texts = tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
-        return [cut_at_stop(t.decode("utf-8"), stop) for t in texts.numpy()]
+        completions = []
+        for index, (row, text, ender) in enumerate(zip(rows, texts.numpy(), ended)):
+            text = text.decode("utf-8")
+            kept = cut_at_stop(text, stop)
+            # Ended early (end-of-text, a stop id, a stop string's tokens), or cut at a stop string.
+            stopped = ender or len(row) < max_new_tokens or kept != text
+            prompt_tokens = min(len(ids[index // num_return_sequences]), room)
+            completions.append(Completion(kept, len(row), prompt_tokens, "stop" if stopped else "length"))
+        return completions
 
     def _stop_sequences(self, stop, stop_token_ids):
         """Token ids of each stop string that detokenize back to it (an early end), and each stop id."""
@@ -198,7 +246,7 @@ class Generator(TextGenerator):
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
         end = self.tokenizer.end_of_text_id
-        room = self.sequence_length - max_new_tokens
+        room = prompt_room(self.sequence_length, max_new_tokens)
         ids = list(self.tokenizer.encode_documents([prompt])[0]) or [end]
         _report_truncation(int(len(ids) > room), room, truncate)
         ids = ids[-room:]
@@ -255,11 +303,18 @@ class SavedModelGenerator(TextGenerator):
         )
         truncated = outputs["truncated"].numpy()[::num_return_sequences]
         _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
-        return [t.decode("utf-8") for t in outputs["text"].numpy()]
+        counts = outputs["token_count"].numpy()
+        # An export without `stopped` (older than it) knows a stop only by a row ended early.
+        stopped = outputs["stopped"].numpy() if "stopped" in outputs else counts < max_new_tokens
+        texts, prompt_counts = outputs["text"].numpy(), outputs["prompt_token_count"].numpy()
+        return [
+            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
+            for text, count, prompt_count, ended in zip(texts, counts, prompt_counts, stopped)
+        ]
 
     def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                      length_penalty, stop, stop_token_ids):
-        """The `beam_search` signature: each prompt's best `num_return_sequences` beams."""
+        """The `beam_search` signature: each prompt's best `num_return_sequences` beams (`Completion`s)."""
         signature = self.module.signatures.get("beam_search")
         if signature is None:
             raise ValueError(
@@ -276,8 +331,13 @@ class SavedModelGenerator(TextGenerator):
         truncated = outputs["truncated"].numpy()
         room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
         _report_truncation(int(truncated.sum()), room, truncate)
-        beams = outputs["beam_text"].numpy()[:, :num_return_sequences]
-        return [text.decode("utf-8") for text in beams.reshape(-1)]
+        beams = [outputs[key].numpy()[:, :num_return_sequences]
+                 for key in ("beam_text", "beam_token_count", "beam_stopped")]
+        prompt_counts = outputs["prompt_token_count"].numpy()
+        return [
+            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
+            for prompt_count, *row in zip(prompt_counts, *beams) for text, count, ended in zip(*row)
+        ]
 
     def _call(self, signature, **inputs):
         """`signature(**inputs)`; a refusal (e.g. an older export's narrower limits) as a ValueError."""
@@ -302,7 +362,7 @@ class SavedModelGenerator(TextGenerator):
             )
             return {key: value.numpy() for key, value in outputs.items()}
 
-        room = self.sequence_length - max_new_tokens
+        room = prompt_room(self.sequence_length, max_new_tokens)
         count = 1 if chunked else max_new_tokens
         outputs = call(count)
         prompt_tokens = int(outputs["prompt_token_count"][0])

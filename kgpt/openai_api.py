@@ -1,5 +1,5 @@
-"""The OpenAI completions API of `kgpt serve`: `POST /v1/completions` (whole, or streamed as
-server-sent events) and `GET /v1/models`, over a `kgpt.generate.TextGenerator`.
+"""The OpenAI completions API of `kgpt serve`: `POST /v1/completions` (whole, decoded as one batch,
+or streamed as server-sent events) and `GET /v1/models`, over a `kgpt.generate.TextGenerator`.
 
 Requests follow OpenAI's legacy completions API: its documented fields that kgpt implements are
 honoured, `user` is ignored, documented fields kgpt cannot honour are refused unless they hold
@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 
+from kgpt.decoding import check_options
 from kgpt.sampling import SamplingOptions
 
 MAX_STOPS = 4  # OpenAI's limit
@@ -182,26 +183,30 @@ class Completions:
 
     def create(self, request):
         """A checked request -> the response object, or (stream) an iterator of event objects whose
-        first item is computed now (so a refusal is still an HTTP error, not an event)."""
+        first item is computed now (so a refusal is still an HTTP error, not an event).
+
+        A whole answer is one call of the generator's batched decode (every prompt and choice, the
+        stops ending rows early); a streamed one decodes prompt by prompt, token by token."""
         request = parse_request(request, self.name)
-        try:  # before any decoding: max_tokens against the context, n with greedy decoding, ...
-            self.generator.stream("", request.max_tokens, sampling=request.sampling)
+        rows = 1 if request.sampling.temperature is None else request.n  # greedy: n copies of one
+        try:  # before any decoding: max_tokens in range, ...
+            check_options(request.max_tokens, self.generator.sequence_length, request.sampling, 1, rows)
         except ValueError as error:
-            raise OpenAIError(str(error).replace("max_new_tokens", "max_tokens"), "max_tokens") from error
+            raise _max_tokens_error(error) from error
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": self.name}
+        if not request.stream:
+            try:
+                completions = self.run(lambda: self.generator.complete(
+                    request.prompts, request.max_tokens, sampling=request.sampling,
+                    num_return_sequences=rows, stop=request.stops,
+                ))
+            except ValueError as error:  # e.g. an export older than stop sequences
+                raise _max_tokens_error(error) from error
+            return self._whole(request, head, completions, request.n // rows)
         events = self._events(request, head)
         first = self.run(lambda: next(events, None))
-        if not request.stream:
-            return self._whole(request, head, [first] + list(self._run_all(events)))
         return self._chunks(request, head, first, events)
-
-    def _run_all(self, events):
-        while True:
-            event = self.run(lambda: next(events, None))
-            if event is None:
-                return
-            yield event
 
     def _events(self, request, head):
         """`(index, text, finish_reason, prompt_tokens, completion_tokens)` per piece, stops applied;
@@ -211,7 +216,7 @@ class Completions:
         for number, prompt in enumerate(request.prompts):
             rows = 1 if greedy else request.n
             pieces = self.generator.stream(prompt, request.max_tokens, sampling=request.sampling,
-                                           num_return_sequences=rows, chunked=request.stream)
+                                           num_return_sequences=rows)
             stops = [StopText(request.stops) for _ in range(rows)]
             try:
                 for piece in pieces:
@@ -230,20 +235,19 @@ class Completions:
             finally:
                 pieces.close()
 
-    def _whole(self, request, head, events):
-        choices = {}
-        prompt_tokens = {}
-        for index, text, reason, prompt_count, count in (e for e in events if e is not None):
-            choice = choices.setdefault(index, {"text": "", "index": index, "logprobs": None,
-                                                "finish_reason": None, "tokens": 0})
-            choice["text"] += text
-            choice["finish_reason"] = reason or choice["finish_reason"]
-            choice["tokens"] = count
-            prompt_tokens[index // request.n] = prompt_count
-        usage = {"prompt_tokens": sum(prompt_tokens.values()),
-                 "completion_tokens": sum(choice.pop("tokens") for choice in choices.values())}
+    @staticmethod
+    def _whole(request, head, completions, copies):
+        """The answer to prompt-major `kgpt.generate.Completion`s, each as `copies` choices."""
+        choices = [
+            {"text": completion.text, "index": number * copies + copy, "logprobs": None,
+             "finish_reason": completion.finish_reason}
+            for number, completion in enumerate(completions) for copy in range(copies)
+        ]
+        rows = len(completions) // len(request.prompts)
+        usage = {"prompt_tokens": sum(c.prompt_token_count for c in completions[::rows]),
+                 "completion_tokens": copies * sum(c.token_count for c in completions)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {**head, "choices": [choices[i] for i in sorted(choices)], "usage": usage}
+        return {**head, "choices": choices, "usage": usage}
 
     def _chunks(self, request, head, first, events):
         prompt_tokens, counts = {}, {}
@@ -269,3 +273,10 @@ def server_sent_events(objects):
     for value in objects:
         yield f"data: {json.dumps(value, ensure_ascii=False)}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+def _max_tokens_error(error):
+    """A generator's `ValueError` as OpenAI's 400, in the API's words (`max_tokens`)."""
+    message = str(error)
+    param = "max_tokens" if "max_new_tokens" in message else None
+    return OpenAIError(message.replace("max_new_tokens", "max_tokens"), param)

@@ -293,7 +293,8 @@ def test_logits_refuse_bad_token_ids(module, ids, message):
 def test_stops_cut_the_text_as_the_generator_does(run, module):
     _, model, tokenizer = run
     generator = Generator(model, tokenizer, jit_compile=False)
-    plain = _texts(_generate(module, PROMPTS, 24, seed=3))
+    plain_outputs = _generate(module, PROMPTS, 24, seed=3)
+    plain = _texts(plain_outputs)
     # Stops drawn from the plain texts: a string spanning tokens, and one the tokenizer cannot encode.
     stop = [plain[0][5:7], plain[3][2:3], "Z"]
     outputs = _generate(module, PROMPTS, 24, seed=3, stop=stop)
@@ -301,8 +302,14 @@ def test_stops_cut_the_text_as_the_generator_does(run, module):
     assert texts == [cut_at_stop(text, stop) for text in plain]
     assert not any(s in text for text in texts for s in stop)
     with pytest.warns(UserWarning, match="left-truncated"):  # as the graph: 16 tokens kept
-        assert texts == generator.generate(PROMPTS, 24, temperature=1.0, seed=3, stop=stop)
+        completions = generator.complete(PROMPTS, 24, temperature=1.0, seed=3, stop=stop)
+    assert [c.text for c in completions] == texts
     assert any(len(t) < len(p) for t, p in zip(texts, plain))
+    # `stopped`: ended by end-of-text or a stop (cut rows), as the generator's finish reasons say.
+    stopped = outputs["stopped"].numpy().tolist()
+    assert stopped == [bool(s) or t != p for s, t, p in zip(plain_outputs["stopped"].numpy(), texts, plain)]
+    assert [c.finish_reason for c in completions] == ["stop" if s else "length" for s in stopped]
+    assert [c.token_count for c in completions] == outputs["token_count"].numpy().tolist()
     # A row ends early at its stop; token_ids still hold the tokens of the stop string.
     assert outputs["token_count"].numpy()[0] < 24
     # A stop token id ends a row like end-of-text and is not returned.

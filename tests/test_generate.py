@@ -155,29 +155,78 @@ def test_cli_generate(run_dir, capsys):
         assert error.startswith("kgpt generate: error:") and error.count("\n") == 1
 
 
+def _joined(pieces, rows=1):
+    """`[(text, last piece)]` per continuation of streamed `pieces`."""
+    texts, last = [""] * rows, [None] * rows
+    for piece in pieces:
+        texts[piece.index] += piece.text
+        last[piece.index] = piece
+    return list(zip(texts, last))
+
+
 @pytest.mark.slow  # compiles the decode loop and the step
 def test_streamed_text_equals_generated_text(generator):
-    for prompt in ["the cat", "", "the cat sat on the mat. " * 3]:
+    # 10 new tokens stay within the context of 32; 80 pass it (the cache is rebuilt three times).
+    for prompt, count in [("the cat", 10), ("", 10), ("the cat sat on the mat. " * 3, 10),
+                          ("the cat", 80), ("the cat sat on the mat. " * 3, 80)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the long prompt is left-truncated, both ways
-            expected = generator.generate([prompt], max_new_tokens=10)
-            pieces = list(generator.stream(prompt, 10))
-        assert "".join(piece.text for piece in pieces) == expected[0]
-        assert pieces[-1].finish_reason in ("stop", "length") and all(p.finish_reason is None for p in pieces[:-1])
-    options = dict(temperature=1.0, top_p=0.9, seed=3, num_return_sequences=3)
-    streamed = [""] * 3
-    for piece in generator.stream("the", 8, **options):
-        streamed[piece.index] += piece.text
-    assert streamed == generator.generate(["the"], 8, **options)
+            [expected] = generator.complete([prompt], max_new_tokens=count)
+            pieces = list(generator.stream(prompt, count))
+        [(text, last)] = _joined(pieces)
+        assert text == expected.text
+        assert (last.token_count, last.prompt_token_count, last.finish_reason) == (
+            expected.token_count, expected.prompt_token_count, expected.finish_reason)
+        assert all(p.finish_reason is None for p in pieces[:-1])
+    for count in (8, 50):  # seeded samples, three rows with their own histories
+        options = dict(temperature=1.0, top_p=0.9, seed=3, num_return_sequences=3)
+        streamed = _joined(generator.stream("the", count, **options), rows=3)
+        completions = generator.complete(["the"], count, **options)
+        assert [text for text, _ in streamed] == [c.text for c in completions]
+        assert [(last.token_count, last.finish_reason) for _, last in streamed] == [
+            (c.token_count, c.finish_reason) for c in completions]
+        assert len({c.text for c in completions}) == 3
     with pytest.raises(ValueError, match="context"):
         generator.stream("the cat sat on the mat. " * 3, 8, truncate=False).__next__()
-    with pytest.raises(ValueError, match="max_new_tokens=32"):
-        generator.stream("a", 32)
+    with pytest.raises(ValueError, match="Beam search is not streamed"):
+        generator.stream("a", 8, num_beams=2)
+
+
+def test_complete_reports_counts_and_finish_reasons(generator):
+    prompts = ["the cat", "", "the cat sat on the mat. " * 3]  # the last keeps 16 tokens (half of 32)
+    options = dict(temperature=1.0, seed=5, num_return_sequences=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        completions = generator.complete(prompts, 40, **options)
+        assert [c.text for c in completions] == generator.generate(prompts, 40, **options)
+    assert [c.prompt_token_count for c in completions] == [7, 7, 1, 1, 16, 16]
+    for completion in completions:  # one token per character (end-of-text not counted)
+        assert len(completion.text) <= completion.token_count <= 40
+        assert completion.finish_reason == ("length" if completion.token_count == 40 else "stop")
+    # A stop string ends its row early ("stop"), the text cut before it; the other row goes on.
+    text = completions[0].text
+    assert len(text) >= 5
+    stop = text[3:5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopped = generator.complete(prompts, 40, stop=stop, **options)
+    assert stopped[0].text == text[: text.index(stop)] and stopped[0].finish_reason == "stop"
+    assert stopped[0].token_count <= completions[0].token_count
+    assert [c.text for c in stopped] == [c.text.split(stop)[0] for c in completions]
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generator.complete(["a"], 0)
 
 
 def test_cli_generate_stream_prints_the_continuation(run_dir, capsys):
     assert main(["generate", run_dir, "--prompt", "the", "--max-new-tokens", "6", "--stream"]) == 0
     streamed = capsys.readouterr().out
     assert streamed.startswith("the") and streamed.endswith("\n")
+    # Past the context of 32, as the whole text is generated.
+    sampled = ["--temperature", "1", "--seed", "2"]
+    for options in (["--max-new-tokens", "70"], ["--max-new-tokens", "70", *sampled]):
+        assert main(["generate", run_dir, "--prompt", "the", *options, "--stream"]) == 0
+        streamed = capsys.readouterr().out
+        assert main(["generate", run_dir, "--prompt", "the", *options]) == 0
+        assert streamed == capsys.readouterr().out
     assert main(["generate", run_dir, "--prompt", "a", "--prompt", "b", "--stream"]) == 2
     assert "--stream prints one continuation" in capsys.readouterr().err

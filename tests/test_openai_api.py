@@ -160,10 +160,46 @@ def test_stop_sequences_cut_the_text_and_finish_with_stop(client):
     assert pieces[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_whole_answer_is_one_batched_decode_past_the_context(client, server):
+    generator = server.model.completions.generator  # the served Generator, compiled once
+    prompts = ["the cat", "a", ""]
+    # 50 tokens on a context of 32; seeded samples of the three prompts as one batch.
+    expected = generator.complete(prompts, 50, temperature=1.0, seed=3, num_return_sequences=2)
+    answer = client.completions.create(model="tiny", prompt=prompts, max_tokens=50, temperature=1.0, seed=3,
+                                       n=2)
+    assert [c.text for c in answer.choices] == [e.text for e in expected]
+    assert [c.finish_reason for c in answer.choices] == [e.finish_reason for e in expected]
+    assert [c.index for c in answer.choices] == list(range(6))
+    assert answer.usage.prompt_tokens == 7 + 1 + 1
+    assert answer.usage.completion_tokens == sum(e.token_count for e in expected)
+    # Streamed past the context too, equal to the whole greedy answer.
+    whole = client.completions.create(model="tiny", prompt="the", max_tokens=50, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="the", max_tokens=50, temperature=0,
+                                            stream=True))
+    assert "".join(c.text for chunk in chunks for c in chunk.choices) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert whole.choices[0].text == generator.generate(["the"], 50)[0]
+
+
+def test_whole_answers_finish_with_stop_at_a_stop_string_and_length_otherwise(client):
+    full = client.completions.create(model="tiny", prompt="a", max_tokens=12, temperature=0, stop="@@")
+    count = full.usage.completion_tokens
+    assert full.choices[0].finish_reason == ("length" if count == 12 else "stop")
+    text = full.choices[0].text
+    assert len(text) > 4 and count == len(text)  # one token per character
+    # A stop completed by the last token allowed: finished by the stop, not by the length.
+    stop = text[2:4]
+    ends = text.index(stop) + len(stop)
+    answer = client.completions.create(model="tiny", prompt="a", max_tokens=ends, temperature=0, stop=stop)
+    assert answer.choices[0].text == text[: text.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens <= ends
+
+
 def test_errors_reach_the_client_in_openais_shape(client, server):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="tiny", prompt="a", max_tokens=40)
-    assert "max_tokens=40 does not fit the model's context of 32" in caught.value.message
+        client.completions.create(model="tiny", prompt="a", max_tokens=70000)  # past the context is fine
+    assert "max_tokens=70000 is out of range; choose 1 to 65536" in caught.value.message
     assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match="at most 4"):
         client.completions.create(model="tiny", prompt="a", stop=["1", "2", "3", "4", "5"])
@@ -218,17 +254,20 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_
 
     path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
     generator = load_generator(path)
-    for prompt in ["the cat", "", "the cat sat on the mat. " * 2]:  # the last is left-truncated
+    long = "the cat sat on the mat. " * 2  # left-truncated
+    # 12 new tokens stay within the context of 32; 40 pass it.
+    for prompt, count in [("the cat", 12), ("", 12), (long, 12), ("the cat", 40), (long, 40)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = generator.generate([prompt], max_new_tokens=12)
-            pieces = list(generator.stream(prompt, 12))
-        assert "".join(p.text for p in pieces) == expected[0]
-        assert pieces[-1].finish_reason in ("stop", "length")
-    streamed = [""] * 2
-    for piece in generator.stream("the", 9, temperature=1.0, seed=5, num_return_sequences=2):
-        streamed[piece.index] += piece.text
-    assert streamed == generator.generate(["the"], 9, temperature=1.0, seed=5, num_return_sequences=2)
+            [expected] = generator.complete([prompt], max_new_tokens=count)
+            pieces = list(generator.stream(prompt, count))
+        assert "".join(p.text for p in pieces) == expected.text
+        assert (pieces[-1].finish_reason, pieces[-1].token_count) == (expected.finish_reason, expected.token_count)
+    for count in (9, 40):
+        streamed = [""] * 2
+        for piece in generator.stream("the", count, temperature=1.0, seed=5, num_return_sequences=2):
+            streamed[piece.index] += piece.text
+        assert streamed == generator.generate(["the"], count, temperature=1.0, seed=5, num_return_sequences=2)
     server = make_server(str(tmp_path / "tiny"), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -239,6 +278,18 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_
                                                 stream=True))
         assert "".join(c.text for chunk in chunks for c in chunk.choices) == whole.choices[0].text
         assert whole.usage.prompt_tokens == 7
+        # Past the context, several prompts as one call of the export; a stop ends a choice with "stop".
+        expected = generator.complete(["the cat", "a"], 40, temperature=1.0, seed=2, num_return_sequences=2)
+        answer = client.completions.create(model="tiny", prompt=["the cat", "a"], max_tokens=40, temperature=1.0,
+                                           seed=2, n=2)
+        assert [(c.text, c.finish_reason) for c in answer.choices] == [
+            (e.text, e.finish_reason) for e in expected]
+        assert answer.usage.completion_tokens == sum(e.token_count for e in expected)
+        text = whole.choices[0].text
+        stop = text[2:4]
+        ends = text.index(stop) + len(stop)  # the stop completes at the last token allowed
+        cut = client.completions.create(model="tiny", prompt="the cat", max_tokens=ends, temperature=0, stop=stop)
+        assert (cut.choices[0].text, cut.choices[0].finish_reason) == (text[: text.index(stop)], "stop")
     finally:
         server.shutdown()
         server.server_close()

@@ -409,7 +409,8 @@ def test_serves_a_kgpt_export(tiny_export):
         rows = answer["predictions"]
         assert [row["text"] for row in rows] == expected
         assert [row["prompt_token_count"] for row in rows] == [7, 1]
-        assert set(rows[0]) == {"text", "token_ids", "token_count", "prompt_token_count", "truncated"}
+        assert set(rows[0]) == {"text", "token_ids", "token_count", "prompt_token_count", "truncated",
+                                "stopped"}
         # generate: the scalars left out take the defaults recorded at export.
         status, answer = call(
             server, "POST", predict,

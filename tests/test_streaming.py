@@ -1,5 +1,5 @@
-"""Streaming: `StepDecoder` yields `decode`'s tokens one step at a time; `TextDeltas` never splits
-a character."""
+"""Streaming: `StepDecoder` yields `decode`'s tokens one step at a time (past the context too);
+`TextDeltas` never splits a character."""
 
 import keras
 import numpy as np
@@ -28,13 +28,30 @@ def _stepped(decoder, prompt, steps, sampling=None, rows=1):
     return out
 
 
+def _cropped_greedy(model, prompt, steps, context=16, window=8):
+    """Greedy tokens by full passes over the tokens since `offset`, which moves to the last `window`
+    tokens whenever more than `context` would be needed (the reference: no cache)."""
+    ids, offset = list(prompt), 0
+    for _ in range(steps):
+        if len(ids) - offset > context:
+            offset = len(ids) - window
+        ids.append(int(np.argmax(model(np.array([ids[offset:]], "int32"))[0, -1])))
+    return ids[len(prompt):]
+
+
 def test_greedy_steps_equal_full_recomputation(model):
     steps = StepDecoder(model, 16)
     for prompt in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]):
-        ids = list(prompt)
-        for _ in range(6):
-            ids.append(int(np.argmax(model(np.array([ids], "int32"))[0, -1])))
-        assert _stepped(steps, prompt, 6) == [ids[len(prompt):]]
+        assert _stepped(steps, prompt, 6) == [_cropped_greedy(model, prompt, 6)]
+
+
+def test_greedy_steps_past_the_context_restart_from_the_last_window(model):
+    steps = StepDecoder(model, 16)
+    # 40 new tokens on a context of 16: the cache is rebuilt from the last 8 tokens every 8 tokens.
+    for prompt in ([5, 6, 7], list(range(1, 17))):
+        assert _stepped(steps, prompt, 40) == [_cropped_greedy(model, prompt, 40)]
+    narrow = StepDecoder(model, 16, window=3)
+    assert _stepped(narrow, [5, 6, 7], 30) == [_cropped_greedy(model, [5, 6, 7], 30, window=3)]
 
 
 @pytest.mark.slow  # tracing the decode loop takes ~15 s
@@ -42,18 +59,21 @@ def test_greedy_steps_equal_full_recomputation(model):
 def test_steps_give_the_tokens_of_the_decode_loop(model, jit_compile):
     decoder = Decoder(model, end_of_text_id=3, jit_compile=jit_compile)
     steps = StepDecoder(model, 16, end_of_text_id=3, jit_compile=jit_compile)
-    for prompt in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]):
-        assert _stepped(steps, prompt, 6) == decoder([prompt], 6)
+    for prompt, count in (([5, 6, 7], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 6), ([5, 6, 7], 50)):
+        assert _stepped(steps, prompt, count) == decoder([prompt], count)
     sampled = SamplingOptions(temperature=1.0, top_k=8, seed=4)
-    assert _stepped(steps, [5, 6], 8, sampled, rows=3) == decoder([[5, 6]], 8, sampling=sampled,
-                                                                  num_return_sequences=3)
+    for count in (8, 50):  # within the context, and past it (rows differ, so do their rebuilds)
+        assert _stepped(steps, [5, 6], count, sampled, rows=3) == decoder(
+            [[5, 6]], count, sampling=sampled, num_return_sequences=3)
 
 
 def test_steps_stop_at_end_of_text_and_refuse_what_does_not_fit(model):
     greedy = int(np.argmax(model(np.array([[5, 6, 7]], "int32"))[0, -1]))  # the first token, made the end
     assert list(StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)) == [[greedy]]
-    with pytest.raises(ValueError, match="does not fit the context of 16"):
-        next(StepDecoder(model, 16)([1] * 10, 8))
+    with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the context of 16"):
+        next(StepDecoder(model, 16)([1] * 17, 8))
+    with pytest.raises(ValueError, match="window=16 must be 1 to 15"):
+        StepDecoder(model, 16, window=16)
 
 
 def test_a_model_without_a_cache_steps_by_recomputation():
