@@ -22,7 +22,7 @@ from kgpt.export import is_saved_model, saved_model_version_path
 from kgpt.rundir import RunDirectory
 from kgpt.sampling import SamplingOptions
 from kgpt.stopping import check_stops, cut_at_stop
-from kgpt.streaming import Piece, StepDecoder, TextDeltas
+from kgpt.streaming import Piece, RowTexts, StepDecoder, TextDeltas
 
 
 def _report_truncation(count, room, truncate):
@@ -204,6 +204,7 @@ class Generator(TextGenerator):
         self.default_max_new_tokens = default_max_new_tokens(self.sequence_length)
         self.decoder = Decoder(model, tokenizer.end_of_text_id, jit_compile=jit_compile)
         self.step_decoder = StepDecoder(model, self.sequence_length, tokenizer.end_of_text_id, jit_compile)
+        self._row_texts = RowTexts(tokenizer)
 
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
@@ -254,16 +255,17 @@ class Generator(TextGenerator):
         deltas = [TextDeltas() for _ in rows]
         finished = [False] * len(rows)
         for step, tokens in enumerate(self.step_decoder(ids, max_new_tokens, sampling, len(rows))):
-            for index, token in enumerate(tokens.tolist()):
-                if finished[index]:
-                    continue
+            live = [index for index in range(len(rows)) if not finished[index]]
+            reasons = {}
+            for index in live:
+                token = int(tokens[index])
                 if token != end:
                     rows[index].append(token)
-                reason = "stop" if token == end else "length" if step + 1 == max_new_tokens else None
-                finished[index] = reason is not None
-                text = self.tokenizer.detokenize(tf.constant(rows[index], tf.int32)).numpy().decode("utf-8")
+                reasons[index] = "stop" if token == end else "length" if step + 1 == max_new_tokens else None
+            for index, text in zip(live, self._row_texts([rows[index] for index in live])):
+                finished[index] = reasons[index] is not None
                 piece = deltas[index].update(text, final=finished[index])
-                yield Piece(index, piece, len(rows[index]), len(ids), reason)
+                yield Piece(index, piece, len(rows[index]), len(ids), reasons[index])
 
 
 class SavedModelGenerator(TextGenerator):

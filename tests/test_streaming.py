@@ -4,12 +4,14 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kgpt.decoding import Decoder
 from kgpt.model import build_model
 from kgpt.recurrent import RecurrentLanguageModel
 from kgpt.sampling import SamplingOptions
-from kgpt.streaming import StepDecoder, TextDeltas
+from kgpt.streaming import RowTexts, StepDecoder, TextDeltas
+from kgpt.tokenizer import train_bpe, train_characters
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,15 @@ def test_text_deltas_hold_a_partial_character_until_it_is_complete():
             deltas.update("café"), deltas.update("café!", final=True)] == ["ca", "f", "", "é", "!"]
     final = TextDeltas()
     assert final.update("a\ufffd") == "a" and final.update("a\ufffd", final=True) == "\ufffd"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_row_texts_equal_detokenize_row_by_row(kind):
+    text = "the café sat on the mat. a dog ran! é\n"
+    tokenizer = train_characters([text]) if kind == "char" else train_bpe([text * 3], 300)
+    ids = tokenizer.encode_documents([text])[0].tolist()
+    # Growing rows of unequal lengths (an empty one; a byte-level row cut inside "é": U+FFFD).
+    rows = [ids[:cut] for cut in (0, 1, 5, len(ids) - 1, len(ids))]
+    expected = [tokenizer.detokenize(tf.constant(row, tf.int32)).numpy().decode() for row in rows]
+    assert RowTexts(tokenizer)(rows) == expected
+    assert expected[-1] == text
