@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import tensorflow as tf
 
 from kgpt.decoding import (
@@ -274,9 +275,12 @@ class SavedModelGenerator(TextGenerator):
     Args:
         path: a version folder (`saved_models/NAME/1`) or a model folder (highest version).
         module: the SavedModel at `path`, already loaded (else it is loaded).
+        call: `call(signature_name, inputs)` runs a whole-answer signature call on `{input: NumPy
+            array}` and returns `{output: NumPy array}`; default: the signature, at once. `kgpt
+            serve` passes its scheduler here, which batches such calls with other requests.
     """
 
-    def __init__(self, path, module=None):
+    def __init__(self, path, module=None, call=None):
         import tensorflow_text  # noqa: F401  (registers the tokenizer ops the graph uses)
 
         self.path = saved_model_version_path(path)
@@ -286,29 +290,31 @@ class SavedModelGenerator(TextGenerator):
         self.vocabulary_size = int(self.module.vocabulary_size.numpy())
         self.default_max_new_tokens = int(self.module.default_max_new_tokens.numpy())
         self._inputs = set(self.signature.structured_input_signature[1])
+        self._run_signature = call or self._signature_call
+
+    def _signature_call(self, signature_name, inputs):
+        outputs = self.module.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        return {key: value.numpy() for key, value in outputs.items()}
 
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
                   length_penalty, stop, stop_token_ids):
         if num_beams > 1:
             return self._beam_search(prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                                      length_penalty, stop, stop_token_ids)
-        stops = {} if "stop" not in self._inputs else dict(
-            stop=tf.constant(stop, tf.string, shape=[len(stop)]),
-            stop_token_ids=tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
-        )
+        stops = {} if "stop" not in self._inputs else _stop_arrays(stop, stop_token_ids)
         outputs = self._call(
-            self.signature,
-            prompts=tf.constant([p for p in prompts for _ in range(num_return_sequences)], tf.string),
-            max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-            **sampling.graph_tensors(),
+            "generate",
+            prompts=_strings([p for p in prompts for _ in range(num_return_sequences)]),
+            max_new_tokens=np.array(max_new_tokens, np.int32),
+            **{key: value.numpy() for key, value in sampling.graph_tensors().items()},
             **stops,
         )
-        truncated = outputs["truncated"].numpy()[::num_return_sequences]
+        truncated = outputs["truncated"][::num_return_sequences]
         _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
-        counts = outputs["token_count"].numpy()
+        counts = outputs["token_count"]
         # An export without `stopped` (older than it) knows a stop only by a row ended early.
-        stopped = outputs["stopped"].numpy() if "stopped" in outputs else counts < max_new_tokens
-        texts, prompt_counts = outputs["text"].numpy(), outputs["prompt_token_count"].numpy()
+        stopped = outputs["stopped"] if "stopped" in outputs else counts < max_new_tokens
+        texts, prompt_counts = outputs["text"], outputs["prompt_token_count"]
         return [
             Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
             for text, count, prompt_count, ended in zip(texts, counts, prompt_counts, stopped)
@@ -317,34 +323,31 @@ class SavedModelGenerator(TextGenerator):
     def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                      length_penalty, stop, stop_token_ids):
         """The `beam_search` signature: each prompt's best `num_return_sequences` beams (`Completion`s)."""
-        signature = self.module.signatures.get("beam_search")
-        if signature is None:
+        if "beam_search" not in self.module.signatures:
             raise ValueError(
                 f"The SavedModel {self.path} was exported before beam search was part of exports; "
                 "export the run again (kgpt export), or run it from the run directory."
             )
         outputs = self._call(
-            signature, prompts=tf.constant(prompts, tf.string),
-            max_new_tokens=tf.constant(max_new_tokens, tf.int32), num_beams=tf.constant(num_beams, tf.int32),
-            length_penalty=tf.constant(length_penalty, tf.float32),
-            stop=tf.constant(stop, tf.string, shape=[len(stop)]),
-            stop_token_ids=tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
+            "beam_search", prompts=_strings(prompts), max_new_tokens=np.array(max_new_tokens, np.int32),
+            num_beams=np.array(num_beams, np.int32), length_penalty=np.array(length_penalty, np.float32),
+            **_stop_arrays(stop, stop_token_ids),
         )
-        truncated = outputs["truncated"].numpy()
         room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
-        _report_truncation(int(truncated.sum()), room, truncate)
-        beams = [outputs[key].numpy()[:, :num_return_sequences]
-                 for key in ("beam_text", "beam_token_count", "beam_stopped")]
-        prompt_counts = outputs["prompt_token_count"].numpy()
+        _report_truncation(int(outputs["truncated"].sum()), room, truncate)
+        keys = ("beam_text", "beam_token_count", "beam_stopped")
+        beams = [outputs[key][:, :num_return_sequences] for key in keys]
         return [
             Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
-            for prompt_count, *row in zip(prompt_counts, *beams) for text, count, ended in zip(*row)
+            for prompt_count, *row in zip(outputs["prompt_token_count"], *beams)
+            for text, count, ended in zip(*row)
         ]
 
-    def _call(self, signature, **inputs):
-        """`signature(**inputs)`; a refusal (e.g. an older export's narrower limits) as a ValueError."""
+    def _call(self, signature_name, **inputs):
+        """The signature's outputs for NumPy `inputs`; a refusal (e.g. an older export's narrower
+        limits) as a ValueError."""
         try:
-            return signature(**inputs)
+            return self._run_signature(signature_name, inputs)
         except tf.errors.InvalidArgumentError as error:
             match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
             reason = match.group(1) if match else error.message.splitlines()[0]
@@ -386,6 +389,16 @@ class SavedModelGenerator(TextGenerator):
                 return
             count = min(2 * count, max_new_tokens)
             outputs = call(count)
+
+
+def _strings(texts):
+    """A 1-D NumPy array of UTF-8 bytes, as a served request's string tensor arrives."""
+    return np.array([text.encode("utf-8") for text in texts], object)
+
+
+def _stop_arrays(stop, stop_token_ids):
+    return {"stop": _strings(stop),
+            "stop_token_ids": np.array(stop_token_ids, np.int32).reshape([len(stop_token_ids)])}
 
 
 def load_generator(path, **kwargs):

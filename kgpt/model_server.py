@@ -93,6 +93,10 @@ def _plain(value, signature_def, message):
     return {next(iter(signature_def.inputs)): value}
 
 
+def _at_once(function):
+    return function()
+
+
 class ModelServer:
     """Loads the highest version of `model_dir` and answers TF Serving REST requests; its
     `completions` (a `kgpt.openai_api.Completions`, or None) answers OpenAI's.
@@ -114,23 +118,25 @@ class ModelServer:
         import tensorflow_text  # noqa: F401  (registers the tokenizer ops)
 
         model_dir = os.path.normpath(model_dir)
-        self.module, self.signature_defs, generator = None, {}, None
-        if RunDirectory(model_dir).is_run() and not is_saved_model(model_dir):
-            self.path, self.version = model_dir, "1"
-            self.name = name or os.path.basename(os.path.abspath(model_dir))
-            generator = Generator.from_run_directory(model_dir)
-        else:
-            self._load_saved_model(model_dir, name)
-            if "generate" in self.signature_defs:
-                generator = SavedModelGenerator(self.path, module=self.module)
         self.max_request_bytes = max_request_bytes
         self.scheduler = Scheduler(
             max_concurrent_calls=max_concurrent_requests, max_queued_requests=max_queued_requests,
             timeout=queue_timeout, batching=batching, max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
         )
+        self.module, self.signature_defs, self.completions = None, {}, None
+        if RunDirectory(model_dir).is_run() and not is_saved_model(model_dir):
+            self.path, self.version = model_dir, "1"
+            self.name = name or os.path.basename(os.path.abspath(model_dir))
+            generator = Generator.from_run_directory(model_dir)
+            self.completions = Completions(generator, self.name, self._schedule)
+        else:
+            self._load_saved_model(model_dir, name)
+            if "generate" in self.signature_defs:
+                # Whole answers call the signatures through `run_signature`: batched like predict's.
+                generator = SavedModelGenerator(self.path, module=self.module, call=self.run_signature)
+                self.completions = Completions(generator, self.name, self._schedule, whole=_at_once)
         self._batch_rows = {key: batch_rows(value) for key, value in self.signature_defs.items()}
-        self.completions = None if generator is None else Completions(generator, self.name, self._schedule)
 
     def _load_saved_model(self, model_dir, name):
         try:
@@ -147,6 +153,22 @@ class ModelServer:
         signature_defs = _read_saved_model(self.path).meta_graphs[0].signature_def
         # Not `__saved_model_init_op`: TF Serving neither lists nor runs it.
         self.signature_defs = {k: v for k, v in signature_defs.items() if not k.startswith("__")}
+
+    def run_signature(self, signature_name, arrays):
+        """One signature call on `{input: array}` through the scheduler, batched with concurrent
+        calls of equal options (predict's and OpenAI's alike); `OpenAIError` 503 when overloaded."""
+        try:
+            return self._scheduled(signature_name, arrays)
+        except Busy as error:
+            raise OpenAIError(str(error), status=503, kind="server_error", code="overloaded") from error
+
+    def _scheduled(self, signature_name, arrays):
+        """The signature's call through the scheduler, batched where `batch_key` allows (or Busy)."""
+        rows = self._batch_rows[signature_name]
+        return self.scheduler.run(
+            self._call(signature_name), arrays, rows=rows, padded=PADDED_OUTPUTS,
+            key=batch_key(signature_name, rows, arrays),
+        )
 
     def _schedule(self, function):
         """`function()` as one model call of the scheduler (its queue bound and timeout apply)."""
@@ -201,11 +223,7 @@ class ModelServer:
         read, key = (self._rows, "instances") if row_format else (self._columns, "inputs")
         arrays = self._tensors(read(request[key], signature_def), signature_def)
         try:
-            batch_input = self._batch_rows[signature_name]
-            outputs = self.scheduler.run(
-                self._call(signature_name), arrays, rows=batch_input, padded=PADDED_OUTPUTS,
-                key=batch_key(signature_name, batch_input, arrays),
-            )
+            outputs = self._scheduled(signature_name, arrays)
         except Busy as error:
             raise RequestError(str(error), status=503) from error
         except tf.errors.InvalidArgumentError as error:

@@ -169,13 +169,16 @@ class Completions:
         generator: a `kgpt.generate.Generator` or `SavedModelGenerator`.
         run: `run(function)` calls `function()` and returns its value; the server passes its
             scheduler here (a bounded queue, a limit on model calls at once).
+        whole: runs a whole answer's `complete` call like `run` (default: `run`); the server runs
+            it at once for an export, whose generator puts each signature call in the scheduler.
     """
 
-    def __init__(self, generator, name, run=None):
+    def __init__(self, generator, name, run=None, whole=None):
         self.generator = generator
         self.name = name
         self.created = int(time.time())
         self.run = run or (lambda function: function())
+        self.whole = whole or self.run
 
     def models(self):
         return {"object": "list", "data": [
@@ -197,7 +200,7 @@ class Completions:
                 "created": int(time.time()), "model": self.name}
         if not request.stream:
             try:
-                completions = self.run(lambda: self.generator.complete(
+                completions = self.whole(lambda: self.generator.complete(
                     request.prompts, request.max_tokens, sampling=request.sampling,
                     num_return_sequences=rows, stop=request.stops,
                 ))

@@ -239,6 +239,7 @@ def test_batch_key_keeps_options_apart_and_never_batches_a_random_draw():
     assert key([b"a"], **greedy) == key([b"b", b"c"], **greedy) is not None
     assert key([b"a"], **greedy) != key([b"a"], **{**greedy, "max_new_tokens": 9})
     assert key([b"a"], **{**greedy, "top_k": 0}) is None  # a draw: its row's place changes it
+    assert key([b"a"], **greedy) == key([b"b"], **{**greedy, "seed": 7})  # no draw: the seed is unused
     assert key([], **greedy) is None  # an empty request runs alone and gets its own error
     assert batch_key("generate", None, {"prompts": np.array([b"a"])}) is None
 

@@ -10,6 +10,7 @@ import warnings
 
 import openai
 import pytest
+from test_batching import in_threads  # the one concurrent-start helper
 
 from kgpt.generate import load_generator
 from kgpt.openai_api import StopText, parse_request
@@ -290,6 +291,19 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_
         ends = text.index(stop) + len(stop)  # the stop completes at the last token allowed
         cut = client.completions.create(model="tiny", prompt="the cat", max_tokens=ends, temperature=0, stop=stop)
         assert (cut.choices[0].text, cut.choices[0].finish_reason) == (text[: text.index(stop)], "stop")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Concurrent greedy whole answers share decode calls (as predict's requests do), answers unchanged.
+    prompts = ["the cat", "a", "", "dog", "the mat", "t"]
+    server = make_server(str(tmp_path / "tiny"), port=0, batch_timeout=2.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+        answers = in_threads(lambda prompt: client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=10, temperature=0, stop=["z"]), [(p,) for p in prompts])
+        assert [a.choices[0].text for a in answers] == generator.generate(prompts, 10, stop=["z"])
+        assert server.model.scheduler.calls < len(prompts)
     finally:
         server.shutdown()
         server.server_close()
