@@ -5,7 +5,8 @@ The script exports a small random character model itself (`kgpt.export.ServingMo
 `kgpt export` writes) and starts two `kgpt serve` processes on it, `--batching` and
 `--no-batching`, with the same other settings (4 concurrent model calls). Each client is a thread
 that sends `serving_default` requests of one prompt (`{"instances": [prompt]}`, greedy, a fixed
-number of new tokens) one after another on its own keep-alive connection. The two servers and the
+number of new tokens) one after another on its own keep-alive connection (`--api openai`: greedy
+`/v1/completions` requests, `temperature` 0, `max_tokens` the same count). The two servers and the
 client counts are measured in turn, round after round, so a busy machine slows them alike; the
 table gives the median throughput over rounds and the latency percentiles over every request of
 every round. Both servers must answer every prompt with the same text (batching must not change
@@ -13,7 +14,7 @@ an answer), or the script fails.
 
 Usage:
     python benchmarks/serve_load.py [--size tiny|small] [--clients 1,8,32] [--requests 4]
-        [--rounds 3] [--new-tokens 32]
+        [--rounds 3] [--new-tokens 32] [--api tf-serving|openai]
 """
 
 import argparse
@@ -79,31 +80,40 @@ class Server:
         self.process.wait(30)
 
 
-def client(port, prompts, latencies, texts):
+def request(api, prompt, new_tokens):
+    """`(path, body, text of the answer)` of one greedy request in `api`'s form."""
+    if api == "openai":
+        body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+        return "/v1/completions", body, lambda answer: answer["choices"][0]["text"]
+    return "/v1/models/bench:predict", {"instances": [prompt]}, lambda answer: answer["predictions"][0]["text"]
+
+
+def client(port, prompts, latencies, texts, api="tf-serving", new_tokens=32):
     """Sends one request per prompt, in turn, on one connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         for prompt in prompts:
+            path, body, text = request(api, prompt, new_tokens)
             start = time.perf_counter()
-            connection.request("POST", "/v1/models/bench:predict", body=json.dumps({"instances": [prompt]}))
+            connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             answer = json.loads(response.read())
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {answer}")
             latencies.append(time.perf_counter() - start)
-            texts[prompt] = answer["predictions"][0]["text"]
+            texts[prompt] = text(answer)
     finally:
         connection.close()
 
 
-def load(port, clients, prompts, requests):
+def load(port, clients, prompts, requests, api="tf-serving", new_tokens=32):
     """`clients` threads of `requests` requests each; returns (seconds, latencies, {prompt: text})."""
     latencies, texts, errors = [], {}, []
     work = [[prompts[(c * requests + r) % len(prompts)] for r in range(requests)] for c in range(clients)]
 
     def run(mine):
         try:
-            client(port, mine, latencies, texts)
+            client(port, mine, latencies, texts, api, new_tokens)
         except Exception as error:  # noqa: BLE001
             errors.append(error)
 
@@ -126,6 +136,8 @@ def main():
     parser.add_argument("--requests", type=int, default=4, help="requests per client per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--api", choices=["tf-serving", "openai"], default="tf-serving",
+                        help="serving_default requests, or greedy /v1/completions requests")
     args = parser.parse_args()
     size = SIZES[args.size]
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -136,14 +148,15 @@ def main():
         servers = {mode: Server(model_dir, *flags) for mode, flags in modes.items()}
         try:
             for server in servers.values():  # warm-up: the first call traces the graph
-                load(server.port, 1, prompts, 2)
+                load(server.port, 1, prompts, 2, args.api, args.new_tokens)
             seconds = {(m, c): [] for m in modes for c in client_counts}
             latencies = {key: [] for key in seconds}
             answers = {mode: {} for mode in modes}
             for round_index in range(args.rounds):
                 for clients in client_counts:
                     for mode, server in servers.items():  # interleaved: load changes hit both
-                        took, waits, texts = load(server.port, clients, prompts, args.requests)
+                        took, waits, texts = load(server.port, clients, prompts, args.requests, args.api,
+                                                  args.new_tokens)
                         seconds[mode, clients].append(took)
                         latencies[mode, clients] += waits
                         answers[mode].update(texts)
@@ -158,7 +171,8 @@ def main():
     print(
         f"\nsize {args.size}: vocabulary {size['vocabulary_size']}, {size['num_layers']} layers x "
         f"{size['hidden_dim']} wide, context {size['sequence_length']}, {parameters / 1e6:.2f}M "
-        f"parameters; serving_default, one {PROMPT_LENGTH}-character prompt per request, "
+        f"parameters; {'serving_default' if args.api == 'tf-serving' else '/v1/completions'}, one "
+        f"{PROMPT_LENGTH}-character prompt per request, "
         f"{args.new_tokens} new tokens (greedy); {args.requests} requests per client per round, "
         f"{args.rounds} interleaved rounds after warm-up; kgpt serve defaults (4 model calls at once, "
         "batches of up to 32 rows, 5 ms batch window)\n"
