@@ -136,7 +136,7 @@ def _beam_search(module, prompts=("the",), max_new_tokens=4, num_beams=3, length
     )
 
 
-@pytest.mark.parametrize("stop", [(), ("t",)])
+@pytest.mark.parametrize("stop", [(), pytest.param(("t",), marks=pytest.mark.slow)])
 def test_beam_search_signature_equals_the_in_process_beams(run, module, stop):
     _, model, tokenizer = run
     generator = Generator(model, tokenizer, jit_compile=False)

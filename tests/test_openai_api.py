@@ -161,6 +161,7 @@ def test_stop_sequences_cut_the_text_and_finish_with_stop(client):
     assert pieces[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow  # ~14 s on 2 cores
 def test_a_whole_answer_is_one_batched_decode_past_the_context(client, server):
     generator = server.model.completions.generator  # the served Generator, compiled once
     prompts = ["the cat", "a", ""]

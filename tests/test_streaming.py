@@ -47,6 +47,7 @@ def test_greedy_steps_equal_full_recomputation(model):
         assert _stepped(steps, prompt, 6) == [_cropped_greedy(model, prompt, 6)]
 
 
+@pytest.mark.slow  # ~15 s on 2 cores
 def test_greedy_steps_past_the_context_restart_from_the_last_window(model):
     steps = StepDecoder(model, 16)
     # 40 new tokens on a context of 16: the cache is rebuilt from the last 8 tokens every 8 tokens.
