@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_decoding import _greedy_past_the_context  # the no-cache reference
 
 from kgpt.decoding import Decoder
 from kgpt.model import build_model
@@ -31,14 +32,7 @@ def _stepped(decoder, prompt, steps, sampling=None, rows=1):
 
 
 def _cropped_greedy(model, prompt, steps, context=16, window=8):
-    """Greedy tokens by full passes over the tokens since `offset`, which moves to the last `window`
-    tokens whenever more than `context` would be needed (the reference: no cache)."""
-    ids, offset = list(prompt), 0
-    for _ in range(steps):
-        if len(ids) - offset > context:
-            offset = len(ids) - window
-        ids.append(int(np.argmax(model(np.array([ids[offset:]], "int32"))[0, -1])))
-    return ids[len(prompt):]
+    return _greedy_past_the_context(model, prompt, steps, context, window)
 
 
 def test_greedy_steps_equal_full_recomputation(model):
