@@ -92,8 +92,9 @@ def run_imdb(args):
 
     import tensorflow as tf
 
-    from kgpt import corpora, data
-    from kgpt.config import DataConfig
+    from kgpt.data import corpora, run_tokenizer
+    from kgpt.data import pipeline as data
+    from kgpt.data.config import DataConfig
 
     with tempfile.TemporaryDirectory() as cache:
         config = DataConfig(
@@ -101,7 +102,7 @@ def run_imdb(args):
             sequence_length=args.sequence_length, validation_count=500, cache_dir=cache,
         )
         start = time.perf_counter()
-        tokenizer = data.build_tokenizer(config)
+        tokenizer = run_tokenizer.build_tokenizer(config)
         train_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -320,7 +321,7 @@ def verdict(met):
 def scale_config(files, cache_dir, data_dir, vocabulary_size, shard_bytes=None):
     """The `text` corpus `files` (a path or glob) with WikiText-2's validation text as its
     validation split, in windows of `SEQUENCE_LENGTH`, its token stores in `cache_dir`."""
-    from kgpt.config import DataConfig
+    from kgpt.data.config import DataConfig
 
     return DataConfig(
         corpus="text", files=(files,), document_separator="blank_line", validation_fraction=0.0,
@@ -332,12 +333,12 @@ def scale_config(files, cache_dir, data_dir, vocabulary_size, shard_bytes=None):
 
 def worker_config(args):
     """The worker's config and the tokenizer saved beside its corpus (by `tokenizer_worker`)."""
-    from kgpt import data
+    from kgpt.data import run_tokenizer
 
     config = scale_config(os.path.join(args.work, "shards", "*.txt"), os.path.join(args.work, "cache"),
                           args.data_dir, args.vocabulary_size, args.shard_bytes)
     tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(args.work)), "tokenizer")
-    return config, data.build_tokenizer(config, tokenizer_dir)
+    return config, run_tokenizer.build_tokenizer(config, tokenizer_dir)
 
 
 class RssSampler:
@@ -377,12 +378,12 @@ def peak_rss_kib():
 def tokenizer_worker(args):
     """Trains (or loads) the one BPE of every N on the first copy in `--work` (the pool) and saves
     it beside; returns the seconds it took and the tokens of one copy in a store."""
-    from kgpt import corpora, data
+    from kgpt.data import corpora, run_tokenizer
 
     config = scale_config(os.path.join(args.work, "part_00000.txt"), os.path.join(args.work, "cache"),
                           args.data_dir, args.vocabulary_size, args.shard_bytes)  # cache: not written
     start = time.perf_counter()
-    tokenizer = data.build_tokenizer(config, os.path.join(os.path.dirname(args.work), "tokenizer"))
+    tokenizer = run_tokenizer.build_tokenizer(config, os.path.join(os.path.dirname(args.work), "tokenizer"))
     seconds = time.perf_counter() - start
     documents = list(corpora.iter_documents(config, "train"))
     tokens = sum(ids.size + 1 for ids in tokenizer.encode_documents(documents))  # + end-of-text
@@ -392,7 +393,7 @@ def tokenizer_worker(args):
 
 def tokenize_worker(args):
     """The first pass into an empty token store."""
-    from kgpt import data
+    from kgpt.data import pipeline as data
 
     config, tokenizer = worker_config(args)
     before = peak_rss_kib()
@@ -411,7 +412,8 @@ def train_worker(args):
     """`--train-steps` steps of a small GPT on the store's windows, timing the input wait."""
     import keras
 
-    from kgpt import data, model
+    from kgpt.data import pipeline as data
+    from kgpt.model import gpt as model
 
     config, tokenizer = worker_config(args)
     dataset = data.make_dataset(config, tokenizer, "train", batch_size=BATCH_SIZE, repeat=True)

@@ -44,10 +44,10 @@ from keras import ops  # noqa: E402
 from keras.src.backend.tensorflow import numpy as tf_numpy  # noqa: E402
 from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 
-from kgpt import layers  # noqa: E402
-from kgpt.decoding import Decoder  # noqa: E402
-from kgpt.model import GPT, build_model  # noqa: E402
-from kgpt.sampling import SamplingOptions  # noqa: E402
+from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.generation.sampling import SamplingOptions  # noqa: E402
+from kgpt.model import layers  # noqa: E402
+from kgpt.model.gpt import GPT, build_model  # noqa: E402
 
 PROMPT_LENGTH = 32
 NEW_TOKENS = 224

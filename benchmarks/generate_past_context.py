@@ -26,8 +26,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `kgpt` sets it
 
 import keras  # noqa: E402
 
-from kgpt.decoding import Decoder  # noqa: E402
-from kgpt.model import build_model  # noqa: E402
+from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.model.gpt import build_model  # noqa: E402
 
 SIZE = dict(vocabulary_size=512, sequence_length=128, num_layers=4, num_heads=4, hidden_dim=128)
 PROMPT_LENGTH = 8

@@ -45,10 +45,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kgpt.decoding import Decoder  # noqa: E402
-from kgpt.export import ServingModule, xla_findings  # noqa: E402
-from kgpt.model import build_model, count_parameters  # noqa: E402
-from kgpt.tokenizer import CharacterTokenizer  # noqa: E402
+from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
+from kgpt.serving.export import ServingModule, xla_findings  # noqa: E402
+from kgpt.tokenizers.char import CharacterTokenizer  # noqa: E402
 
 PROMPT_LENGTH = 32
 NEW_TOKENS = 224

@@ -38,10 +38,10 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_load import PROMPT_LENGTH, SIZES, Server  # noqa: E402
 
-from kgpt.export import ServingModule  # noqa: E402
-from kgpt.generate import Generator, SavedModelGenerator  # noqa: E402
-from kgpt.model import build_model, count_parameters  # noqa: E402
-from kgpt.tokenizer import CharacterTokenizer  # noqa: E402
+from kgpt.generation.generator import Generator, SavedModelGenerator  # noqa: E402
+from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
+from kgpt.serving.export import ServingModule  # noqa: E402
+from kgpt.tokenizers.char import CharacterTokenizer  # noqa: E402
 
 
 def first_and_total(pieces):

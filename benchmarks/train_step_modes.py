@@ -23,9 +23,9 @@ import keras  # noqa: E402
 from train_throughput import SIZES, dataset, keras_hub_model  # noqa: E402
 
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
-from kgpt.model import build_model  # noqa: E402
-from kgpt.schedule import WarmupCosine  # noqa: E402
-from kgpt.train import make_optimizer  # noqa: E402
+from kgpt.model.gpt import build_model  # noqa: E402
+from kgpt.training.schedule import WarmupCosine  # noqa: E402
+from kgpt.training.train import make_optimizer  # noqa: E402
 
 
 def configurations(config, size):

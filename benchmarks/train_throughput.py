@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
-from kgpt.data import pipeline_options  # noqa: E402
-from kgpt.model import build_model, count_parameters  # noqa: E402
-from kgpt.train import make_optimizer  # noqa: E402
+from kgpt.data.pipeline import pipeline_options  # noqa: E402
+from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
+from kgpt.training.train import make_optimizer  # noqa: E402
 
 SIZES = {
     # nanoGPT's shakespeare_char at its CPU size.

@@ -51,9 +51,9 @@ def write_corpus(source, folder, train_bytes):
 
 def child(folder, steps):
     """Runs the recipe's phases in this process, timing each; prints one JSON line."""
-    import kgpt.train
-    from kgpt import data
-    from kgpt.config import load_recipe
+    import kgpt.training.train
+    from kgpt.data import pipeline as data
+    from kgpt.recipe import load_recipe
 
     overrides = [f"data.dir={folder / 'data'}", f"data.cache_dir={folder / 'cache'}",
                  f"train.max_steps={steps}", f"train.eval_interval={steps}", "train.eval_steps=2",
@@ -67,14 +67,14 @@ def child(folder, steps):
         peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     started = time.perf_counter()
-    tokenizer = kgpt.train.make_tokenizer(recipe)
+    tokenizer = kgpt.training.train.make_tokenizer(recipe)
     mark("bpe_training", started)
     started = time.perf_counter()
     store = data.tokenize_corpus(recipe.data, tokenizer, "train", progress=True)
     mark("tokenization", started)
-    kgpt.train.make_tokenizer = lambda recipe: tokenizer  # the run reuses it, not trains it anew
+    kgpt.training.train.make_tokenizer = lambda recipe: tokenizer  # the run reuses it, not trains it anew
     started = time.perf_counter()
-    result = kgpt.train.train(recipe, str(folder / "run"), verbose=2)
+    result = kgpt.training.train.train(recipe, str(folder / "run"), verbose=2)
     mark("training", started)
     print(json.dumps({"times": times, "peak_rss_mb": peaks, "tokens": store.num_tokens,
                       "shards": len(store.shards), "dtype": store.dtype, "steps": result.steps,

@@ -14,20 +14,27 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ModelConfig": "kgpt.config",
-    "GPT": "kgpt.model",
-    "build_model": "kgpt.model",
-    "count_parameters": "kgpt.model",
+    "GPT": "kgpt.model.gpt",
+    "build_model": "kgpt.model.gpt",
+    "count_parameters": "kgpt.model.gpt",
     "load_model": "kgpt.rundir",
-    "save_model": "kgpt.saving",
+    "save_model": "kgpt.model.saving",
 }
-# Importing it registers every kgpt class a `.keras` file may name.
-_REGISTRY_MODULE = "kgpt.saving"
+# Importing them registers every kgpt class a `.keras` file may name: models and layers, and the
+# training's metric, schedule and optimizer (a checkpoint holds its compiled state).
+_REGISTRY_MODULES = ("kgpt.model.saving", "kgpt.training.metrics", "kgpt.training.schedule",
+                     "kgpt.training.distribute")
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kgpt' has no attribute {name!r}")
+
+
+def _register():
+    for module in _REGISTRY_MODULES:
+        importlib.import_module(module)
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
@@ -46,14 +53,14 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
         def exec_module(module):
             load(module)
             sys.modules["keras"] = module
-            importlib.import_module(_REGISTRY_MODULE)
+            _register()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
 if "keras" in sys.modules:
-    importlib.import_module(_REGISTRY_MODULE)
+    _register()
 else:
     sys.meta_path.insert(0, _RegisterAfterKeras())
 

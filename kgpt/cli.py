@@ -11,7 +11,7 @@ import os
 import sys
 
 from kgpt import environment
-from kgpt.sampling import add_sampling_arguments, sampling_from_arguments
+from kgpt.generation.sampling import add_sampling_arguments, sampling_from_arguments
 
 
 class UsageError(ValueError):
@@ -237,8 +237,8 @@ def _default_run_dir(args, prefix=""):
 
 
 def _run_train(args):
-    from kgpt.config import load_recipe
-    from kgpt.train import train
+    from kgpt.recipe import load_recipe
+    from kgpt.training.train import train
 
     _report_training(train(load_recipe(args.recipe, args.overrides), _default_run_dir(args)))
 
@@ -266,7 +266,8 @@ def _report_training(result, what=""):
 
 
 def _run_build(args):
-    from kgpt.config import ModelConfig, parse_override
+    from kgpt.config import ModelConfig
+    from kgpt.recipe import parse_override
 
     values = {}
     for text in args.overrides:
@@ -280,8 +281,8 @@ def _run_build(args):
 
     import keras
 
-    from kgpt.model import build_model
-    from kgpt.saving import save_model
+    from kgpt.model.gpt import build_model
+    from kgpt.model.saving import save_model
 
     keras.utils.set_random_seed(args.seed)
     save_model(build_model(config), args.output)
@@ -312,8 +313,8 @@ def _run_evaluate(args):
 
 
 def _run_baseline(args):
-    from kgpt.baselines import train_bigram, train_recurrent
-    from kgpt.config import load_recipe
+    from kgpt.recipe import load_recipe
+    from kgpt.training.baselines import train_bigram, train_recurrent
 
     if args.kind == "gru" and (args.k is not None or args.tokenizer_from):
         raise UsageError(
@@ -333,7 +334,7 @@ def _run_generate(args):
     import json
     import warnings
 
-    from kgpt.generate import load_generator
+    from kgpt.generation.generator import load_generator
 
     sampling = sampling_from_arguments(args)  # checked before a model is loaded
     if args.stream:
@@ -357,7 +358,7 @@ def _run_generate(args):
 def _stream_generate(args, sampling):
     import warnings
 
-    from kgpt.generate import load_generator
+    from kgpt.generation.generator import load_generator
 
     if len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json:
         raise UsageError(
@@ -386,7 +387,7 @@ def _run_export(args):
             raise UsageError("--format hf needs --out DIR, the Hugging Face folder to write.")
         print(f"Exported {args.run_dir} to {export_hf(args.run_dir, args.out)}")
         return
-    from kgpt.export import export
+    from kgpt.serving.export import export
 
     if not args.name:
         raise UsageError("--name NAME is required: the model name TF Serving serves it under.")
@@ -398,7 +399,7 @@ def _run_export(args):
 
 
 def _run_serve(args):
-    from kgpt.serve import serve
+    from kgpt.serving.server import serve
 
     serve(args.model_dir, port=args.port, host=args.host, name=args.name,
           max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
@@ -409,8 +410,8 @@ def _run_serve(args):
 
 
 def _run_info(args):
+    from kgpt.model.saving import describe_model
     from kgpt.rundir import load_model
-    from kgpt.saving import describe_model
 
     print(describe_model(load_model(args.path)))
 

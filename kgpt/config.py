@@ -1,21 +1,13 @@
-"""The whole recipe schema: `ModelConfig`, `DataConfig`, `TrainConfig` and `Recipe`, on one base.
-
-Every config is a frozen dataclass derived from `Config`: fields are checked against their
-annotations, `validate` rejects bad values naming `section.key` and the fix, `from_dict` rejects
-unknown keys with a did-you-mean hint. `load_recipe(path, overrides)` reads a TOML recipe
-(`pipelines/*.toml`), applies `--set section.key=value` and validates it. Corpus and tokenizer
-names are checked against their registries (`kgpt.corpora`, `kgpt.tokenizer`), which sit below.
+"""The configuration schema's base (`Config`: frozen dataclasses checked against their annotations,
+errors naming `section.key` and the fix, did-you-mean for unknown keys) and the sections that need
+no registry: `ModelConfig` (`[model]`) and `TrainConfig` (`[train]`). `DataConfig` lives with the
+data (`kgpt.data.config`, it checks corpus and tokenizer names), `Recipe` in `kgpt.recipe`.
 """
 
 import dataclasses
 import difflib
-import os
-import tomllib
 import types
 import typing
-
-from kgpt import corpora
-from kgpt import tokenizer as tokenizers
 
 
 def _type_name(annotation):
@@ -197,73 +189,6 @@ class ModelConfig(Config):
         return self.hidden_dim // self.num_heads
 
 
-MODES = ("packed", "document")
-WINDOW_OFFSETS = ("aligned", "random")
-DOCUMENT_SEPARATORS = ("file", "blank_line", "line")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig(Config):
-    """What to read, how to tokenize it and how to cut it into windows (the `[data]` section).
-
-    Example:
-        config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
-    """
-
-    corpus: str = "text"  # a name in kgpt.corpora.CORPORA
-    dir: str | None = None  # else $KGPT_DATA_DIR, else the Keras cache (downloads)
-    files: tuple[str, ...] = ()  # `text`: paths or globs, relative ones under `dir`
-    validation_files: tuple[str, ...] = ()  # `text`: else validation_fraction of the documents
-    tokenizer: str = "bpe"  # bpe (trained byte-level BPE), gpt2, char or tiktoken:NAME
-    tokenizer_path: str | None = None  # gpt2: folder of vocab.json + merges.txt
-    vocabulary_size: int = 8192  # bpe: ids to train, at least 258 (256 bytes + 2 specials)
-    sequence_length: int = 256  # tokens per example; at most the model's
-    mode: str = "packed"  # documents joined and cut into windows, or `document`: one per example
-    lowercase: bool = False  # the tokenizer's normalisation, applied wherever it runs
-    strip_punctuation: bool = False  # likewise: punctuation and symbols become spaces
-    strip_html: bool = False  # `<br />` -> space when reading (IMDB always does)
-    document_separator: str = "blank_line"  # `text`: file, blank_line or line
-    validation_fraction: float = 0.1  # `text`: documents held out; tinyshakespeare: last characters
-    validation_count: int = 2500  # imdb: reviews per polarity carved from test for validation
-    imdb_unsupervised: bool = False  # imdb: add train/unsup to the training split
-    errors: str = "strict"  # invalid UTF-8: an error naming file and byte, or `replace`
-    window_offsets: str = "aligned"  # packed training windows: aligned, or `random` (nanoGPT's)
-    cache_dir: str | None = None  # token stores, any tf.io.gfile path; default $KGPT_CACHE_DIR
-    shard_bytes: int = 32 * 2**20  # text per token-store shard (UTF-8 bytes; whole documents)
-    shuffle_buffer_size: int | None = None  # None shuffles all windows
-    seed: int = 1337  # seeds the splits and the shuffle
-
-    section = "data"
-
-    def validate(self):
-        corpus = corpora.get_corpus(self.corpus)
-        kind = tokenizers.tokenizer_kind(self.tokenizer)
-        self.check_choice("mode", MODES)
-        self.check_choice("document_separator", DOCUMENT_SEPARATORS)
-        self.check_choice("errors", ("strict", "replace"))
-        self.check_choice("window_offsets", WINDOW_OFFSETS)
-        minimum = kind.minimum_vocabulary_size
-        if minimum is not None and self.vocabulary_size < minimum:
-            raise ValueError(
-                f"data.vocabulary_size={self.vocabulary_size} is too small for tokenizer "
-                f"{self.tokenizer!r} (for bpe: the byte alphabet (256) plus 2 special tokens); "
-                f"set it to at least {minimum} (e.g. 8192)."
-            )
-        self.check_positive("sequence_length", "validation_count", "shard_bytes")
-        self.check_range("validation_fraction", 0.0, 1.0, "; 0.1 holds out a tenth")
-        self.check_range("shuffle_buffer_size", 1, float("inf"), ", or unset to shuffle all windows")
-        if corpus.needs_files and not self.files:
-            raise ValueError(
-                f"data.corpus = \"{self.corpus}\" needs data.files: a list of paths or globs, e.g. "
-                "[\"shards/wiki_books_*.txt\"]."
-            )
-        if kind.needs_tokenizer_path and not self.tokenizer_path:
-            raise ValueError(
-                f"data.tokenizer = \"{self.tokenizer}\" needs data.tokenizer_path: the folder "
-                "holding GPT-2's vocab.json (or encoder.json) and merges.txt."
-            )
-
-
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -340,135 +265,3 @@ class TrainConfig(Config):
         return self.max_steps if self.decay_steps is None else self.decay_steps
 
 
-# Model kinds a recipe may train (`[model] kind`); `kgpt.saving.MODEL_CLASSES` maps each to its
-# Keras class.
-MODEL_KINDS = ("gpt", "gru")
-RECIPE_SECTIONS = ("model", "data", "train")
-# Where things are, not what they are: a run resumes after its data or its initial run moved, and
-# samples shown during training (or how evaluation windows are batched) do not change the model.
-_NOT_IDENTITY = {
-    "data": ("dir", "cache_dir", "tokenizer_path"),
-    "train": ("init_from", "sample_prompt", "sample_length", "sample_temperature", "sample_top_k",
-              "eval_batch_size"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """A validated recipe. `model` holds the `ModelConfig` fields it sets; `model_kind` is `[model] kind`."""
-
-    model: dict
-    data: DataConfig
-    train: TrainConfig
-    model_kind: str = "gpt"  # a name in MODEL_KINDS
-
-    @classmethod
-    def from_dict(cls, raw):
-        """Validates a `{section: {key: value}}` dict (a parsed recipe or `config.json`)."""
-        model = dict(raw.get("model", {}))
-        kind = model.pop("kind", "gpt")
-        if kind not in MODEL_KINDS:
-            raise ValueError(
-                f"Unknown model.kind={kind!r}.{_did_you_mean(kind, MODEL_KINDS)} Set model.kind "
-                f"to one of: {', '.join(MODEL_KINDS)}."
-            )
-        ModelConfig.check_keys(model)
-        hints = typing.get_type_hints(ModelConfig)
-        model = {key: _coerce(f"model.{key}", value, hints[key]) for key, value in model.items()}
-        data, train = DataConfig.from_dict(raw.get("data", {})), TrainConfig.from_dict(raw.get("train", {}))
-        return cls(model=model, data=data, train=train, model_kind=kind)
-
-    def to_dict(self):
-        """The recipe as `config.json` stores it (`kind` only when not the default)."""
-        model = _jsonable(self.model)
-        if self.model_kind != "gpt":
-            model["kind"] = self.model_kind
-        return {"model": model, "data": self.data.to_dict(), "train": self.train.to_dict()}
-
-    def identity(self):
-        """What makes two recipes the same run: `to_dict` without locations and sample display."""
-        return identity(self.to_dict())
-
-    def model_config(self, vocabulary_size):
-        """The `ModelConfig` of a new model for a tokenizer of `vocabulary_size` ids."""
-        defaults = {"vocabulary_size": vocabulary_size, "sequence_length": self.data.sequence_length}
-        return ModelConfig(**{**defaults, **self.model})
-
-
-def identity(config):
-    """A `{section: {key: value}}` config without the keys that are not identity (locations such
-    as `data.dir`, and the training samples' settings); sections it lacks stay absent."""
-    return {
-        section: {k: v for k, v in values.items() if k not in _NOT_IDENTITY.get(section, ())}
-        if isinstance(values, dict) else values
-        for section, values in config.items()
-    }
-
-
-def config_differences(old, new, prefix=""):
-    """The dotted keys whose values differ between two config dicts, as "key (old -> new)"."""
-    found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key} ({a!r} -> {b!r})")
-    return found
-
-
-def parse_override(text):
-    """Parses `--set key=value` into `(key, value)`: a TOML value if it parses, else a bare string."""
-    if "=" not in text:
-        raise ValueError(f"--set {text!r} is not of the form key=value (e.g. model.num_layers=4).")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ValueError(f"--set {text!r} has an empty key; write it as key=value.")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(recipe, overrides):
-    """Returns a copy of a recipe dict with `--set section.key=value` overrides applied."""
-    result = {section: dict(values) for section, values in recipe.items()}
-    for text in overrides:
-        key, value = parse_override(text)
-        section, _, field = key.partition(".")
-        if section not in RECIPE_SECTIONS or not field:
-            raise ValueError(
-                f"--set {text!r}: the key must be section.key with section one of "
-                f"{', '.join(RECIPE_SECTIONS)} (e.g. train.max_steps=100)."
-            )
-        result.setdefault(section, {})[field] = value
-    return result
-
-
-def read_recipe(path, overrides=()):
-    """Reads a TOML recipe and applies overrides; returns `{section: {key: value}}` (unvalidated)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such recipe: {path}. Recipes live in pipelines/*.toml.")
-    try:
-        with open(path, "rb") as f:
-            recipe = tomllib.load(f)
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from error
-    unknown = [name for name in recipe if name not in RECIPE_SECTIONS]
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown section(s) [{'], ['.join(unknown)}]; a recipe has [model], [data] "
-            "and [train]."
-        )
-    for name, values in recipe.items():
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: {name} must be a [{name}] table, not a value.")
-    return apply_overrides(recipe, overrides)
-
-
-def load_recipe(path, overrides=()):
-    """Reads, overrides and validates a recipe: `load_recipe("pipelines/tiny.toml", ["train.seed=1"])`."""
-    return Recipe.from_dict(read_recipe(path, overrides))

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgpt import corpora
-from kgpt.baselines import BigramModel
-from kgpt.config import DataConfig
-from kgpt.data import scoring_tokens
+from kgpt.data import corpora
+from kgpt.data.config import DataConfig
+from kgpt.data.pipeline import scoring_tokens
+from kgpt.model.bigram import BigramModel
 from kgpt.rundir import RunDirectory
-from kgpt.tokenizer import tokenizer_kind
+from kgpt.tokenizers.base import tokenizer_kind
 
 
 @dataclasses.dataclass

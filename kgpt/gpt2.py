@@ -13,11 +13,13 @@ import struct
 import numpy as np
 
 from kgpt import files
-from kgpt.config import DataConfig, ModelConfig, Recipe, TrainConfig
-from kgpt.model import GPT
+from kgpt.config import ModelConfig, TrainConfig
+from kgpt.data.config import DataConfig
+from kgpt.model.gpt import GPT
+from kgpt.model.saving import save_model
+from kgpt.recipe import Recipe
 from kgpt.rundir import FINAL_MODEL, RunDirectory
-from kgpt.saving import save_model
-from kgpt.tokenizer import load_gpt2_tokenizer
+from kgpt.tokenizers.bpe import load_gpt2_tokenizer
 
 SAFETENSORS_FILENAME = "model.safetensors"
 SAFETENSORS_INDEX_FILENAME = "model.safetensors.index.json"

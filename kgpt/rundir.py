@@ -14,12 +14,14 @@ import os
 import socket
 import zipfile
 
-from kgpt import files, saving
-from kgpt.config import Recipe, config_differences
-from kgpt.tokenizer import load_tokenizer
+from kgpt import files
+from kgpt.data.run_tokenizer import TOKENIZER_DIRECTORY
+from kgpt.model import saving
+from kgpt.model.bigram import BIGRAM
+from kgpt.recipe import Recipe, config_differences
+from kgpt.tokenizers.registry import load_tokenizer
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer"
 BEST_MODEL = "best.keras"
 FINAL_MODEL = "final.keras"
 # Where a run directory keeps its model, in order of preference (`model.keras`: `kgpt build`).
@@ -29,8 +31,6 @@ LOGS = "logs"
 BACKUP = "backup"
 # Keras' BackupAndRestore writes this next to the weights; RunBackup adds `step` and `val_loss`.
 BACKUP_METADATA = "training_metadata.json"
-BIGRAM = "bigram.json"
-BIGRAM_COUNTS = "bigram_counts.npy"
 LOCK = ".lock"
 # Temporaries of kgpt versions before `kgpt.files`: under the lock, they are all stale.
 _LEGACY_TEMPORARY_PREFIXES = (".tmp-", ".vocab.json.", ".merges.txt.", ".tokenizer.json.")
@@ -39,20 +39,26 @@ _LEGACY_TEMPORARY_PREFIXES = (".tmp-", ".vocab.json.", ".merges.txt.", ".tokeniz
 class RunDirectory:
     """A run directory (`checkpoints/<run>/`, which need not exist yet).
 
+    Args:
+        path: the folder.
+        worker: this process's index in a multi-worker run (its own backup folder and lock), or
+            None for a single process.
+
     Example:
         run = RunDirectory("checkpoints/shakespeare_char")
         model, tokenizer = run.load_model(), run.load_tokenizer()
     """
 
-    def __init__(self, path):
+    def __init__(self, path, worker=None):
         self.path = os.fspath(path)
+        self.worker = worker
         if "://" in self.path:
             raise ValueError(
                 f"{self.path}: run directories must be local paths (a run is held by an OS file lock "
                 "and its checkpoints are renamed into place); pass a local --run-dir."
             )
         self.config_path = self.file(CONFIG)
-        self.tokenizer_dir = self.file(TOKENIZER)
+        self.tokenizer_dir = self.file(TOKENIZER_DIRECTORY)
         self.best_model_path = self.file(BEST_MODEL)
         self.final_model_path = self.file(FINAL_MODEL)
         self.history_path = self.file(HISTORY)
@@ -61,10 +67,10 @@ class RunDirectory:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def backup_dir(self, worker=None):
+    def backup_dir(self):
         """`backup/`, or `backup/worker-N/` for worker N of a multi-worker run."""
         backup = self.file(BACKUP)
-        return backup if worker is None else os.path.join(backup, f"worker-{worker}")
+        return backup if self.worker is None else os.path.join(backup, f"worker-{self.worker}")
 
     def is_run(self):
         """True once training (or an import, or a baseline fit) has written `config.json`."""
@@ -142,11 +148,11 @@ class RunDirectory:
 
     def load_model(self):
         """The run's Keras model (GPT or GRU baseline), loaded with `safe_mode` on."""
-        return saving.load_model(self.model_path())
+        return load_model(self.path)
 
-    def backup_state(self, worker=None):
-        """`(step, val_losses)` of the last backup (see `backup_state`)."""
-        return backup_state(self.backup_dir(worker))
+    def backup_state(self):
+        """`(step, val_losses)` of this process's last backup (see `backup_state`)."""
+        return backup_state(self.backup_dir())
 
     def best_logged(self, key="val_loss"):
         """The lowest `key` in `history.csv`, or None when there is none yet."""
@@ -177,7 +183,7 @@ class RunDirectory:
         self.write_config(recipe)
 
     @contextlib.contextmanager
-    def lock(self, worker=0):
+    def lock(self):
         """Holds the run for one training process (per worker): an OS file lock on `.lock`, released
         however the process ends, `kill -9` included; ValueError if another process holds it. A
         folder this call created is removed when it leaves without becoming a run."""
@@ -185,7 +191,7 @@ class RunDirectory:
             raise ValueError(f"{self.path} is a file, not a run directory; choose another --run-dir.")
         created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
-        lock_path = self.file(LOCK if not worker else f"{LOCK}-worker-{worker}")
+        lock_path = self.file(LOCK if not self.worker else f"{LOCK}-worker-{self.worker}")
         handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,14 +216,14 @@ class RunDirectory:
                 files.remove(self.path)
             handle.close()
 
-    def remove_stale_files(self, worker=None):
-        """Deletes the temporaries a killed run left, holding `lock(worker)`; returns their paths.
+    def remove_stale_files(self):
+        """Deletes the temporaries a killed run left, holding `lock()`; returns their paths.
 
         Worker 0 (or a single process) cleans the run's own files; worker N its backup folder.
         """
-        folders = [self.backup_dir(worker)]
-        if not worker:
-            folders += [self.path, self.tokenizer_dir, self.backup_dir()]
+        folders = [self.backup_dir()]
+        if not self.worker:
+            folders += [self.path, self.tokenizer_dir, self.file(BACKUP)]
         removed = [
             os.path.join(folder, name)
             for folder in folders if os.path.isdir(folder)
@@ -251,7 +257,7 @@ def model_file(path):
 
 def load_model(path):
     """Loads a kgpt model from a `.keras` file or a run directory, with `safe_mode` on."""
-    return saving.load_model(model_file(path))
+    return saving.load_keras_file(model_file(path))
 
 
 def read_model_config(path):

@@ -9,8 +9,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from kgpt.model import build_model  # noqa: E402
-from kgpt.saving import save_model  # noqa: E402
+from kgpt.model.gpt import build_model  # noqa: E402
+from kgpt.model.saving import save_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from kgpt.baselines import SMOOTHING_GRID, BigramModel, train_bigram
 from kgpt.cli import main
-from kgpt.config import load_recipe
 from kgpt.evaluate import evaluate_runs
-from kgpt.recurrent import RecurrentLanguageModel
+from kgpt.model.bigram import BigramModel
+from kgpt.model.recurrent import RecurrentLanguageModel
+from kgpt.recipe import load_recipe
+from kgpt.training.baselines import SMOOTHING_GRID, train_bigram
 
 
 @pytest.fixture
@@ -69,8 +70,8 @@ def test_bigram_save_load_round_trip(tmp_path):
 
 
 def test_fitted_bigram_run_matches_counts_of_the_training_stream(recipe_path, tmp_path):
-    from kgpt.data import tokenize_corpus
-    from kgpt.tokenizer import load_tokenizer
+    from kgpt.data.pipeline import tokenize_corpus
+    from kgpt.tokenizers.registry import load_tokenizer
 
     run_dir = str(tmp_path / "bigram")
     recipe = load_recipe(recipe_path)
@@ -144,7 +145,7 @@ def test_bigram_refits_only_a_bigram_run_of_the_same_data(recipe_path, tmp_path)
 
 
 def test_bigram_tokenizer_from_must_match_the_recipes_tokenizer(recipe_path, tmp_path, capsys):
-    from kgpt.tokenizer import train_bpe
+    from kgpt.tokenizers.bpe import train_bpe
 
     recipe = load_recipe(recipe_path)
     char_run = tmp_path / "char_run"
@@ -183,8 +184,8 @@ def test_recurrent_model_is_causal():
 
 
 def test_recurrent_model_round_trips_through_a_keras_file(tmp_path):
+    from kgpt.model.saving import save_model
     from kgpt.rundir import load_model
-    from kgpt.saving import save_model
 
     model = _tiny_recurrent(dropout=0.1)
     ids = np.random.default_rng(1).integers(0, 32, (2, 8))

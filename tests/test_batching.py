@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from kgpt.batching import Busy, Scheduler, batch_key, batch_rows, split_outputs
+from kgpt.serving.batching import Busy, Scheduler, batch_key, batch_rows, split_outputs
 
 
 class Model:

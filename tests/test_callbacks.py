@@ -1,8 +1,8 @@
 import numpy as np
 
-from kgpt.callbacks import ResumableEarlyStopping, evaluations_since_best, patience_spent
-from kgpt.model import build_model
-from kgpt.saving import save_model
+from kgpt.model.gpt import build_model
+from kgpt.model.saving import save_model
+from kgpt.training.callbacks import ResumableEarlyStopping, evaluations_since_best, patience_spent
 
 
 def test_evaluations_since_best():
@@ -40,8 +40,8 @@ def test_patience_spent_before_the_resume():
 
 
 def test_sample_text_continues_the_prompt_at_each_evaluation(capsys):
-    from kgpt.callbacks import SampleText
-    from kgpt.tokenizer import train_characters
+    from kgpt.tokenizers.char import train_characters
+    from kgpt.training.callbacks import SampleText
 
     tokenizer = train_characters(["the cat sat on the mat.\n"])
     model = build_model(

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from kgpt.config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe, parse_override
+from kgpt.config import ModelConfig, TrainConfig
+from kgpt.data.config import DataConfig
+from kgpt.recipe import Recipe, load_recipe, parse_override
 
 TINY = dict(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16)
 

@@ -10,9 +10,10 @@ import zipfile
 import keras
 import pytest
 
-import kgpt
-from kgpt import corpora, data
-from kgpt.config import DataConfig
+import kgpt.data
+from kgpt.data import corpora, run_tokenizer
+from kgpt.data import pipeline as data
+from kgpt.data.config import DataConfig
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -152,7 +153,7 @@ def offline(tmp_path, monkeypatch):
 def test_tinyshakespeare_ships_with_kgpt_and_needs_no_download(offline, tmp_path, monkeypatch):
     config = _config(tmp_path, corpus="tinyshakespeare", tokenizer="char")
     (path,) = corpora.corpus_files(config, "train")
-    assert path == os.path.join(os.path.dirname(kgpt.__file__), "corpus_data", "tinyshakespeare", "input.txt")
+    assert path == os.path.join(os.path.dirname(kgpt.data.__file__), "corpus_data", "tinyshakespeare", "input.txt")
     with open(path, "rb") as file:
         assert hashlib.sha256(file.read()).hexdigest() == corpora.get_corpus("tinyshakespeare").archive.sha256
     (train,) = corpora.iter_documents(config, "train")
@@ -302,7 +303,7 @@ def test_adding_a_corpus_is_one_registry_entry(tmp_path, monkeypatch):
     assert list(corpora.iter_documents(config, "train")) == ["ONE line", "second Line here"]
     assert corpora.corpus_files(config, "test") == [str(tmp_path / "lines" / "all.txt")]
     assert corpora.evaluation_split("lines") == "test"
-    tokenizer = data.build_tokenizer(config)
+    tokenizer = run_tokenizer.build_tokenizer(config)
     _, description = data.cache_key(config, tokenizer, "test")
     assert description["options"] == {"strip_html": True, "errors": "strict", "seed": 1337, "shard_bytes": 2**25}
     with pytest.raises(ValueError, match="has no validation split"):

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt import corpora, data
-from kgpt import tokenizer as tk
-from kgpt.config import DataConfig, ModelConfig
+from kgpt import tokenizers as tk
+from kgpt.config import ModelConfig
+from kgpt.data import corpora, run_tokenizer
+from kgpt.data import pipeline as data
+from kgpt.data.config import DataConfig
 
 
 def _write(path, text):
@@ -63,7 +65,7 @@ def _packed_setup(shards, tmp_path, **kwargs):
     config = _config(
         tmp_path, corpus="text", files=(str(shards / "*.txt"),), tokenizer="char", sequence_length=8, **kwargs
     )
-    return config, data.build_tokenizer(config)
+    return config, run_tokenizer.build_tokenizer(config)
 
 
 def test_packing_shifts_targets_and_keeps_every_token(shards, tmp_path):
@@ -132,10 +134,10 @@ def test_token_cache_reused_and_invalidated(shards, tmp_path):
     np.testing.assert_array_equal(first.read_tokens(), second.read_tokens())
     # The normalisation belongs to the tokenizer: it changes the fingerprint, hence the key.
     lowercase = dataclass_replace(config, lowercase=True)
-    lowercased = data.tokenize_corpus(lowercase, data.build_tokenizer(lowercase), "train")
+    lowercased = data.tokenize_corpus(lowercase, run_tokenizer.build_tokenizer(lowercase), "train")
     assert not lowercased.cached and lowercased.path != first.path
     assert not data.tokenize_corpus(dataclass_replace(config, strip_html=True), tokenizer, "train").cached
-    other_tokenizer = data.build_tokenizer(dataclass_replace(config, tokenizer="bpe", vocabulary_size=300))
+    other_tokenizer = run_tokenizer.build_tokenizer(dataclass_replace(config, tokenizer="bpe", vocabulary_size=300))
     assert not data.tokenize_corpus(config, other_tokenizer, "train").cached
     shard = shards / "wiki_books_0.txt"
     shard.write_text(shard.read_text() + "\nOne more block.\n")
@@ -147,20 +149,20 @@ def test_token_cache_reused_and_invalidated(shards, tmp_path):
 
 def test_build_tokenizer_saves_and_reloads(shards, tmp_path):
     config, tokenizer = _packed_setup(shards, tmp_path)
-    saved = data.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
-    again = data.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
+    saved = run_tokenizer.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
+    again = run_tokenizer.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))
     assert again.fingerprint == saved.fingerprint == tokenizer.fingerprint
     with pytest.raises(ValueError, match="holds a 'char' tokenizer"):
-        data.build_tokenizer(dataclass_replace(config, tokenizer="bpe"), str(tmp_path / "run" / "tokenizer"))
+        run_tokenizer.build_tokenizer(dataclass_replace(config, tokenizer="bpe"), str(tmp_path / "run" / "tokenizer"))
 
 
 def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards, tmp_path):
     _write(shards / "wiki_books_3.txt", "LOUD Words, Here!\n\n--- *** ---\n")
     config, _ = _packed_setup(shards, tmp_path, lowercase=True, strip_punctuation=True, validation_fraction=0.0)
     directory = str(tmp_path / "run" / "tokenizer")
-    tokenizer = data.build_tokenizer(config, directory)
+    tokenizer = run_tokenizer.build_tokenizer(config, directory)
     assert tokenizer.normalization == tk.Normalization(lowercase=True, strip_punctuation=True)
-    assert tokenizer.normalization == data.text_normalization(config)
+    assert tokenizer.normalization == run_tokenizer.text_normalization(config)
     # Trained on normalised text: no capitals, no punctuation in the vocabulary.
     assert not any(c.isupper() or c in ",.:!-*" for c in tokenizer.characters)
     stream = data.tokenize_corpus(config, tokenizer, "train")
@@ -168,15 +170,15 @@ def test_build_tokenizer_normalises_training_text_and_checks_a_saved_one(shards,
     assert len(stream.read_document_ends()) == len(documents)  # "--- *** ---" is blank once stripped
     expected = tokenizer.tokenize(tf.constant(documents))  # in-graph normalisation
     np.testing.assert_array_equal(stream.read_tokens()[: stream.read_document_ends()[0] - 1], expected[0].numpy())
-    assert data.build_tokenizer(config, directory).fingerprint == tokenizer.fingerprint
+    assert run_tokenizer.build_tokenizer(config, directory).fingerprint == tokenizer.fingerprint
     with pytest.raises(ValueError, match="lowercase=True, strip_punctuation=True but data.lowercase = False"):
-        data.build_tokenizer(dataclass_replace(config, lowercase=False, strip_punctuation=False), directory)
+        run_tokenizer.build_tokenizer(dataclass_replace(config, lowercase=False, strip_punctuation=False), directory)
     # A tokenizer.json from before the normalisation was saved: the error says what to add.
     saved = pathlib.Path(directory) / tk.CONFIG_FILENAME
     legacy = {k: v for k, v in json.loads(saved.read_text()).items() if k != "normalization"}
     saved.write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match='add "normalization": {"lowercase": true, "strip_punctuation": true}'):
-        data.build_tokenizer(config, directory)
+        run_tokenizer.build_tokenizer(config, directory)
 
 
 def test_corpus_and_token_store_on_a_gfile_filesystem(tmp_path, monkeypatch):
@@ -191,7 +193,7 @@ def test_corpus_and_token_store_on_a_gfile_filesystem(tmp_path, monkeypatch):
     config = DataConfig(corpus="text", files=(f"{root}/*.txt",), tokenizer="char", sequence_length=8,
                         validation_fraction=0.5, cache_dir=cache)
     assert corpora.corpus_files(config, "train") == [f"{root}/part_0.txt", f"{root}/part_1.txt"]
-    tokenizer = data.build_tokenizer(config)
+    tokenizer = run_tokenizer.build_tokenizer(config)
     store = data.tokenize_corpus(config, tokenizer, "train")
     assert not store.cached and store.path.startswith(f"{cache}/")
     assert tf.io.gfile.exists(f"{store.path}/index.json")
@@ -242,7 +244,7 @@ def test_real_corpora(tmp_path):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real corpora not found at {SHARED_DATA} (set KGPT_SHARED_DATA)")
     shakespeare = _config(tmp_path, corpus="tinyshakespeare", dir=str(SHARED_DATA), tokenizer="char", sequence_length=64)
-    characters = data.build_tokenizer(shakespeare)
+    characters = run_tokenizer.build_tokenizer(shakespeare)
     assert len(characters.characters) == 65 and characters.vocabulary_size == 68
     x, y = next(iter(data.make_dataset(shakespeare, characters, "validation", batch_size=4)))
     assert x.shape == (4, 64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt.decoding import (
+from kgpt.generation.decoding import (
     MAX_NEW_TOKENS,
     CausalRecomputation,
     Decoder,
@@ -17,9 +17,9 @@ from kgpt.decoding import (
     decode,
     default_window,
 )
-from kgpt.model import build_model
-from kgpt.recurrent import RecurrentLanguageModel
-from kgpt.sampling import SamplingOptions
+from kgpt.generation.sampling import SamplingOptions
+from kgpt.model.gpt import build_model
+from kgpt.model.recurrent import RecurrentLanguageModel
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from kgpt.cli import main
-from kgpt.config import DataConfig
-from kgpt.data import build_tokenizer
+from kgpt.data.config import DataConfig
+from kgpt.data.run_tokenizer import build_tokenizer
 from kgpt.evaluate import (
     Evaluation,
     evaluate_runs,
@@ -31,8 +31,8 @@ def _make_gpt_run(tmp_path, name, uniform=False, seed=0, **data_options):
     import keras
 
     from kgpt.config import ModelConfig
-    from kgpt.model import GPT
-    from kgpt.saving import save_model
+    from kgpt.model.gpt import GPT
+    from kgpt.model.saving import save_model
 
     (tmp_path / "train.txt").write_text(TRAINING_TEXT, encoding="utf-8")
     data = DataConfig(
@@ -214,7 +214,7 @@ def test_evaluate_command_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_evaluate_defaults_to_the_runs_own_corpus(tmp_path, monkeypatch):
-    from kgpt import corpora
+    from kgpt.data import corpora
 
     run_dir, _, _ = _make_gpt_run(tmp_path, "run")
     monkeypatch.chdir(tmp_path)

@@ -19,12 +19,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt import export as export_module
-from kgpt import sampling
 from kgpt.cli import main
-from kgpt.decoding import MAX_NEW_TOKENS as MAX_NEW_TOKENS_LIMIT
-from kgpt.decoding import default_window
-from kgpt.export import (
+from kgpt.generation import sampling
+from kgpt.generation.decoding import MAX_NEW_TOKENS as MAX_NEW_TOKENS_LIMIT
+from kgpt.generation.decoding import default_window
+from kgpt.generation.generator import Generator, SavedModelGenerator, load_generator
+from kgpt.generation.sampling import SamplingOptions, option
+from kgpt.generation.stopping import cut_at_stop
+from kgpt.model.gpt import build_model
+from kgpt.model.recurrent import RecurrentLanguageModel
+from kgpt.serving import export as export_module
+from kgpt.serving.export import (
     ServingModule,
     export,
     is_saved_model,
@@ -34,12 +39,8 @@ from kgpt.export import (
     version_numbers,
     xla_findings,
 )
-from kgpt.generate import Generator, SavedModelGenerator, load_generator
-from kgpt.model import build_model
-from kgpt.recurrent import RecurrentLanguageModel
-from kgpt.sampling import SamplingOptions, option
-from kgpt.stopping import cut_at_stop
-from kgpt.tokenizer import train_bpe, train_characters
+from kgpt.tokenizers.bpe import train_bpe
+from kgpt.tokenizers.char import train_characters
 
 SEQUENCE_LENGTH = 32
 MAX_NEW_TOKENS = 8

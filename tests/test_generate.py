@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 
 from kgpt.cli import main
-from kgpt.decoding import MAX_NEW_TOKENS, Decoder
-from kgpt.generate import Generator, TextGenerator, load_generator, sampling_options
-from kgpt.recurrent import RecurrentLanguageModel
-from kgpt.sampling import SamplingOptions
-from kgpt.tokenizer import train_characters
+from kgpt.generation.decoding import MAX_NEW_TOKENS, Decoder
+from kgpt.generation.generator import Generator, TextGenerator, load_generator, sampling_options
+from kgpt.generation.sampling import SamplingOptions
+from kgpt.model.recurrent import RecurrentLanguageModel
+from kgpt.tokenizers.char import train_characters
 
 TEXT = "the cat sat on the mat. a dog ran!\n"
 

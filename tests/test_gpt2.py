@@ -8,7 +8,7 @@ import pytest
 from kgpt import gpt2
 from kgpt.cli import main
 from kgpt.rundir import load_model
-from kgpt.tokenizer import load_tokenizer
+from kgpt.tokenizers.registry import load_tokenizer
 
 SIZES = {"n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
 
@@ -134,7 +134,7 @@ def test_import_writes_a_run_directory_that_loads(hf_folder, tmp_path):
     assert tokenizer.tokenize("the cat").numpy().tolist() == [83, 257, 263, 260]  # t he Ġc at
     with open(os.path.join(run_dir, "config.json")) as f:
         stored = json.load(f)
-    from kgpt.config import Recipe
+    from kgpt.recipe import Recipe
 
     assert Recipe.from_dict(stored).model["num_layers"] == 2
     # An existing run directory is not overwritten without --force.
@@ -211,7 +211,7 @@ def reference(tmp_path_factory):
 
 
 def test_imported_logits_and_greedy_continuations_match_transformers(reference, tmp_path):
-    from kgpt.decoding import Decoder
+    from kgpt.generation.decoding import Decoder
 
     torch, _, reference_model, folder = reference
     model = gpt2.import_gpt2(str(folder), str(tmp_path / "run"))
@@ -240,7 +240,7 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(reference, t
 
 
 def load_tokenizer_from_folder(folder):
-    from kgpt.tokenizer import load_gpt2_tokenizer
+    from kgpt.tokenizers.bpe import load_gpt2_tokenizer
 
     return load_gpt2_tokenizer(str(folder))
 
@@ -267,9 +267,9 @@ jit_compile = false
 
 @pytest.mark.slow
 def test_fine_tuning_an_imported_model_lowers_the_loss(hf_folder, tmp_path, monkeypatch):
-    from kgpt.config import load_recipe
     from kgpt.evaluate import evaluate_runs
-    from kgpt.train import train
+    from kgpt.recipe import load_recipe
+    from kgpt.training.train import train
 
     folder, _ = hf_folder
     imported = str(tmp_path / "imported")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import kgpt.callbacks
+import kgpt.training.callbacks
 from kgpt import keras_compat
-from kgpt.callbacks import BestModelCheckpoint, RunBackup, ThroughputLogger
-from kgpt.distribute import AdamW, enable_multi_worker_fit
-from kgpt.tokenizer import train_bpe
+from kgpt.tokenizers.bpe import train_bpe
+from kgpt.training.callbacks import BestModelCheckpoint, RunBackup, ThroughputLogger
+from kgpt.training.distribute import AdamW, enable_multi_worker_fit
 
 X = np.arange(32, dtype="float32").reshape(8, 4) / 32.0
 Y = X.sum(axis=1, keepdims=True)
@@ -173,7 +173,7 @@ def test_run_backup_overrides_are_called_by_fit(tmp_path):
 
 def test_best_model_checkpoint_override_is_called_by_fit(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(kgpt.callbacks, "save_model", lambda model, path: saved.append(path))
+    monkeypatch.setattr(kgpt.training.callbacks, "save_model", lambda model, path: saved.append(path))
     path = str(tmp_path / "best.keras")
     _model().fit(
         X, Y, batch_size=4, epochs=2, verbose=0, validation_data=(X, Y),

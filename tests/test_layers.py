@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from kgpt.layers import (
+from kgpt.model.layers import (
     CausalSelfAttention,
     DecoderBlock,
     FeedForward,

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from kgpt.metrics import Perplexity
+from kgpt.training.metrics import Perplexity
 
 
 def log_softmax(logits):
@@ -117,7 +117,7 @@ REPLICA_SCRIPT = r"""
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from kgpt.metrics import Perplexity
+from kgpt.training.metrics import Perplexity
 strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 with strategy.scope():
     metric = Perplexity()

@@ -11,9 +11,10 @@ import tensorflow as tf
 from keras import ops
 
 from kgpt.config import ModelConfig
-from kgpt.layers import POSITION_EMBEDDINGS, register_position_embedding
-from kgpt.model import GPT, build_model, count_parameters
-from kgpt.saving import load_model, save_model
+from kgpt.model.gpt import GPT, build_model, count_parameters
+from kgpt.model.layers import POSITION_EMBEDDINGS, register_position_embedding
+from kgpt.model.saving import save_model
+from kgpt.rundir import load_model
 
 TINY = ModelConfig(vocabulary_size=32, sequence_length=8, num_layers=2, num_heads=2, hidden_dim=16)
 
@@ -296,7 +297,7 @@ class _NoPositions(keras.layers.Layer):
 
 def test_a_registered_position_embedding_kind_drives_the_whole_model(monkeypatch):
     # What ARCHITECTURE.md promises: a kind is one registered class; model code is untouched.
-    monkeypatch.setattr("kgpt.layers.POSITION_EMBEDDINGS", dict(POSITION_EMBEDDINGS))
+    monkeypatch.setattr("kgpt.model.layers.POSITION_EMBEDDINGS", dict(POSITION_EMBEDDINGS))
     register_position_embedding("none")(_NoPositions)
     with pytest.raises(ValueError, match="'none' is already registered"):
         register_position_embedding("none")(_NoPositions)

@@ -12,10 +12,10 @@ import openai
 import pytest
 from test_batching import in_threads  # the one concurrent-start helper
 
-from kgpt.generate import load_generator
-from kgpt.openai_api import StopText, parse_request
-from kgpt.serve import make_server
-from kgpt.tokenizer import train_characters
+from kgpt.generation.generator import load_generator
+from kgpt.serving.openai_api import StopText, parse_request
+from kgpt.serving.server import make_server
+from kgpt.tokenizers.char import train_characters
 
 TEXT = "the cat sat on the mat. a dog ran!\n"
 
@@ -252,7 +252,7 @@ def test_the_playground_is_one_self_contained_page(server):
 
 @pytest.mark.export
 def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_path):
-    from kgpt.export import export
+    from kgpt.serving.export import export
 
     path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
     generator = load_generator(path)

@@ -20,8 +20,8 @@ import urllib.request
 
 import pytest
 
-from kgpt.serve import make_server
-from kgpt.tokenizer import train_characters
+from kgpt.serving.server import make_server
+from kgpt.tokenizers.char import train_characters
 
 pytestmark = pytest.mark.browser
 

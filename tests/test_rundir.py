@@ -14,9 +14,9 @@ import pytest
 
 from kgpt import files
 from kgpt.cli import main
-from kgpt.config import load_recipe
+from kgpt.recipe import load_recipe
 from kgpt.rundir import RunDirectory
-from kgpt.train import train
+from kgpt.training.train import train
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def test_a_failed_start_leaves_no_run(recipe_path, tmp_path, case, message, caps
 
 @pytest.mark.parametrize("damage", ["truncated shard", "other tokenizer", "index missing"])
 def test_a_damaged_token_store_is_a_one_line_error_or_resumed(write_toy_recipe, tmp_path, capsys, damage):
-    from kgpt.data import tokenize_corpus
-    from kgpt.train import make_tokenizer
+    from kgpt.data.pipeline import tokenize_corpus
+    from kgpt.data.run_tokenizer import make_tokenizer
 
     recipe_path = write_toy_recipe(max_steps=2, eval_interval=2, eval_steps=1, warmup_steps=1)
     recipe = load_recipe(recipe_path)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt import sampling
-from kgpt.sampling import (
+from kgpt.generation import sampling
+from kgpt.generation.sampling import (
     SamplingOptions,
     add_sampling_arguments,
     draws_at_random,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt.schedule import WarmupCosine
+from kgpt.training.schedule import WarmupCosine
 
 PEAK, FLOOR, WARMUP, DECAY = 1e-3, 1e-4, 10, 110
 

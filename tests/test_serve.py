@@ -17,7 +17,7 @@ import tensorflow as tf
 from test_batching import in_threads  # the one concurrent-start helper
 
 from kgpt.cli import main
-from kgpt.serve import _Server, exposure_warning, make_server
+from kgpt.serving.server import _Server, exposure_warning, make_server
 
 
 class Echo(tf.Module):
@@ -385,8 +385,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, echo_dir, capsys):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, write_run_directory):
     """`saved_models/tiny`: a `kgpt export` of a tiny random character model."""
-    from kgpt.export import export
-    from kgpt.tokenizer import train_characters
+    from kgpt.serving.export import export
+    from kgpt.tokenizers.char import train_characters
 
     tmp_path = tmp_path_factory.mktemp("tiny")
     tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
@@ -397,7 +397,7 @@ def tiny_export(tmp_path_factory, write_run_directory):
 
 @pytest.mark.export
 def test_serves_a_kgpt_export(tiny_export):
-    from kgpt.generate import load_generator
+    from kgpt.generation.generator import load_generator
 
     model_dir = tiny_export
     expected = load_generator(str(model_dir)).generate(["the cat", "a"], max_new_tokens=6)

@@ -7,12 +7,13 @@ import pytest
 import tensorflow as tf
 from test_decoding import _greedy_past_the_context  # the no-cache reference
 
-from kgpt.decoding import Decoder
-from kgpt.model import build_model
-from kgpt.recurrent import RecurrentLanguageModel
-from kgpt.sampling import SamplingOptions
-from kgpt.streaming import RowTexts, StepDecoder, TextDeltas
-from kgpt.tokenizer import train_bpe, train_characters
+from kgpt.generation.decoding import Decoder
+from kgpt.generation.sampling import SamplingOptions
+from kgpt.generation.streaming import RowTexts, StepDecoder, TextDeltas
+from kgpt.model.gpt import build_model
+from kgpt.model.recurrent import RecurrentLanguageModel
+from kgpt.tokenizers.bpe import train_bpe
+from kgpt.tokenizers.char import train_characters
 
 
 @pytest.fixture(scope="module")

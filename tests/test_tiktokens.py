@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt import tiktokens
-from kgpt import tokenizer as tk
+from kgpt import tokenizers as tk
 from kgpt.cli import main
+from kgpt.tokenizers import tiktokens
 
 SHARED_DATA = pathlib.Path(
     os.environ.get("KGPT_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -152,7 +152,7 @@ def test_an_unknown_encoding_is_a_clear_error():
 
 
 OFFLINE = """
-from kgpt.tiktokens import load_encoding
+from kgpt.tokenizers.tiktokens import load_encoding
 try:
     load_encoding("o200k_base")
 except FileNotFoundError as error:
@@ -217,9 +217,9 @@ jit_compile = false
 @needs_files
 @pytest.mark.slow
 def test_a_training_run_with_tiktoken_gpt2_stores_tiktokens_ids_and_generates(trained, gpt2, capsys):
-    from kgpt.config import load_recipe
-    from kgpt.corpora import iter_documents
-    from kgpt.data import scoring_tokens
+    from kgpt.data.corpora import iter_documents
+    from kgpt.data.pipeline import scoring_tokens
+    from kgpt.recipe import load_recipe
     from kgpt.rundir import RunDirectory
 
     run_dir, _ = trained
@@ -243,7 +243,7 @@ def test_a_training_run_with_tiktoken_gpt2_stores_tiktokens_ids_and_generates(tr
 def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, tmp_path):
     import tensorflow_text  # noqa: F401  (registers the tokenizer ops before loading)
 
-    from kgpt.generate import Generator, load_generator
+    from kgpt.generation.generator import Generator, load_generator
     from kgpt.rundir import RunDirectory
 
     run_dir, paragraphs = trained

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgpt import tokenizer as tk
-from kgpt.encoders import tiktoken_encoding
+from kgpt import tokenizers as tk
+from kgpt.tokenizers.encoders import tiktoken_encoding
 
 SPECIALS = (tk.END_OF_TEXT, tk.PADDING)
 

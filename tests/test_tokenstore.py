@@ -9,8 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from kgpt import data, tokenstore
-from kgpt.config import DataConfig
+from kgpt.data import pipeline as data
+from kgpt.data import run_tokenizer, tokenstore
+from kgpt.data.config import DataConfig
 
 
 class CountingTokenizer:
@@ -119,7 +120,7 @@ def _sharded_config(tmp_path, **kwargs):
     config = DataConfig(corpus="text", files=(str(corpus / "*.txt"),), tokenizer="char", sequence_length=8,
                         validation_fraction=0.0, validation_files=(str(corpus / "part_0.txt"),),
                         cache_dir=str(tmp_path / "cache"), shard_bytes=600, **kwargs)
-    return config, data.build_tokenizer(config)
+    return config, run_tokenizer.build_tokenizer(config)
 
 
 def _windows(dataset):
@@ -148,8 +149,9 @@ def test_shuffled_passes_cover_every_shard_and_workers_read_disjoint_shards(tmp_
 
 _KILLED_WRITER = """
 import sys, time
-from kgpt import data, tokenstore
-from kgpt.config import DataConfig
+from kgpt.data import pipeline as data
+from kgpt.data import run_tokenizer, tokenstore
+from kgpt.data.config import DataConfig
 write_shard = tokenstore._write_shard
 
 def slow_write_shard(*args):
@@ -160,7 +162,7 @@ def slow_write_shard(*args):
 tokenstore._write_shard = slow_write_shard
 config = DataConfig(corpus="text", files=(sys.argv[1],), tokenizer="char", validation_fraction=0.0,
                     validation_files=(sys.argv[1],), cache_dir=sys.argv[2], shard_bytes=200)
-data.tokenize_corpus(config, data.build_tokenizer(config), "train")
+data.tokenize_corpus(config, run_tokenizer.build_tokenizer(config), "train")
 """
 
 
@@ -185,7 +187,7 @@ def test_a_tokenization_killed_with_sigkill_resumes(tmp_path):
     assert len(done) >= 3 and not (folder / "index.json").exists()
     config = DataConfig(corpus="text", files=(str(corpus),), tokenizer="char", validation_fraction=0.0,
                         validation_files=(str(corpus),), cache_dir=str(cache), shard_bytes=200)
-    tokenizer = data.build_tokenizer(config)
+    tokenizer = run_tokenizer.build_tokenizer(config)
     calls = []
     original = tokenizer.encode_documents
     tokenizer.encode_documents = lambda texts: calls.append(len(texts)) or original(texts)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from kgpt.cli import main
-from kgpt.config import load_recipe
+from kgpt.recipe import load_recipe
 from kgpt.rundir import RunDirectory, load_model
-from kgpt.train import train
+from kgpt.training.train import train
 
 
 @pytest.fixture
@@ -229,9 +229,9 @@ MIRRORED_CHECK = textwrap.dedent(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
     )
-    from kgpt.config import load_recipe
+    from kgpt.recipe import load_recipe
     from kgpt.rundir import load_model
-    from kgpt.train import train
+    from kgpt.training.train import train
     results = {}
     for strategy, batch in (("default", 8), ("mirrored", 4)):
         # Same global batch (8): one device, or two replicas of 4. A large epsilon makes AdamW's
@@ -318,8 +318,8 @@ def test_multiworker_fit_with_two_local_workers_equals_one_process(recipe_path, 
 _WORKER_WINDOWS = """
 import sys
 import numpy as np
-from kgpt import distribute, train
-from kgpt.config import load_recipe
+from kgpt.recipe import load_recipe
+from kgpt.training import distribute, train
 recipe = load_recipe(sys.argv[1])
 strategy = distribute.make_strategy("multiworker")
 tokenizer = train.make_tokenizer(recipe)
@@ -331,8 +331,8 @@ np.save(sys.argv[3], np.concatenate(windows))
 
 @pytest.mark.distributed
 def test_two_local_workers_train_disjoint_windows_that_make_one_pass(tmp_path):
-    from kgpt.data import make_dataset
-    from kgpt.train import make_tokenizer
+    from kgpt.data.pipeline import make_dataset
+    from kgpt.data.run_tokenizer import make_tokenizer
 
     # 64 documents of 23 random letters; shards of 16 documents (384 tokens, 47 windows of 8 each).
     rng = np.random.default_rng(0)
@@ -377,8 +377,9 @@ def test_two_local_workers_train_disjoint_windows_that_make_one_pass(tmp_path):
 def test_samples_follow_the_recipe_past_the_context(recipe_path, tmp_path, capsys):
     import tensorflow as tf
 
-    from kgpt.callbacks import SampleText
-    from kgpt.train import build_model, make_callbacks, make_tokenizer
+    from kgpt.data.run_tokenizer import make_tokenizer
+    from kgpt.training.callbacks import SampleText
+    from kgpt.training.train import build_model, make_callbacks
 
     overrides = ["train.sample_prompt=the cat", "train.sample_length=40",
                  "train.sample_temperature=0.5", "train.sample_top_k=7"]

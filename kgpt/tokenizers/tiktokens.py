@@ -1,17 +1,20 @@
-"""tiktoken encodings behind kgpt's `tiktoken:NAME` tokenizers: loading one from tiktoken's cache
-(offline: `TIKTOKEN_CACHE_DIR`), its ids for Python strings, and, for the encodings that split text
-with GPT-2's pattern, the byte-level BPE (vocabulary and merges) that gives those ids in the graph.
+"""tiktoken encodings and the `tiktoken:NAME` tokenizer (`TiktokenTokenizer`): loading an encoding
+from tiktoken's cache (offline: `TIKTOKEN_CACHE_DIR`), its ids for Python strings, and, for the
+encodings that split text with GPT-2's pattern, the byte-level BPE (vocabulary and merges) that
+gives those ids in the graph.
 """
 
 import functools
 import os
 
 import numpy as np
+import tensorflow as tf
 
-from kgpt.encoders import GPT2_PATTERN, byte_characters
+from kgpt.tokenizers.base import END_OF_TEXT, Tokenizer
+from kgpt.tokenizers.bpe import BytePairTokenizer
+from kgpt.tokenizers.encoders import GPT2_PATTERN, byte_characters
 
 CACHE_VARIABLE = "TIKTOKEN_CACHE_DIR"
-END_OF_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer as tiktoken >= 0.8 spells it (possessive quantifiers: the same splits,
 # faster) and as GPT-2 and older tiktoken releases do.
 GPT2_PATTERNS = (
@@ -121,3 +124,54 @@ def byte_level_bpe(encoding):
     vocabulary = {spell(token): rank for token, rank in ranks.items()}
     vocabulary[END_OF_TEXT] = encoding.eot_token
     return vocabulary, merges
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding (`"gpt2"`, `"o200k_base"`, ...) read from tiktoken's cache (`load_encoding`).
+    Encodings with GPT-2's pre-tokenizer also run in the graph, as the byte-level BPE of their ranks
+    (so they export); the others run eagerly only. Padding is `<|endoftext|>`."""
+
+    def __init__(self, encoding, normalization=None):
+        super().__init__(normalization=normalization)
+        self._encoding = load_encoding(encoding)
+        self.kind = f"tiktoken:{encoding}"
+        self.encoding = encoding
+        self.vocabulary_size = self._encoding.n_vocab
+        self.end_of_text_id = self._encoding.eot_token
+        self.padding_id = self.end_of_text_id
+        self._graph_problem = graph_problem(self._encoding)
+        if self._graph_problem is None:
+            vocabulary, merges = byte_level_bpe(self._encoding)
+            self._graph = BytePairTokenizer(vocabulary, merges, kind="gpt2", padding=None)
+            self._build_functions()
+
+    @property
+    def graph_compatible(self):
+        """True for encodings with GPT-2's pre-tokenizer (the kind's flag is False: not all are)."""
+        return self._graph_problem is None
+
+    def graph_problem(self):
+        return self._graph_problem and f"{self._graph_problem}; {ALTERNATIVES}"
+
+    def _eager_only(self):
+        if not tf.executing_eagerly():
+            raise ValueError(f"{self.graph_problem()}.")
+
+    def _tokenize(self, strings):
+        if self.graph_compatible:
+            return self._graph._tokenize(strings)
+        self._eager_only()
+        rows = self.encode_documents([s.decode("utf-8", "replace") for s in strings.numpy()])
+        return tf.ragged.constant([list(r) for r in rows], dtype=tf.int32, ragged_rank=1)
+
+    def _detokenize(self, ids):
+        if self.graph_compatible:
+            return self._graph._detokenize(ids)
+        self._eager_only()
+        return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()])
+
+    def _encode(self, texts):
+        return encode(self._encoding, texts)
+
+    def _files(self):  # special_tokens: a literal <|endoftext|> is one token (since this was saved)
+        return self._config_file(encoding=self.encoding, special_tokens=[END_OF_TEXT])

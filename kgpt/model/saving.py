@@ -2,7 +2,8 @@
 
 `.keras` files are kgpt's checkpoints (SavedModels are only for serving). Loading always keeps
 Keras' `safe_mode` on, so a file cannot run arbitrary code. Importing this module registers every
-kgpt serializable (layers, models, metric, schedule, optimizer) with Keras.
+kgpt layer and model with Keras (`kgpt/__init__.py` also registers the training's metric,
+schedule and optimizer, which a checkpoint's compiled state names).
 """
 
 import os
@@ -10,9 +11,10 @@ import zipfile
 
 import keras
 
-from kgpt import distribute, files, layers, metrics, schedule  # noqa: F401  (register their classes)
-from kgpt.model import GPT
-from kgpt.recurrent import RecurrentLanguageModel
+from kgpt import files
+from kgpt.model import layers  # noqa: F401  (registers the layers)
+from kgpt.model.gpt import GPT
+from kgpt.model.recurrent import RecurrentLanguageModel
 
 # `[model] kind` -> the Keras model class that trains it (names in `kgpt.config.MODEL_KINDS`).
 MODEL_CLASSES = {"gpt": GPT, "gru": RecurrentLanguageModel}
@@ -27,8 +29,10 @@ def save_model(model, path):
         model.save(temporary)
 
 
-def load_model(path):
-    """Loads a kgpt model from a `.keras` file, with `safe_mode` on; ValueError if it is not one."""
+def load_keras_file(path):
+    """Loads a kgpt model from a `.keras` file, with `safe_mode` on; ValueError if it is not one.
+
+    `kgpt.rundir.load_model` is the public entry point (a file or a run directory)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such model file: {path}. Check the path.")

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgpt.export import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS
-from kgpt.sampling import draws_at_random
+from kgpt.generation.sampling import draws_at_random
+from kgpt.serving.export import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS
 
 
 class Busy(Exception):

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from kgpt.decoding import (
+from kgpt.generation.decoding import (
     CausalRecomputation,
     Decoder,
     cached,
@@ -19,11 +19,11 @@ from kgpt.decoding import (
     default_max_new_tokens,
     prompt_room,
 )
-from kgpt.export import is_saved_model, saved_model_version_path
+from kgpt.generation.sampling import SamplingOptions
+from kgpt.generation.stopping import check_stops, cut_at_stop
+from kgpt.generation.streaming import Piece, RowTexts, StepDecoder, TextDeltas
 from kgpt.rundir import RunDirectory
-from kgpt.sampling import SamplingOptions
-from kgpt.stopping import check_stops, cut_at_stop
-from kgpt.streaming import Piece, RowTexts, StepDecoder, TextDeltas
+from kgpt.serving.export import is_saved_model, saved_model_version_path
 
 
 def _report_truncation(count, room, truncate):

@@ -13,11 +13,11 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from kgpt.batching import PADDED_OUTPUTS, Busy, Scheduler, batch_key, batch_rows
-from kgpt.export import _read_saved_model, is_saved_model, saved_model_version_path
-from kgpt.generate import Generator, SavedModelGenerator
-from kgpt.openai_api import Completions, OpenAIError
+from kgpt.generation.generator import Generator, SavedModelGenerator
 from kgpt.rundir import RunDirectory
+from kgpt.serving.batching import PADDED_OUTPUTS, Busy, Scheduler, batch_key, batch_rows
+from kgpt.serving.export import _read_saved_model, is_saved_model, saved_model_version_path
+from kgpt.serving.openai_api import Completions, OpenAIError
 
 PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 STATUS_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from kgpt.decoding import CausalRecomputation, cached, default_window
-from kgpt.sampling import SamplingOptions, sample_logits
+from kgpt.generation.decoding import CausalRecomputation, cached, default_window
+from kgpt.generation.sampling import SamplingOptions, sample_logits
 
 _REPLACEMENT = "\ufffd"
 

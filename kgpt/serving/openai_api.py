@@ -11,8 +11,8 @@ import json
 import secrets
 import time
 
-from kgpt.decoding import check_options
-from kgpt.sampling import SamplingOptions
+from kgpt.generation.decoding import check_options
+from kgpt.generation.sampling import SamplingOptions
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_CHOICES = 16  # n: continuations per prompt

@@ -17,8 +17,8 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kgpt.model_server import PREDICT_PATH, STATUS_PATH, ModelServer, RequestError, parse_json
-from kgpt.openai_api import OpenAIError, server_sent_events
+from kgpt.serving.openai_api import OpenAIError, server_sent_events
+from kgpt.serving.rest import PREDICT_PATH, STATUS_PATH, ModelServer, RequestError, parse_json
 
 # OpenAI's routes and the playground: path -> allowed method.
 _OPENAI = {"/v1/completions": "POST", "/v1/models": "GET"}
@@ -76,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         path = self.path.split("?")[0]
         if path in _PLAYGROUND:
-            page = importlib.resources.files("kgpt").joinpath("playground.html").read_bytes()
+            page = importlib.resources.files("kgpt.serving").joinpath("playground.html").read_bytes()
             return self._send(200, page, content_type="text/html; charset=utf-8")
         if _OPENAI.get(path) == "POST":
             return self._refuse_method()

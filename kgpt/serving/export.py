@@ -14,7 +14,8 @@ import re
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from kgpt.decoding import (
+from kgpt.files import remove_stale, staged_directory
+from kgpt.generation.decoding import (
     MAX_NEW_TOKENS,
     beam_search,
     cached,
@@ -23,10 +24,9 @@ from kgpt.decoding import (
     default_max_new_tokens,
     default_window,
 )
-from kgpt.files import remove_stale, staged_directory
+from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_defaults, signature_dtypes
+from kgpt.generation.stopping import cut_at_stop_tensor, graph_stop_checks, graph_stop_ids
 from kgpt.rundir import RunDirectory
-from kgpt.sampling import SamplingOptions, graph_checks, signature_defaults, signature_dtypes
-from kgpt.stopping import cut_at_stop_tensor, graph_stop_checks, graph_stop_ids
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -1,4 +1,4 @@
-"""Input pipeline: corpus documents -> tokenizer (`build_tokenizer`) -> token store on disk
+"""Input pipeline: corpus documents -> tokenizer (`kgpt.data.run_tokenizer`) -> token store on disk
 (`tokenize_corpus`, `kgpt.tokenstore`) -> `tf.data` windows read shard by shard (`make_dataset`):
 packed `(x, y)`, or one padded example per document with `sample_weight` 0 on padding, set by
 position so that padding never counts even where `padding_id == end_of_text_id`. Deterministic
@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from kgpt import corpora, tokenstore
-from kgpt import tokenizer as tokenizers
+from kgpt.data import corpora, tokenstore
 
 CACHE_FORMAT_VERSION = 3  # 2: normalisation moved into the tokenizer; 3: sharded token store
 
@@ -27,57 +26,6 @@ def read_documents(config, split):
         lambda: corpora.iter_documents(config, split),
         output_signature=tf.TensorSpec([], tf.string),
     )
-
-
-def text_normalization(config):
-    """The `kgpt.tokenizer.Normalization` that `data.lowercase` / `data.strip_punctuation` ask for."""
-    return tokenizers.Normalization(lowercase=config.lowercase, strip_punctuation=config.strip_punctuation)
-
-
-def check_tokenizer(config, tokenizer, source):
-    """Raises unless `tokenizer` (from `source`) has the kind and normalisation `config` asks for."""
-    if tokenizer.kind != config.tokenizer:
-        raise ValueError(
-            f"{source} holds a {tokenizer.kind!r} tokenizer but data.tokenizer = "
-            f"{config.tokenizer!r}; use another run directory or set data.tokenizer = "
-            f"{tokenizer.kind!r}."
-        )
-    wanted = text_normalization(config)
-    if tokenizer.normalization != wanted:
-        have = tokenizer.normalization
-        raise ValueError(
-            f"{source} holds a tokenizer with lowercase={have.lowercase}, strip_punctuation="
-            f"{have.strip_punctuation} but data.lowercase = {config.lowercase}, "
-            f"data.strip_punctuation = {config.strip_punctuation}; set those to the tokenizer's "
-            "values or use another run directory. (A tokenizer saved before kgpt stored its "
-            "normalisation has none; add \"normalization\": "
-            f"{json.dumps(wanted.to_dict())} to its tokenizer.json if it was trained that way.)"
-        )
-
-
-def build_tokenizer(config, directory=None):
-    """Loads the tokenizer saved in `directory`, or makes one from `config` (trained on the training
-    split, or read from `data.tokenizer_path` or tiktoken's cache) and saves it there.
-
-    Example:
-        tokenizer = build_tokenizer(recipe.data, "checkpoints/run/tokenizer")
-    """
-    if directory and os.path.isfile(os.path.join(directory, tokenizers.CONFIG_FILENAME)):
-        loaded = tokenizers.load_tokenizer(directory)
-        check_tokenizer(config, loaded, directory)
-        return loaded
-    kind = tokenizers.tokenizer_kind(config.tokenizer)
-    result = tokenizers.make_tokenizer(
-        config.tokenizer,
-        documents=corpora.iter_documents(config, "train") if kind.trained_on_corpus else None,
-        vocabulary_size=config.vocabulary_size,
-        path=config.tokenizer_path,
-        normalization=text_normalization(config),
-    )
-    check_tokenizer(config, result, config.tokenizer_path or config.tokenizer)
-    if directory:
-        result.save(directory)
-    return result
 
 
 def default_cache_directory():

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 
 from kgpt import files, keras_compat
-from kgpt.generate import Generator
-from kgpt.rundir import backup_state
-from kgpt.saving import load_model, save_model
+from kgpt.generation.generator import Generator
+from kgpt.model.saving import save_model
+from kgpt.rundir import backup_state, load_model
 
 
 def _step(model):

@@ -6,19 +6,19 @@ Its parts stand alone: `make_tokenizer`, `build_model` (weights, optimizer, comp
 """
 
 import dataclasses
-import os
 
 import keras
 import tensorflow as tf
 
-from kgpt import callbacks as kcallbacks
-from kgpt import data as kdata
-from kgpt import distribute
 from kgpt.config import ModelConfig
-from kgpt.metrics import Perplexity
+from kgpt.data import pipeline as kdata
+from kgpt.data.run_tokenizer import make_tokenizer
+from kgpt.model.saving import MODEL_CLASSES, save_model
 from kgpt.rundir import RunDirectory, read_model_config
-from kgpt.saving import MODEL_CLASSES, save_model
-from kgpt.schedule import WarmupCosine
+from kgpt.training import callbacks as kcallbacks
+from kgpt.training import distribute
+from kgpt.training.metrics import Perplexity
+from kgpt.training.schedule import WarmupCosine
 
 # [model] keys a fine-tuning recipe may change: they shape no weight.
 FINE_TUNING_KEYS = ("dropout",)
@@ -39,35 +39,6 @@ def make_optimizer(config, model):
         w for w in model.trainable_weights if len(w.shape) < 2 or "position_embedding" in w.path
     ])
     return optimizer
-
-
-def load_matching_tokenizer(source, data, option):
-    """The tokenizer of run directory `source`, checked against `data.tokenizer`; `option` names
-    `source` in errors (e.g. "train.init_from")."""
-    if not os.path.isdir(source):
-        raise FileNotFoundError(
-            f"{option}={source!r} is not a directory; pass a run directory written by "
-            "'kgpt train' or 'kgpt import-gpt2'."
-        )
-    run = RunDirectory(source)
-    tokenizer = run.load_tokenizer()
-    if tokenizer.kind != data.tokenizer:
-        fix = f"data.tokenizer = {tokenizer.kind!r}"
-        if tokenizer.needs_tokenizer_path:
-            fix += f" and data.tokenizer_path = {run.tokenizer_dir!r}"
-        raise ValueError(
-            f"data.tokenizer: recipe {data.tokenizer!r} vs {source}: {tokenizer.kind!r}. "
-            f"{option} keeps that run's tokenizer; set {fix}."
-        )
-    kdata.check_tokenizer(data, tokenizer, run.tokenizer_dir)  # and its text normalisation
-    return tokenizer
-
-
-def make_tokenizer(recipe):
-    """A new run's tokenizer: `train.init_from`'s (checked against `[data]`), else built from `[data]`."""
-    if recipe.train.init_from:
-        return load_matching_tokenizer(recipe.train.init_from, recipe.data, "train.init_from")
-    return kdata.build_tokenizer(recipe.data)
 
 
 def initial_model_config(recipe):
@@ -164,14 +135,13 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
     of a resumed run), worker 0's checkpoint, CSV log, TensorBoard and samples, `extra`, and last
     the backup, so that it records what all the others saw."""
     config = recipe.train
-    worker = distribute.worker_index(strategy)
     tokens_per_step = config.batch_size * strategy.num_replicas_in_sync * recipe.data.sequence_length
     result = [kcallbacks.ThroughputLogger(tokens_per_step), kcallbacks.StopOnNaN()]
     if config.patience:
         result.append(
             kcallbacks.ResumableEarlyStopping(config.patience, val_losses, best_path=run.best_model_path)
         )
-    if worker == 0:
+    if not run.worker:  # a single process, or worker 0
         result += [
             kcallbacks.BestModelCheckpoint(run.best_model_path, best_so_far=run.best_logged()),
             keras.callbacks.CSVLogger(run.history_path, append=True),
@@ -189,8 +159,7 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
     result += list(extra)
     # Last, so that an evaluation is backed up only once everything above has recorded it; a
     # kill before the backup re-runs that interval and `trim_history` drops its first record.
-    backup = run.backup_dir(worker if distribute.is_multi_worker(strategy) else None)
-    result.append(kcallbacks.RunBackup(backup, steps_per_epoch=config.eval_interval))
+    result.append(kcallbacks.RunBackup(run.backup_dir(), steps_per_epoch=config.eval_interval))
     return result
 
 
@@ -219,18 +188,17 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
         result = train(load_recipe("pipelines/tiny.toml"), "checkpoints/tiny")
     """
     config = recipe.train
-    run = RunDirectory(run_dir)
     strategy = distribute.make_strategy(config.strategy)
     worker = distribute.worker_index(strategy)
-    multi_worker = distribute.is_multi_worker(strategy)
-    with run.lock(worker):
-        run.remove_stale_files(worker if multi_worker else None)
+    run = RunDirectory(run_dir, worker=worker if distribute.is_multi_worker(strategy) else None)
+    with run.lock():
+        run.remove_stale_files()
         resuming = run.check_recipe(recipe)
         keras.utils.set_random_seed(config.seed)
         keras.mixed_precision.set_global_policy(config.precision)
         tokenizer = run.load_tokenizer() if resuming else make_tokenizer(recipe)
         model = build_model(recipe, tokenizer, strategy)
-        step, val_losses = run.backup_state(worker if multi_worker else None) if resuming else (0, [])
+        step, val_losses = run.backup_state() if resuming else (0, [])
         completed_epochs = step // config.eval_interval
         train_data, validation_data = make_datasets(recipe, tokenizer, strategy, skip_steps=step)
         if not resuming:

@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from kgpt.config import ModelConfig
-from kgpt.layers import DecoderBlock, TokenAndPositionEmbedding, get_position_embedding
+from kgpt.model.layers import DecoderBlock, TokenAndPositionEmbedding, get_position_embedding
 
 
 @keras.saving.register_keras_serializable(package="kgpt")

@@ -6,8 +6,8 @@ prompts, then a `tf.while_loop` of one-token `call_with_cache` steps, without XL
 
 import tensorflow as tf
 
-from kgpt.sampling import SamplingOptions, sample_logits
-from kgpt.stopping import ends_with_stop, stop_id_matrix
+from kgpt.generation.sampling import SamplingOptions, sample_logits
+from kgpt.generation.stopping import ends_with_stop, stop_id_matrix
 
 _NEGATIVE_INFINITY = float("-inf")
 # New tokens per prompt: past the context generation is bounded by time and memory, not the model.
