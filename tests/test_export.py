@@ -636,6 +636,32 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
 
 
 @pytest.mark.export
+def test_a_loaded_exports_generate_and_beam_search_take_only_prompts_from_python(exported):
+    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
+
+    loaded = tf.saved_model.load(exported[1])
+    signature_defs = export_module._read_saved_model(exported[1]).meta_graphs[0].signature_def
+    functions = export_module.signature_functions(exported[1], module=loaded)
+    prompts = PROMPTS[:2]
+    for name in ("generate", "beam_search"):
+        # Every input but prompts is optional: its default is recorded, for REST and for these calls.
+        defaults = {key: tf.make_ndarray(value) for key, value in signature_defs[name].defaults.items()}
+        assert set(defaults) == set(signature_defs[name].inputs) - {"prompts"}
+        expected = loaded.signatures[name](prompts=tf.constant(prompts), **defaults)
+        # kgpt's functions, and without kgpt the loaded module's own functions of the same names.
+        for outputs in (functions[name](prompts=prompts), getattr(loaded, name)(prompts=tf.constant(prompts))):
+            assert set(outputs) == set(expected)
+            for key, value in expected.items():
+                assert outputs[key].numpy().tolist() == value.numpy().tolist(), (name, key)
+    assert functions["beam_search"](prompts=prompts)["beam_text"].shape == [2, export_module.DEFAULT_BEAMS]
+    stopped = functions["generate"](prompts=prompts, top_k=1, stop=["a"])
+    assert _texts(stopped) == _texts(loaded.generate(prompts=tf.constant(prompts), top_k=tf.constant(1),
+                                                     stop=tf.constant(["a"])))
+    with pytest.raises(ValueError, match=r"got unknown \['prompt'\], missing \['prompts'\]"):
+        functions["generate"](prompt=prompts)
+
+
+@pytest.mark.export
 def test_every_file_of_an_export_is_readable_by_other_users(run, tmp_path):
     previous = os.umask(0o022)
     try:

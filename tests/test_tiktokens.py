@@ -270,3 +270,82 @@ def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, tmp_path
         picked = tf.gather(tf.nn.log_softmax(tf.cast(logits[0], tf.float32)), ids[1:], batch_dims=1)
         assert count == len(ids) - 1
         np.testing.assert_allclose(likelihood, float(tf.reduce_sum(picked)), rtol=1e-4)
+
+
+# --- encodings that run only eagerly (o200k_base, cl100k_base) in-process -------------------------
+
+# o200k_base's pre-tokenizer, as tiktoken_ext/openai_public.py spells it: its look-ahead (\s+(?!\S))
+# keeps the encoding out of the graph, as cl100k_base's does.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+
+
+@pytest.fixture
+def eager_only(monkeypatch):
+    """`tiktoken:o200k_tiny`, built offline: o200k_base's pattern over the 256 bytes and a few
+    merges, registered with tiktoken for this test. Like o200k_base, kgpt runs it only eagerly."""
+    import tiktoken.registry
+
+    name = "o200k_tiny"
+    tiktoken.registry.list_encoding_names()  # loads the registry of encodings
+    ranks = {bytes([byte]): byte for byte in range(256)}
+    for merge in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"\n\n"):
+        ranks[merge] = len(ranks)
+    encoding = dict(name=name, pat_str=O200K_PATTERN, mergeable_ranks=ranks,
+                    special_tokens={tk.END_OF_TEXT: len(ranks)})
+    monkeypatch.setitem(tiktoken.registry.ENCODING_CONSTRUCTORS, name, lambda: encoding)
+    yield name
+    tiktoken.registry.ENCODINGS.pop(name, None)
+
+
+def _generates_in_process(generator, capsys, run_dir):
+    """The Generator of an eager-only tokenizer: with and without stops, as `kgpt generate` prints it."""
+    from kgpt.generation.stopping import cut_at_stop
+
+    tokenizer = generator.tokenizer
+    assert not tokenizer.graph_compatible
+    # No rows to detokenize: a string tensor of none (it was a float tensor, which crashed).
+    none = tokenizer.detokenize(tf.ragged.constant([], dtype=tf.int32, ragged_rank=1))
+    assert none.dtype == tf.string and none.shape == [0]
+    prompts = ["the cat", ""]
+    options = dict(temperature=1.0, seed=2)
+    completions = generator.complete(prompts, 12, **options)
+    plain = [c.text for c in completions]
+    assert plain == generator.generate(prompts, 12, **options)
+    assert all(c.finish_reason in ("stop", "length") and c.token_count >= 1 for c in completions)
+    stop = [plain[0][2:4] or "the"]
+    assert generator.generate(prompts, 12, stop=stop, **options) == [cut_at_stop(t, stop) for t in plain]
+    assert main(["generate", run_dir, "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+
+
+def test_an_eager_only_encoding_trains_with_samples_and_generates(eager_only, write_toy_recipe, tmp_path,
+                                                                  capsys):
+    from kgpt.generation.generator import Generator
+
+    recipe = write_toy_recipe(max_steps=4, eval_interval=2, eval_steps=1)
+    recipe.write_text(recipe.read_text().replace('tokenizer = "char"', f'tokenizer = "tiktoken:{eager_only}"'))
+    run_dir = str(tmp_path / "run")
+    sample = ["--set=train.sample_prompt=the cat", "--set=train.sample_length=6"]
+    assert main(["train", str(recipe), "--run-dir", run_dir, *sample]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- sample after evaluation") == 2 and "\nthe cat" in printed
+    generator = Generator.from_run_directory(run_dir, jit_compile=False)  # no XLA compilation to wait for
+    assert generator.tokenizer.kind == f"tiktoken:{eager_only}"
+    _generates_in_process(generator, capsys, run_dir)
+
+
+@needs_files
+@pytest.mark.corpus  # the real o200k_base files: ../shared/data/tiktoken
+def test_o200k_base_generates_in_process(cache, tmp_path, write_run_directory, capsys):
+    from kgpt.generation.generator import Generator
+
+    run_dir, _ = write_run_directory(tmp_path / "run", tk.make_tokenizer("tiktoken:o200k_base"), 16)
+    _generates_in_process(Generator.from_run_directory(run_dir, jit_compile=False), capsys, run_dir)

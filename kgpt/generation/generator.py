@@ -20,7 +20,7 @@ from kgpt.generation.decoding import (
     prompt_room,
 )
 from kgpt.generation.sampling import SamplingOptions
-from kgpt.generation.stopping import check_stops, cut_at_stop
+from kgpt.generation.stopping import check_stops, compiled_continuations, graph_stop_ids
 from kgpt.generation.streaming import Piece, RowTexts, StepDecoder, TextDeltas
 from kgpt.rundir import RunDirectory
 from kgpt.serving.export import is_saved_model, saved_model_version_path
@@ -206,6 +206,7 @@ class Generator(TextGenerator):
         self.decoder = Decoder(model, tokenizer.end_of_text_id, jit_compile=jit_compile)
         self.step_decoder = StepDecoder(model, self.sequence_length, tokenizer.end_of_text_id, jit_compile)
         self._row_texts = RowTexts(tokenizer)
+        self._continuations = compiled_continuations(tokenizer)
 
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
@@ -220,31 +221,28 @@ class Generator(TextGenerator):
         # Empty prompts start from end-of-text; prompts over `room` tokens keep their last `room`.
         ids = [list(row) or [end] for row in tokenizer.encode_documents(prompts)]
         _report_truncation(sum(len(row) > room for row in ids), room, truncate)
+        stops = _stop_tensors(stop, stop_token_ids)
         rows = self.decoder([row[-room:] for row in ids], max_new_tokens, sampling=sampling,
                             num_return_sequences=num_return_sequences, num_beams=num_beams,
-                            length_penalty=length_penalty,
-                            stop_sequences=self._stop_sequences(stop, stop_token_ids))
-        enders = {end, *stop_token_ids}
-        ended = [bool(row) and row[-1] in enders for row in rows]
-        rows = [row[:-1] if ender else row for row, ender in zip(rows, ended)]
-        texts = tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
-        completions = []
-        for index, (row, text, ender) in enumerate(zip(rows, texts.numpy(), ended)):
-            text = text.decode("utf-8")
-            kept = cut_at_stop(text, stop)
-            # Ended early (end-of-text, a stop id, a stop string's tokens), or cut at a stop string.
-            stopped = ender or len(row) < max_new_tokens or kept != text
-            prompt_tokens = min(len(ids[index // num_return_sequences]), room)
-            completions.append(Completion(kept, len(row), prompt_tokens, "stop" if stopped else "length"))
-        return completions
+                            length_penalty=length_penalty, stop_sequences=self._stop_sequences(*stops))
+        # The continuations (an ending id kept) as the export's graph post-processes its rows.
+        ends = np.array([len(row) for row in rows], np.int32)
+        tokens = np.zeros((len(rows), max(ends)), np.int32)
+        for index, row in enumerate(rows):
+            tokens[index, : len(row)] = row
+        outputs = self._continuations(tokens, ends, np.zeros_like(ends), np.int32(max_new_tokens), *stops)
+        texts, counts, stopped = (outputs[key].numpy() for key in ("text", "token_count", "stopped"))
+        return [
+            Completion(text.decode("utf-8"), int(count), min(len(ids[index // num_return_sequences]), room),
+                       "stop" if ended else "length")
+            for index, (text, count, ended) in enumerate(zip(texts, counts, stopped))
+        ]
 
     def _stop_sequences(self, stop, stop_token_ids):
-        """Token ids of each stop string that detokenize back to it (an early end), and each stop id."""
-        encoded = [row.tolist() for row in self.tokenizer.encode_documents(stop)] if stop else []
-        texts = self.tokenizer.detokenize(tf.ragged.constant(encoded, dtype=tf.int32, ragged_rank=1))
-        round_trips = [text.decode("utf-8") for text in texts.numpy()] if stop else []
-        sequences = [row for text, row, back in zip(stop, encoded, round_trips) if row and back == text]
-        return sequences + [[token] for token in stop_token_ids]
+        """The token ids that end a row early (`kgpt.stopping.graph_stop_ids`, as in the export): each
+        stop string's, where they detokenize back to it, and each stop token id."""
+        matrix = graph_stop_ids(self.tokenizer, stop, stop_token_ids).numpy()
+        return [row[row >= 0].tolist() for row in matrix if (row >= 0).any()]
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
         end = self.tokenizer.end_of_text_id
@@ -394,6 +392,12 @@ class SavedModelGenerator(TextGenerator):
 def _strings(texts):
     """A 1-D NumPy array of UTF-8 bytes, as a served request's string tensor arrives."""
     return np.array([text.encode("utf-8") for text in texts], object)
+
+
+def _stop_tensors(stop, stop_token_ids):
+    """`stop` and `stop_token_ids` as the tensors `[S]` and `[K]` of the graph's inputs."""
+    return (tf.constant(stop, tf.string, shape=[len(stop)]),
+            tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]))
 
 
 def _stop_arrays(stop, stop_token_ids):

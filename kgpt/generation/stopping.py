@@ -1,10 +1,13 @@
-"""Stop sequences: their checks, the in-graph test that a row's tokens end with one, and the text cut.
+"""Stop sequences: their checks, the in-graph test that a row's tokens end with one, the text rule,
+and the post-processing of decoded rows that applies them.
 
 A row ends at the first stop. Stop token ids end it like end-of-text and are dropped. A stop string
 is matched twice: in the decode loop, against its own tokenization (an early end that needs no text),
-and on the text, which is cut before the occurrence that completes first. The text rule alone decides
+and on the text, which is cut before the occurrence that ends first. The text rule alone decides
 what is returned (a string can span tokens that tokenize it differently), so the result is the
-generation without stops, cut before its first stop, never containing one.
+generation without stops, cut before its first stop, never containing one. The text rule is one
+function of graph ops (`stop_spans`), which the export's graph, `Generator` (`continuations`) and
+streamed text (`StopText`, compiled) all run.
 """
 
 import numpy as np
@@ -103,37 +106,161 @@ def graph_stop_ids(tokenizer, stop, stop_token_ids):
     return tf.where(valid, tf.gather(dense, tf.maximum(source, 0), batch_dims=1), _PAD)
 
 
-def cut_at_stop(text, stop):
-    """`text` before the stop occurrence that ends first (ties: the longer stop), else `text`."""
-    best = None
-    for string in stop:
-        start = text.find(string)
-        if start >= 0:
-            candidate = (start + len(string), start)
-            best = candidate if best is None else min(best, candidate)
-    return text if best is None else text[: best[1]]
+def stop_spans(texts, stop):
+    """The stop rule, once for the graph and for Python: where each text is cut, and what a stream
+    of it must hold back.
+
+    A text is cut before the stop occurrence that ends first (ties: the one that starts first, the
+    longer stop). Where no stop occurs yet, the text's longest tail that begins a stop (a proper
+    prefix of one) may still become one: a stream holds it back until more text or the end comes.
+    So a stream that sends `texts[:length - held]` until a cut, then the text before the cut, sends
+    the cut of the whole text however it arrives. Offsets count UTF-8 bytes; a valid UTF-8 stop
+    occurs in valid UTF-8 text only at character boundaries, so they cut between characters.
+
+    Args:
+        texts: `tf.string` `[batch]`.
+        stop: `tf.string` `[S]`, non-empty strings.
+
+    Returns:
+        `(cut, held)`, int32 `[batch]` each: the byte offset each text is cut at (-1: no stop
+        occurs), and the bytes at its end that begin a stop (0 where one occurs).
+
+    Example:
+        stop_spans(tf.constant(["a\\n\\nb", "a\\n"]), tf.constant(["\\n\\n"]))  # ([1, -1], [0, 1])
+    """
+    lengths = tf.strings.length(texts)  # bytes
+    batch_size = tf.shape(texts)[0]
+
+    def one_stop(index, best_end, best_start, held):
+        string = stop[index]
+        size = tf.strings.length(string)
+        # Its first occurrence, the one of this stop that ends first.
+        pieces = tf.strings.split(texts, sep=string, maxsplit=1)  # (batch, 1 or 2)
+        found = tf.equal(pieces.row_lengths(), 2)
+        start = tf.strings.length(pieces.to_tensor(default_value="", shape=[None, 2])[:, 0])
+        end = start + size
+        better = found & ((end < best_end) | ((end == best_end) & (start < best_start)))
+        # The texts' tails of 1 to size - 1 bytes, against the stop's prefixes as long.
+        tail = tf.range(1, size)  # (size - 1,)
+        shape = [batch_size, size - 1]
+        tails = tf.strings.substr(
+            tf.broadcast_to(texts[:, None], shape), tf.maximum(lengths[:, None] - tail, 0),
+            tf.broadcast_to(tail, shape),
+        )
+        prefixes = tf.strings.substr(tf.fill([size - 1], string), tf.zeros_like(tail), tail)
+        begins = tf.equal(tails, prefixes) & (tail <= lengths[:, None])  # (batch, size - 1)
+        # The max over no tails (a 1-byte stop) is int32's least: `maximum` keeps `held`.
+        held = tf.maximum(held, tf.reduce_max(tf.where(begins, tail, 0), axis=1))
+        return index + 1, tf.where(better, end, best_end), tf.where(better, start, best_start), held
+
+    _, best_end, best_start, held = tf.while_loop(
+        lambda index, *_: index < tf.size(stop), one_stop,
+        (tf.constant(0), lengths + 1, lengths, tf.zeros_like(lengths)),  # best_end past any match: none yet
+        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 3,
+    )
+    found = best_end <= lengths
+    return tf.where(found, best_start, -1), tf.where(found, 0, held)
+
+
+_compiled_stop_spans = tf.function(stop_spans, input_signature=[tf.TensorSpec([None], tf.string)] * 2)
 
 
 def cut_at_stop_tensor(texts, stop):
-    """`cut_at_stop` in a graph: `tf.string` `[batch]` texts, `[S]` non-empty stop strings."""
-    lengths = tf.strings.length(texts)  # bytes
-    best_end = lengths + 1  # past any match: none yet
-    best_start = lengths
+    """`texts` (`tf.string` `[batch]`) before their first stop (`stop_spans`): in a graph or eagerly."""
+    cut, _ = stop_spans(texts, stop)
+    return tf.strings.substr(texts, tf.zeros_like(cut), tf.where(cut >= 0, cut, tf.strings.length(texts)))
 
-    def cut_one(index, best_end, best_start):
-        string = stop[index]
-        pieces = tf.strings.split(texts, sep=string, maxsplit=1)  # (batch, 1 or 2)
-        found = tf.equal(pieces.row_lengths(), 2)
-        start = tf.strings.length(pieces.to_tensor(default_value="")[:, 0])
-        end = start + tf.strings.length(string)
-        better = found & ((end < best_end) | ((end == best_end) & (start < best_start)))
-        return index + 1, tf.where(better, end, best_end), tf.where(better, start, best_start)
 
-    _, _, best_start = tf.while_loop(
-        lambda index, *_: index < tf.size(stop), cut_one, (tf.constant(0), best_end, best_start),
-        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None])),
-    )
-    return tf.strings.substr(texts, tf.zeros_like(best_start), best_start)
+class StopText:
+    """A text that grows piece by piece, cut at the first of `stops` (`stop_spans`, compiled):
+    what may be sent holds back a tail that may begin a stop, so the pieces sent join to the cut
+    of the whole text however it was split.
+
+    Args:
+        stops: stop strings (a list; empty: nothing is cut or held back).
+
+    Example:
+        stop = StopText(["\\n\\n"])
+        stop.add("a\\n"), stop.add("\\nb")  # "a", "" (and stop.stopped)
+    """
+
+    def __init__(self, stops):
+        self.stops = list(stops)
+        self._stops = tf.constant([s.encode("utf-8", "surrogatepass") for s in self.stops], tf.string,
+                                  shape=[len(self.stops)])
+        self.pending = ""  # received, not sent: no stop can begin before it
+        self.stopped = False
+
+    def add(self, piece, final=False):
+        """The text that may be sent now, after `piece` arrived (all of it if `final`)."""
+        if self.stopped:
+            return ""
+        text, self.pending = self.pending + piece, ""
+        if not self.stops:
+            return text
+        data = text.encode("utf-8", "surrogatepass")
+        cut, held = (int(value[0]) for value in _compiled_stop_spans(tf.constant([data]), self._stops))
+        self.stopped = cut >= 0
+        end = cut if self.stopped else len(data) if final else len(data) - held
+        self.pending = data[end:].decode("utf-8", "surrogatepass") if not self.stopped else ""
+        return data[:end].decode("utf-8", "surrogatepass")
+
+
+def cut_at_stop(text, stop):
+    """`text` (a `str`) before its first stop (`stop_spans`): the whole text through `StopText`."""
+    return StopText(stop).add(text, final=True)
+
+
+def continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
+    """Decoded rows as continuations: the one post-processing of the export's graph and `Generator`.
+
+    Row i's continuation is `tokens[i, lengths[i]:ends[i]]` without the end-of-text or stop token id
+    that ended it; its text is cut before its first stop string (`cut_at_stop_tensor`). Graph ops:
+    inside a `tf.function` where `tokenizer.graph_compatible`, else called eagerly.
+
+    Args:
+        tokenizer: a kgpt tokenizer (its `detokenize`, `end_of_text_id`, `padding_id`).
+        tokens: int32 `(batch, length)`; `ends`, `lengths`: int32 `(batch,)`, each row's valid
+            tokens (as `kgpt.decoding.decode` returns them) and where its continuation starts.
+        max_new_tokens: int32 scalar, the tokens each row was allowed.
+        stop: `tf.string` `[S]`; stop_token_ids: int32 `[K]`.
+
+    Returns:
+        `{"text": string (batch,), "token_ids": int32 (batch, longest), padded with the padding id,
+        "token_count": int32 (batch,) (a stop string's tokens counted, an ending id not),
+        "stopped": bool (batch,): ended by end-of-text or a stop (an id, a stop string's tokens or
+        its text), not by length}`.
+    """
+    last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
+    enders = tf.concat([[tokenizer.end_of_text_id], stop_token_ids], 0)
+    ended = tf.reduce_any(tf.equal(last[:, None], enders[None, :]), axis=1) & (ends > lengths)
+    counts = tf.maximum(ends - lengths - tf.cast(ended, tf.int32), 0)
+    width = tf.reduce_max(tf.concat([counts, [0]], 0))
+    positions = lengths[:, None] + tf.range(width)[None, :]
+    valid = tf.range(width)[None, :] < counts[:, None]
+    new = tf.gather(tokens, tf.where(valid, positions, 0), batch_dims=1)
+    new = tf.where(valid, new, tokenizer.padding_id)
+    text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
+    kept = cut_at_stop_tensor(text, stop)
+    cut = tf.strings.length(kept) < tf.strings.length(text)
+    stopped = ended | (ends - lengths < max_new_tokens) | cut
+    return {"text": kept, "token_ids": new, "token_count": counts, "stopped": stopped}
+
+
+def compiled_continuations(tokenizer):
+    """`continuations` for `tokenizer` on tensors, as one `tf.function` call where the tokenizer
+    runs in a graph, else eagerly (tiktoken's o200k_base, cl100k_base)."""
+
+    def function(tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
+        return continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
+
+    if not tokenizer.graph_compatible:
+        return function
+    vector = tf.TensorSpec([None], tf.int32)
+    return tf.function(function, input_signature=[
+        tf.TensorSpec([None, None], tf.int32), vector, vector, tf.TensorSpec([], tf.int32),
+        tf.TensorSpec([None], tf.string), vector,
+    ])
 
 
 def graph_stop_checks(stop, stop_token_ids, vocabulary_size):

@@ -25,7 +25,7 @@ from kgpt.generation.decoding import (
     default_window,
 )
 from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_defaults, signature_dtypes
-from kgpt.generation.stopping import cut_at_stop_tensor, graph_stop_checks, graph_stop_ids
+from kgpt.generation.stopping import continuations, graph_stop_checks, graph_stop_ids
 from kgpt.rundir import RunDirectory
 
 DEFAULT_BASE_DIR = "saved_models"
@@ -231,24 +231,9 @@ class ServingModule(tf.Module):
         return dense, tf.where(empty, 1, lengths), truncated
 
     def _continuations(self, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
-        """`text`, `token_ids` (padded), `token_count` and `stopped` of rows `tokens[lengths:ends]`,
-        without the end-of-text or stop token id that stopped a row, text cut before a stop string."""
-        tokenizer = self.tokenizer
-        last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
-        enders = tf.concat([[tokenizer.end_of_text_id], stop_token_ids], 0)
-        stopped = tf.reduce_any(tf.equal(last[:, None], enders[None, :]), axis=1)
-        counts = tf.maximum(ends - lengths - tf.cast(stopped, tf.int32), 0)
-        width = tf.reduce_max(counts)
-        positions = lengths[:, None] + tf.range(width)[None, :]
-        valid = tf.range(width)[None, :] < counts[:, None]
-        new = tf.gather(tokens, tf.where(valid, positions, 0), batch_dims=1)
-        new = tf.where(valid, new, tokenizer.padding_id)
-        text = tokenizer.detokenize(tf.RaggedTensor.from_tensor(new, lengths=counts))
-        kept = cut_at_stop_tensor(text, stop)
-        # Ended by end-of-text or a stop (a stop id, a stop string's tokens, or its text), not by length.
-        cut = tf.strings.length(kept) < tf.strings.length(text)
-        stopped = stopped | (ends - lengths < max_new_tokens) | cut
-        return {"text": kept, "token_ids": new, "token_count": counts, "stopped": stopped}
+        """`text`, `token_ids` (padded), `token_count` and `stopped` of rows `tokens[lengths:ends]`:
+        `kgpt.stopping.continuations`, as `Generator` runs it."""
+        return continuations(self.tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
 
     def _beam_search(self, prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids):
         """Every prompt's `num_beams` best continuations by beam search (`kgpt.decoding.beam_search`,
@@ -351,6 +336,52 @@ def _read_saved_model(saved_model_dir):
     with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as file:
         proto.ParseFromString(file.read())
     return proto
+
+
+def signature_functions(path, module=None):
+    """An export's signatures as Python functions whose inputs may be left out, as in REST requests.
+
+    `tf.saved_model.load(path).signatures[name]` needs every input: TensorFlow's loader drops the
+    defaults that the SignatureDef records, which TF Serving's REST API (and `kgpt serve`) fill in.
+    These functions fill them in too. Without kgpt, the loaded module's functions of the same names
+    apply the same defaults: `tf.saved_model.load(path).beam_search(prompts=...)`.
+
+    Args:
+        path: a version folder or a model folder (its highest version).
+        module: the SavedModel at `path`, already loaded (else it is loaded).
+
+    Returns:
+        `{signature name: function(**inputs) -> {output: tensor}}`, inputs as tensors, NumPy arrays
+        or Python values.
+
+    Example:
+        signature_functions("saved_models/tiny")["beam_search"](prompts=["ROMEO:"])["beam_text"]
+    """
+    path = saved_model_version_path(path)
+    module = tf.saved_model.load(path) if module is None else module
+    signature_defs = _read_saved_model(path).meta_graphs[0].signature_def
+
+    def with_defaults(name):
+        function, signature_def = module.signatures[name], signature_defs[name]
+
+        def call(**inputs):
+            unknown = sorted(set(inputs) - set(signature_def.inputs))
+            missing = sorted(set(signature_def.inputs) - set(inputs) - set(signature_def.defaults))
+            if unknown or missing:
+                raise ValueError(
+                    f"Signature {name!r} takes the inputs {sorted(signature_def.inputs)}, of which "
+                    f"{sorted(signature_def.defaults)} have defaults; got unknown {unknown}, missing "
+                    f"{missing}."
+                )
+            defaults = {key: tf.make_ndarray(value) for key, value in signature_def.defaults.items()}
+            return function(**{
+                key: tf.constant(value, tf.dtypes.as_dtype(signature_def.inputs[key].dtype))
+                for key, value in {**defaults, **inputs}.items()
+            })
+
+        return call
+
+    return {name: with_defaults(name) for name in module.signatures}
 
 
 def _graphs(saved_model_dir):

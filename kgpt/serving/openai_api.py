@@ -13,6 +13,7 @@ import time
 
 from kgpt.generation.decoding import check_options
 from kgpt.generation.sampling import SamplingOptions
+from kgpt.generation.stopping import StopText
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_CHOICES = 16  # n: continuations per prompt
@@ -128,38 +129,6 @@ def parse_request(request, served_name):
         sampling=sampling, stops=stops, n=_integer(request, "n", 1, 1, MAX_CHOICES), stream=stream,
         include_usage=bool(options.get("include_usage")),
     )
-
-
-class StopText:
-    """Cuts a growing text at the first of `stops`, holding back a tail that may begin one.
-
-    Example:
-        stop = StopText(["\\n\\n"])
-        stop.add("a\\n"), stop.add("\\nb")  # "a", "" (and stop.stopped)
-    """
-
-    def __init__(self, stops):
-        self.stops = stops
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def add(self, piece, final=False):
-        """The text that may be sent now, after `piece` arrived (all of it if `final`)."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        found = [i for i in (self.text.find(stop, self.sent) for stop in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            end = min(found)
-        else:
-            # Hold the longest tail that is the start of a stop sequence.
-            hold = 0 if final else max((k for stop in self.stops for k in range(1, len(stop))
-                                        if self.text.endswith(stop[:k])), default=0)
-            end = len(self.text) - hold
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
 
 
 class Completions:

@@ -168,7 +168,8 @@ class TiktokenTokenizer(Tokenizer):
         if self.graph_compatible:
             return self._graph._detokenize(ids)
         self._eager_only()
-        return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()])
+        # dtype: a batch of no rows is a string tensor too (TensorFlow's default for [] is float32).
+        return tf.constant([self._encoding.decode(row, errors="replace") for row in ids.to_list()], tf.string)
 
     def _encode(self, texts):
         return encode(self._encoding, texts)
