@@ -13,8 +13,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgpt.export import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS
 from kgpt.sampling import draws_at_random
+from kgpt.signatures import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS, Name
 
 
 class Busy(Exception):
@@ -64,7 +64,7 @@ def batch_key(signature_name, rows, arrays):
     }
     if draws_at_random(scalars):
         return None
-    scalars.pop("seed", None)  # no draw: the seed changes nothing
+    scalars.pop(Name.SEED, None)  # no draw: the seed changes nothing
     return signature_name, arrays[rows].dtype.str, tuple(sorted(scalars.items()))
 
 

@@ -13,11 +13,12 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from kgpt.batching import PADDED_OUTPUTS, Busy, Scheduler, batch_key, batch_rows
-from kgpt.export import _read_saved_model, is_saved_model, saved_model_version_path
+from kgpt.batching import Busy, Scheduler, batch_key, batch_rows
+from kgpt.export import is_saved_model, saved_model_version_path
 from kgpt.generate import Generator, SavedModelGenerator
 from kgpt.openai_api import Completions, OpenAIError
 from kgpt.rundir import RunDirectory
+from kgpt.signatures import GENERATE, PADDED_OUTPUTS, SERVING_DEFAULT, read_signature_defs
 
 PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 STATUS_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
@@ -132,7 +133,7 @@ class ModelServer:
             self.completions = Completions(generator, self.name, self._schedule)
         else:
             self._load_saved_model(model_dir, name)
-            if "generate" in self.signature_defs:
+            if GENERATE.name in self.signature_defs:
                 # Whole answers call the signatures through `run_signature`: batched like predict's.
                 generator = SavedModelGenerator(self.path, module=self.module, call=self.run_signature)
                 self.completions = Completions(generator, self.name, self._schedule, whole=_at_once)
@@ -150,9 +151,7 @@ class ModelServer:
         self.version = version_dir if numbered else "1"
         self.name = name or os.path.basename(os.path.dirname(self.path) if numbered else self.path)
         self.module = tf.saved_model.load(self.path)
-        signature_defs = _read_saved_model(self.path).meta_graphs[0].signature_def
-        # Not `__saved_model_init_op`: TF Serving neither lists nor runs it.
-        self.signature_defs = {k: v for k, v in signature_defs.items() if not k.startswith("__")}
+        self.signature_defs = read_signature_defs(self.path)
 
     def run_signature(self, signature_name, arrays):
         """One signature call on `{input: array}` through the scheduler, batched with concurrent
@@ -209,7 +208,7 @@ class ModelServer:
         request = parse_json(body)
         if not isinstance(request, dict):
             raise RequestError("JSON Value: request must be an object with 'instances' or 'inputs'.")
-        signature_name = request.get("signature_name") or "serving_default"
+        signature_name = request.get("signature_name") or SERVING_DEFAULT.name
         if signature_name not in self.signature_defs:
             raise RequestError(f'Serving signature name: "{signature_name}" not found in signature def')
         signature_def = self.signature_defs[signature_name]
