@@ -24,7 +24,7 @@ from kgpt.signatures import (
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kgpt"
 # The modules that call or serve signatures: they read names from the contract.
-SERVING_MODULES = ("export", "generate", "batching", "model_server")
+SERVING_MODULES = ("export", "generate", "batching", "rest", "model_server", "serve", "openai_api")
 
 
 def test_what_batching_reads_is_derived_from_the_declarations():
