@@ -39,6 +39,7 @@ from kgpt.serving.export import (
     version_numbers,
     xla_findings,
 )
+from kgpt.serving.signatures import read_signature_defs
 from kgpt.tokenizers.bpe import train_bpe
 from kgpt.tokenizers.char import train_characters
 
@@ -684,8 +685,7 @@ def test_every_file_of_an_export_is_readable_by_other_users(run, tmp_path):
 
 @pytest.mark.export
 def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
-    proto = export_module._read_saved_model(exported[1])
-    signature = proto.meta_graphs[0].signature_def["generate"]
+    signature = read_signature_defs(exported[1])["generate"]
     fields = [field.name for field in dataclasses.fields(SamplingOptions)]
     assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields, "stop", "stop_token_ids"}
     defaults = {key: tf.make_ndarray(value).tolist() for key, value in signature.defaults.items()}

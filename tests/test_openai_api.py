@@ -3,9 +3,11 @@ client package against a served run directory (whole and streamed answers equal 
 
 import http.client
 import json
+import logging
 import random
 import socket
 import threading
+import time
 import warnings
 
 import openai
@@ -14,7 +16,8 @@ from test_batching import in_threads  # the one concurrent-start helper
 from test_stopping import reference_cut  # the stop rule's reference
 
 from kgpt.generation.generator import load_generator
-from kgpt.serving.openai_api import StopText, parse_request
+from kgpt.generation.stopping import StopText
+from kgpt.serving.protocol import API, CompletionRequest
 from kgpt.serving.server import make_server
 from kgpt.tokenizers.char import train_characters
 
@@ -51,15 +54,15 @@ TEXT = "the cat sat on the mat. a dog ran!\n"
 )
 def test_bad_requests_are_refused_with_the_field_and_the_reason(fields, status, param, message):
     with pytest.raises(Exception) as caught:
-        parse_request({"model": "tiny", "prompt": "a", **fields}, "tiny")
+        CompletionRequest.parse({"model": "tiny", "prompt": "a", **fields}, "tiny")
     error = caught.value
     assert (error.status, error.param) == (status, param)
     assert message in str(error), str(error)
-    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    assert set(error.body(API.OPENAI)["error"]) == {"message", "type", "param", "code"}
 
 
 def test_documented_fields_at_their_defaults_are_accepted_and_user_is_ignored():
-    request = parse_request({
+    request = CompletionRequest.parse({
         "model": "tiny", "prompt": ["a", "b"], "user": "me", "echo": False, "best_of": 1, "logprobs": None,
         "suffix": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
         "temperature": 0, "stop": "\n", "seed": 3,
@@ -240,6 +243,36 @@ def test_a_client_that_drops_a_stream_does_not_break_the_server(client, server):
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+def drop_a_long_stream(server, events):
+    """Starts a greedy stream of 60000 tokens, reads `events` events of it and drops the connection;
+    returns the scheduler's model calls then, 1 s later and 2 s later."""
+    scheduler = server.model.scheduler
+    body = json.dumps({"model": server.model.name, "prompt": "the", "max_tokens": 60000, "temperature": 0,
+                       "stream": True})
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=120) as connection:
+        connection.sendall(request)
+        received = b""
+        while received.count(b"data: ") < events:
+            chunk = connection.recv(1 << 16)
+            assert chunk, received
+            received += chunk
+        assert b'"finish_reason": "' not in received  # still decoding
+        dropped = scheduler.calls
+    time.sleep(1.0)
+    settled = scheduler.calls
+    time.sleep(1.0)
+    return dropped, settled, scheduler.calls
+
+
+def test_a_client_that_leaves_a_stream_stops_its_decoding(server, caplog):
+    dropped, settled, later = drop_a_long_stream(server, 5)
+    assert settled == later  # no model call starts after the disconnect
+    assert settled - dropped <= 2  # at most the step in progress, and one it was sending
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
 def test_the_playground_is_one_self_contained_page(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
     connection.request("GET", "/")
@@ -307,6 +340,22 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_
             model="tiny", prompt=prompt, max_tokens=10, temperature=0, stop=["z"]), [(p,) for p in prompts])
         assert [a.choices[0].text for a in answers] == generator.generate(prompts, 10, stop=["z"])
         assert server.model.scheduler.calls < len(prompts)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.export
+def test_an_export_stops_streaming_when_its_client_leaves(run_dir, tmp_path):
+    from kgpt.serving.export import export
+
+    export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
+    server = make_server(str(tmp_path / "tiny"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dropped, settled, later = drop_a_long_stream(server, 3)
+        assert settled == later  # no model call starts after the disconnect
+        assert settled - dropped <= 2
     finally:
         server.shutdown()
         server.server_close()

@@ -17,7 +17,7 @@ import tensorflow as tf
 from test_batching import in_threads  # the one concurrent-start helper
 
 from kgpt.cli import main
-from kgpt.serving.server import _Server, exposure_warning, make_server
+from kgpt.serving.server import Server, exposure_warning, make_server
 
 
 class Echo(tf.Module):
@@ -62,7 +62,7 @@ def stop(server):
 
 
 def call(server, method, path, body=None, response_headers=False):
-    """Returns (HTTP status, parsed JSON body[, headers])."""
+    """Returns (HTTP status, parsed JSON body[, headers, looked up case-insensitively])."""
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     try:
         if body is not None and not isinstance(body, (str, bytes)):
@@ -70,7 +70,7 @@ def call(server, method, path, body=None, response_headers=False):
         connection.request(method, path, body=body)
         response = connection.getresponse()
         answer = response.status, json.loads(response.read())
-        return answer + (dict(response.getheaders()),) if response_headers else answer
+        return answer + (response.headers,) if response_headers else answer
     finally:
         connection.close()
 
@@ -309,10 +309,10 @@ def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
     try:
         with raw_connection(server) as stalled:
             started = time.monotonic()
-            stalled.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"inst")
+            stalled.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inst")
             head, _, body = read_all(stalled).partition(b"\r\n\r\n")
             assert 0.4 < time.monotonic() - started < 10
-        assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
         assert json.loads(body) == {
             "error": "Request body incomplete: 6 of 100 bytes arrived within 0.5 s (--read-timeout)."
         }
@@ -323,13 +323,58 @@ def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
         stop(server)
 
 
+def test_a_client_that_sends_its_head_slowly_is_disconnected(echo_dir):
+    server = start(echo_dir, read_timeout=0.5)
+    try:
+        with raw_connection(server) as slow:  # bytes keep coming, the head never ends
+            started = time.monotonic()
+            slow.sendall(b"GET /v1/models/echo HTTP/1.1\r\n")
+            time.sleep(0.3)
+            slow.sendall(b"Host: x\r\n")
+            assert read_all(slow) == b""
+            assert 0.4 < time.monotonic() - started < 10
+        with raw_connection(server) as idle:  # kept alive after an answer, then idle: closed too
+            idle.sendall(b"GET /v1/models/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_all(idle).startswith(b"HTTP/1.1 200 ")
+        wait_until(lambda: server.open_connections() == 0)
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("line", [b"NOT A REQUEST\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
+                                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"])
+def test_a_malformed_request_gets_400_from_uvicorn_without_a_traceback(server, line, caplog):
+    with raw_connection(server) as connection:
+        connection.sendall(line)
+        answer = read_all(connection)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert [record.getMessage() for record in caplog.records] == ["Invalid HTTP request received."]
+    assert not any(record.exc_info for record in caplog.records)
+    assert call(server, "GET", "/v1/models/echo")[0] == 200
+
+
+def test_chunked_bodies_are_read_up_to_the_limit(server):
+    def post(chunks):
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        try:  # an iterable body without Content-Length goes chunked
+            connection.request("POST", "/v1/models/echo:predict", body=iter(chunks))
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    assert post([b'{"instances": ', b'["a", ', b'"b"]}']) == (200, {"predictions": ["a-v2", "b-v2"]})
+    status, answer = post([b'{"instances": ["', b"x" * 3000, b"x" * 3000, b'"]}'])
+    assert status == 413 and answer == {"error": "Request body exceeds the limit of 4096 bytes."}
+
+
 def test_connections_beyond_the_cap_get_503_at_once(echo_dir):
     server = start(echo_dir, max_connections=2, read_timeout=30)
     stalled = [raw_connection(server) for _ in range(2)]
     try:
         for connection in stalled:
             connection.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")
-        wait_until(lambda: server._connections._value == 0)  # both hold a thread
+        wait_until(lambda: server.open_connections() == 2)  # both held open
         started = time.monotonic()
         status, answer = call(server, "GET", "/v1/models/echo")
         assert status == 503 and "2 connections are open (--max-connections)" in answer["error"]
@@ -339,7 +384,7 @@ def test_connections_beyond_the_cap_get_503_at_once(echo_dir):
         for connection in stalled:
             connection.close()
     try:
-        wait_until(lambda: server._connections._value == 2)
+        wait_until(lambda: server.open_connections() == 0)
         assert call(server, "GET", "/v1/models/echo")[0] == 200
     finally:
         stop(server)
@@ -358,7 +403,7 @@ def test_binding_beyond_localhost_warns(host, warns):
 
 
 def test_kgpt_serve_warns_on_stderr_when_it_listens_on_every_address(echo_dir, monkeypatch, capsys):
-    monkeypatch.setattr(_Server, "serve_forever", lambda self: None)  # return at once
+    monkeypatch.setattr(Server, "serve_forever", lambda self: None)  # return at once
     assert main(["serve", str(echo_dir), "--host", "0.0.0.0", "--port", "0", "--no-batching"]) == 0
     captured = capsys.readouterr()
     assert captured.err.startswith("kgpt serve: warning: listening on 0.0.0.0") and captured.err.count("\n") == 1

@@ -150,6 +150,6 @@ def test_continuations_drop_the_ending_id_and_cut_at_a_stop_in_and_out_of_a_grap
     eager = continuations(tokenizer, *map(tf.convert_to_tensor, arguments))
     compiled = compiled_continuations(tokenizer)(*arguments)
     for outputs in (eager, compiled):
-        assert {key: outputs[key].numpy().tolist() for key in expected} == expected
-        assert outputs["token_ids"].numpy().tolist()[:2] == [[c, d, tokenizer.padding_id, tokenizer.padding_id],
+        assert {key: getattr(outputs, key).numpy().tolist() for key in expected} == expected
+        assert outputs.token_ids.numpy().tolist()[:2] == [[c, d, tokenizer.padding_id, tokenizer.padding_id],
                                                              [c, f, e, c]]

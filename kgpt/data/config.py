@@ -4,7 +4,7 @@ windows; corpus and tokenizer names are checked against their registries."""
 import dataclasses
 
 from kgpt.config import Config
-from kgpt.data.pipeline import corpora
+from kgpt.data import corpora
 from kgpt.tokenizers.registry import tokenizer_kind
 
 MODES = ("packed", "document")

@@ -24,6 +24,7 @@ from kgpt.generation.stopping import check_stops, compiled_continuations, graph_
 from kgpt.generation.streaming import Piece, RowTexts, StepDecoder, TextDeltas
 from kgpt.rundir import RunDirectory
 from kgpt.serving.export import is_saved_model, saved_model_version_path
+from kgpt.serving.signatures import BEAM_SEARCH, GENERATE, Name
 
 
 def _report_truncation(count, room, truncate):
@@ -231,7 +232,7 @@ class Generator(TextGenerator):
         for index, row in enumerate(rows):
             tokens[index, : len(row)] = row
         outputs = self._continuations(tokens, ends, np.zeros_like(ends), np.int32(max_new_tokens), *stops)
-        texts, counts, stopped = (outputs[key].numpy() for key in ("text", "token_count", "stopped"))
+        texts, counts, stopped = (v.numpy() for v in (outputs.text, outputs.token_count, outputs.stopped))
         return [
             Completion(text.decode("utf-8"), int(count), min(len(ids[index // num_return_sequences]), room),
                        "stop" if ended else "length")
@@ -283,7 +284,7 @@ class SavedModelGenerator(TextGenerator):
 
         self.path = saved_model_version_path(path)
         self.module = tf.saved_model.load(self.path) if module is None else module
-        self.signature = self.module.signatures["generate"]
+        self.signature = self.module.signatures[GENERATE.name]
         self.sequence_length = int(self.module.sequence_length.numpy())
         self.vocabulary_size = int(self.module.vocabulary_size.numpy())
         self.default_max_new_tokens = int(self.module.default_max_new_tokens.numpy())
@@ -299,20 +300,20 @@ class SavedModelGenerator(TextGenerator):
         if num_beams > 1:
             return self._beam_search(prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                                      length_penalty, stop, stop_token_ids)
-        stops = {} if "stop" not in self._inputs else _stop_arrays(stop, stop_token_ids)
+        stops = {} if Name.STOP not in self._inputs else _stop_arrays(stop, stop_token_ids)
         outputs = self._call(
-            "generate",
+            GENERATE.name,
             prompts=_strings([p for p in prompts for _ in range(num_return_sequences)]),
             max_new_tokens=np.array(max_new_tokens, np.int32),
             **{key: value.numpy() for key, value in sampling.graph_tensors().items()},
             **stops,
         )
-        truncated = outputs["truncated"][::num_return_sequences]
+        truncated = outputs[Name.TRUNCATED][::num_return_sequences]
         _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
-        counts = outputs["token_count"]
+        counts = outputs[Name.TOKEN_COUNT]
         # An export without `stopped` (older than it) knows a stop only by a row ended early.
-        stopped = outputs["stopped"] if "stopped" in outputs else counts < max_new_tokens
-        texts, prompt_counts = outputs["text"], outputs["prompt_token_count"]
+        stopped = outputs[Name.STOPPED] if Name.STOPPED in outputs else counts < max_new_tokens
+        texts, prompt_counts = outputs[Name.TEXT], outputs[Name.PROMPT_TOKEN_COUNT]
         return [
             Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
             for text, count, prompt_count, ended in zip(texts, counts, prompt_counts, stopped)
@@ -321,23 +322,23 @@ class SavedModelGenerator(TextGenerator):
     def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                      length_penalty, stop, stop_token_ids):
         """The `beam_search` signature: each prompt's best `num_return_sequences` beams (`Completion`s)."""
-        if "beam_search" not in self.module.signatures:
+        if BEAM_SEARCH.name not in self.module.signatures:
             raise ValueError(
                 f"The SavedModel {self.path} was exported before beam search was part of exports; "
                 "export the run again (kgpt export), or run it from the run directory."
             )
         outputs = self._call(
-            "beam_search", prompts=_strings(prompts), max_new_tokens=np.array(max_new_tokens, np.int32),
+            BEAM_SEARCH.name, prompts=_strings(prompts), max_new_tokens=np.array(max_new_tokens, np.int32),
             num_beams=np.array(num_beams, np.int32), length_penalty=np.array(length_penalty, np.float32),
             **_stop_arrays(stop, stop_token_ids),
         )
         room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
-        _report_truncation(int(outputs["truncated"].sum()), room, truncate)
-        keys = ("beam_text", "beam_token_count", "beam_stopped")
+        _report_truncation(int(outputs[Name.TRUNCATED].sum()), room, truncate)
+        keys = (Name.BEAM_TEXT, Name.BEAM_TOKEN_COUNT, Name.BEAM_STOPPED)
         beams = [outputs[key][:, :num_return_sequences] for key in keys]
         return [
             Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
-            for prompt_count, *row in zip(outputs["prompt_token_count"], *beams)
+            for prompt_count, *row in zip(outputs[Name.PROMPT_TOKEN_COUNT], *beams)
             for text, count, ended in zip(*row)
         ]
 
@@ -354,7 +355,7 @@ class SavedModelGenerator(TextGenerator):
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
         """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each
         answer extending the last (per-position seeds), and yields what each call added."""
-        no_stops = {} if "stop" not in self._inputs else dict(  # stops apply to the joined text
+        no_stops = {} if Name.STOP not in self._inputs else dict(  # stops apply to the joined text
             stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32)
         )
 
@@ -368,15 +369,15 @@ class SavedModelGenerator(TextGenerator):
         room = prompt_room(self.sequence_length, max_new_tokens)
         count = 1 if chunked else max_new_tokens
         outputs = call(count)
-        prompt_tokens = int(outputs["prompt_token_count"][0])
+        prompt_tokens = int(outputs[Name.PROMPT_TOKEN_COUNT][0])
         if prompt_tokens > room:  # truncated differently for each count: one call keeps the answer
             count, outputs = max_new_tokens, call(max_new_tokens)
-        _report_truncation(int(outputs["truncated"][0]), room, truncate)
-        prompt_tokens = int(outputs["prompt_token_count"][0])
+        _report_truncation(int(outputs[Name.TRUNCATED][0]), room, truncate)
+        prompt_tokens = int(outputs[Name.PROMPT_TOKEN_COUNT][0])
         deltas = [TextDeltas() for _ in range(num_return_sequences)]
         finished = [False] * num_return_sequences
         while True:
-            for index, (text, tokens) in enumerate(zip(outputs["text"], outputs["token_count"])):
+            for index, (text, tokens) in enumerate(zip(outputs[Name.TEXT], outputs[Name.TOKEN_COUNT])):
                 if finished[index]:
                     continue
                 reason = "stop" if tokens < count else "length" if count == max_new_tokens else None
@@ -401,8 +402,8 @@ def _stop_tensors(stop, stop_token_ids):
 
 
 def _stop_arrays(stop, stop_token_ids):
-    return {"stop": _strings(stop),
-            "stop_token_ids": np.array(stop_token_ids, np.int32).reshape([len(stop_token_ids)])}
+    return {Name.STOP: _strings(stop),
+            Name.STOP_TOKEN_IDS: np.array(stop_token_ids, np.int32).reshape([len(stop_token_ids)])}
 
 
 def load_generator(path, **kwargs):

@@ -10,6 +10,8 @@ function of graph ops (`stop_spans`), which the export's graph, `Generator` (`co
 streamed text (`StopText`, compiled) all run.
 """
 
+import typing
+
 import numpy as np
 import tensorflow as tf
 
@@ -211,6 +213,23 @@ def cut_at_stop(text, stop):
     return StopText(stop).add(text, final=True)
 
 
+class Continuations(typing.NamedTuple):
+    """Decoded rows after post-processing (`continuations`), one entry per row.
+
+    Args:
+        text: `tf.string` (batch,), without end-of-text or a stop token id, cut before a stop string.
+        token_ids: int32 (batch, longest), padded with the tokenizer's padding id.
+        token_count: int32 (batch,): a stop string's tokens counted, an ending id not.
+        stopped: bool (batch,): ended by end-of-text or a stop (an id, a stop string's tokens or its
+            text), not by length.
+    """
+
+    text: typing.Any
+    token_ids: typing.Any
+    token_count: typing.Any
+    stopped: typing.Any
+
+
 def continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
     """Decoded rows as continuations: the one post-processing of the export's graph and `Generator`.
 
@@ -226,10 +245,7 @@ def continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_t
         stop: `tf.string` `[S]`; stop_token_ids: int32 `[K]`.
 
     Returns:
-        `{"text": string (batch,), "token_ids": int32 (batch, longest), padded with the padding id,
-        "token_count": int32 (batch,) (a stop string's tokens counted, an ending id not),
-        "stopped": bool (batch,): ended by end-of-text or a stop (an id, a stop string's tokens or
-        its text), not by length}`.
+        `Continuations`.
     """
     last = tf.gather(tokens, tf.maximum(ends - 1, 0), batch_dims=1)
     enders = tf.concat([[tokenizer.end_of_text_id], stop_token_ids], 0)
@@ -244,7 +260,7 @@ def continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_t
     kept = cut_at_stop_tensor(text, stop)
     cut = tf.strings.length(kept) < tf.strings.length(text)
     stopped = ended | (ends - lengths < max_new_tokens) | cut
-    return {"text": kept, "token_ids": new, "token_count": counts, "stopped": stopped}
+    return Continuations(text=kept, token_ids=new, token_count=counts, stopped=stopped)
 
 
 def compiled_continuations(tokenizer):

@@ -2,9 +2,10 @@
 batching (concurrent requests with the same key run as one model call, rows concatenated), and
 which signatures and requests may batch without changing their answers.
 
-Threads only: the server's handler threads call `Scheduler.run`; the first request of a batch
+Threads only: the server's worker threads call `Scheduler.run`; the first request of a batch
 leads it (waits the batch window, takes a call slot, runs the call, hands out the rows), the others
-wait for their rows.
+wait for their rows. `ScheduledSignatures` calls a SavedModel's signatures through a scheduler, for
+TF Serving's predict and OpenAI's whole answers alike.
 """
 
 import threading
@@ -14,11 +15,15 @@ import numpy as np
 import tensorflow as tf
 
 from kgpt.generation.sampling import draws_at_random
-from kgpt.serving.export import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS
+from kgpt.serving.protocol import APIError
+from kgpt.serving.signatures import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS, Name
 
 
-class Busy(Exception):
-    """The queue is full, or a request waited past its timeout without starting (HTTP 503)."""
+class Busy(APIError):
+    """The queue is full, or a request waited past its timeout without starting: HTTP 503."""
+
+    def __init__(self, message):
+        super().__init__(message, status=503, code="overloaded")
 
 
 def batch_rows(signature_def):
@@ -64,7 +69,7 @@ def batch_key(signature_name, rows, arrays):
     }
     if draws_at_random(scalars):
         return None
-    scalars.pop("seed", None)  # no draw: the seed changes nothing
+    scalars.pop(Name.SEED, None)  # no draw: the seed changes nothing
     return signature_name, arrays[rows].dtype.str, tuple(sorted(scalars.items()))
 
 
@@ -262,3 +267,40 @@ class Scheduler:
     def _count_call(self):
         with self._lock:
             self.calls += 1
+
+
+class ScheduledSignatures:
+    """A loaded SavedModel's signatures, each call run by a `Scheduler` and batched with concurrent
+    calls of equal options where `batch_rows` and `batch_key` allow.
+
+    Args:
+        module: the loaded SavedModel (`tf.saved_model.load`).
+        signature_defs: its `{name: SignatureDef}` (`kgpt.signatures.read_signature_defs`).
+        scheduler: a `Scheduler`, shared with the server's other model calls.
+
+    Example:
+        calls = ScheduledSignatures(module, read_signature_defs(path), Scheduler())
+        calls("serving_default", {"prompts": np.array([b"Hello"], object)})
+    """
+
+    def __init__(self, module, signature_defs, scheduler):
+        self.module = module
+        self.scheduler = scheduler
+        self._rows = {name: batch_rows(signature_def) for name, signature_def in signature_defs.items()}
+
+    def __call__(self, signature_name, arrays):
+        """The signature's `{output: np.ndarray}` for `{input: np.ndarray}`; `Busy` when overloaded."""
+        rows = self._rows[signature_name]
+        return self.scheduler.run(
+            self._call(signature_name), arrays, rows=rows, padded=PADDED_OUTPUTS,
+            key=batch_key(signature_name, rows, arrays),
+        )
+
+    def _call(self, signature_name):
+        signature = self.module.signatures[signature_name]
+
+        def call(arrays):
+            outputs = signature(**{key: tf.constant(value) for key, value in arrays.items()})
+            return {key: value.numpy() for key, value in outputs.items()}
+
+        return call

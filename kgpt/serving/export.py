@@ -1,9 +1,9 @@
 """SavedModels for TensorFlow Serving: string in, string out, tokenizer and decode loop in the graph.
 
-`export(run_dir, name)` publishes `saved_models/NAME/VERSION/` with the signatures `SIGNATURES`
-(`serving_default`, `generate`, `beam_search`, `score`, `logits`; see the README), needing no XLA
-(`xla_findings`). This module also owns TF Serving's folder layout, which `kgpt.generate` and
-`kgpt.serve` read.
+`export(run_dir, name)` publishes `saved_models/NAME/VERSION/` with the signatures that
+`kgpt.signatures` declares (`serving_default`, `generate`, `beam_search`, `score`, `logits`; see the
+README), built from those declarations and checked against them, needing no XLA (`xla_findings`).
+This module also owns TF Serving's folder layout, which `kgpt.generate` and `kgpt.serve` read.
 """
 
 import errno
@@ -12,7 +12,6 @@ import os
 import re
 
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from kgpt.files import remove_stale, staged_directory
 from kgpt.generation.decoding import (
@@ -24,24 +23,27 @@ from kgpt.generation.decoding import (
     default_max_new_tokens,
     default_window,
 )
-from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_defaults, signature_dtypes
+from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_dtypes
 from kgpt.generation.stopping import continuations, graph_stop_checks, graph_stop_ids
 from kgpt.rundir import RunDirectory
+from kgpt.serving.signatures import (
+    BEAM_SEARCH,
+    GENERATE,
+    LOGITS,
+    SCORE,
+    SERVING_DEFAULT,
+    SIGNATURES,
+    Name,
+    generate_signature,
+    read_saved_model,
+    read_signature_defs,
+)
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Concurrent exports of one model each take the next free version; give up after this many.
 _PUBLISH_ATTEMPTS = 100
-# Outputs padded along axis 1 to the longest row of a call: {output: its per-row count}. A batching
-# server cuts each request's part back to its own longest row.
-PADDED_OUTPUTS = {"token_ids": "token_count"}
-# Inputs of shape [n] that hold one list for the whole request, not one value per prompt.
-REQUEST_LISTS = ("stop", "stop_token_ids")
-# Outputs of shape [batch, n] whose n is set by a request's scalar inputs, so equal within a batch.
-REQUEST_WIDTH_OUTPUTS = ("beam_text", "beam_token_count", "beam_stopped")
-SIGNATURES = ("serving_default", "generate", "beam_search", "score", "logits")
-# `beam_search`: beams per prompt when the request gives none, and at most.
-DEFAULT_BEAMS = 4
+# `beam_search`: beams per prompt at most (the default: `kgpt.signatures.DEFAULT_BEAMS`).
 MAX_BEAMS = 16
 _TAKEN = "{} already exists; versions are never overwritten. Leave --version out to write the next one."
 
@@ -85,28 +87,51 @@ def _checked(checks, structure):
         return tf.nest.map_structure(tf.identity, structure)
 
 
-def _function(python_function, *input_signature):
-    """A serving function: a `tf.function` of this signature, without XLA."""
-    return tf.function(python_function, input_signature=list(input_signature), jit_compile=False)
+def _specs(signature):
+    """The `tf.TensorSpec` of each input of a `kgpt.signatures.Signature`, in order."""
+    return [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name) for spec in signature.inputs]
 
 
-def _function_with_defaults(python_function, prompts, defaults):
-    """A serving function of `(prompts, *defaults, stop, stop_token_ids)`: scalars with recorded
-    `defaults` (`{name: tensor}`, in order), then the two stop lists (default: none)."""
-    defaults = {**defaults, "stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
+def _function(python_function, signature):
+    """A serving function of `signature`'s inputs: a `tf.function`, without XLA."""
+    return tf.function(python_function, input_signature=_specs(signature), jit_compile=False)
 
-    def function(prompts, *inputs):
-        return python_function(prompts, *inputs)
+
+def _function_with_defaults(python_function, signature, **export_values):
+    """A serving function of `signature`'s inputs in order, those after the rows with the defaults
+    the SignatureDef records (`kgpt.signatures.Signature.defaults`, `export_values` filling in
+    what each export sets)."""
+    defaults = signature.defaults(**export_values)
+
+    def function(*inputs):
+        return python_function(*inputs)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    function.__signature__ = inspect.Signature([inspect.Parameter("prompts", kind)] + [
-        inspect.Parameter(name, kind, default=default) for name, default in defaults.items()
+    function.__signature__ = inspect.Signature([
+        inspect.Parameter(spec.name, kind) if spec.name not in defaults else inspect.Parameter(
+            spec.name, kind, default=tf.constant(defaults[spec.name], tf.as_dtype(spec.dtype)))
+        for spec in signature.inputs
     ])
-    specs = [
-        tf.TensorSpec([None] if name in REQUEST_LISTS else [], default.dtype, name=name)
-        for name, default in defaults.items()
-    ]
-    return _function(function, prompts, *specs)
+    return _function(function, signature)
+
+
+def check_outputs(signature, function):
+    """Raises `ValueError` unless the serving `function`'s outputs are `signature`'s: the same names,
+    dtypes and compatible shapes."""
+    outputs = function.get_concrete_function().structured_outputs
+    declared = {spec.name: spec for spec in signature.outputs}
+    if set(outputs) != set(declared):
+        raise ValueError(
+            f"The {signature.name} function returns {sorted(outputs)}, but kgpt.signatures declares "
+            f"{sorted(declared)}; change the two together."
+        )
+    for name, tensor in outputs.items():
+        spec = declared[name]
+        if tensor.dtype != tf.as_dtype(spec.dtype) or not tensor.shape.is_compatible_with(spec.shape):
+            raise ValueError(
+                f"The {signature.name} output {name!r} is {tensor.dtype.name} {tensor.shape}; "
+                f"kgpt.signatures declares {spec.dtype} {list(spec.shape)}."
+            )
 
 
 def _take_last(dense, lengths, room):
@@ -153,26 +178,33 @@ class ServingModule(tf.Module):
         for name, value in readable.items():  # readable after loading, without kgpt
             setattr(self, name, tf.Variable(value, trainable=False, name=name))
 
-        prompts = tf.TensorSpec([None], tf.string, name="prompts")
-        self.serving_default = _function(self._greedy, prompts)
-        self.generate = self._generate_function(prompts, max_new_tokens)
-        self.score = _function(self._score, tf.TensorSpec([None], tf.string, name="texts"))
-        self.logits = _function(self._logits, tf.TensorSpec([None, None], tf.int32, name="token_ids"))
-        self.beam_search = self._beam_search_function(prompts, max_new_tokens)
+        self.serving_default = _function(self._greedy, SERVING_DEFAULT)
+        self.generate = self._generate_function(max_new_tokens)
+        self.score = _function(self._score, SCORE)
+        self.logits = _function(self._logits, LOGITS)
+        self.beam_search = _function_with_defaults(
+            self._beam_search, BEAM_SEARCH, max_new_tokens=min(max_new_tokens, self._sequence_length - 1),
+        )
+
+    def contract(self):
+        """The `kgpt.signatures.Signature` of each serving function (`generate`'s has this module's
+        sampling fields)."""
+        return [generate_signature(self._sampling_type) if s is GENERATE else s for s in SIGNATURES]
 
     def signatures(self):
-        """The `signatures` argument of `tf.saved_model.save`."""
-        return {name: getattr(self, name) for name in SIGNATURES}
+        """The `signatures` argument of `tf.saved_model.save`, each checked against the contract."""
+        functions = {}
+        for signature in self.contract():
+            functions[signature.name] = getattr(self, signature.name)
+            check_outputs(signature, functions[signature.name])
+        return functions
 
     def _greedy(self, prompts):
         return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
 
-    def _generate_function(self, prompts, default_max_new_tokens):
+    def _generate_function(self, default_max_new_tokens):
         """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`, defaults recorded."""
         dtypes = signature_dtypes(self._sampling_type)
-        defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32)}
-        for name, value in signature_defaults(self._sampling_type).items():
-            defaults[name] = tf.constant(value, dtypes[name])
 
         def generate(prompts, max_new_tokens, *options):
             options, (stop, stop_token_ids) = dict(zip(dtypes, options[:-2])), options[-2:]
@@ -182,16 +214,8 @@ class ServingModule(tf.Module):
             )
             return self._run(prompts, max_new_tokens, options, stop, stop_token_ids)
 
-        return _function_with_defaults(generate, prompts, defaults)
-
-    def _beam_search_function(self, prompts, default_max_new_tokens):
-        """`beam_search(prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids)`."""
-        defaults = {
-            "max_new_tokens": tf.constant(min(default_max_new_tokens, self._sequence_length - 1), tf.int32),
-            "num_beams": tf.constant(DEFAULT_BEAMS, tf.int32),
-            "length_penalty": tf.constant(1.0, tf.float32),
-        }
-        return _function_with_defaults(self._beam_search, prompts, defaults)
+        signature = generate_signature(self._sampling_type)
+        return _function_with_defaults(generate, signature, max_new_tokens=default_max_new_tokens)
 
     def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None):
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
@@ -206,7 +230,7 @@ class ServingModule(tf.Module):
         end = self.tokenizer.end_of_text_id
         tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
         outputs = self._continuations(tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
-        return {**outputs, "prompt_token_count": lengths, "truncated": truncated}
+        return {**outputs, Name.PROMPT_TOKEN_COUNT: lengths, Name.TRUNCATED: truncated}
 
     def _length_checks(self, prompts, max_new_tokens):
         return [
@@ -232,8 +256,10 @@ class ServingModule(tf.Module):
 
     def _continuations(self, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids):
         """`text`, `token_ids` (padded), `token_count` and `stopped` of rows `tokens[lengths:ends]`:
-        `kgpt.stopping.continuations`, as `Generator` runs it."""
-        return continuations(self.tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
+        `kgpt.generation.stopping.continuations`, as `Generator` runs it."""
+        rows = continuations(self.tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
+        return {Name.TEXT: rows.text, Name.TOKEN_IDS: rows.token_ids, Name.TOKEN_COUNT: rows.token_count,
+                Name.STOPPED: rows.stopped}
 
     def _beam_search(self, prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids):
         """Every prompt's `num_beams` best continuations by beam search (`kgpt.decoding.beam_search`,
@@ -268,17 +294,17 @@ class ServingModule(tf.Module):
             key: tf.reshape(value, tf.concat([[batch_size, num_beams], tf.shape(value)[1:]], 0))
             for key, value in flat.items()
         }
-        count = beams["token_count"][:, 0]
+        count = beams[Name.TOKEN_COUNT][:, 0]
         return {
-            "text": beams["text"][:, 0],
-            "token_ids": beams["token_ids"][:, 0, : tf.reduce_max(count)],
-            "token_count": count,
-            "prompt_token_count": lengths,
-            "truncated": truncated,
-            "beam_text": beams["text"],
-            "beam_token_count": beams["token_count"],
-            "stopped": beams["stopped"][:, 0],
-            "beam_stopped": beams["stopped"],
+            Name.TEXT: beams[Name.TEXT][:, 0],
+            Name.TOKEN_IDS: beams[Name.TOKEN_IDS][:, 0, : tf.reduce_max(count)],
+            Name.TOKEN_COUNT: count,
+            Name.PROMPT_TOKEN_COUNT: lengths,
+            Name.TRUNCATED: truncated,
+            Name.BEAM_TEXT: beams[Name.TEXT],
+            Name.BEAM_TOKEN_COUNT: beams[Name.TOKEN_COUNT],
+            Name.STOPPED: beams[Name.STOPPED][:, 0],
+            Name.BEAM_STOPPED: beams[Name.STOPPED],
         }
 
     def _decode(self, *args):
@@ -309,9 +335,9 @@ class ServingModule(tf.Module):
         mask = tf.range(tf.shape(targets)[1])[None, :] < counts[:, None]
         log_likelihood = tf.reduce_sum(tf.where(mask, picked, 0.0), axis=1)
         return {
-            "log_likelihood": log_likelihood,
-            "token_count": counts,
-            "perplexity": tf.exp(-log_likelihood / tf.cast(counts, tf.float32)),
+            Name.LOG_LIKELIHOOD: log_likelihood,
+            Name.TOKEN_COUNT: counts,
+            Name.PERPLEXITY: tf.exp(-log_likelihood / tf.cast(counts, tf.float32)),
         }
 
     def _logits(self, token_ids):
@@ -328,14 +354,7 @@ class ServingModule(tf.Module):
                 message=f"token ids must be < vocabulary_size={self._vocabulary_size}",
             ),
         ], token_ids)
-        return {"logits": tf.cast(self.model(token_ids), tf.float32)}
-
-
-def _read_saved_model(saved_model_dir):
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as file:
-        proto.ParseFromString(file.read())
-    return proto
+        return {Name.LOGITS: tf.cast(self.model(token_ids), tf.float32)}
 
 
 def signature_functions(path, module=None):
@@ -359,7 +378,7 @@ def signature_functions(path, module=None):
     """
     path = saved_model_version_path(path)
     module = tf.saved_model.load(path) if module is None else module
-    signature_defs = _read_saved_model(path).meta_graphs[0].signature_def
+    signature_defs = read_signature_defs(path)
 
     def with_defaults(name):
         function, signature_def = module.signatures[name], signature_defs[name]
@@ -386,7 +405,7 @@ def signature_functions(path, module=None):
 
 def _graphs(saved_model_dir):
     """`(name, attributes, nodes)` of every graph of `saved_model.pb` and of every library function."""
-    for meta_graph in _read_saved_model(saved_model_dir).meta_graphs:
+    for meta_graph in read_saved_model(saved_model_dir).meta_graphs:
         yield "graph", {}, meta_graph.graph_def.node
         for function in meta_graph.graph_def.library.function:
             yield function.signature.name, function.attr, function.node_def

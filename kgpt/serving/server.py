@@ -1,276 +1,348 @@
-"""`kgpt serve`: a local development server speaking TensorFlow Serving's REST API
-(`kgpt.model_server`) and OpenAI's completions API (`kgpt.openai_api`), with a playground at `/`.
+"""`kgpt serve`: the development server's HTTP side, Starlette routes on uvicorn for TF Serving's
+REST API (`kgpt.rest`), OpenAI's completions (`kgpt.openai_api`) and the playground page at `/`.
 
-It serves an export's highest version with TF Serving's URLs, formats and errors, for trying it
-without docker, and an export or a run directory over `/v1/completions`.
+uvicorn parses requests (a malformed one gets its 400), keeps connections alive and closes idle
+ones, and notices clients that leave. This module routes requests to the APIs as their typed
+requests (`kgpt.protocol`), answers each `APIError` in its route's shape, bounds what one client
+may take (`Limits`: connections, a deadline on request heads and bodies, body size), and streams
+server-sent events, whose decoding stops when the client goes away.
 """
 
+import asyncio
+import dataclasses
 import errno
 import importlib.resources
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
 import threading
-import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kgpt.serving.openai_api import OpenAIError, server_sent_events
-from kgpt.serving.rest import PREDICT_PATH, STATUS_PATH, ModelServer, RequestError, parse_json
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-# OpenAI's routes and the playground: path -> allowed method.
-_OPENAI = {"/v1/completions": "POST", "/v1/models": "GET"}
-_PLAYGROUND = ("/", "/index.html")
+from kgpt.serving.model_server import ModelServer
+from kgpt.serving.protocol import API, APIError, CompletionRequest, ModelSpec, PredictRequest, parse_json
 
+logger = logging.getLogger(__name__)
 
-class _Handler(BaseHTTPRequestHandler):
-    """TF Serving's REST routes, answered by `self.server.model` (a `ModelServer`), OpenAI's by its
-    `completions`, and the playground page; every other answer, errors included, is JSON."""
-
-    server_version = "kgpt-serve"
-    protocol_version = "HTTP/1.1"
-
-    def setup(self):
-        self.timeout = self.server.read_timeout  # idle keep-alive connections close after it too
-        super().setup()
-
-    def _send(self, status, payload, headers=(), content_type="application/json"):
-        body = payload if isinstance(payload, bytes) else json.dumps(
-            payload, ensure_ascii=False, indent=1).encode("utf-8")
-        self.send_response(status)
-        for header in headers:
-            self.send_header(*header)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _error(self, status, message, headers=()):
-        """An error in the route's shape: OpenAI's `{"error": {...}}` or TF Serving's `{"error": "..."}`."""
-        if self.path.split("?")[0] in _OPENAI:
-            return self._send(status, OpenAIError(message, status=status).body(), headers)
-        self._send(status, {"error": message}, headers)
-
-    def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (a bad request line, an unknown method, ...) as JSON."""
-        self.close_connection = True
-        short, long = self.responses.get(code, ("Error", ""))
-        try:
-            self._error(code, f"{message or short}: {explain or long}".rstrip(": "))
-        except OSError:
-            pass
-
-    def _answer(self, work):
-        try:
-            self._send(200, work())
-        except RequestError as error:
-            self._send(error.status, {"error": str(error)})
-        except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
-            self._send(500, {"error": f"{type(error).__name__}: {error}"})
-
-    def do_GET(self):  # noqa: N802
-        path = self.path.split("?")[0]
-        if path in _PLAYGROUND:
-            page = importlib.resources.files("kgpt.serving").joinpath("playground.html").read_bytes()
-            return self._send(200, page, content_type="text/html; charset=utf-8")
-        if _OPENAI.get(path) == "POST":
-            return self._refuse_method()
-        if path in _OPENAI:
-            return self._openai(lambda completions: completions.models())
-        match = STATUS_PATH.match(self.path)
-        if not match:
-            return self._send(404, {"error": f"Malformed request: {self.command} {self.path}"})
-        name, version, metadata = match.groups()
-        method = self.server.model.metadata if metadata else self.server.model.status
-        self._answer(lambda: method(name, version))
-
-    def do_HEAD(self):  # noqa: N802  (GET's status and headers, without the body)
-        posts = PREDICT_PATH.match(self.path) or _OPENAI.get(self.path.split("?")[0]) == "POST"
-        return self._refuse_method() if posts else self.do_GET()
-
-    def do_POST(self):  # noqa: N802
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            return self._error(411, "A Content-Length header is required.")
-        limit = self.server.model.max_request_bytes
-        if int(length) > limit:
-            self.close_connection = True
-            return self._error(413, f"Request body of {length} bytes exceeds the limit of {limit}.")
-        body = self._read_body(int(length))
-        if body is None:
-            return
-        if self.path.split("?")[0] == "/v1/completions":
-            return self._openai(lambda completions: completions.create(parse_json(body)))
-        match = PREDICT_PATH.match(self.path)
-        if not match:
-            return self._send(404, {"error": f"Malformed request: POST {self.path}"})
-        self._answer(lambda: self.server.model.predict(match.group(1), match.group(2), body))
-
-    def _openai(self, work):
-        """OpenAI's routes: `work(completions)` gives a JSON object, or an iterator of events to stream."""
-        completions = self.server.model.completions
-        try:
-            if completions is None:
-                raise OpenAIError(
-                    f"{self.server.model.path} has no 'generate' signature, which completions need; "
-                    "serve a kgpt export or a run directory.", status=404, code="model_not_found")
-            answer = work(completions)
-        except RequestError as error:  # the request body is not JSON
-            return self._send(error.status, OpenAIError(str(error), status=error.status).body())
-        except OpenAIError as error:
-            return self._send(error.status, error.body())
-        except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
-            error = OpenAIError(f"{type(error).__name__}: {error}", status=500, kind="server_error")
-            return self._send(500, error.body())
-        if isinstance(answer, dict):
-            return self._send(200, answer)
-        self._stream(answer)
-
-    def _stream(self, events):
-        """Server-sent events, each written as soon as it is made; the connection closes after
-        `data: [DONE]` (no length to announce). A client that leaves stops the decoding."""
-        self.close_connection = True
-        self.send_response(200)
-        for header in [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                       ("Connection", "close"), ("X-Accel-Buffering", "no")]:
-            self.send_header(*header)
-        self.end_headers()
-        try:
-            try:
-                for chunk in server_sent_events(events):
-                    self.wfile.write(chunk)
-            except OSError:
-                return  # the client went away
-            except Exception as error:  # noqa: BLE001  (mid-stream: the error becomes the last event)
-                body = (error if isinstance(error, OpenAIError) else
-                        OpenAIError(f"{type(error).__name__}: {error}", kind="server_error")).body()
-                try:
-                    self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
-                except OSError:
-                    pass
-        finally:
-            events.close()
-
-    def _read_body(self, length):
-        """The body, read within `read_timeout` seconds in all (a client that stalls mid-upload
-        gets 408 and is disconnected); None after a 408."""
-        deadline = time.monotonic() + self.server.read_timeout
-        chunks, left = [], length
-        try:
-            while left:
-                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    raise TimeoutError
-                chunks.append(chunk)
-                left -= len(chunk)
-        except TimeoutError:
-            self.close_connection = True
-            received = length - left
-            message = (f"Request body incomplete: {received} of {length} bytes arrived within "
-                       f"{self.server.read_timeout:g} s (--read-timeout).")
-            try:
-                self._error(408, message)
-            except OSError:
-                pass
-            return None
-        finally:
-            self.connection.settimeout(self.server.read_timeout)
-        return b"".join(chunks)
-
-    def _refuse_method(self):
-        """405 with `Allow` on the known routes (the body is not read, so the connection closes)."""
-        self.close_connection = True
-        path = self.path.split("?")[0]
-        if PREDICT_PATH.match(self.path) or _OPENAI.get(path) == "POST":
-            allowed = "POST"
-        elif STATUS_PATH.match(self.path) or path in _OPENAI or path in _PLAYGROUND:
-            allowed = "GET, HEAD"
-        else:
-            return self._send(404, {"error": f"Malformed request: {self.command} {self.path}"})
-        self._error(405, f"Method {self.command} is not allowed on {self.path}; use {allowed}.",
-                    headers=[("Allow", allowed)])
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method
-
-    def log_message(self, format, *args):  # noqa: A002
-        pass
+# HTTP's methods: on a known route another one than the route's is 405; any other method is 501.
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+# Seconds that requests in flight get to finish once the server is asked to stop.
+_SHUTDOWN_GRACE = 3
 
 
-class _Server(ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` of them; one more gets a 503 at once."""
+class _Segment(Convertor):
+    """A path segment of TF Serving's URLs: a model name (no ':', which starts `:predict`) or a
+    version (digits), kept as a string."""
 
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog; the standard library's 5 resets bursts of clients
+    def __init__(self, regex):
+        self.regex = regex
 
-    def __init__(self, address, model, max_connections, read_timeout):
-        for name, value in [("max_connections", max_connections), ("read_timeout", read_timeout)]:
+    def convert(self, value):
+        return value
+
+    def to_string(self, value):
+        return value
+
+
+register_url_convertor("kgpt_name", _Segment("[^/:]+"))
+register_url_convertor("kgpt_version", _Segment("[0-9]+"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may take.
+
+    Args:
+        max_connections: connections open at once; a request on one more gets 503 and is closed.
+        read_timeout: seconds to send a request's line and headers (from connecting, or from the
+            last answer on a kept-alive connection; else the connection is closed), and again to
+            send its whole body (else 408).
+        max_request_bytes: the largest request body (else 413); a chunked body too.
+    """
+
+    max_connections: int = 100
+    read_timeout: float = 10.0
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        for name in ("max_connections", "read_timeout", "max_request_bytes"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a number > 0.")
-        self.model = model
-        self.max_connections = max_connections
-        self.read_timeout = read_timeout
-        self._connections = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        if not self._connections.acquire(blocking=False):
-            return self._refuse(request)
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connections.release()
-
-    def _refuse(self, request):
-        """503 from the accepting thread, without reading the request (it never blocks for long)."""
-        body = json.dumps({"error": (
-            f"The server is busy: {self.max_connections} connections are open "
-            "(--max-connections); retry later."
-        )}).encode("utf-8")
-        head = (f"HTTP/1.1 {HTTPStatus.SERVICE_UNAVAILABLE.value} Service Unavailable\r\n"
-                "Content-Type: application/json\r\nConnection: close\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
-        try:
-            request.settimeout(1.0)
-            request.sendall(head + body)
-            request.shutdown(socket.SHUT_WR)
-            request.setblocking(False)
-            while request.recv(1 << 16):  # what has arrived of the request, so close sends no reset
-                pass
-        except OSError:
-            pass
-        request.close()
 
 
-def make_server(model_dir, host="127.0.0.1", port=8501, name=None, max_connections=100, read_timeout=10.0,
-                **kwargs):
-    """A `ThreadingHTTPServer` (not started) serving `model_dir`, its `ModelServer` as `server.model`.
+def _json(status, payload, headers=None):
+    body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
+    return Response(body, status, headers=headers, media_type="application/json")
 
-    `port=0` picks a free port; `kwargs` go to `ModelServer`. At most `max_connections` are
-    served at once (one more gets 503); a request must arrive within `read_timeout` seconds (else
-    408), which also closes idle connections. An address that cannot be bound raises `ValueError`.
 
-    Example:
-        server = make_server("saved_models/shakespeare", port=0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+def _error(error, api, headers=None, close=False):
+    """An `APIError` in `api`'s shape; `close` ends the connection after it."""
+    headers = dict(headers or {})
+    if close or error.status in (408, 413):  # what is left of the body is unknown
+        headers["Connection"] = "close"
+    return _json(error.status, error.body(api), headers)
+
+
+def _event(value):
+    return f"data: {json.dumps(value, ensure_ascii=False)}\n\n".encode()
+
+
+def _target(request):
+    """The request target as sent (path and query, undecoded), for messages."""
+    query = request.scope.get("query_string", b"")
+    return request.scope["raw_path"].decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+
+
+def _model_spec(request):
+    return ModelSpec(request.path_params["name"], request.path_params.get("version"))
+
+
+class _EventStream(StreamingResponse):
+    """OpenAI's chunks as server-sent events: `data: {json}` as each chunk is made (one model step
+    in a worker thread), then `data: [DONE]`; a failure mid-stream becomes the last event.
+
+    When the client goes away, Starlette cancels the stream; the step in progress finishes (its
+    thread is not abandoned), no other starts, and `chunks` is closed, which stops the decoding.
     """
-    model = ModelServer(model_dir, name=name, **kwargs)
+
+    def __init__(self, chunks, in_thread):
+        self.chunks = chunks
+        super().__init__(self._events(in_thread), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _events(self, in_thread):
+        try:
+            while (chunk := await in_thread(next, self.chunks, None)) is not None:
+                yield _event(chunk.to_json())
+            yield b"data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001  (mid-stream: the error becomes the last event)
+            yield _event(APIError.of(error).body(API.OPENAI))
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.chunks.close()  # no step runs now: a cancelled wait for a thread waits for its end
+
+
+class _Endpoint:
+    """One route as an ASGI app: its `method` (GET also answers HEAD; None: no route, 404), its
+    `api` (the shape of its errors) and `handler(request) -> Response`."""
+
+    def __init__(self, app, method, api, handler):
+        self.app, self.method, self.api, self.handler = app, method, api, handler
+
+    async def __call__(self, scope, receive, send):
+        response = await self._respond(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def _respond(self, request):
+        limits, method = self.app.limits, request.method
+        if self.app.open_connections() > limits.max_connections:
+            return _error(APIError(f"The server is busy: {limits.max_connections} connections are open "
+                                   "(--max-connections); retry later.", 503), self.api, close=True)
+        if method not in _METHODS:
+            return _error(APIError(f"Unsupported method ({method!r}): Server does not support this "
+                                   "operation", 501), self.api)
+        if self.method is None:
+            return _error(APIError(f"Malformed request: {method} {_target(request)}", 404), self.api)
+        if method != self.method and not (self.method == "GET" and method == "HEAD"):
+            allowed = "GET, HEAD" if self.method == "GET" else self.method
+            error = APIError(f"Method {method} is not allowed on {_target(request)}; use {allowed}.", 405)
+            return _error(error, self.api, {"Allow": allowed})
+        try:
+            return await self.handler(request)
+        except APIError as error:
+            return _error(error, self.api)
+        except Exception as error:  # noqa: BLE001  (a bug must not kill the server)
+            logger.exception("kgpt serve: %s %s failed", method, _target(request))
+            return _error(APIError.of(error), self.api)
+
+
+class _App:
+    """The routes of `kgpt serve` over a `ModelServer`, as a Starlette app (`starlette`)."""
+
+    def __init__(self, model, limits, open_connections):
+        self.model = model
+        self.limits = limits
+        self.open_connections = open_connections
+        self._limiter = None  # made in the server's event loop
+        self._page = importlib.resources.files("kgpt.serving").joinpath("playground.html").read_bytes()
+        tf_serving, openai = API.TF_SERVING, API.OPENAI
+        model_path, version_path = "/v1/models/{name:kgpt_name}", "/versions/{version:kgpt_version}"
+        table = [
+            ("/", "GET", tf_serving, self._playground),
+            ("/index.html", "GET", tf_serving, self._playground),
+            ("/v1/models", "GET", openai, self._models),
+            ("/v1/completions", "POST", openai, self._completions),
+            (model_path + ":predict", "POST", tf_serving, self._predict),
+            (model_path + version_path + ":predict", "POST", tf_serving, self._predict),
+            (model_path + "/metadata", "GET", tf_serving, self._metadata),
+            (model_path + version_path + "/metadata", "GET", tf_serving, self._metadata),
+            (model_path, "GET", tf_serving, self._status),
+            (model_path + version_path, "GET", tf_serving, self._status),
+            ("/{path:path}", None, tf_serving, None),
+        ]
+        routes = [Route(path, _Endpoint(self, method, api, handler)) for path, method, api, handler in table]
+        self.starlette = Starlette(routes=routes)
+
+    async def in_thread(self, function, *args):
+        """`function(*args)` in a worker thread (model calls block); at most one per connection."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.limits.max_connections)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+
+    async def _body(self, request):
+        """The request body, within `max_request_bytes` (else 413) and `read_timeout` (else 408)."""
+        limit, timeout = self.limits.max_request_bytes, self.limits.read_timeout
+        length = request.headers.get("content-length")  # digits: uvicorn refuses others
+        if length is not None and int(length) > limit:
+            raise APIError(f"Request body of {length} bytes exceeds the limit of {limit}.", 413)
+        chunks, received = [], 0
+        try:
+            with anyio.fail_after(timeout):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise APIError(f"Request body exceeds the limit of {limit} bytes.", 413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            of = "" if length is None else f" of {length}"
+            raise APIError(f"Request body incomplete: {received}{of} bytes arrived within {timeout:g} s "
+                           "(--read-timeout).", 408) from None
+        except ClientDisconnect:
+            raise APIError("The client closed the connection before its request body arrived.") from None
+        return b"".join(chunks)
+
+    async def _playground(self, request):
+        return Response(self._page, media_type="text/html")
+
+    async def _status(self, request):
+        return _json(200, self.model.tf_serving().status(_model_spec(request)).to_json())
+
+    async def _metadata(self, request):
+        return _json(200, self.model.tf_serving().metadata(_model_spec(request)).to_json())
+
+    async def _predict(self, request):
+        rest, model = self.model.tf_serving(), _model_spec(request)
+        rest.check_model(model)
+        body = await self._body(request)
+        answer = await self.in_thread(
+            lambda: rest.predict(PredictRequest.parse(model, body, rest.default_signature)))
+        return _json(200, answer.to_json())
+
+    async def _models(self, request):
+        return _json(200, self.model.openai().models().to_json())
+
+    async def _completions(self, request):
+        completions = self.model.openai()
+        parsed = CompletionRequest.parse(parse_json(await self._body(request)), completions.name)
+        if not parsed.stream:
+            return _json(200, (await self.in_thread(completions.create, parsed)).to_json())
+        return _EventStream(await self.in_thread(completions.stream, parsed), self.in_thread)
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on request heads: a connection that has not sent
+    a whole request line and headers `--read-timeout` seconds after it opened, or after its last
+    answer, is closed. (uvicorn's keep-alive timer stops at a connection's first byte, so a client
+    sending a head slowly, or nothing, would hold its connection for ever.)"""
+
+    def connection_made(self, transport):
+        self._head_deadline = None
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc):
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_head(self):
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_overdue)
+
+    def _head_overdue(self):
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Server:
+    """uvicorn serving `kgpt serve`'s app on a socket bound when the server is made.
+
+    `serve_forever()` runs it until `shutdown()` (from another thread) or Ctrl-C; `server_close()`
+    releases the socket. `model` is the `ModelServer`, `server_address` the bound `(host, port)`.
+    """
+
+    def __init__(self, model, sock, limits):
+        self.model = model
+        self.socket = sock
+        self.limits = limits
+        app = _App(model, limits, self.open_connections)
+        config = uvicorn.Config(
+            app.starlette, http=_Protocol, interface="asgi3", lifespan="off", log_config=None,
+            access_log=False, proxy_headers=False, server_header=False, headers=[("Server", "kgpt-serve")],
+            timeout_keep_alive=limits.read_timeout, timeout_graceful_shutdown=_SHUTDOWN_GRACE,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    @property
+    def server_address(self):
+        return self.socket.getsockname()[:2]
+
+    def open_connections(self):
+        """Connections open now (uvicorn's count), idle ones and ones still sending included."""
+        return len(self._uvicorn.server_state.connections)
+
+    def serve_forever(self):
+        self._stopped.clear()
+        try:
+            asyncio.run(self._uvicorn.serve(sockets=[self.socket]))
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stops `serve_forever` (requests in flight get `_SHUTDOWN_GRACE` seconds) and waits for it."""
+        self._uvicorn.should_exit = True
+        self._stopped.wait()
+
+    def server_close(self):
+        self.socket.close()
+
+
+def _bind(host, port):
+    """A listening TCP socket on `host:port`; `ValueError` with a fix if there is none."""
     try:
-        server = _Server((host, port), model, max_connections, read_timeout)
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, protocol)
     except OSError as error:
+        raise ValueError(f"Cannot listen on {host}:{port}: {error.strerror or error}; pass another "
+                         "--host.") from error
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)  # the backlog: bursts of clients wait instead of being reset
+    except OSError as error:
+        sock.close()
         if error.errno == errno.EADDRINUSE:
             raise ValueError(
                 f"port {port} on {host} is in use; stop the process that holds it (e.g. another "
@@ -280,7 +352,29 @@ def make_server(model_dir, host="127.0.0.1", port=8501, name=None, max_connectio
             f"Cannot listen on {host}:{port}: {error.strerror or error}; pass another --host or "
             "--port (ports below 1024 need privileges)."
         ) from error
-    return server
+    return sock
+
+
+def make_server(model_dir, host="127.0.0.1", port=8501, name=None, max_connections=100, read_timeout=10.0,
+                max_request_bytes=1 << 20, **kwargs):
+    """A `Server` (not started) for `model_dir`, its `ModelServer` as `server.model`.
+
+    `port=0` picks a free port; `max_connections`, `read_timeout` and `max_request_bytes` are its
+    `Limits`; `kwargs` go to `ModelServer`. An address that cannot be bound raises `ValueError`.
+
+    Example:
+        server = make_server("saved_models/shakespeare", port=0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        ...
+        server.shutdown(); server.server_close()
+    """
+    limits = Limits(max_connections, read_timeout, max_request_bytes)
+    sock = _bind(host, port)
+    try:
+        return Server(ModelServer(model_dir, name=name, **kwargs), sock, limits)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def exposure_warning(host):
@@ -307,7 +401,7 @@ def serve(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
     root = f"http://{host}:{server.server_address[1]}"
     address = f"{root}/v1/models/{model.name}"
     lines = [f"kgpt serve: DEVELOPMENT server for {model.path} (version {model.version}) at {root}"]
-    if model.module is not None:
+    if model.rest is not None:
         lines += [
             f"  TF Serving's REST API: {address}; TensorFlow Serving is the production path:",
             f"  docker run -p 8501:8501 -v \"{os.path.abspath(os.path.dirname(model.path))}:"
