@@ -67,7 +67,7 @@ def test_steps_give_the_tokens_of_the_decode_loop(model, jit_compile):
 def test_steps_stop_at_end_of_text_and_refuse_what_does_not_fit(model):
     greedy = int(np.argmax(model(np.array([[5, 6, 7]], "int32"))[0, -1]))  # the first token, made the end
     assert list(StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)) == [[greedy]]
-    with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the context of 16"):
+    with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the model's context of 16"):
         next(StepDecoder(model, 16)([1] * 17, 8))
     with pytest.raises(ValueError, match="window=16 must be 1 to 15"):
         StepDecoder(model, 16, window=16)
