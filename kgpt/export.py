@@ -1,9 +1,9 @@
 """SavedModels for TensorFlow Serving: string in, string out, tokenizer and decode loop in the graph.
 
 `export(run_dir, name)` publishes `saved_models/NAME/VERSION/` with the signatures `SIGNATURES`
-(`serving_default`, `generate`, `beam_search`, `score`, `logits`; see the README), needing no XLA
-(`xla_findings`). This module also owns TF Serving's folder layout, which `kgpt.generate` and
-`kgpt.serve` read.
+(`serving_default`, `generate`, `beam_search`, `score`, `logits`, and for streaming token by token
+`prefill`, `step` and `detokenize`; see the README), needing no XLA (`xla_findings`). This module
+also owns TF Serving's folder layout, which `kgpt.generate` and `kgpt.serve` read.
 """
 
 import errno
@@ -16,12 +16,18 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from kgpt.decoding import (
     MAX_NEW_TOKENS,
+    DecodeState,
     beam_search,
+    cache_length,
+    cache_shape_invariants,
     cached,
     check_options,
     decode,
     default_max_new_tokens,
     default_window,
+    prefill,
+    sample_at,
+    step,
 )
 from kgpt.files import remove_stale, staged_directory
 from kgpt.rundir import RunDirectory
@@ -39,7 +45,12 @@ PADDED_OUTPUTS = {"token_ids": "token_count"}
 REQUEST_LISTS = ("stop", "stop_token_ids")
 # Outputs of shape [batch, n] whose n is set by a request's scalar inputs, so equal within a batch.
 REQUEST_WIDTH_OUTPUTS = ("beam_text", "beam_token_count", "beam_stopped")
-SIGNATURES = ("serving_default", "generate", "beam_search", "score", "logits")
+SIGNATURES = (
+    "serving_default", "generate", "beam_search", "score", "logits", "prefill", "step", "detokenize",
+)
+# The outputs of `prefill` and `step` that the next `step` takes as its inputs of the same names:
+# the token to feed and the `kgpt.decoding.DecodeState`, its cache packed (`pack_cache`).
+STEP_STATE = ("token", "cache", "position", "offset", "recent")
 # `beam_search`: beams per prompt when the request gives none, and at most.
 DEFAULT_BEAMS = 4
 MAX_BEAMS = 16
@@ -90,23 +101,57 @@ def _function(python_function, *input_signature):
     return tf.function(python_function, input_signature=list(input_signature), jit_compile=False)
 
 
-def _function_with_defaults(python_function, prompts, defaults):
-    """A serving function of `(prompts, *defaults, stop, stop_token_ids)`: scalars with recorded
-    `defaults` (`{name: tensor}`, in order), then the two stop lists (default: none)."""
-    defaults = {**defaults, "stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
+def _function_with_defaults(python_function, leading, defaults, stops=True):
+    """A serving function of `(*leading, *defaults, stop, stop_token_ids)`: the inputs of the
+    `leading` specs, scalars with recorded `defaults` (`{name: tensor}`, in order), then (with
+    `stops`) the two stop lists (default: none)."""
+    if stops:
+        stop_lists = {"stop": tf.constant([], tf.string), "stop_token_ids": tf.constant([], tf.int32)}
+        defaults = {**defaults, **stop_lists}
 
-    def function(prompts, *inputs):
-        return python_function(prompts, *inputs)
+    def function(*inputs):
+        return python_function(*inputs)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    function.__signature__ = inspect.Signature([inspect.Parameter("prompts", kind)] + [
+    function.__signature__ = inspect.Signature([inspect.Parameter(spec.name, kind) for spec in leading] + [
         inspect.Parameter(name, kind, default=default) for name, default in defaults.items()
     ])
     specs = [
         tf.TensorSpec([None] if name in REQUEST_LISTS else [], default.dtype, name=name)
         for name, default in defaults.items()
     ]
-    return _function(function, prompts, *specs)
+    return _function(function, *leading, *specs)
+
+
+def pack_cache(cache):
+    """A decoding cache as one tensor (an input and output of the streaming signatures): its tensors
+    stacked on axis 1, for a GPT `(batch, 2 * num_layers, heads, length, head_dim)` (layer i's keys
+    at 2i, values at 2i + 1); a cache of one tensor (the int32 tokens `(batch, length)` of a model
+    decoded by recomputation) as it is."""
+    flat = tf.nest.flatten(cache)
+    return flat[0] if len(flat) == 1 else tf.stack(flat, axis=1)
+
+
+def _cache_structure(model):
+    with tf.init_scope():  # eagerly: nothing added to a graph being traced
+        return model.initial_cache(1, 1)
+
+
+def unpack_cache(model, packed):
+    """The inverse of `pack_cache` for the cache structure of `model` (`kgpt.decoding.cached`)."""
+    structure = _cache_structure(model)
+    count = len(tf.nest.flatten(structure))
+    return tf.nest.pack_sequence_as(structure, [packed] if count == 1 else tf.unstack(packed, count, axis=1))
+
+
+def packed_cache_spec(model, name="cache"):
+    """The `tf.TensorSpec` of `pack_cache` of `model`'s caches: any batch and length."""
+    structure = _cache_structure(model)
+    flat = tf.nest.flatten(structure)
+    shape = tf.nest.flatten(cache_shape_invariants(structure))[0]
+    if len(flat) > 1:
+        shape = shape[:1].concatenate([len(flat)]).concatenate(shape[1:])
+    return tf.TensorSpec(shape, flat[0].dtype, name=name)
 
 
 def _take_last(dense, lengths, room):
@@ -121,7 +166,12 @@ def _take_last(dense, lengths, room):
 
 
 class ServingModule(tf.Module):
-    """The exported object: model variables, tokenizer and the four serving functions.
+    """The exported object: model variables, tokenizer and the serving functions (`SIGNATURES`).
+
+    `generate` decodes a whole continuation in one call (`kgpt.decoding.decode`); `prefill` and
+    `step` run the same `kgpt.decoding.prefill` and `step` one call per token, the state (cache
+    included) going out and back in as tensors, so a client streams token by token and may stop
+    at any token; `detokenize` turns the tokens into text with the export's own tokenizer.
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
@@ -159,6 +209,12 @@ class ServingModule(tf.Module):
         self.score = _function(self._score, tf.TensorSpec([None], tf.string, name="texts"))
         self.logits = _function(self._logits, tf.TensorSpec([None, None], tf.int32, name="token_ids"))
         self.beam_search = self._beam_search_function(prompts, max_new_tokens)
+        self.prefill = self._prefill_function(prompts, max_new_tokens)
+        self.step = self._step_function()
+        self.detokenize = _function(
+            self._detokenize, tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+            tf.TensorSpec([None], tf.int32, name="token_count"),
+        )
 
     def signatures(self):
         """The `signatures` argument of `tf.saved_model.save`."""
@@ -167,22 +223,57 @@ class ServingModule(tf.Module):
     def _greedy(self, prompts):
         return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
 
+    def _sampling_defaults(self):
+        """`{field: scalar tensor}`: the sampling inputs' recorded defaults, in field order."""
+        dtypes = signature_dtypes(self._sampling_type)
+        return {
+            name: tf.constant(value, dtypes[name])
+            for name, value in signature_defaults(self._sampling_type).items()
+        }
+
+    def _checked_sampling(self, options):
+        """`{field: tensor}` of the sampling inputs (in field order), once their bounds are checked."""
+        options = dict(zip(signature_dtypes(self._sampling_type), options))
+        return _checked(graph_checks(options, self._sampling_type), options)
+
     def _generate_function(self, prompts, default_max_new_tokens):
         """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`, defaults recorded."""
-        dtypes = signature_dtypes(self._sampling_type)
-        defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32)}
-        for name, value in signature_defaults(self._sampling_type).items():
-            defaults[name] = tf.constant(value, dtypes[name])
+        defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32),
+                    **self._sampling_defaults()}
 
         def generate(prompts, max_new_tokens, *options):
-            options, (stop, stop_token_ids) = dict(zip(dtypes, options[:-2])), options[-2:]
-            options = _checked(graph_checks(options, self._sampling_type), options)
+            options, (stop, stop_token_ids) = self._checked_sampling(options[:-2]), options[-2:]
             stop, stop_token_ids = _checked(
                 graph_stop_checks(stop, stop_token_ids, self._vocabulary_size), (stop, stop_token_ids)
             )
             return self._run(prompts, max_new_tokens, options, stop, stop_token_ids)
 
-        return _function_with_defaults(generate, prompts, defaults)
+        return _function_with_defaults(generate, [prompts], defaults)
+
+    def _prefill_function(self, prompts, default_max_new_tokens):
+        """`prefill(prompts, max_new_tokens, *options)`: the first token and the state `step` takes."""
+        defaults = {"max_new_tokens": tf.constant(default_max_new_tokens, tf.int32),
+                    **self._sampling_defaults()}
+
+        def prefill_prompts(prompts, max_new_tokens, *options):
+            return self._prefill(prompts, max_new_tokens, self._checked_sampling(options))
+
+        return _function_with_defaults(prefill_prompts, [prompts], defaults, stops=False)
+
+    def _step_function(self):
+        """`step(token, cache, position, offset, recent, *options)`: the next token and state."""
+        leading = [
+            tf.TensorSpec([None], tf.int32, name="token"),
+            packed_cache_spec(self._decoding_model),
+            tf.TensorSpec([], tf.int32, name="position"),
+            tf.TensorSpec([], tf.int32, name="offset"),
+            tf.TensorSpec([None, None], tf.int32, name="recent"),
+        ]
+
+        def step_state(token, cache, position, offset, recent, *options):
+            return self._step(token, cache, position, offset, recent, self._checked_sampling(options))
+
+        return _function_with_defaults(step_state, leading, self._sampling_defaults(), stops=False)
 
     def _beam_search_function(self, prompts, default_max_new_tokens):
         """`beam_search(prompts, max_new_tokens, num_beams, length_penalty, stop, stop_token_ids)`."""
@@ -191,22 +282,90 @@ class ServingModule(tf.Module):
             "num_beams": tf.constant(DEFAULT_BEAMS, tf.int32),
             "length_penalty": tf.constant(1.0, tf.float32),
         }
-        return _function_with_defaults(self._beam_search, prompts, defaults)
+        return _function_with_defaults(self._beam_search, [prompts], defaults)
 
     def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None):
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
         max_new_tokens = _checked(self._length_checks(prompts, max_new_tokens), max_new_tokens)
         stop = tf.constant([], tf.string) if stop is None else stop
         stop_token_ids = tf.constant([], tf.int32) if stop_token_ids is None else stop_token_ids
-        # A prompt keeps what leaves room for max_new_tokens, and at least the window that
-        # generation past the context keeps (`kgpt.decoding.prompt_room`).
-        room = tf.maximum(self._sequence_length - max_new_tokens, self._window)
-        dense, lengths, truncated = self._prompt_ids(prompts, room)
+        dense, lengths, truncated = self._prompt_ids(prompts, self._prompt_room(max_new_tokens))
         stop_ids = graph_stop_ids(self.tokenizer, stop, stop_token_ids)
         end = self.tokenizer.end_of_text_id
         tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
         outputs = self._continuations(tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
         return {**outputs, "prompt_token_count": lengths, "truncated": truncated}
+
+    def _prefill(self, prompts, max_new_tokens, sampling):
+        """`kgpt.decoding.prefill` of prompts of one token count (after `generate`'s truncation) and
+        the first new token: `STEP_STATE`, `prompt_token_count` and `truncated`."""
+        max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
+        max_new_tokens = _checked(self._length_checks(prompts, max_new_tokens), max_new_tokens)
+        dense, lengths, truncated = self._prompt_ids(prompts, self._prompt_room(max_new_tokens))
+        length = tf.shape(dense)[1]
+        dense = _checked([tf.debugging.assert_equal(
+            lengths, length, message="prefill takes prompts of one token count (after truncation): stream "
+            "one prompt, repeated for several samples",
+        )], dense)
+        # The cache `generate` makes: prompt + new tokens, at most the context.
+        max_length = tf.minimum(length + max_new_tokens, self._sequence_length)
+        logits, state = prefill(self._decoding_model, dense, max_length, self._window)
+        token = self._compiled(sample_at)(logits, sampling, state.position)
+        return {**self._step_outputs(token, state), "prompt_token_count": lengths, "truncated": truncated}
+
+    def _step(self, token, cache, position, offset, recent, sampling):
+        """`kgpt.decoding.step` on the state `prefill` or the last `step` returned: `STEP_STATE`."""
+        state = DecodeState(unpack_cache(self._decoding_model, cache), position, offset, recent)
+        vocabulary = self._vocabulary_size
+        token = _checked([
+            tf.debugging.assert_non_negative(token, message="token ids must be >= 0"),
+            tf.debugging.assert_less(
+                token, vocabulary, message=f"token ids must be < vocabulary_size={vocabulary}"
+            ),
+            tf.debugging.assert_equal(
+                tf.shape(recent), tf.stack([tf.shape(token)[0], self._window]),
+                message=f"recent must be (batch, {self._window}), as prefill and step return it",
+            ),
+            tf.debugging.assert_less_equal(
+                position - offset, cache_length(state.cache),
+                message="position and offset do not fit the cache; pass them as prefill and step return them",
+            ),
+        ], token)
+        token, state = self._compiled(
+            lambda state, token, sampling: step(self._decoding_model, state, token, sampling)
+        )(state, token, sampling)
+        return self._step_outputs(token, state)
+
+    @staticmethod
+    def _step_outputs(token, state):
+        return {"token": token, "cache": pack_cache(state.cache), "position": state.position,
+                "offset": state.offset, "recent": state.recent}
+
+    def _compiled(self, function):
+        """`function`, as a call XLA must compile with `jit_compile` (the draws where `generate`'s are)."""
+        return tf.function(function, jit_compile=True) if self.jit_compile else function
+
+    def _detokenize(self, token_ids, token_count):
+        """The text of each row's first `token_count` ids (end-of-text detokenizes as the tokenizer does)."""
+        valid = tf.range(tf.shape(token_ids)[1])[None, :] < token_count[:, None]
+        token_ids = _checked([
+            tf.debugging.assert_non_negative(token_count, message="token_count must be >= 0"),
+            tf.debugging.assert_less_equal(
+                token_count, tf.shape(token_ids)[1], message="token_count must be <= the width of token_ids",
+            ),
+            tf.debugging.assert_non_negative(token_ids, message="token ids must be >= 0"),
+            tf.debugging.assert_less(
+                tf.where(valid, token_ids, 0), self._vocabulary_size,
+                message=f"token ids must be < vocabulary_size={self._vocabulary_size}",
+            ),
+        ], token_ids)
+        ragged = tf.RaggedTensor.from_tensor(token_ids, lengths=token_count)
+        return {"text": self.tokenizer.detokenize(ragged)}
+
+    def _prompt_room(self, max_new_tokens):
+        """Prompt tokens kept: what leaves room for max_new_tokens, and at least the window that
+        generation past the context keeps (`kgpt.decoding.prompt_room`)."""
+        return tf.maximum(self._sequence_length - max_new_tokens, self._window)
 
     def _length_checks(self, prompts, max_new_tokens):
         return [
