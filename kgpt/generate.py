@@ -19,11 +19,11 @@ from kgpt.decoding import (
     default_max_new_tokens,
     prompt_room,
 )
-from kgpt.export import is_saved_model, saved_model_version_path
+from kgpt.export import STEP_STATE, is_saved_model, saved_model_version_path
 from kgpt.rundir import RunDirectory
 from kgpt.sampling import SamplingOptions
 from kgpt.stopping import check_stops, cut_at_stop
-from kgpt.streaming import Piece, RowTexts, StepDecoder, TextDeltas
+from kgpt.streaming import Piece, RowTexts, StepDecoder, padded_rows, stream_pieces
 
 
 def _report_truncation(count, room, truncate):
@@ -247,30 +247,19 @@ class Generator(TextGenerator):
         return sequences + [[token] for token in stop_token_ids]
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+        """One piece per token step (`StepDecoder`), whatever `chunked`."""
         end = self.tokenizer.end_of_text_id
         room = prompt_room(self.sequence_length, max_new_tokens)
         ids = list(self.tokenizer.encode_documents([prompt])[0]) or [end]
         _report_truncation(int(len(ids) > room), room, truncate)
         ids = ids[-room:]
-        rows = [[] for _ in range(num_return_sequences)]
-        deltas = [TextDeltas() for _ in rows]
-        finished = [False] * len(rows)
-        for step, tokens in enumerate(self.step_decoder(ids, max_new_tokens, sampling, len(rows))):
-            live = [index for index in range(len(rows)) if not finished[index]]
-            reasons = {}
-            for index in live:
-                token = int(tokens[index])
-                if token != end:
-                    rows[index].append(token)
-                reasons[index] = "stop" if token == end else "length" if step + 1 == max_new_tokens else None
-            for index, text in zip(live, self._row_texts([rows[index] for index in live])):
-                finished[index] = reasons[index] is not None
-                piece = deltas[index].update(text, final=finished[index])
-                yield Piece(index, piece, len(rows[index]), len(ids), reasons[index])
+        steps = self.step_decoder(ids, max_new_tokens, sampling, num_return_sequences)
+        yield from stream_pieces(steps, self._row_texts, end, max_new_tokens, len(ids), num_return_sequences)
 
 
 class SavedModelGenerator(TextGenerator):
-    """`Generator`'s interface over an export's `generate` signature, the graph TF Serving runs.
+    """`Generator`'s interface over an export's signatures, the graph TF Serving runs: `generate`
+    and `beam_search` for whole answers, `prefill`, `step` and `detokenize` to stream.
 
     Args:
         path: a version folder (`saved_models/NAME/1`) or a model folder (highest version).
@@ -349,46 +338,67 @@ class SavedModelGenerator(TextGenerator):
         try:
             return self._run_signature(signature_name, inputs)
         except tf.errors.InvalidArgumentError as error:
-            match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
-            reason = match.group(1) if match else error.message.splitlines()[0]
-            raise ValueError(f"The SavedModel {self.path} refused the request: {reason}.") from error
+            raise self._refusal(error) from error
+
+    def _refusal(self, error):
+        """A ValueError naming the reason of a signature's InvalidArgumentError."""
+        match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
+        reason = match.group(1) if match else error.message.splitlines()[0]
+        return ValueError(f"The SavedModel {self.path} refused the request: {reason}.")
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
-        """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each
-        answer extending the last (per-position seeds), and yields what each call added."""
-        no_stops = {} if "stop" not in self._inputs else dict(  # stops apply to the joined text
-            stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32)
-        )
-
-        def call(count):
-            outputs = self.signature(
-                prompts=tf.constant([prompt] * num_return_sequences, tf.string),
-                max_new_tokens=tf.constant(count, tf.int32), **sampling.graph_tensors(), **no_stops,
+        """One piece per token step through the export's `prefill` and `step` signatures; with
+        `chunked=False`, or an export older than them, one `generate` call and one piece per row."""
+        if chunked and "step" in self.module.signatures:
+            return self._stream_steps(prompt, max_new_tokens, sampling, truncate, num_return_sequences)
+        if chunked:
+            warnings.warn(
+                f"The SavedModel {self.path} has no prefill and step signatures (exported before "
+                "them): each continuation comes as one piece; export the run again to stream token "
+                "by token.", stacklevel=3,
             )
-            return {key: value.numpy() for key, value in outputs.items()}
+        return self._stream_whole(prompt, max_new_tokens, sampling, truncate, num_return_sequences)
 
+    def _stream_steps(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences):
+        """`prefill`, then one `step` per token while the iterator is read (none once it is closed)."""
+        options = sampling.graph_tensors()
+        outputs = self._invoke("prefill", prompts=tf.constant([prompt] * num_return_sequences),
+                               max_new_tokens=tf.constant(max_new_tokens, tf.int32), **options)
         room = prompt_room(self.sequence_length, max_new_tokens)
-        count = 1 if chunked else max_new_tokens
-        outputs = call(count)
-        prompt_tokens = int(outputs["prompt_token_count"][0])
-        if prompt_tokens > room:  # truncated differently for each count: one call keeps the answer
-            count, outputs = max_new_tokens, call(max_new_tokens)
-        _report_truncation(int(outputs["truncated"][0]), room, truncate)
-        prompt_tokens = int(outputs["prompt_token_count"][0])
-        deltas = [TextDeltas() for _ in range(num_return_sequences)]
-        finished = [False] * num_return_sequences
-        while True:
-            for index, (text, tokens) in enumerate(zip(outputs["text"], outputs["token_count"])):
-                if finished[index]:
-                    continue
-                reason = "stop" if tokens < count else "length" if count == max_new_tokens else None
-                finished[index] = reason is not None
-                piece = deltas[index].update(text.decode("utf-8"), final=finished[index])
-                yield Piece(index, piece, int(tokens), prompt_tokens, reason)
-            if all(finished):
-                return
-            count = min(2 * count, max_new_tokens)
-            outputs = call(count)
+        _report_truncation(int(outputs["truncated"].numpy()[0]), room, truncate)
+
+        def steps(outputs):
+            yield outputs["token"].numpy()
+            for _ in range(max_new_tokens - 1):
+                # The state stays in tensors from one call to the next, the cache never copied.
+                outputs = self._invoke("step", **{key: outputs[key] for key in STEP_STATE}, **options)
+                yield outputs["token"].numpy()
+
+        end = int(self.module.end_of_text_id.numpy())
+        prompt_tokens = int(outputs["prompt_token_count"].numpy()[0])
+        yield from stream_pieces(steps(outputs), self._texts, end, max_new_tokens, prompt_tokens,
+                                 num_return_sequences)
+
+    def _texts(self, rows):
+        """The `detokenize` signature's text of each list of token ids."""
+        ids, counts = padded_rows(rows)
+        outputs = self._invoke("detokenize", token_ids=tf.constant(ids), token_count=tf.constant(counts))
+        return [text.decode("utf-8") for text in outputs["text"].numpy()]
+
+    def _stream_whole(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences):
+        completions = self.complete([prompt], max_new_tokens, sampling=sampling, truncate=truncate,
+                                    num_return_sequences=num_return_sequences)
+        for index, completion in enumerate(completions):
+            yield Piece(index, completion.text, completion.token_count, completion.prompt_token_count,
+                        completion.finish_reason)
+
+    def _invoke(self, signature_name, **inputs):
+        """A signature's outputs (tensors) for tensor `inputs`, called directly (not batched); a
+        refusal as a ValueError."""
+        try:
+            return self.module.signatures[signature_name](**inputs)
+        except tf.errors.InvalidArgumentError as error:
+            raise self._refusal(error) from error
 
 
 def _strings(texts):
