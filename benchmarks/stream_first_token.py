@@ -5,8 +5,8 @@ end-of-text (so every run makes `--new-tokens` tokens), three ways:
 
 - in-process: `Generator.stream` (what `kgpt generate RUN_DIR --stream` runs: a compiled prefill
   and a compiled one-token step driven from Python) against `Generator.generate` (one XLA loop);
-- export: `SavedModelGenerator.stream` (calls the `generate` signature for 1, 2, 4, ... tokens)
-  against one `generate` call;
+- export: `SavedModelGenerator.stream` (the `prefill` signature, then one `step` call per
+  token) against one `generate` call;
 - server: `POST /v1/completions` with `"stream": true` to a `kgpt serve` process on the export
   (server-sent events over HTTP; time to the first event with text) against the same request
   without streaming.
