@@ -826,6 +826,12 @@ def test_streaming_an_export_is_one_piece_per_token_and_stops_when_closed(export
     assert [name for name in made if name != "detokenize"] == ["prefill", "step", "step"]
     stream.close()  # no step left running, none made after
     assert list(stream) == [] and calls == made
+    # An export older than the streaming signatures: each continuation as one piece, with a warning.
+    Module.signatures = {name: Recorded(name) for name in ("serving_default", "generate", "score", "logits")}
+    older = SavedModelGenerator(exported[1], module=Module())
+    with pytest.warns(UserWarning, match="no prefill and step signatures"):
+        pieces = list(older.stream("the cat", count))
+    assert [(p.text, p.token_count, p.finish_reason) for p in pieces] == [(completion.text, count, "length")]
 
 
 @pytest.mark.export
