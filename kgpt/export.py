@@ -177,9 +177,16 @@ class ServingModule(tf.Module):
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
         tokenizer: a graph-compatible kgpt tokenizer (`bpe`, `gpt2`, `char`, `tiktoken:gpt2`).
         max_new_tokens: new tokens per prompt for `serving_default`, and the `generate` default.
-        sampling_type: the options class whose fields become `generate`'s scalar inputs.
-        jit_compile: mark the decode loop for XLA (`kgpt export --jit`); the tokenizer and the rest
-            stay TensorFlow ops. Only servers that run XLA can serve such a graph.
+        sampling_type: the options class whose fields become `generate`'s (and `prefill`'s and
+            `step`'s) scalar inputs.
+        jit_compile: mark the decode loop for XLA (`kgpt export --jit`), and `step` and `prefill`'s
+            first draw, so that streams draw as `generate` does; the tokenizer, the prefill and the
+            rest stay TensorFlow ops. Only servers that run XLA can serve such a graph.
+
+    Example:
+        module = ServingModule(model, tokenizer)
+        outputs = module.prefill(prompts=tf.constant(["ROMEO:"]), max_new_tokens=tf.constant(40))
+        outputs = module.step(**{key: outputs[key] for key in STEP_STATE})  # the next token, state
     """
 
     def __init__(self, model, tokenizer, max_new_tokens=None, sampling_type=SamplingOptions,
