@@ -2,9 +2,9 @@
 
 The A/B figures behind RESULTS.md's generation section. One process, one random model of the
 `generate_throughput.py` "small" size (vocabulary 8,192, 6 layers x 384, context 256), greedy
-decoding of a 32-token prompt plus 224 new tokens through `kgpt.decoding.Decoder`, with XLA on
+decoding of a 32-token prompt plus 224 new tokens through `kgpt.generation.decoder.Decoder`, with XLA on
 (as `kgpt generate` runs) and off (as the SavedModel runs). Each variant is traced with its own
-`kgpt.layers.update_cache`; the variants are timed in turn, round after round, and the medians
+`kgpt.model.layers.update_cache`; the variants are timed in turn, round after round, and the medians
 reported, so a busy machine slows them alike.
 
 Variants (`--variants NAME:xla|plain,...`):
@@ -44,7 +44,7 @@ from keras import ops  # noqa: E402
 from keras.src.backend.tensorflow import numpy as tf_numpy  # noqa: E402
 from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 
-from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.generation.decoder import Decoder  # noqa: E402
 from kgpt.generation.sampling import SamplingOptions  # noqa: E402
 from kgpt.model import layers  # noqa: E402
 from kgpt.model.gpt import GPT, build_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Generation past the context: tokens/s for 4x the context against the within-context speed.
 
-One model, `kgpt.decoding.Decoder` (what `kgpt generate RUN_DIR` runs: prefill, then the cached
+One model, `kgpt.generation.decoder.Decoder` (what `kgpt generate RUN_DIR` runs: prefill, then the cached
 decode loop as one XLA-compiled `tf.while_loop`), greedy, no end-of-text, batch 1 and 8:
 
 - within: a short prompt plus new tokens up to the context (no rebuild of the cache);
@@ -26,7 +26,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `kgpt` sets it
 
 import keras  # noqa: E402
 
-from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.generation.decoder import Decoder  # noqa: E402
 from kgpt.model.gpt import build_model  # noqa: E402
 
 SIZE = dict(vocabulary_size=512, sequence_length=128, num_layers=4, num_heads=4, hidden_dim=128)

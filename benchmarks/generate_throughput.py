@@ -4,7 +4,7 @@ One process, one model size for all of them (same vocabulary, layers, width, con
 count), greedy decoding of a 32-token prompt plus 224 new tokens (a 256-token
 context), batch 1 and batch 8:
 
-- kgpt: `kgpt.decoding.Decoder` (what `kgpt generate RUN_DIR` runs): prefill, then the whole
+- kgpt: `kgpt.generation.decoder.Decoder` (what `kgpt generate RUN_DIR` runs): prefill, then the whole
   key/value-cached decode loop as one XLA-compiled `tf.while_loop`.
 - keras-hub: `GPT2CausalLM.generate` on token ids (`preprocessor=None`, `GreedySampler`,
   `stop_token_ids=None`), twice: as its users run it (`compile()` defaults; Keras' "auto"
@@ -14,7 +14,7 @@ context), batch 1 and batch 8:
   `GPT2LMHeadModel.from_pretrained` (PyTorch, CPU) and run with `generate(do_sample=False,
   use_cache=True)` under `torch.inference_mode()`; its tokens must equal kgpt's ("vs HF" ratios).
   Needs the `gpt2` extra (`pip install -e '.[gpt2]'`); skipped with a note without it.
-- SavedModel: `kgpt.export.ServingModule` saved with `tf.saved_model.save`, loaded with
+- SavedModel: `kgpt.serving.serving_module.ServingModule` saved with `tf.saved_model.save`, loaded with
   `tf.saved_model.load` and called through its `serving_default` signature, strings in and out
   (in-graph tokenization, XLA off: the graph TensorFlow Serving runs); and the same with
   `jit_compile=True` (`kgpt export --jit`: the decode loop compiled by XLA when loaded).
@@ -45,9 +45,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kgpt.generation.decoding import Decoder  # noqa: E402
+from kgpt.generation.decoder import Decoder  # noqa: E402
 from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
-from kgpt.serving.export import ServingModule, xla_findings  # noqa: E402
+from kgpt.serving.export import xla_findings  # noqa: E402
+from kgpt.serving.serving_module import ServingModule  # noqa: E402
 from kgpt.tokenizers.char import CharacterTokenizer  # noqa: E402
 
 PROMPT_LENGTH = 32

@@ -1,7 +1,7 @@
 """`kgpt serve` under load: throughput and p50/p95 latency with 1, 8 and 32 concurrent clients,
 request batching on and off.
 
-The script exports a small random character model itself (`kgpt.export.ServingModule`, the graph
+The script exports a small random character model itself (`kgpt.serving.serving_module.ServingModule`, the graph
 `kgpt export` writes) and starts two `kgpt serve` processes on it, `--batching` and
 `--no-batching`, with the same other settings (4 concurrent model calls). Each client is a thread
 that sends `serving_default` requests of one prompt (`{"instances": [prompt]}`, greedy, a fixed
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
-from kgpt.serving.export import ServingModule  # noqa: E402
+from kgpt.serving.serving_module import ServingModule  # noqa: E402
 from kgpt.tokenizers.char import CharacterTokenizer  # noqa: E402
 
 PROMPT_LENGTH = 16

@@ -5,8 +5,8 @@ end-of-text (so every run makes `--new-tokens` tokens), three ways:
 
 - in-process: `Generator.stream` (what `kgpt generate RUN_DIR --stream` runs: a compiled prefill
   and a compiled one-token step driven from Python) against `Generator.generate` (one XLA loop);
-- export: `SavedModelGenerator.stream` (calls the `generate` signature for 1, 2, 4, ... tokens)
-  against one `generate` call;
+- export: `SavedModelGenerator.stream` (the `prefill` signature, then one `step` call per
+  token) against one `generate` call;
 - server: `POST /v1/completions` with `"stream": true` to a `kgpt serve` process on the export
   (server-sent events over HTTP; time to the first event with text) against the same request
   without streaming.
@@ -38,9 +38,10 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_load import PROMPT_LENGTH, SIZES, Server  # noqa: E402
 
-from kgpt.generation.generator import Generator, SavedModelGenerator  # noqa: E402
+from kgpt.generation.generator import Generator  # noqa: E402
 from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
-from kgpt.serving.export import ServingModule  # noqa: E402
+from kgpt.serving.saved_model_generator import SavedModelGenerator  # noqa: E402
+from kgpt.serving.serving_module import ServingModule  # noqa: E402
 from kgpt.tokenizers.char import CharacterTokenizer  # noqa: E402
 
 

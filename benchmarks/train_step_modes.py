@@ -6,7 +6,7 @@ Usage:
     python benchmarks/train_step_modes.py larger 5 hub,plain,kgpt,clip,schedule,exclude
 
 Configurations: `hub` (keras-hub GPT2Backbone + tied head, keras AdamW), `plain` (kgpt model,
-keras AdamW), `kgpt` (kgpt model and `kgpt.train.make_optimizer`), and kgpt's model with keras
+keras AdamW), `kgpt` (kgpt model and `kgpt.training.train.make_optimizer`), and kgpt's model with keras
 AdamW plus one feature of kgpt's optimiser: `clip` (global-norm clip 1.0), `schedule`
 (WarmupCosine) or `exclude` (weight decay 0.1 with 1-D weights excluded). Each runs `fit` with
 XLA and `steps_per_execution=1`, two warm-up steps, then STEPS timed steps.

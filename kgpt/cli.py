@@ -334,7 +334,7 @@ def _run_generate(args):
     import json
     import warnings
 
-    from kgpt.generation.generator import load_generator
+    from kgpt.serving.saved_model_generator import load_generator
 
     sampling = sampling_from_arguments(args)  # checked before a model is loaded
     if args.stream:
@@ -358,7 +358,7 @@ def _run_generate(args):
 def _stream_generate(args, sampling):
     import warnings
 
-    from kgpt.generation.generator import load_generator
+    from kgpt.serving.saved_model_generator import load_generator
 
     if len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json:
         raise UsageError(

@@ -19,15 +19,15 @@ TESTED_VERSIONS = {"keras": "3.15.1", "keras_hub": "0.32.0", "tensorflow": "2.20
 # names its overrides take: (owner, method) -> parameters. The owner is the public class kgpt
 # subclasses; the method may live on one of its private bases.
 OVERRIDDEN_METHODS = {
-    # kgpt.callbacks.RunBackup: atomic writes, epoch derived from the optimizer step.
+    # kgpt.training.callbacks.RunBackup: atomic writes, epoch derived from the optimizer step.
     (keras.callbacks.BackupAndRestore, "_load_model"): ("self",),
     (keras.callbacks.BackupAndRestore, "_save_model"): ("self",),
-    # kgpt.callbacks.BestModelCheckpoint: atomic `.keras` writes.
+    # kgpt.training.callbacks.BestModelCheckpoint: atomic `.keras` writes.
     (keras.callbacks.ModelCheckpoint, "_save_model"): ("self", "epoch", "batch", "logs"),
-    # kgpt.distribute.AdamW: clipping after the cross-replica gradient sum.
+    # kgpt.training.distribute.AdamW: clipping after the cross-replica gradient sum.
     (keras.optimizers.AdamW, "_clip_gradients"): ("self", "grads"),
     (keras.optimizers.AdamW, "_all_reduce_sum_gradients"): ("self", "grads_and_vars"),
-    # kgpt.distribute.enable_multi_worker_fit (keras-team/keras#20585).
+    # kgpt.training.distribute.enable_multi_worker_fit (keras-team/keras#20585).
     (keras.Model, "_maybe_symbolic_build"): ("self", "iterator", "data_batch"),
 }
 

@@ -11,7 +11,7 @@ import typing
 from kgpt.config import ModelConfig, TrainConfig, _coerce, _did_you_mean, _jsonable
 from kgpt.data.config import DataConfig
 
-# Model kinds a recipe may train (`[model] kind`); `kgpt.saving.MODEL_CLASSES` maps each to its
+# Model kinds a recipe may train (`[model] kind`); `kgpt.model.saving.MODEL_CLASSES` maps each to its
 # Keras class.
 MODEL_KINDS = ("gpt", "gru")
 RECIPE_SECTIONS = ("model", "data", "train")

@@ -1,4 +1,4 @@
-"""Tests for kgpt.corpora: the registry of corpora and each corpus' files, splits and documents."""
+"""Tests for kgpt.data.corpora: the registry of corpora and each corpus' files, splits and documents."""
 
 import dataclasses
 import hashlib

@@ -7,15 +7,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kgpt.generation.beam_search import beam_search
+from kgpt.generation.decoder import Decoder
 from kgpt.generation.decoding import (
     MAX_NEW_TOKENS,
     CausalRecomputation,
-    Decoder,
-    beam_search,
     cached,
     check_options,
     decode,
     default_window,
+    feed,
+    prefill,
+    sample_at,
+    step,
 )
 from kgpt.generation.sampling import SamplingOptions
 from kgpt.model.gpt import build_model
@@ -116,6 +120,26 @@ def test_greedy_past_the_context_equals_full_passes_over_cropped_windows(spread)
     long = decoder(prompts, steps, sampling=sampled)
     assert [len(row) for row in long] == [steps] * 3 and long == decoder(prompts, steps, sampling=sampled)
     assert decoder(prompts, 3, sampling=sampled) == [row[:3] for row in long]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "gru"])
+def test_a_full_cache_is_rebuilt_from_the_recent_tokens(spread, recurrent, kind):
+    model = spread if kind == "gpt" else recurrent
+    decoding_model, window = cached(model), 3
+    ids = np.random.default_rng(1).integers(0, 32, (2, 11)).astype("int32")
+    logits, state = prefill(decoding_model, ids[:, :8], 8, window)  # the cache holds 8 positions
+    np.testing.assert_allclose(logits, model(ids[:, :8])[:, -1], atol=1e-5)
+    assert (int(state.position), int(state.offset)) == (8, 0) and state.recent.numpy().tolist() == ids[:, 5:8].tolist()
+    for position in (8, 9):  # full at 8: a rebuild from positions 6..8, then a cached step at 9
+        logits, state = feed(decoding_model, state, ids[:, position])
+        assert (int(state.position), int(state.offset)) == (position + 1, 6)
+        assert state.recent.numpy().tolist() == ids[:, position + 1 - window : position + 1].tolist()
+        np.testing.assert_allclose(logits, model(ids[:, 6 : position + 1])[:, -1], atol=1e-5)
+    # A step feeds position 10 and draws the token at 11 with the seed [seed, 11].
+    sampling = SamplingOptions(temperature=1.0, seed=7).graph_inputs()
+    token, after = step(decoding_model, state, ids[:, 10], sampling)
+    expected = sample_at(model(ids[:, 6:11])[:, -1], sampling, 11)
+    assert int(after.position) == 11 and token.numpy().tolist() == expected.numpy().tolist()
 
 
 @pytest.mark.slow  # ~15-30 s on 2 cores

@@ -1,4 +1,5 @@
-"""The TF Serving export: signatures, argument checks, XLA-free graphs, versions, a fresh process.
+"""The TF Serving export: signatures, argument checks, XLA-free graphs, versions, a fresh process,
+streaming through `prefill` and `step`.
 
 The default run checks the serving functions in-process (one tiny random model and a character
 tokenizer); tests marked `export` write real SavedModels and load them (run with `-m export`).
@@ -13,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -23,14 +25,13 @@ from kgpt.cli import main
 from kgpt.generation import sampling
 from kgpt.generation.decoding import MAX_NEW_TOKENS as MAX_NEW_TOKENS_LIMIT
 from kgpt.generation.decoding import default_window
-from kgpt.generation.generator import Generator, SavedModelGenerator, load_generator
+from kgpt.generation.generator import Generator
 from kgpt.generation.sampling import SamplingOptions, option
 from kgpt.generation.stopping import cut_at_stop
 from kgpt.model.gpt import build_model
 from kgpt.model.recurrent import RecurrentLanguageModel
 from kgpt.serving import export as export_module
 from kgpt.serving.export import (
-    ServingModule,
     export,
     is_saved_model,
     operations,
@@ -39,7 +40,9 @@ from kgpt.serving.export import (
     version_numbers,
     xla_findings,
 )
-from kgpt.serving.signatures import read_signature_defs
+from kgpt.serving.saved_model_generator import SavedModelGenerator, load_generator
+from kgpt.serving.serving_module import MAX_BEAMS, ServingModule
+from kgpt.serving.signatures import SIGNATURES, STEP_STATE, read_signature_defs
 from kgpt.tokenizers.bpe import train_bpe
 from kgpt.tokenizers.char import train_characters
 
@@ -167,7 +170,7 @@ def test_beam_search_signature_equals_the_in_process_beams(run, module, stop):
     "arguments, message",
     [
         (dict(num_beams=0), "num_beams must be >= 1"),
-        (dict(num_beams=export_module.MAX_BEAMS + 1), f"num_beams must be <= {export_module.MAX_BEAMS}"),
+        (dict(num_beams=MAX_BEAMS + 1), f"num_beams must be <= {MAX_BEAMS}"),
         (dict(max_new_tokens=SEQUENCE_LENGTH), "beam search stays within"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
@@ -224,10 +227,10 @@ def test_a_new_sampling_field_becomes_a_checked_signature_input(run, module, mon
         extended.generate(**{**inputs, "min_p": tf.constant(1.5)})
 
 
-def _recurrent_model(tokenizer):
-    keras.utils.set_random_seed(0)
+def _recurrent_model(tokenizer, sequence_length=SEQUENCE_LENGTH, seed=0):
+    keras.utils.set_random_seed(seed)
     return RecurrentLanguageModel(
-        vocabulary_size=tokenizer.vocabulary_size, sequence_length=SEQUENCE_LENGTH, num_layers=1,
+        vocabulary_size=tokenizer.vocabulary_size, sequence_length=sequence_length, num_layers=1,
         num_heads=2, hidden_dim=16,
     )
 
@@ -238,6 +241,61 @@ def test_a_recurrent_model_serves_like_its_generator(run):
     recurrent = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
     assert _texts(recurrent.serving_default(tf.constant(PROMPTS))) == expected
+
+
+def _prefill(module, prompts, max_new_tokens, **options):
+    """`prefill`'s outputs and the sampling inputs (`SamplingOptions` fields) it was given."""
+    options = SamplingOptions(**options).graph_tensors()
+    outputs = module.prefill(prompts=tf.constant(prompts), max_new_tokens=tf.constant(max_new_tokens), **options)
+    return outputs, options
+
+
+def test_prefill_and_steps_continue_like_serving_default(run, module):
+    _, model, tokenizer = run
+    prompt = "the cat"
+    ids = tokenizer.encode_documents([prompt])[0].tolist()
+    outputs, options = _prefill(module, [prompt] * 2, MAX_NEW_TOKENS, temperature=1.0, top_k=1)
+    # The state: the prompt in a cache of prompt + new tokens, the last `window` tokens for rebuilds.
+    config = model.model_config
+    assert outputs["cache"].shape == (
+        2, 2 * config.num_layers, config.num_heads, len(ids) + MAX_NEW_TOKENS, config.head_dim)
+    window = default_window(SEQUENCE_LENGTH)
+    assert outputs["recent"].numpy().tolist() == [[0] * (window - len(ids)) + ids] * 2
+    assert (int(outputs["position"]), int(outputs["offset"])) == (len(ids), 0)
+    assert outputs["prompt_token_count"].numpy().tolist() == [len(ids)] * 2
+    tokens = [outputs["token"].numpy()]
+    for _ in range(MAX_NEW_TOKENS - 1):
+        outputs = module.step(**{key: outputs[key] for key in STEP_STATE}, **options)
+        tokens.append(outputs["token"].numpy())
+    assert int(outputs["position"]) == len(ids) + MAX_NEW_TOKENS - 1
+    rows = np.stack(tokens, axis=1)
+    counts = [list(row).index(tokenizer.end_of_text_id) if tokenizer.end_of_text_id in row else len(row)
+              for row in rows]
+    texts = module.detokenize(tf.constant(rows), tf.constant(counts, tf.int32))
+    expected = _texts(module.serving_default(tf.constant([prompt])))
+    assert _texts(texts) == expected * 2
+
+
+def _step(module, outputs, **changes):
+    return module.step(**{**{key: outputs[key] for key in STEP_STATE}, **changes})
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda module: _prefill(module, ["the cat", "a"], 4), "prefill takes prompts of one token count"),
+        (lambda module: _prefill(module, ["a"], 0), "max_new_tokens must be >= 1"),
+        (lambda module: _step(module, _prefill(module, ["a"], 4)[0], top_p=tf.constant(1.5)), "top_p must be in"),
+        (lambda module: _step(module, _prefill(module, ["a"], 4)[0], token=tf.constant([1000])),
+         "token ids must be < vocabulary_size"),
+        (lambda module: _step(module, _prefill(module, ["a"], 4)[0], recent=tf.zeros([1, 3], tf.int32)),
+         "recent must be"),
+        (lambda module: module.detokenize(tf.constant([[1, 2]]), tf.constant([3])), "token_count must be <="),
+    ],
+)
+def test_streaming_signatures_refuse_bad_arguments_with_invalid_argument(module, call, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        call(module)
 
 
 def _log_likelihood(model, ids):
@@ -583,6 +641,11 @@ def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(ru
     assert _texts(jit["generate"](**greedy)) == _texts(default["generate"](**greedy))
     stopped = dict(greedy, stop=tf.constant(["e", "t "]), stop_token_ids=tf.constant([3], tf.int32))
     assert _texts(jit["generate"](**stopped)) == _texts(default["generate"](**stopped))
+    # Its prefill and step draw under XLA too: a stream gives its own generate's sampled text.
+    saved = SavedModelGenerator(path)
+    options = dict(temperature=0.9, top_k=5, seed=3, num_return_sequences=2)
+    streamed = _joined(saved.stream("the cat", 12, **options), rows=2)
+    assert [text for text, _ in streamed] == saved.generate(["the cat"], 12, **options)
 
 
 @pytest.mark.export
@@ -603,7 +666,8 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
 
     loaded = tf.saved_model.load(exported[1])
     signatures = loaded.signatures
-    assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "logits"}
+    assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "logits", "prefill",
+                               "step", "detokenize"} == {signature.name for signature in SIGNATURES}
     prompts = tf.constant(PROMPTS)
     assert _texts(signatures["serving_default"](prompts=prompts)) == _texts(
         module.serving_default(prompts)
@@ -696,11 +760,110 @@ def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
         assert signature.inputs[name].dtype == dtype.as_datatype_enum
 
 
-@pytest.mark.export
-def test_a_saved_model_generates_past_the_context_like_the_reference(run, tmp_path):
+@pytest.fixture(scope="module")
+def context_16_exports(run, tmp_path_factory):
+    """`{kind: (model, path)}`: a GPT (wide initialisation) and the GRU baseline, context 16, exported."""
     _, _, tokenizer = run
-    model = _spread_model(tokenizer)
-    path = publish(ServingModule(model, tokenizer, max_new_tokens=8), tmp_path / "long")
+    base_dir = tmp_path_factory.mktemp("context_16")
+    # Seed 2: a GRU whose continuations run past the context before an end-of-text.
+    models = {"gpt": _spread_model(tokenizer), "gru": _recurrent_model(tokenizer, sequence_length=16, seed=2)}
+    return {
+        kind: (model, publish(ServingModule(model, tokenizer, max_new_tokens=8), base_dir / kind))
+        for kind, model in models.items()
+    }
+
+
+def _joined(pieces, rows=1):
+    """`[(text, last piece)]` per continuation of streamed `pieces`."""
+    texts, last = [""] * rows, [None] * rows
+    for piece in pieces:
+        texts[piece.index] += piece.text
+        last[piece.index] = piece
+    return list(zip(texts, last))
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("kind", ["gpt", "gru"])
+def test_streams_from_an_export_and_in_process_give_generates_text_past_the_context(
+    run, context_16_exports, kind
+):
+    _, _, tokenizer = run
+    model, path = context_16_exports[kind]
+    assert xla_findings(path) == []
+    saved, in_process = SavedModelGenerator(path), Generator(model, tokenizer, jit_compile=False)
+    count = 48  # 3x the context: the cache is rebuilt from the last 8 tokens every 8 tokens
+    sampled = dict(temperature=1.0, top_k=8, seed=3, num_return_sequences=2)
+    for prompt, options in [("the cat", {}), ("a", sampled), ("dog ran on the mat", {})]:
+        rows = options.get("num_return_sequences", 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the last prompt is left-truncated to 8 tokens, every way
+            expected = saved.complete([prompt], count, **options)
+            assert [c.text for c in expected] == in_process.generate([prompt], count, **options)
+            for generator in (saved, in_process):
+                pieces = list(generator.stream(prompt, count, **options))
+                streamed = _joined(pieces, rows)
+                assert [text for text, _ in streamed] == [c.text for c in expected], (prompt, generator)
+                counts = [(last.token_count, last.prompt_token_count, last.finish_reason) for _, last in streamed]
+                assert counts == [(c.token_count, c.prompt_token_count, c.finish_reason) for c in expected]
+                # One piece per token step of a live row (end-of-text's, not counted, included).
+                assert len(pieces) == sum(c.token_count + (c.finish_reason == "stop") for c in expected)
+        assert max(c.token_count for c in expected) > 16, prompt  # past the context
+
+
+@pytest.mark.export
+def test_streaming_an_export_is_one_piece_per_token_and_stops_when_closed(exported):
+    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
+
+    loaded, calls = tf.saved_model.load(exported[1]), []
+
+    class Recorded:  # a loaded signature whose calls are recorded
+        def __init__(self, name):
+            self.name, self.function = name, loaded.signatures[name]
+
+        def __call__(self, **inputs):
+            calls.append(self.name)
+            return self.function(**inputs)
+
+        def __getattr__(self, attribute):
+            return getattr(self.function, attribute)
+
+    class Module:  # the loaded SavedModel, its signatures recorded
+        signatures = {name: Recorded(name) for name in loaded.signatures}
+
+        def __getattr__(self, attribute):
+            return getattr(loaded, attribute)
+
+    saved = SavedModelGenerator(exported[1], module=Module())
+    count = 20
+    [completion] = saved.complete(["the cat"], count)
+    assert (completion.token_count, completion.finish_reason) == (count, "length")
+    calls.clear()
+    pieces = list(saved.stream("the cat", count))
+    # A character model: one piece per token (an unknown character's U+FFFD is held back by
+    # `TextDeltas` as a partial one until the last piece); their text is generate's.
+    assert len(pieces) == count
+    assert "".join(piece.text for piece in pieces) == completion.text
+    assert [piece.token_count for piece in pieces] == list(range(1, count + 1))
+    assert [name for name in calls if name != "detokenize"] == ["prefill"] + ["step"] * (count - 1)
+    calls.clear()
+    stream = saved.stream("the cat", count)
+    assert [next(stream).text for _ in range(3)] == [piece.text for piece in pieces[:3]]
+    made = list(calls)
+    assert [name for name in made if name != "detokenize"] == ["prefill", "step", "step"]
+    stream.close()  # no step left running, none made after
+    assert list(stream) == [] and calls == made
+    # An export older than the streaming signatures: each continuation as one piece, with a warning.
+    Module.signatures = {name: Recorded(name) for name in ("serving_default", "generate", "score", "logits")}
+    older = SavedModelGenerator(exported[1], module=Module())
+    with pytest.warns(UserWarning, match="no prefill and step signatures"):
+        pieces = list(older.stream("the cat", count))
+    assert [(p.text, p.token_count, p.finish_reason) for p in pieces] == [(completion.text, count, "length")]
+
+
+@pytest.mark.export
+def test_a_saved_model_generates_past_the_context_like_the_reference(run, context_16_exports):
+    _, _, tokenizer = run
+    model, path = context_16_exports["gpt"]
     assert xla_findings(path) == []
     prompts = ["the cat", "a"]
     expected = _expected_past_the_context(model, tokenizer, prompts, 64)  # 4x the context
@@ -785,7 +948,7 @@ def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys):
     for bad in (
         ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
         ["--beams", "0"], ["--beams", "2", "--max-new-tokens", str(SEQUENCE_LENGTH)],
-        ["--beams", str(export_module.MAX_BEAMS + 1)], ["--max-new-tokens", "0"],
+        ["--beams", str(MAX_BEAMS + 1)], ["--max-new-tokens", "0"],
         ["--max-new-tokens", str(MAX_NEW_TOKENS_LIMIT + 1)], ["--stop", ""], ["--stop-token-id", "-1"],
     ):
         assert main(["generate", model_dir, "--prompt", "a", *bad]) == 2, bad

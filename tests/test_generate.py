@@ -8,10 +8,12 @@ import pytest
 import tensorflow as tf
 
 from kgpt.cli import main
-from kgpt.generation.decoding import MAX_NEW_TOKENS, Decoder
-from kgpt.generation.generator import Generator, TextGenerator, load_generator, sampling_options
+from kgpt.generation.decoder import Decoder
+from kgpt.generation.decoding import MAX_NEW_TOKENS
+from kgpt.generation.generator import Generator, TextGenerator, sampling_options
 from kgpt.generation.sampling import SamplingOptions
 from kgpt.model.recurrent import RecurrentLanguageModel
+from kgpt.serving.saved_model_generator import load_generator
 from kgpt.tokenizers.char import train_characters
 
 TEXT = "the cat sat on the mat. a dog ran!\n"

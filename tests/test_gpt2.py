@@ -211,7 +211,7 @@ def reference(tmp_path_factory):
 
 
 def test_imported_logits_and_greedy_continuations_match_transformers(reference, tmp_path):
-    from kgpt.generation.decoding import Decoder
+    from kgpt.generation.decoder import Decoder
 
     torch, _, reference_model, folder = reference
     model = gpt2.import_gpt2(str(folder), str(tmp_path / "run"))

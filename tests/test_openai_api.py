@@ -15,9 +15,9 @@ import pytest
 from test_batching import in_threads  # the one concurrent-start helper
 from test_stopping import reference_cut  # the stop rule's reference
 
-from kgpt.generation.generator import load_generator
 from kgpt.generation.stopping import StopText
 from kgpt.serving.protocol import API, CompletionRequest
+from kgpt.serving.saved_model_generator import load_generator
 from kgpt.serving.server import make_server
 from kgpt.tokenizers.char import train_characters
 
@@ -286,7 +286,7 @@ def test_the_playground_is_one_self_contained_page(server):
 
 
 @pytest.mark.export
-def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_path):
+def test_an_export_streams_one_event_per_token_equal_to_its_generate(run_dir, tmp_path):
     from kgpt.serving.export import export
 
     path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
@@ -314,6 +314,10 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(run_dir, tmp_
         chunks = list(client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0,
                                                 stream=True))
         assert "".join(c.text for chunk in chunks for c in chunk.choices) == whole.choices[0].text
+        # A character model: one server-sent event per token decoded (the export's `step`).
+        events = [c for chunk in chunks for c in chunk.choices if c.text]
+        assert len(events) == whole.usage.completion_tokens
+        assert whole.choices[0].finish_reason == "stop" or whole.usage.completion_tokens == 12
         assert whole.usage.prompt_tokens == 7
         # Past the context, several prompts as one call of the export; a stop ends a choice with "stop".
         expected = generator.complete(["the cat", "a"], 40, temperature=1.0, seed=2, num_return_sequences=2)

@@ -60,7 +60,7 @@ def test_high_temperature_flattens_and_low_sharpens():
 
 @pytest.mark.parametrize(
     "options, expected",
-    # Drawn by the sampler before options became one structure (kgpt.generate.sample_logits of
+    # Drawn by the sampler before options became one structure (kgpt.generation.generator.sample_logits of
     # commit a878904): the same seed and options give the same tokens.
     [
         (dict(temperature=0.7), [38, 1, 11, 13, 9, 19]),

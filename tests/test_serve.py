@@ -442,7 +442,7 @@ def tiny_export(tmp_path_factory, write_run_directory):
 
 @pytest.mark.export
 def test_serves_a_kgpt_export(tiny_export):
-    from kgpt.generation.generator import load_generator
+    from kgpt.serving.saved_model_generator import load_generator
 
     model_dir = tiny_export
     expected = load_generator(str(model_dir)).generate(["the cat", "a"], max_new_tokens=6)

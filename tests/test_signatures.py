@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from kgpt.generation.sampling import SamplingOptions, option
 from kgpt.serving import signatures
-from kgpt.serving.export import check_outputs
+from kgpt.serving.serving_module import check_outputs
 from kgpt.serving.signatures import (
     BEAM_SEARCH,
     GENERATE,
@@ -24,7 +24,7 @@ from kgpt.serving.signatures import (
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kgpt"
 # The modules that call or serve signatures: they read names from the contract.
-SERVING_MODULES = ("serving/export", "generation/generator", "serving/batching", "serving/rest",
+SERVING_MODULES = ("serving/export", "serving/saved_model_generator", "serving/batching", "serving/rest",
                    "serving/model_server", "serving/server", "serving/openai_api")
 
 
@@ -32,10 +32,18 @@ def test_what_batching_reads_is_derived_from_the_declarations():
     assert signatures.PADDED_OUTPUTS == {"token_ids": "token_count"}
     assert signatures.REQUEST_LISTS == {"stop", "stop_token_ids"}
     assert signatures.REQUEST_WIDTH_OUTPUTS == {"beam_text", "beam_token_count", "beam_stopped"}
-    for signature in SIGNATURES:  # one input of rows each, first
+    whole = [s for s in SIGNATURES if s.name not in ("step", "detokenize")]
+    for signature in whole:  # one input of rows each, first
         assert [spec.role for spec in signature.inputs][:1] == [Role.ROWS]
         assert sum(spec.role is Role.ROWS for spec in signature.inputs) == 1
-    assert [s.name for s in SIGNATURES] == ["serving_default", "generate", "beam_search", "score", "logits"]
+    assert [s.name for s in SIGNATURES] == ["serving_default", "generate", "beam_search", "score", "logits",
+                                            "prefill", "step", "detokenize"]
+    # `step` takes back what `prefill` and `step` return; its sampling options equal `generate`'s.
+    assert signatures.STEP_STATE == ("token", "cache", "position", "offset", "recent")
+    assert [o.name for o in signatures.PREFILL.outputs][:5] == list(signatures.STEP_STATE)
+    assert [o.name for o in signatures.STEP.outputs] == list(signatures.STEP_STATE)
+    options = [i.name for i in GENERATE.inputs if i.role is Role.OPTION and i.name != "max_new_tokens"]
+    assert [i.name for i in signatures.STEP.inputs if i.role is Role.OPTION] == options
 
 
 def test_defaults_take_what_each_export_sets():
@@ -73,7 +81,7 @@ def test_a_function_that_drifts_from_the_contract_is_refused():
                            input_signature=[prompts])
 
     check_outputs(SERVING_DEFAULT, outputs())
-    with pytest.raises(ValueError, match=r"returns .* but kgpt.signatures declares"):
+    with pytest.raises(ValueError, match=r"returns .* but kgpt.serving.signatures declares"):
         check_outputs(SERVING_DEFAULT, outputs(stopped=None))
     with pytest.raises(ValueError, match="output 'token_count' is int64"):
         check_outputs(SERVING_DEFAULT, outputs(token_count=tf.zeros([1], tf.int64)))
@@ -102,4 +110,4 @@ def test_serving_modules_spell_no_signature_or_output_name(module):
         node.value for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in _names()
     })
-    assert spelled == [], f"kgpt/{module}.py spells {spelled}; use kgpt.signatures' Name and signatures"
+    assert spelled == [], f"kgpt/{module}.py spells {spelled}; use kgpt.serving.signatures' Name and signatures"

@@ -1,5 +1,6 @@
-"""Streaming: `StepDecoder` yields `decode`'s tokens one step at a time (past the context too);
-`TextDeltas` never splits a character."""
+"""Streaming: `StepDecoder` yields `decode`'s tokens one step at a time (past the context too, with
+or without a key/value cache); `stream_pieces` gives one piece per token; `TextDeltas` never splits
+a character."""
 
 import keras
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 import tensorflow as tf
 from test_decoding import _greedy_past_the_context  # the no-cache reference
 
-from kgpt.generation.decoding import Decoder
+from kgpt.generation.decoder import Decoder
 from kgpt.generation.sampling import SamplingOptions
-from kgpt.generation.streaming import RowTexts, StepDecoder, TextDeltas
+from kgpt.generation.streaming import RowTexts, StepDecoder, TextDeltas, stream_pieces
 from kgpt.model.gpt import build_model
 from kgpt.model.recurrent import RecurrentLanguageModel
 from kgpt.tokenizers.bpe import train_bpe
@@ -68,7 +69,7 @@ def test_steps_give_the_tokens_of_the_decode_loop(model, jit_compile):
 def test_steps_stop_at_end_of_text_and_refuse_what_does_not_fit(model):
     greedy = int(np.argmax(model(np.array([[5, 6, 7]], "int32"))[0, -1]))  # the first token, made the end
     assert list(StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)) == [[greedy]]
-    with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the context of 16"):
+    with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the model's context of 16"):
         next(StepDecoder(model, 16)([1] * 17, 8))
     with pytest.raises(ValueError, match="window=16 must be 1 to 15"):
         StepDecoder(model, 16, window=16)
@@ -83,6 +84,42 @@ def test_a_model_without_a_cache_steps_by_recomputation():
     assert _stepped(StepDecoder(gru, 16), [5, 6, 7], 3) == [ids[3:]]
     with pytest.raises(ValueError, match="jit_compile=False"):
         StepDecoder(gru, 16, jit_compile=True)
+
+
+@pytest.mark.slow  # tracing the recomputation loop takes ~10 s
+def test_a_model_without_a_cache_steps_like_its_decode_loop_past_the_context():
+    keras.utils.set_random_seed(0)
+    gru = RecurrentLanguageModel(vocabulary_size=32, sequence_length=16, hidden_dim=16)
+    decoder, steps = Decoder(gru, end_of_text_id=3), StepDecoder(gru, 16, end_of_text_id=3)
+    count = 48  # 3x the context: the token buffer is rebuilt from the last 8 tokens every 8 tokens
+    greedy = _stepped(steps, [5, 6, 7], count)
+    assert greedy == decoder([[5, 6, 7]], count) and len(greedy[0]) > 16
+    sampled = SamplingOptions(temperature=1.0, seed=2)
+    rows = _stepped(steps, [5, 6], count, sampled, rows=2)
+    assert rows == decoder([[5, 6]], count, sampling=sampled, num_return_sequences=2)
+    assert rows[0] != rows[1] and max(len(row) for row in rows) > 16
+
+
+def test_stream_pieces_are_one_per_token_and_close_the_steps():
+    texts = lambda rows: ["".join(chr(97 + token) for token in row) for row in rows]  # noqa: E731
+    read = []
+
+    def steps():
+        for tokens in ([1, 2], [0, 3], [4, 0], [5, 6]):  # end-of-text is 0
+            read.append(tokens)
+            yield np.array(tokens)
+
+    pieces = list(stream_pieces(steps(), texts, 0, 4, 2, 2))
+    assert [(p.index, p.text, p.token_count, p.finish_reason) for p in pieces] == [
+        (0, "b", 1, None), (1, "c", 1, None), (0, "", 1, "stop"), (1, "d", 2, None),
+        (1, "", 2, "stop"),
+    ]
+    assert len(read) == 3 and all(p.prompt_token_count == 2 for p in pieces)  # both rows ended: no 4th step
+    stream = stream_pieces(steps(), texts, -1, 4, 2, 2)
+    assert [next(stream).text for _ in range(3)] == ["b", "c", "a"]
+    read.clear()
+    stream.close()  # closes the steps before their next call
+    assert list(stream) == [] and read == []
 
 
 def test_text_deltas_hold_a_partial_character_until_it_is_complete():

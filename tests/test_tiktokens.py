@@ -1,4 +1,4 @@
-"""Tests for kgpt.tiktokens and the `tiktoken:NAME` tokenizers: offline loading from the encoding files
+"""Tests for kgpt.tokenizers.tiktokens and the `tiktoken:NAME` tokenizers: offline loading from the encoding files
 in ../shared/data/tiktoken (skipped when absent), round trips, `tiktoken:gpt2` in the graph with
 tiktoken's ids, a training run and its export, and the clear errors (offline, not exportable)."""
 
@@ -243,8 +243,9 @@ def test_a_training_run_with_tiktoken_gpt2_stores_tiktokens_ids_and_generates(tr
 def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, tmp_path):
     import tensorflow_text  # noqa: F401  (registers the tokenizer ops before loading)
 
-    from kgpt.generation.generator import Generator, load_generator
+    from kgpt.generation.generator import Generator
     from kgpt.rundir import RunDirectory
+    from kgpt.serving.saved_model_generator import load_generator
 
     run_dir, paragraphs = trained
     base_dir = str(tmp_path / "saved")

@@ -1,4 +1,4 @@
-"""Tests for kgpt.tokenizer: in-graph ids equal the trainer's, round trips, save/load, errors."""
+"""Tests for kgpt.tokenizers: in-graph ids equal the trainer's, round trips, save/load, errors."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-"""Tests for kgpt.tokenstore: shard layout and dtypes, resuming a killed tokenization, truncated and
+"""Tests for kgpt.data.tokenstore: shard layout and dtypes, resuming a killed tokenization, truncated and
 foreign stores, the progress line; and kgpt.data reading windows shard by shard, per worker."""
 
 import dataclasses

@@ -20,7 +20,7 @@ class DataConfig(Config):
         config = DataConfig(corpus="tinyshakespeare", tokenizer="char", sequence_length=64)
     """
 
-    corpus: str = "text"  # a name in kgpt.corpora.CORPORA
+    corpus: str = "text"  # a name in kgpt.data.corpora.CORPORA
     dir: str | None = None  # else $KGPT_DATA_DIR, else the Keras cache (downloads)
     files: tuple[str, ...] = ()  # `text`: paths or globs, relative ones under `dir`
     validation_files: tuple[str, ...] = ()  # `text`: else validation_fraction of the documents

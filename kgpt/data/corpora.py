@@ -65,7 +65,7 @@ def _gfile(path):
     """`tf.io.gfile` for a filesystem URL (`gs://...`, `ram://...`), None for a local path (`os`)."""
     if "://" not in os.fspath(path):
         return None
-    import tensorflow as tf  # here only: importing kgpt.corpora (and kgpt.cli) loads no TensorFlow
+    import tensorflow as tf  # here only: importing kgpt.data.corpora (and kgpt.cli) loads no TensorFlow
 
     return tf.io.gfile
 

@@ -1,5 +1,5 @@
 """Input pipeline: corpus documents -> tokenizer (`kgpt.data.run_tokenizer`) -> token store on disk
-(`tokenize_corpus`, `kgpt.tokenstore`) -> `tf.data` windows read shard by shard (`make_dataset`):
+(`tokenize_corpus`, `kgpt.data.tokenstore`) -> `tf.data` windows read shard by shard (`make_dataset`):
 packed `(x, y)`, or one padded example per document with `sample_weight` 0 on padding, set by
 position so that padding never counts even where `padding_id == end_of_text_id`. Deterministic
 given the seed, also across passes, resumes and workers; memory does not grow with the corpus.

@@ -1,15 +1,21 @@
-"""Decoding on token ids: the compiled, key/value-cached loops and the `Decoder` that runs them.
+"""Decoding on token ids: one prefill and one one-token step, and every loop and driver on them.
 
-`decode` (sampling, greedy) and `beam_search` each run as one graph: a prefill of right-padded
-prompts, then a `tf.while_loop` of one-token `call_with_cache` steps, without XLA-only ops.
+`prefill` and `step` (on a `DecodeState`: the cache, the position, the cache's offset and the
+recent tokens a rebuild past the context starts from; token `p` drawn with the seed `[seed, p]`)
+are the one implementation of cached decoding. `decode` (sampling, greedy) runs them as one graph,
+a `tf.while_loop` without XLA-only ops; `beam_search` reorders the state between `feed`s in a loop
+of its own; `StepDecoder` (`kgpt.generation.streaming`) drives them from Python and
+`ServingModule` (`kgpt.serving.serving_module`) exports them as its `prefill` and `step`
+signatures. The checks they share are here too.
 """
+
+import typing
 
 import tensorflow as tf
 
 from kgpt.generation.sampling import SamplingOptions, sample_logits
-from kgpt.generation.stopping import ends_with_stop, stop_id_matrix
+from kgpt.generation.stopping import ends_with_stop
 
-_NEGATIVE_INFINITY = float("-inf")
 # New tokens per prompt: past the context generation is bounded by time and memory, not the model.
 MAX_NEW_TOKENS = 1 << 16
 
@@ -51,13 +57,140 @@ def cached(model):
     return CausalRecomputation(model)
 
 
-def _write_column(tokens, column, index):
-    """tokens[..., index] = column, without XLA-only dynamic-update-slice ops."""
-    mask = tf.equal(tf.range(tf.shape(tokens)[-1]), index)  # broadcasts over the leading axes
-    return tf.where(mask, column[..., None], tokens)
+# --- the decoding state, prefill and the one-token step ------------------------------------------
 
 
-def _cache_shape_invariants(cache):
+class DecodeState(typing.NamedTuple):
+    """What decoding carries from one token to the next: a nest of tensors (a loop's state, a
+    compiled function's argument, an export's `prefill` outputs and `step` inputs).
+
+    Args:
+        cache: the model's cache of positions `[offset, position)`: per layer `(key, value)`
+            `(batch, heads, cache_length, head_dim)` for a GPT, int32 tokens `(batch, cache_length)`
+            for `CausalRecomputation`.
+        position: int32 scalar, the position (in prompt + continuation) of the next token fed.
+        offset: int32 scalar, the position of the cache's first token (0 until a rebuild).
+        recent: int32 `(batch, window)`, the last `window` tokens fed, oldest first, which a full
+            cache is rebuilt from (zeros before position 0); width 0: never rebuilt.
+    """
+
+    cache: typing.Any
+    position: typing.Any
+    offset: typing.Any
+    recent: typing.Any
+
+    def take(self, rows):
+        """This state for the rows `rows` (int32 `(new_batch,)`), as beams reorder it."""
+        cache = tf.nest.map_structure(lambda tensor: tf.gather(tensor, rows), self.cache)
+        return self._replace(cache=cache, recent=tf.gather(self.recent, rows))
+
+
+def _length_axis(tensor):
+    """The positions' axis of a cache tensor: `(batch, heads, length, head_dim)` or `(batch, length)`."""
+    return 1 if tensor.shape.rank == 2 else 2
+
+
+def cache_length(cache):
+    """The positions a cache holds (an int32 scalar)."""
+    first = tf.nest.flatten(cache)[0]
+    return tf.shape(first)[_length_axis(first)]
+
+
+def prefill(model, prompt_ids, max_length, window=0):
+    """The first decoding step: prompts of equal length through a fresh cache, from position 0.
+
+    Args:
+        model: anything with `initial_cache` and `call_with_cache` (`cached(model)`).
+        prompt_ids: int32 `(batch, length)`, `length >= 1`.
+        max_length: positions the cache holds: prompt + new tokens, at most the model's context.
+        window: tokens a full cache is rebuilt from (a Python int; 0: the continuation fits).
+
+    Returns:
+        `(logits, state)`: float32 `(batch, vocabulary)` logits of the token at position `length`,
+        and the `DecodeState` that `step` feeds it with.
+    """
+    prompt_ids = tf.cast(prompt_ids, tf.int32)
+    length = tf.shape(prompt_ids)[1]
+    cache = model.initial_cache(tf.shape(prompt_ids)[0], max_length)
+    logits, cache = model.call_with_cache(prompt_ids, cache, 0)
+    # (batch, window): the prompt's last `window` tokens, zeros before position 0.
+    recent = tf.gather(tf.pad(prompt_ids, [[0, 0], [window, 0]]), length + tf.range(window), axis=1)
+    state = DecodeState(cache, length, tf.constant(0), recent)
+    return tf.cast(logits[:, -1], tf.float32), state
+
+
+def feed(model, state, token):
+    """The one-token cached call: `token` (int32 `(batch,)`) at `state.position`.
+
+    With the cache full, it is rebuilt from the last `window` tokens (this one included) instead,
+    so every token sees at least `window - 1` tokens before it (nanoGPT's cropping, one prefill per
+    `cache_length - window` tokens).
+
+    Returns:
+        `(logits, state)`: float32 `(batch, vocabulary)` logits of the next position, the new state.
+    """
+    token = tf.cast(token, tf.int32)
+    position, offset = state.position, state.offset
+
+    def cached_step():
+        logits, cache = model.call_with_cache(token[:, None], state.cache, position - offset)
+        return tf.cast(logits[:, -1], tf.float32), cache, offset
+
+    if state.recent.shape[1] == 0:  # never rebuilt: the continuation fits the cache
+        logits, cache, offset = cached_step()
+        return logits, DecodeState(cache, position + 1, offset, state.recent)
+    recent = tf.concat([state.recent[:, 1:], token[:, None]], axis=1)
+
+    def rebuild():
+        empty = model.initial_cache(tf.shape(token)[0], cache_length(state.cache))
+        logits, cache = model.call_with_cache(recent, empty, 0)
+        return tf.cast(logits[:, -1], tf.float32), cache, position + 1 - tf.shape(recent)[1]
+
+    logits, cache, offset = tf.cond(position - offset < cache_length(state.cache), cached_step, rebuild)
+    return logits, DecodeState(cache, position + 1, offset, recent)
+
+
+def graph_sampling(sampling):
+    """`{field: scalar}` sampling inputs: a `SamplingOptions`' (None: greedy), or `sampling` as given."""
+    if sampling is None or isinstance(sampling, SamplingOptions):
+        return (sampling or SamplingOptions()).graph_inputs()
+    return sampling
+
+
+def sample_at(logits, sampling, position):
+    """The token at `position` from its logits, drawn with the stateless seed `[seed, position]`.
+
+    Args:
+        logits: float `(batch, vocabulary)`.
+        sampling: `graph_sampling` inputs (a `SamplingOptions`' `graph_inputs()` or tensors).
+        position: int32 scalar, the token's position in prompt + continuation.
+
+    Returns:
+        int32 `(batch,)`.
+    """
+    sampling = graph_sampling(sampling)
+    seed = tf.stack([tf.cast(sampling["seed"], tf.int32), tf.cast(position, tf.int32)])
+    return sample_logits(logits, sampling, seed)
+
+
+def step(model, state, token, sampling):
+    """One decoding step: feeds `token` at `state.position` and draws the token after it.
+
+    Returns:
+        `(next_token, state)`: int32 `(batch,)` at `state.position + 1` (`sample_at`), and the state
+        that feeds it.
+
+    Example:
+        logits, state = prefill(model, prompt_ids, 32, window=16)
+        token = sample_at(logits, sampling, state.position)
+        for _ in range(10):
+            token, state = step(model, state, token, sampling)
+    """
+    logits, state = feed(model, state, token)
+    return sample_at(logits, sampling, state.position), state
+
+
+def cache_shape_invariants(cache):
     """Any batch (beams reorder it) and length of `(batch, heads, length, head_dim)` or `(batch, length)`."""
 
     def invariant(c):
@@ -68,22 +201,35 @@ def _cache_shape_invariants(cache):
     return tf.nest.map_structure(invariant, cache)
 
 
+def state_shape_invariants(state):
+    return DecodeState(cache_shape_invariants(state.cache), tf.TensorShape([]), tf.TensorShape([]),
+                       tf.TensorShape([None, state.recent.shape[1]]))
+
+
+# --- the loops -------------------------------------------------------------------------------------
+
+
+def write_column(tokens, column, index):
+    """tokens[..., index] = column, without XLA-only dynamic-update-slice ops."""
+    mask = tf.equal(tf.range(tf.shape(tokens)[-1]), index)  # broadcasts over the leading axes
+    return tf.where(mask, column[..., None], tokens)
+
+
 def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1, sampling=None,
            stop_ids=None, sequence_length=None, window=None):
     """Continues a right-padded batch of prompts, inside a `tf.function`; arguments may be tensors.
 
-    Decoding starts after the shortest prompt; a row still inside its own prompt keeps its token.
-    Past the context, the cache is rebuilt from the last `window` tokens each time it fills, so a
-    token sees at least `window` tokens before it (nanoGPT's cropping, one prefill per
-    `sequence_length - window` new tokens instead of one per token).
+    A `tf.while_loop` of `step`s after a `prefill` of the shortest prompt; a row still inside its
+    own prompt keeps its token. Past the context, the cache is rebuilt from the last `window` tokens
+    each time it fills (`feed`).
 
     Args:
         model: anything with `initial_cache` and `call_with_cache` (`cached(model)`).
         prompt_ids: int32 `(batch, prompt_length)`, right-padded; rows of 1 to `sequence_length` tokens.
         prompt_lengths: int32 `(batch,)` true prompt lengths.
         end_of_text_id: a row stops after producing this id (-1: never).
-        sampling: a `kgpt.sampling.SamplingOptions` (default greedy), or its `graph_inputs()`.
-        stop_ids: int32 `(stops, length)` from `kgpt.stopping.stop_id_matrix`: a row also stops once
+        sampling: a `kgpt.generation.sampling.SamplingOptions` (default greedy), or its `graph_inputs()`.
+        stop_ids: int32 `(stops, length)` from `stopping.stop_id_matrix`: a row also stops once
             its continuation ends with one of these sequences (kept, like end-of-text).
         sequence_length: the model's context (a Python int); None: prompt + new tokens fit in it.
         window: tokens the rebuilt cache starts from, a Python int in `[1, sequence_length)`;
@@ -93,8 +239,7 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
         `(tokens, lengths)`: int32 `(batch, prompt_length + max_new_tokens)`, prompt + continuation,
         and int32 `(batch,)` valid tokens per row (end-of-text or stop included); the rest is filler.
     """
-    if sampling is None or isinstance(sampling, SamplingOptions):
-        sampling = (sampling or SamplingOptions()).graph_inputs()
+    sampling = graph_sampling(sampling)
     prompt_ids = tf.cast(prompt_ids, tf.int32)
     prompt_lengths = tf.cast(prompt_lengths, tf.int32)
     max_new_tokens = tf.cast(max_new_tokens, tf.int32)
@@ -103,59 +248,40 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
     total_length = tf.shape(prompt_ids)[1] + max_new_tokens
     tokens = tf.pad(prompt_ids, [[0, 0], [0, max_new_tokens]])
     start = tf.reduce_min(prompt_lengths)
-    cache_length = total_length if sequence_length is None else tf.minimum(total_length, sequence_length)
-    window = default_window(sequence_length) if window is None and sequence_length else window
-    cache = model.initial_cache(batch_size, cache_length)
-    logits, cache = model.call_with_cache(tokens[:, :start], cache, 0)
-    seed = tf.stack([tf.cast(sampling["seed"], tf.int32), 0])
+    if sequence_length is None:
+        max_length, window = total_length, 0
+    else:
+        max_length = tf.minimum(total_length, sequence_length)
+        window = default_window(sequence_length) if window is None else window
+    logits, state = prefill(model, tokens[:, :start], max_length, window)
+    sampled = sample_at(logits, sampling, start)
     limits = prompt_lengths + max_new_tokens
 
-    def feed(tokens, token, cache, index, offset):
-        """Logits after the token at `index`: one cached step, or, with the cache full, a rebuild
-        from the last `window` tokens. `offset` is the position of the cache's first token."""
+    def condition(state, sampled, tokens, lengths, done):
+        return tf.logical_and(state.position < total_length, tf.logical_not(tf.reduce_all(done)))
 
-        def step():
-            logits, new_cache = model.call_with_cache(token[:, None], cache, index - offset)
-            return logits[:, -1], new_cache, offset
-
-        def rebuild():
-            first = index + 1 - window
-            recent = tf.gather(tokens, first + tf.range(window), axis=1)  # (batch, window)
-            empty = model.initial_cache(batch_size, cache_length)
-            logits, new_cache = model.call_with_cache(recent, empty, 0)
-            return logits[:, -1], new_cache, first
-
-        if sequence_length is None:
-            return step()
-        return tf.cond(index - offset < cache_length, step, rebuild)
-
-    def condition(index, tokens, cache, offset, next_logits, lengths, done):
-        return tf.logical_and(index < total_length, tf.logical_not(tf.reduce_all(done)))
-
-    def body(index, tokens, cache, offset, next_logits, lengths, done):
-        sampled = sample_logits(next_logits, sampling, seed + [0, index])
+    def body(state, sampled, tokens, lengths, done):
+        index = state.position  # of `sampled`, the token this step feeds
         in_prompt = index < prompt_lengths
         token = tf.where(in_prompt, tokens[:, index], sampled)
         token = tf.where(done, tf.fill([batch_size], tf.maximum(end_of_text_id, 0)), token)
-        tokens = _write_column(tokens, token, index)
+        tokens = write_column(tokens, token, index)
         # A row ends at end-of-text, a stop, or once it has max_new_tokens tokens past its prompt.
         ended = tf.logical_or(tf.equal(token, end_of_text_id), index + 1 >= limits)
         ended = tf.logical_or(ended, ends_with_stop(tokens, index + 1, prompt_lengths, stop_ids))
         finished = tf.logical_and(tf.logical_not(done), tf.logical_and(~in_prompt, ended))
         lengths = tf.where(finished, index + 1, lengths)
         done = tf.logical_or(done, finished)
-        logits, cache, offset = feed(tokens, token, cache, index, offset)
-        return index + 1, tokens, cache, offset, logits, lengths, done
+        sampled, state = step(model, state, token, sampling)
+        return state, sampled, tokens, lengths, done
 
-    _, tokens, _, _, _, lengths, _ = tf.while_loop(
+    _, _, tokens, lengths, _ = tf.while_loop(
         condition,
         body,
-        (start, tokens, cache, tf.constant(0), logits[:, -1], limits, tf.zeros([batch_size], tf.bool)),
+        (state, sampled, tokens, limits, tf.zeros([batch_size], tf.bool)),
         shape_invariants=(
-            tf.TensorShape([]),
-            tf.TensorShape([None, None]),
-            _cache_shape_invariants(cache),
-            tf.TensorShape([]),
+            state_shape_invariants(state),
+            tf.TensorShape([None]),
             tf.TensorShape([None, None]),
             tf.TensorShape([None]),
             tf.TensorShape([None]),
@@ -164,137 +290,57 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
     return tokens, lengths
 
 
-def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, end_of_text_id=-1,
-                length_penalty=1.0, stop_ids=None):
-    """Beam search over a right-padded batch of prompts, with `decode`'s arguments, within the context.
-
-    Each step scores the `2 * num_beams` best extensions: those ending in end-of-text or a stop
-    (all, at the last step) finish, scored `log_probability / new_tokens ** length_penalty`; the
-    best others stay live. A prompt stops at `num_beams` finished hypotheses (Hugging Face's
-    `early_stopping=True`).
-
-    Args:
-        num_beams: hypotheses kept per prompt: a Python int, or a scalar tensor (an exported
-            signature's input; then XLA cannot compile the search, whose `top_k` widths vary).
-        length_penalty: 0 compares raw log-probabilities; larger values favour longer hypotheses.
-
-    Returns:
-        `(tokens, lengths, scores)`, best first: int32 `(batch, num_beams, prompt_length +
-        max_new_tokens)`, int32 `(batch, num_beams)`, float32 `(batch, num_beams)`.
-    """
-    beams = num_beams if tf.is_tensor(num_beams) else int(num_beams)
-    beams_dimension = None if tf.is_tensor(beams) else beams
-    stop_ids = tf.zeros([0, 1], tf.int32) if stop_ids is None else tf.cast(stop_ids, tf.int32)
-    prompt_ids = tf.cast(prompt_ids, tf.int32)
-    prompt_lengths = tf.cast(prompt_lengths, tf.int32)
-    max_new_tokens = tf.cast(max_new_tokens, tf.int32)
-    length_penalty = tf.cast(length_penalty, tf.float32)
-    batch_size = tf.shape(prompt_ids)[0]
-    total_length = tf.shape(prompt_ids)[1] + max_new_tokens
-    tokens = tf.pad(prompt_ids, [[0, 0], [0, max_new_tokens]])
-    tokens = tf.repeat(tokens[:, None], beams, axis=1)  # (batch, beams, total)
-    start = tf.reduce_min(prompt_lengths)
-    cache = model.initial_cache(batch_size * beams, total_length)
-    logits, cache = model.call_with_cache(tf.reshape(tokens, [batch_size * beams, -1])[:, :start], cache, 0)
-    limits = prompt_lengths + max_new_tokens
-    # Only beam 0 is live at first, so the first expansion does not pick the same token K times.
-    alive_scores = tf.tile(tf.where(tf.range(beams) == 0, 0.0, _NEGATIVE_INFINITY)[None, :], [batch_size, 1])
-    finished_tokens = tf.zeros_like(tokens)
-    finished_scores = tf.fill([batch_size, beams], _NEGATIVE_INFINITY)
-    finished_lengths = tf.zeros([batch_size, beams], tf.int32)
-    done = tf.zeros([batch_size], tf.bool)
-
-    def condition(index, *state):  # state[-1]: done
-        return tf.logical_and(index < total_length, tf.logical_not(tf.reduce_all(state[-1])))
-
-    def body(
-        index, tokens, cache, next_logits, alive_scores, finished_tokens, finished_scores,
-        finished_lengths, done,
-    ):
-        vocabulary_size = tf.shape(next_logits)[-1]
-        log_probabilities = tf.nn.log_softmax(tf.cast(next_logits, tf.float32))
-        log_probabilities = tf.reshape(log_probabilities, [batch_size, beams, vocabulary_size])
-        scores = tf.reshape(alive_scores[:, :, None] + log_probabilities, [batch_size, -1])
-        candidate_scores, candidate_ids = tf.math.top_k(scores, k=2 * beams)  # (batch, 2K)
-        parents = candidate_ids // vocabulary_size
-        candidate_tokens = candidate_ids % vocabulary_size
-        # (batch, 2K, total): each candidate's parent sequence with the new token written in.
-        candidates = _write_column(tf.gather(tokens, parents, batch_dims=1), candidate_tokens, index)
-
-        new_tokens = tf.cast(index + 1 - prompt_lengths, tf.float32)[:, None]  # (batch, 1)
-        is_end = tf.equal(candidate_tokens, end_of_text_id)
-        is_end = is_end | ends_with_stop(candidates, index + 1, prompt_lengths[:, None], stop_ids)
-        last_step = (index + 1 >= limits)[:, None]
-        finishes = tf.logical_or(is_end, last_step)
-        normalised = candidate_scores / tf.pow(tf.maximum(new_tokens, 1.0), length_penalty)
-        generating = tf.logical_and(index >= prompt_lengths, tf.logical_not(done))  # (batch,)
-        normalised = tf.where(finishes & generating[:, None], normalised, _NEGATIVE_INFINITY)
-        # Merge the new finished hypotheses into the pool and keep the best K.
-        pool_scores = tf.concat([finished_scores, normalised], axis=1)
-        pool_tokens = tf.concat([finished_tokens, candidates], axis=1)
-        new_lengths = tf.fill(tf.shape(candidate_tokens), index + 1)
-        pool_lengths = tf.concat([finished_lengths, new_lengths], axis=1)
-        merged_scores, keep = tf.math.top_k(pool_scores, k=beams)
-        merged_tokens = tf.gather(pool_tokens, keep, batch_dims=1)
-        merged_lengths = tf.gather(pool_lengths, keep, batch_dims=1)
-
-        # The best K candidates that did not end stay live.
-        live_scores, live = tf.math.top_k(tf.where(is_end, _NEGATIVE_INFINITY, candidate_scores), k=beams)
-        live_parents = tf.gather(parents, live, batch_dims=1)
-        live_tokens = tf.gather(candidates, live, batch_dims=1)
-        # Rows still inside their prompt (or finished) keep their beams as they are.
-        keep_rows = tf.logical_not(generating)
-        identity = tf.tile(tf.range(beams)[None, :], [batch_size, 1])
-        parents = tf.where(keep_rows[:, None], identity, live_parents)
-        tokens = tf.where(keep_rows[:, None, None], tokens, live_tokens)
-        alive_scores = tf.where(keep_rows[:, None], alive_scores, live_scores)
-        finished_scores = tf.where(generating[:, None], merged_scores, finished_scores)
-        finished_tokens = tf.where(generating[:, None, None], merged_tokens, finished_tokens)
-        finished_lengths = tf.where(generating[:, None], merged_lengths, finished_lengths)
-        full = tf.reduce_all(finished_scores > _NEGATIVE_INFINITY, axis=1)
-        done = done | (generating & (full | last_step[:, 0]))
-
-        # Reorder the cache to follow the parents, then feed each beam's token at `index`.
-        flat_parents = tf.reshape(parents + tf.range(batch_size)[:, None] * beams, [-1])
-        cache = tf.nest.map_structure(lambda c: tf.gather(c, flat_parents), cache)
-        token = tf.reshape(tokens[:, :, index], [-1, 1])
-        logits, cache = model.call_with_cache(token, cache, index)
-        return (
-            index + 1, tokens, cache, logits[:, -1], alive_scores, finished_tokens,
-            finished_scores, finished_lengths, done,
-        )
-
-    state = tf.while_loop(
-        condition,
-        body,
-        (
-            start, tokens, cache, logits[:, -1], alive_scores, finished_tokens, finished_scores,
-            finished_lengths, done,
-        ),
-        shape_invariants=(
-            tf.TensorShape([]),
-            tf.TensorShape([None, beams_dimension, None]),
-            _cache_shape_invariants(cache),
-            tf.TensorShape([None, None]),
-            tf.TensorShape([None, beams_dimension]),
-            tf.TensorShape([None, beams_dimension, None]),
-            tf.TensorShape([None, beams_dimension]),
-            tf.TensorShape([None, beams_dimension]),
-            tf.TensorShape([None]),
-        ),
-    )
-    return state[5], state[7], state[6]
+# --- checks shared by the loops and their drivers --------------------------------------------------
 
 
-def check_options(max_new_tokens, sequence_length, sampling=None, num_beams=1, num_return_sequences=1):
-    """Raises `ValueError` with a fix for length and beam options that cannot work with `sampling`."""
-    temperature = None if sampling is None else sampling.temperature
+def check_max_new_tokens(max_new_tokens, sequence_length):
+    """Raises `ValueError` unless `1 <= max_new_tokens <= MAX_NEW_TOKENS`."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} is out of range; choose 1 to {MAX_NEW_TOKENS} (past the "
             f"context of {sequence_length} tokens, generation continues from the last "
             f"{default_window(sequence_length)})."
         )
+
+
+def check_window(window, sequence_length):
+    """`window` (default `default_window(sequence_length)`); `ValueError` outside `[1, sequence_length)`."""
+    window = default_window(sequence_length) if window is None else window
+    if not 1 <= window < sequence_length:
+        raise ValueError(
+            f"window={window} must be 1 to {sequence_length - 1}: the tokens kept when generation "
+            f"passes the context of {sequence_length}."
+        )
+    return window
+
+
+def check_prompt_length(length, sequence_length):
+    """Raises `ValueError` unless a prompt of `length` tokens fits the context."""
+    if length < 1:
+        raise ValueError("Every prompt needs at least one token; got an empty prompt.")
+    if length > sequence_length:
+        raise ValueError(
+            f"A prompt of {length} tokens does not fit the model's context of {sequence_length}; "
+            f"keep its last {sequence_length} tokens."
+        )
+
+
+def check_jit_compile(model, jit_compile):
+    """`cached(model)`; `ValueError` for XLA (`jit_compile`) without a key/value cache."""
+    decoding_model = cached(model)
+    if jit_compile and isinstance(decoding_model, CausalRecomputation):
+        # Seen with the GRU baseline: under XLA the loop returned token 0 at every step.
+        raise ValueError(
+            f"{type(model).__name__} has no key/value cache and decodes by recomputation, "
+            "which runs without XLA; pass jit_compile=False."
+        )
+    return decoding_model
+
+
+def check_options(max_new_tokens, sequence_length, sampling=None, num_beams=1, num_return_sequences=1):
+    """Raises `ValueError` with a fix for length and beam options that cannot work with `sampling`."""
+    temperature = None if sampling is None else sampling.temperature
+    check_max_new_tokens(max_new_tokens, sequence_length)
     if num_beams < 1:
         raise ValueError(f"beams={num_beams} must be >= 1 (1 means no beam search).")
     if num_beams > 1 and max_new_tokens >= sequence_length:
@@ -336,121 +382,3 @@ def prompt_room(sequence_length, max_new_tokens, num_beams=1):
     return room if num_beams > 1 else max(room, default_window(sequence_length))
 
 
-class Decoder:
-    """Generation for one model on token ids: pads prompts, runs `decode` or `beam_search`, unpads.
-
-    Args:
-        model: a `kgpt.model.GPT`, or any causal model of token ids (through `CausalRecomputation`).
-        jit_compile: compile the loops with XLA (faster on CPU); only for models with a cache.
-        bucket: prompts are padded to a multiple of this, so similar lengths share one graph.
-        sequence_length: the model's context; default `model.model_config.sequence_length`.
-        window: tokens kept when generation passes the context (default half of it).
-
-    Example:
-        Decoder(model, end_of_text_id=0)([[5, 6, 7], [8]], 20, sampling=SamplingOptions(temperature=0.8))
-    """
-
-    def __init__(self, model, end_of_text_id=-1, jit_compile=False, bucket=16, sequence_length=None,
-                 window=None):
-        if sequence_length is None:
-            config = getattr(model, "model_config", None)
-            if config is None:
-                raise ValueError(
-                    f"{type(model).__name__} has no model_config to read its context from; pass "
-                    "sequence_length= (the longest prompt + new tokens it accepts)."
-                )
-            sequence_length = config.sequence_length
-        window = default_window(sequence_length) if window is None else window
-        if not 1 <= window < sequence_length:
-            raise ValueError(
-                f"window={window} must be 1 to {sequence_length - 1}: the tokens kept when generation "
-                f"passes the context of {sequence_length}."
-            )
-        self._cached_model = cached(model)
-        if jit_compile and isinstance(self._cached_model, CausalRecomputation):
-            # Seen with the GRU baseline: under XLA the loop returned token 0 at every step.
-            raise ValueError(
-                f"{type(model).__name__} has no key/value cache and decodes by recomputation, "
-                "which runs without XLA; pass jit_compile=False."
-            )
-        self.model = model
-        self.sequence_length = sequence_length
-        self.window = window
-        self.end_of_text_id = end_of_text_id
-        self.jit_compile = jit_compile
-        self.bucket = bucket
-        self._decode = tf.function(
-            lambda ids, lengths, steps, end, sampling, stops: decode(
-                self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window
-            ),
-            jit_compile=jit_compile,
-            reduce_retracing=True,
-        )
-        # num_beams is a Python int: one trace per value.
-        self._beam_search = tf.function(
-            lambda num_beams, ids, lengths, steps, end, penalty, stops: beam_search(
-                self._cached_model, ids, lengths, steps, num_beams, end, penalty, stops
-            ),
-            jit_compile=jit_compile,
-            reduce_retracing=True,
-        )
-
-    def __call__(self, prompts, max_new_tokens, sampling=None, keep_prompt=False, num_beams=1,
-                 length_penalty=1.0, num_return_sequences=1, stop_sequences=()):
-        """Continues each prompt (a non-empty list of token ids).
-
-        Past the context (not with beams), each time the cache fills it is rebuilt from the last
-        `window` tokens.
-
-        Args:
-            sampling: a `kgpt.sampling.SamplingOptions` (default greedy).
-            keep_prompt: return prompt + continuation instead of the continuation alone.
-            num_beams: > 1 runs `beam_search` (with `length_penalty`) instead of `decode`.
-            num_return_sequences: sequences per prompt (samples, or the best beams).
-            stop_sequences: lists of token ids; a row ends once its continuation ends with one.
-
-        Returns:
-            `len(prompts) * num_return_sequences` lists of ids, prompt-major (end-of-text or the
-            stop sequence that ended a row kept).
-        """
-        sequence_length = self.sequence_length
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("Every prompt needs at least one token; got an empty prompt.")
-        longest = max(len(p) for p in prompts)
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} is out of range; choose 1 to {MAX_NEW_TOKENS}."
-            )
-        if num_beams > 1 and longest + max_new_tokens > sequence_length:
-            raise ValueError(
-                f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} does not fit the "
-                f"model's context of {sequence_length}, and beam search stays within it; shorten the "
-                f"prompt or ask for 1 to {sequence_length - longest} new tokens."
-            )
-        if longest > sequence_length:
-            raise ValueError(
-                f"A prompt of {longest} tokens does not fit the model's context of {sequence_length}; "
-                f"keep its last {sequence_length} tokens."
-            )
-        bucketed = -(-longest // self.bucket) * self.bucket
-        padded_length = min(bucketed, max(longest, sequence_length - max_new_tokens))
-        ids = tf.constant([list(p) + [0] * (padded_length - len(p)) for p in prompts], tf.int32)
-        lengths = tf.constant([len(p) for p in prompts], tf.int32)
-        steps = tf.constant(max_new_tokens, tf.int32)
-        end_of_text = tf.constant(self.end_of_text_id, tf.int32)
-        stops = tf.constant(stop_id_matrix([list(sequence) for sequence in stop_sequences]))
-        if num_beams > 1:
-            penalty = tf.constant(length_penalty, tf.float32)
-            tokens, ends, _ = self._beam_search(num_beams, ids, lengths, steps, end_of_text, penalty, stops)
-            # (batch, num_beams, ...) -> the best num_return_sequences of each prompt, prompt-major
-            tokens = tokens.numpy()[:, :num_return_sequences].reshape(-1, tokens.shape[-1])
-            ends = ends.numpy()[:, :num_return_sequences].reshape(-1)
-        else:
-            ids = tf.repeat(ids, num_return_sequences, axis=0)
-            lengths = tf.repeat(lengths, num_return_sequences, axis=0)
-            sampling = (sampling or SamplingOptions()).graph_tensors()
-            outputs = self._decode(ids, lengths, steps, end_of_text, sampling, stops)
-            tokens, ends = [t.numpy() for t in outputs]
-        prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
-        rows = zip(prompts, tokens, ends)
-        return [row[0 if keep_prompt else len(prompt) : end].tolist() for prompt, row, end in rows]

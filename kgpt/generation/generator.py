@@ -1,19 +1,18 @@
-"""Text in, text out: `Generator` (in-process) and `SavedModelGenerator` (an export) on one base.
+"""Text in, text out: `TextGenerator` (the interface) and `Generator` (a model in-process);
+`kgpt.serving.saved_model_generator.SavedModelGenerator` puts an export behind the same interface.
 
 The base checks prompts and options, reports truncation and keeps prompts; subclasses only continue.
 """
 
 import dataclasses
-import os
-import re
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from kgpt.generation.decoder import Decoder
 from kgpt.generation.decoding import (
     CausalRecomputation,
-    Decoder,
     cached,
     check_options,
     default_max_new_tokens,
@@ -21,13 +20,11 @@ from kgpt.generation.decoding import (
 )
 from kgpt.generation.sampling import SamplingOptions
 from kgpt.generation.stopping import check_stops, compiled_continuations, graph_stop_ids
-from kgpt.generation.streaming import Piece, RowTexts, StepDecoder, TextDeltas
+from kgpt.generation.streaming import RowTexts, StepDecoder, stream_pieces
 from kgpt.rundir import RunDirectory
-from kgpt.serving.export import is_saved_model, saved_model_version_path
-from kgpt.serving.signatures import BEAM_SEARCH, GENERATE, Name
 
 
-def _report_truncation(count, room, truncate):
+def report_truncation(count, room, truncate):
     if not count:
         return
     message = f"{count} prompt(s) longer than the {room} tokens kept in the context with max_new_tokens"
@@ -124,7 +121,7 @@ class TextGenerator:
         Args:
             max_new_tokens: at most this many tokens per prompt (up to `decoding.MAX_NEW_TOKENS`);
                 default `default_max_new_tokens`.
-            sampling: a `kgpt.sampling.SamplingOptions` (default greedy).
+            sampling: a `kgpt.generation.sampling.SamplingOptions` (default greedy).
             num_beams: > 1 for beam search, with `length_penalty`.
             num_return_sequences: continuations per prompt (samples or best beams).
             truncate: left-truncate prompts too long for the context (with a warning), else raise.
@@ -151,7 +148,7 @@ class TextGenerator:
 
     def stream(self, prompt, max_new_tokens=None, *, sampling=None, num_return_sequences=1, truncate=True,
                chunked=True, **sampling_fields):
-        """Continues one prompt, yielding `kgpt.streaming.Piece`s as the text is produced.
+        """Continues one prompt, yielding `kgpt.generation.streaming.Piece`s as the text is produced.
 
         The options are checked now; the returned iterator decodes as it is read (closing it stops
         decoding). Each continuation's pieces join to `generate`'s text for the same options, past
@@ -183,11 +180,11 @@ class TextGenerator:
 
 
 class Generator(TextGenerator):
-    """Text in, text out for a trained model, in-process (the compiled `kgpt.decoding.Decoder`).
+    """Text in, text out for a trained model, in-process (the compiled `kgpt.generation.decoder.Decoder`).
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
-        tokenizer: the run's tokenizer (`kgpt.tokenizer.load_tokenizer`).
+        tokenizer: the run's tokenizer (`kgpt.tokenizers.load_tokenizer`).
         jit_compile: XLA for the decode loop; default on for a model with a key/value cache
             (about 2x on CPU, see benchmarks/RESULTS.md), off for recomputation.
 
@@ -221,7 +218,7 @@ class Generator(TextGenerator):
         room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
         # Empty prompts start from end-of-text; prompts over `room` tokens keep their last `room`.
         ids = [list(row) or [end] for row in tokenizer.encode_documents(prompts)]
-        _report_truncation(sum(len(row) > room for row in ids), room, truncate)
+        report_truncation(sum(len(row) > room for row in ids), room, truncate)
         stops = _stop_tensors(stop, stop_token_ids)
         rows = self.decoder([row[-room:] for row in ids], max_new_tokens, sampling=sampling,
                             num_return_sequences=num_return_sequences, num_beams=num_beams,
@@ -240,185 +237,23 @@ class Generator(TextGenerator):
         ]
 
     def _stop_sequences(self, stop, stop_token_ids):
-        """The token ids that end a row early (`kgpt.stopping.graph_stop_ids`, as in the export): each
+        """The token ids that end a row early (`stopping.graph_stop_ids`, as in the export): each
         stop string's, where they detokenize back to it, and each stop token id."""
         matrix = graph_stop_ids(self.tokenizer, stop, stop_token_ids).numpy()
         return [row[row >= 0].tolist() for row in matrix if (row >= 0).any()]
 
     def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+        """One piece per token step (`StepDecoder`), whatever `chunked`."""
         end = self.tokenizer.end_of_text_id
         room = prompt_room(self.sequence_length, max_new_tokens)
         ids = list(self.tokenizer.encode_documents([prompt])[0]) or [end]
-        _report_truncation(int(len(ids) > room), room, truncate)
+        report_truncation(int(len(ids) > room), room, truncate)
         ids = ids[-room:]
-        rows = [[] for _ in range(num_return_sequences)]
-        deltas = [TextDeltas() for _ in rows]
-        finished = [False] * len(rows)
-        for step, tokens in enumerate(self.step_decoder(ids, max_new_tokens, sampling, len(rows))):
-            live = [index for index in range(len(rows)) if not finished[index]]
-            reasons = {}
-            for index in live:
-                token = int(tokens[index])
-                if token != end:
-                    rows[index].append(token)
-                reasons[index] = "stop" if token == end else "length" if step + 1 == max_new_tokens else None
-            for index, text in zip(live, self._row_texts([rows[index] for index in live])):
-                finished[index] = reasons[index] is not None
-                piece = deltas[index].update(text, final=finished[index])
-                yield Piece(index, piece, len(rows[index]), len(ids), reasons[index])
-
-
-class SavedModelGenerator(TextGenerator):
-    """`Generator`'s interface over an export's `generate` signature, the graph TF Serving runs.
-
-    Args:
-        path: a version folder (`saved_models/NAME/1`) or a model folder (highest version).
-        module: the SavedModel at `path`, already loaded (else it is loaded).
-        call: `call(signature_name, inputs)` runs a whole-answer signature call on `{input: NumPy
-            array}` and returns `{output: NumPy array}`; default: the signature, at once. `kgpt
-            serve` passes its scheduler here, which batches such calls with other requests.
-    """
-
-    def __init__(self, path, module=None, call=None):
-        import tensorflow_text  # noqa: F401  (registers the tokenizer ops the graph uses)
-
-        self.path = saved_model_version_path(path)
-        self.module = tf.saved_model.load(self.path) if module is None else module
-        self.signature = self.module.signatures[GENERATE.name]
-        self.sequence_length = int(self.module.sequence_length.numpy())
-        self.vocabulary_size = int(self.module.vocabulary_size.numpy())
-        self.default_max_new_tokens = int(self.module.default_max_new_tokens.numpy())
-        self._inputs = set(self.signature.structured_input_signature[1])
-        self._run_signature = call or self._signature_call
-
-    def _signature_call(self, signature_name, inputs):
-        outputs = self.module.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
-        return {key: value.numpy() for key, value in outputs.items()}
-
-    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
-                  length_penalty, stop, stop_token_ids):
-        if num_beams > 1:
-            return self._beam_search(prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
-                                     length_penalty, stop, stop_token_ids)
-        stops = {} if Name.STOP not in self._inputs else _stop_arrays(stop, stop_token_ids)
-        outputs = self._call(
-            GENERATE.name,
-            prompts=_strings([p for p in prompts for _ in range(num_return_sequences)]),
-            max_new_tokens=np.array(max_new_tokens, np.int32),
-            **{key: value.numpy() for key, value in sampling.graph_tensors().items()},
-            **stops,
-        )
-        truncated = outputs[Name.TRUNCATED][::num_return_sequences]
-        _report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
-        counts = outputs[Name.TOKEN_COUNT]
-        # An export without `stopped` (older than it) knows a stop only by a row ended early.
-        stopped = outputs[Name.STOPPED] if Name.STOPPED in outputs else counts < max_new_tokens
-        texts, prompt_counts = outputs[Name.TEXT], outputs[Name.PROMPT_TOKEN_COUNT]
-        return [
-            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
-            for text, count, prompt_count, ended in zip(texts, counts, prompt_counts, stopped)
-        ]
-
-    def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
-                     length_penalty, stop, stop_token_ids):
-        """The `beam_search` signature: each prompt's best `num_return_sequences` beams (`Completion`s)."""
-        if BEAM_SEARCH.name not in self.module.signatures:
-            raise ValueError(
-                f"The SavedModel {self.path} was exported before beam search was part of exports; "
-                "export the run again (kgpt export), or run it from the run directory."
-            )
-        outputs = self._call(
-            BEAM_SEARCH.name, prompts=_strings(prompts), max_new_tokens=np.array(max_new_tokens, np.int32),
-            num_beams=np.array(num_beams, np.int32), length_penalty=np.array(length_penalty, np.float32),
-            **_stop_arrays(stop, stop_token_ids),
-        )
-        room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
-        _report_truncation(int(outputs[Name.TRUNCATED].sum()), room, truncate)
-        keys = (Name.BEAM_TEXT, Name.BEAM_TOKEN_COUNT, Name.BEAM_STOPPED)
-        beams = [outputs[key][:, :num_return_sequences] for key in keys]
-        return [
-            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
-            for prompt_count, *row in zip(outputs[Name.PROMPT_TOKEN_COUNT], *beams)
-            for text, count, ended in zip(*row)
-        ]
-
-    def _call(self, signature_name, **inputs):
-        """The signature's outputs for NumPy `inputs`; a refusal (e.g. an older export's narrower
-        limits) as a ValueError."""
-        try:
-            return self._run_signature(signature_name, inputs)
-        except tf.errors.InvalidArgumentError as error:
-            match = re.search(r"assertion failed: \[(.*?)\]", error.message, re.DOTALL)
-            reason = match.group(1) if match else error.message.splitlines()[0]
-            raise ValueError(f"The SavedModel {self.path} refused the request: {reason}.") from error
-
-    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
-        """The signature has no step: calls it for 1, 2, 4, ... new tokens from the prompt, each
-        answer extending the last (per-position seeds), and yields what each call added."""
-        no_stops = {} if Name.STOP not in self._inputs else dict(  # stops apply to the joined text
-            stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32)
-        )
-
-        def call(count):
-            outputs = self.signature(
-                prompts=tf.constant([prompt] * num_return_sequences, tf.string),
-                max_new_tokens=tf.constant(count, tf.int32), **sampling.graph_tensors(), **no_stops,
-            )
-            return {key: value.numpy() for key, value in outputs.items()}
-
-        room = prompt_room(self.sequence_length, max_new_tokens)
-        count = 1 if chunked else max_new_tokens
-        outputs = call(count)
-        prompt_tokens = int(outputs[Name.PROMPT_TOKEN_COUNT][0])
-        if prompt_tokens > room:  # truncated differently for each count: one call keeps the answer
-            count, outputs = max_new_tokens, call(max_new_tokens)
-        _report_truncation(int(outputs[Name.TRUNCATED][0]), room, truncate)
-        prompt_tokens = int(outputs[Name.PROMPT_TOKEN_COUNT][0])
-        deltas = [TextDeltas() for _ in range(num_return_sequences)]
-        finished = [False] * num_return_sequences
-        while True:
-            for index, (text, tokens) in enumerate(zip(outputs[Name.TEXT], outputs[Name.TOKEN_COUNT])):
-                if finished[index]:
-                    continue
-                reason = "stop" if tokens < count else "length" if count == max_new_tokens else None
-                finished[index] = reason is not None
-                piece = deltas[index].update(text.decode("utf-8"), final=finished[index])
-                yield Piece(index, piece, int(tokens), prompt_tokens, reason)
-            if all(finished):
-                return
-            count = min(2 * count, max_new_tokens)
-            outputs = call(count)
-
-
-def _strings(texts):
-    """A 1-D NumPy array of UTF-8 bytes, as a served request's string tensor arrives."""
-    return np.array([text.encode("utf-8") for text in texts], object)
+        steps = self.step_decoder(ids, max_new_tokens, sampling, num_return_sequences)
+        yield from stream_pieces(steps, self._row_texts, end, max_new_tokens, len(ids), num_return_sequences)
 
 
 def _stop_tensors(stop, stop_token_ids):
     """`stop` and `stop_token_ids` as the tensors `[S]` and `[K]` of the graph's inputs."""
     return (tf.constant(stop, tf.string, shape=[len(stop)]),
             tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]))
-
-
-def _stop_arrays(stop, stop_token_ids):
-    return {Name.STOP: _strings(stop),
-            Name.STOP_TOKEN_IDS: np.array(stop_token_ids, np.int32).reshape([len(stop_token_ids)])}
-
-
-def load_generator(path, **kwargs):
-    """A `SavedModelGenerator` for an export, else `Generator.from_run_directory(path, **kwargs)`."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No such run directory or SavedModel: {path}.")
-    if is_saved_model(path):
-        return SavedModelGenerator(path)
-    return Generator.from_run_directory(path, **kwargs)
-
-
-def generate(path, prompts, **options):
-    """One-call generation: `load_generator(path).generate(prompts, **options)`.
-
-    Example:
-        kgpt.generate.generate("checkpoints/shakespeare_char", ["ROMEO:"], max_new_tokens=40)
-    """
-    return load_generator(path).generate(prompts, **options)

@@ -121,7 +121,7 @@ def draws_at_random(graph_inputs):
     """True when `sample_logits` draws for these `{field: scalar}` graph inputs (not an argmax).
 
     A draw depends on its row's place in the batch (one stateless seed per call), so a served
-    request that draws is never batched with others (`kgpt.serve`).
+    request that draws is never batched with others (`kgpt.serving.server`).
     """
     temperature = float(graph_inputs.get("temperature", 0.0))
     return temperature > 0.0 and int(graph_inputs.get("top_k", 0)) != 1

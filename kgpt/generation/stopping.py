@@ -240,7 +240,7 @@ def continuations(tokenizer, tokens, ends, lengths, max_new_tokens, stop, stop_t
     Args:
         tokenizer: a kgpt tokenizer (its `detokenize`, `end_of_text_id`, `padding_id`).
         tokens: int32 `(batch, length)`; `ends`, `lengths`: int32 `(batch,)`, each row's valid
-            tokens (as `kgpt.decoding.decode` returns them) and where its continuation starts.
+            tokens (as `kgpt.generation.decoding.decode` returns them) and where its continuation starts.
         max_new_tokens: int32 scalar, the tokens each row was allowed.
         stop: `tf.string` `[S]`; stop_token_ids: int32 `[K]`.
 

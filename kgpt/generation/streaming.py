@@ -1,10 +1,11 @@
-"""Streaming: a token-by-token decoder for in-process models, and text that grows piece by piece.
+"""Streaming: a token-by-token driver for in-process models, and text that grows piece by piece.
 
-`kgpt.decoding.decode` runs a whole continuation as one graph, so nothing is seen before it ends.
-`StepDecoder` runs the same computation (cache, sampler, per-position seeds and, past the
-context, the rebuilds of the cache from the last tokens) as a compiled prefill and a compiled
-one-token step driven from Python, and yields each token as it is produced;
-`TextDeltas` turns the growing text into pieces that never split a UTF-8 character.
+`kgpt.generation.decoding.decode` runs a whole continuation as one graph, so nothing is seen before it ends.
+`StepDecoder` drives the same `kgpt.generation.decoding.prefill` and `step` (cache, per-position seeds, and
+past the context the rebuilds of the cache) compiled, from Python, and yields each token as it is
+produced; `stream_pieces` turns tokens into `Piece`s, whose text (`TextDeltas`) never splits a
+UTF-8 character. An export streams through the same step (`SavedModelGenerator`, in
+`kgpt.serving.saved_model_generator`).
 """
 
 import dataclasses
@@ -12,8 +13,16 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from kgpt.generation.decoding import CausalRecomputation, cached, default_window
-from kgpt.generation.sampling import SamplingOptions, sample_logits
+from kgpt.generation.decoding import (
+    check_jit_compile,
+    check_max_new_tokens,
+    check_prompt_length,
+    check_window,
+    prefill,
+    sample_at,
+    step,
+)
+from kgpt.generation.sampling import SamplingOptions
 
 _REPLACEMENT = "\ufffd"
 
@@ -61,6 +70,15 @@ class TextDeltas:
         return piece
 
 
+def padded_rows(rows):
+    """Lists of token ids as int32 `(ids, lengths)`: `(rows, longest)` right-padded with 0, `(rows,)`."""
+    lengths = np.array([len(row) for row in rows], np.int32)
+    ids = np.zeros((len(rows), int(lengths.max(initial=0))), np.int32)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = row
+    return ids, lengths
+
+
 class RowTexts:
     """The texts of growing rows of token ids, all rows in one compiled call per step.
 
@@ -87,27 +105,58 @@ class RowTexts:
         if self._compiled is None:
             texts = self.tokenizer.detokenize(tf.ragged.constant(rows, dtype=tf.int32, ragged_rank=1))
         else:
-            lengths = np.array([len(row) for row in rows], np.int32)
-            ids = np.zeros((len(rows), int(lengths.max(initial=0))), np.int32)
-            for index, row in enumerate(rows):
-                ids[index, : len(row)] = row
-            texts = self._compiled(ids, lengths)
+            texts = self._compiled(*padded_rows(rows))
         return [text.decode("utf-8") for text in texts.numpy()]
+
+
+def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_count, num_rows):
+    """The `Piece`s of `num_rows` continuations, one per live row and token step, until every row
+    has ended (end-of-text, or `max_new_tokens` tokens); closing it closes `steps`.
+
+    Args:
+        steps: an iterator (a generator) of int32 `(num_rows,)` arrays, one per new position.
+        texts: `texts(rows)`: the `str` of each list of token ids (`RowTexts`, an export's signature).
+        prompt_token_count: the prompt's tokens as decoded, reported on every piece.
+
+    Example:
+        for piece in stream_pieces(StepDecoder(model, 32)([5, 6], 10), RowTexts(tokenizer), 0, 10, 2, 1):
+            print(piece.text, end="")
+    """
+    rows = [[] for _ in range(num_rows)]
+    deltas = [TextDeltas() for _ in rows]
+    finished = [False] * num_rows
+    try:
+        for count, tokens in enumerate(steps, 1):
+            live = [index for index in range(num_rows) if not finished[index]]
+            reasons, last = {}, count == max_new_tokens
+            for index in live:
+                token = int(tokens[index])
+                if token != end_of_text_id:
+                    rows[index].append(token)
+                reasons[index] = "stop" if token == end_of_text_id else "length" if last else None
+            for index, text in zip(live, texts([rows[index] for index in live])):
+                finished[index] = reasons[index] is not None
+                piece = deltas[index].update(text, final=finished[index])
+                yield Piece(index, piece, len(rows[index]), prompt_token_count, reasons[index])
+            if all(finished):
+                return
+    finally:
+        steps.close()
 
 
 class StepDecoder:
     """Yields the tokens of `decode` one step at a time, for a prompt repeated on `num_rows` rows.
 
-    Token `p` (its position in prompt + continuation) is drawn with the stateless seed
-    `[seed, p]`, as in `decode`, and past the context the cache is rebuilt where `decode` rebuilds
-    it (from the last `window` tokens of each row, once the cache is full), so greedy and seeded
-    sampling give `decode`'s tokens.
+    A Python driver of `decoding.prefill` and `decoding.step`, the functions `decode`'s
+    loop runs: token `p` (its position in prompt + continuation) is drawn with the stateless seed
+    `[seed, p]`, and past the context the cache is rebuilt from the last `window` tokens where
+    `decode` rebuilds it, so greedy and seeded sampling give `decode`'s tokens.
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (through `CausalRecomputation`).
-        sequence_length: the cache's length (the model's context).
-        jit_compile: compile the one-token step with XLA (the prefill runs without: its prompt
-            length varies, and XLA would compile it again for each).
+        sequence_length: the model's context.
+        jit_compile: compile the one-token step (and the first draw) with XLA; the prefill runs
+            without: its prompt length varies, and XLA would compile it again for each.
         window: tokens kept when generation passes the context (default half of it, as `decode`).
 
     Example:
@@ -116,42 +165,19 @@ class StepDecoder:
     """
 
     def __init__(self, model, sequence_length, end_of_text_id=-1, jit_compile=False, window=None):
-        self._model = cached(model)
-        if jit_compile and isinstance(self._model, CausalRecomputation):
-            raise ValueError(
-                f"{type(model).__name__} decodes by recomputation, without XLA; pass jit_compile=False."
-            )
-        window = default_window(sequence_length) if window is None else window
-        if not 1 <= window < sequence_length:
-            raise ValueError(
-                f"window={window} must be 1 to {sequence_length - 1}: the tokens kept when generation "
-                f"passes the context of {sequence_length}."
-            )
+        self._model = check_jit_compile(model, jit_compile)
+        self.window = check_window(window, sequence_length)
         self.sequence_length = sequence_length
-        self.window = window
         self.end_of_text_id = end_of_text_id
-        self._prefill = tf.function(self._prefill_step, reduce_retracing=True)
+        self._prefill = tf.function(
+            lambda ids, max_length: prefill(self._model, ids, max_length, self.window), reduce_retracing=True
+        )
         # Draws are made where `decode` makes them, under XLA or not: their random numbers differ.
-        self._first = tf.function(self._sample, jit_compile=jit_compile, reduce_retracing=True)
-        self._step = tf.function(self._next_step, jit_compile=jit_compile, reduce_retracing=True)
-
-    def _prefill_step(self, prompt_ids, cache):
-        logits, cache = self._model.call_with_cache(prompt_ids, cache, 0)
-        return logits[:, -1], cache
-
-    def _next_step(self, token, cache, slot, position, sampling):
-        """Feeds `token` at cache index `slot`; draws the token at (absolute) `position`."""
-        logits, cache = self._model.call_with_cache(token[:, None], cache, slot)
-        return self._sample(logits[:, -1], sampling, position), cache
-
-    @staticmethod
-    def _sample(logits, sampling, position):
-        return sample_logits(logits, sampling, tf.stack([tf.cast(sampling["seed"], tf.int32), position]))
-
-    def _rebuild(self, ids):
-        """Logits after `ids` (int32 `(num_rows, length)`) and a fresh cache holding them from index 0."""
-        cache = self._model.initial_cache(len(ids), self.sequence_length)
-        return self._prefill(tf.constant(ids, tf.int32), cache)
+        self._first = tf.function(sample_at, jit_compile=jit_compile, reduce_retracing=True)
+        self._step = tf.function(
+            lambda state, token, sampling: step(self._model, state, token, sampling),
+            jit_compile=jit_compile, reduce_retracing=True,
+        )
 
     def __call__(self, prompt_ids, max_new_tokens, sampling=None, num_rows=1):
         """Yields int32 `(num_rows,)` arrays, one per new position, until every row has produced
@@ -162,32 +188,19 @@ class StepDecoder:
             sampling: a `SamplingOptions` (default greedy).
         """
         prompt_ids = [int(token) for token in prompt_ids]
-        length = len(prompt_ids)
-        if not 1 <= length <= self.sequence_length:
-            raise ValueError(
-                f"A prompt of {length} tokens does not fit the context of {self.sequence_length}; "
-                f"the prompt needs 1 to {self.sequence_length} tokens (keep its last ones)."
-            )
+        check_prompt_length(len(prompt_ids), self.sequence_length)
+        check_max_new_tokens(max_new_tokens, self.sequence_length)
         sampling = (sampling or SamplingOptions()).graph_tensors()
-        # Each row's prompt + continuation: rows differ when sampling, and a rebuild reads them.
-        tokens = np.zeros((num_rows, length + max_new_tokens), np.int32)
-        tokens[:, :length] = prompt_ids
-        logits, cache = self._rebuild(tokens[:, :length])
-        offset = 0  # the position of the cache's first token
+        # The cache `decode` makes: prompt + new tokens, at most the context.
+        max_length = min(len(prompt_ids) + max_new_tokens, self.sequence_length)
+        logits, state = self._prefill(tf.constant([prompt_ids] * num_rows, tf.int32),
+                                      tf.constant(max_length, tf.int32))
+        token = self._first(logits, sampling, state.position)
         ended = np.zeros(num_rows, bool)
-        for position in range(length, length + max_new_tokens):
-            fed = position - 1  # the token the cache takes in before drawing at `position`
-            if position == length:
-                token = self._first(logits, sampling, tf.constant(position, tf.int32))
-            elif fed - offset == self.sequence_length:  # full: `decode`'s rebuild from the last window
-                offset = fed + 1 - self.window
-                logits, cache = self._rebuild(tokens[:, offset:fed + 1])
-                token = self._first(logits, sampling, tf.constant(position, tf.int32))
-            else:
-                token, cache = self._step(token, cache, tf.constant(fed - offset, tf.int32),
-                                          tf.constant(position, tf.int32), sampling)
+        for count in range(max_new_tokens):
+            if count:
+                token, state = self._step(state, token, sampling)
             row = token.numpy()
-            tokens[:, position] = row
             yield row
             ended |= row == self.end_of_text_id
             if ended.all():

@@ -275,7 +275,7 @@ class ScheduledSignatures:
 
     Args:
         module: the loaded SavedModel (`tf.saved_model.load`).
-        signature_defs: its `{name: SignatureDef}` (`kgpt.signatures.read_signature_defs`).
+        signature_defs: its `{name: SignatureDef}` (`kgpt.serving.signatures.read_signature_defs`).
         scheduler: a `Scheduler`, shared with the server's other model calls.
 
     Example:

@@ -1,6 +1,6 @@
 """`ModelServer`: what `kgpt serve` serves from one folder. It loads an export (or a run directory)
-and builds the two APIs on one request scheduler: `rest` (TF Serving's REST API, `kgpt.rest`;
-exports only) and `completions` (OpenAI's, `kgpt.openai_api`; for a run directory, or an export
+and builds the two APIs on one request scheduler: `rest` (TF Serving's REST API, `kgpt.serving.rest`;
+exports only) and `completions` (OpenAI's, `kgpt.serving.openai_api`; for a run directory, or an export
 with a `generate` signature).
 """
 
@@ -8,13 +8,14 @@ import os
 
 import tensorflow as tf
 
-from kgpt.generation.generator import Generator, SavedModelGenerator
+from kgpt.generation.generator import Generator
 from kgpt.rundir import RunDirectory
 from kgpt.serving.batching import ScheduledSignatures, Scheduler
 from kgpt.serving.export import is_saved_model, saved_model_version_path
 from kgpt.serving.openai_api import Completions
 from kgpt.serving.protocol import APIError
 from kgpt.serving.rest import RestAPI
+from kgpt.serving.saved_model_generator import SavedModelGenerator
 from kgpt.serving.signatures import GENERATE, read_signature_defs
 
 
@@ -37,9 +38,9 @@ class ModelServer:
 
     Attributes:
         path, name, version: what is served (a run directory is version "1").
-        scheduler: the `kgpt.batching.Scheduler` every model call of both APIs goes through.
-        rest: a `kgpt.rest.RestAPI`, or None for a run directory.
-        completions: a `kgpt.openai_api.Completions`, or None for an export without `generate`.
+        scheduler: the `kgpt.serving.batching.Scheduler` every model call of both APIs goes through.
+        rest: a `kgpt.serving.rest.RestAPI`, or None for a run directory.
+        completions: a `kgpt.serving.openai_api.Completions`, or None for an export without `generate`.
     """
 
     def __init__(self, model_dir, name=None, max_concurrent_requests=4, queue_timeout=30.0,

@@ -1,9 +1,9 @@
-"""OpenAI's completions API over a `kgpt.generate.TextGenerator`: `Completions` answers checked
-`kgpt.protocol.CompletionRequest`s whole (every prompt and choice decoded as one batch) or streamed
+"""OpenAI's completions API over a `kgpt.generation.generator.TextGenerator`: `Completions` answers checked
+`kgpt.serving.protocol.CompletionRequest`s whole (every prompt and choice decoded as one batch) or streamed
 (chunk by chunk, stop sequences applied to the text), and lists the served model.
 
 Requests follow OpenAI's legacy completions API (see `CompletionRequest.parse`); refusals are
-`kgpt.protocol.APIError`s, which `kgpt serve` answers in OpenAI's error shape.
+`kgpt.serving.protocol.APIError`s, which `kgpt serve` answers in OpenAI's error shape.
 """
 
 import secrets
@@ -17,7 +17,7 @@ class Completions:
     """Answers the `/v1` routes for one `TextGenerator` served as `name`.
 
     Args:
-        generator: a `kgpt.generate.Generator` or `SavedModelGenerator`.
+        generator: a `kgpt.generation.generator.Generator` or `SavedModelGenerator`.
         run: `run(function)` calls `function()` and returns its value; the server passes its
             scheduler here (a bounded queue, a limit on model calls at once).
         whole: runs a whole answer's `complete` call like `run` (default: `run`); the server runs

@@ -2,8 +2,8 @@
 completions API, parsed from JSON at the edge, and `APIError`, the one error type of both, with
 each API's error shape (`APIError.body`).
 
-Nothing here runs a model: `kgpt.rest` and `kgpt.openai_api` answer these requests, `kgpt.serve`
-carries them over HTTP.
+Nothing here runs a model: `kgpt.serving.rest` and `kgpt.serving.openai_api` answer these
+requests, `kgpt.serving.server` carries them over HTTP.
 """
 
 import dataclasses
@@ -240,7 +240,7 @@ class CompletionRequest:
     Args:
         prompts: 1 to `MAX_PROMPTS` strings.
         max_tokens: new tokens per choice (past the model's context too, up to
-            `kgpt.decoding.MAX_NEW_TOKENS`).
+            `kgpt.generation.decoding.MAX_NEW_TOKENS`).
         sampling: `SamplingOptions`; temperature 0 is greedy (`temperature=None`); the seed is
             drawn at random when the request has none.
         stops: up to `OPENAI_MAX_STOPS` non-empty strings.

@@ -59,9 +59,9 @@ class RestAPI:
     Args:
         name: the model name in URLs.
         version: the served version (a string of digits).
-        signature_defs: `{name: SignatureDef}` (`kgpt.signatures.read_signature_defs`).
+        signature_defs: `{name: SignatureDef}` (`kgpt.serving.signatures.read_signature_defs`).
         call: `call(signature_name, {input: np.ndarray}) -> {output: np.ndarray}`, e.g. a
-            `kgpt.batching.ScheduledSignatures` (raising `Busy`, a 503, when overloaded).
+            `kgpt.serving.batching.ScheduledSignatures` (raising `Busy`, a 503, when overloaded).
 
     Example:
         api = RestAPI("tiny", "1", read_signature_defs(path), ScheduledSignatures(module, defs, Scheduler()))

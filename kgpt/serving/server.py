@@ -1,9 +1,10 @@
 """`kgpt serve`: the development server's HTTP side, Starlette routes on uvicorn for TF Serving's
-REST API (`kgpt.rest`), OpenAI's completions (`kgpt.openai_api`) and the playground page at `/`.
+REST API (`kgpt.serving.rest`), OpenAI's completions (`kgpt.serving.openai_api`) and the
+playground page at `/`.
 
 uvicorn parses requests (a malformed one gets its 400), keeps connections alive and closes idle
 ones, and notices clients that leave. This module routes requests to the APIs as their typed
-requests (`kgpt.protocol`), answers each `APIError` in its route's shape, bounds what one client
+requests (`kgpt.serving.protocol`), answers each `APIError` in its route's shape, bounds what one client
 may take (`Limits`: connections, a deadline on request heads and bodies, body size), and streams
 server-sent events, whose decoding stops when the client goes away.
 """

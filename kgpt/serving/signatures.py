@@ -1,9 +1,9 @@
 """The serving contract as data: every signature of a kgpt export, with its inputs and outputs.
 
-`kgpt.export` builds its signatures from these declarations and checks its functions against them;
-`kgpt.generate.SavedModelGenerator`, `kgpt.batching` and `kgpt serve` read names, request-wide
-inputs and padded outputs from here instead of spelling them. `read_signature_defs` reads what a
-SavedModel on disk declares.
+`kgpt.serving.serving_module` builds its signatures from these declarations and checks its
+functions against them; `SavedModelGenerator`, `kgpt.serving.batching` and `kgpt serve` read
+names, request-wide inputs and padded outputs from here instead of spelling them.
+`read_signature_defs` reads what a SavedModel on disk declares.
 
 Example:
     GENERATE.name, [spec.name for spec in GENERATE.inputs]  # "generate", ["prompts", ...]
@@ -41,6 +41,11 @@ class Name:
     LOG_LIKELIHOOD = "log_likelihood"
     PERPLEXITY = "perplexity"
     LOGITS = "logits"
+    TOKEN = "token"  # the decode state that `prefill` and `step` return and `step` takes
+    CACHE = "cache"
+    POSITION = "position"
+    OFFSET = "offset"
+    RECENT = "recent"
 
 
 class Role(enum.Enum):
@@ -49,6 +54,7 @@ class Role(enum.Enum):
     ROWS = "rows"  # one value per row (a prompt); the batch axis
     OPTION = "option"  # one scalar for the whole request
     REQUEST_LIST = "request_list"  # one list (shape [n]) for the whole request, such as stop sequences
+    STATE = "state"  # the decode state `step` takes back from `prefill` or the last `step`
 
 
 class _ExportDefault:
@@ -69,7 +75,8 @@ class Input:
 
     Args:
         name: the input's name in the SignatureDef (and the serving function's argument).
-        dtype: a TensorFlow dtype name ("string", "int32", "float32", "bool").
+        dtype: a TensorFlow dtype name ("string", "int32", "float32", "bool"); None with `shape`
+            None: set by the exported model (the packed cache).
         shape: dimensions, None for any size: `(None,)` rows or a list, `()` a scalar.
         role: a `Role`.
         default: the value recorded in the SignatureDef when a request leaves the input out;
@@ -85,7 +92,7 @@ class Input:
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """One output of a signature; its first axis is always the rows.
+    """One output of a signature; its first axis is the rows (but for the decode state's scalars).
 
     Args:
         count: padded along axis 1 to the longest row's value of this output (`token_ids` by
@@ -156,8 +163,50 @@ def generate_signature(sampling_type=SamplingOptions):
     ), _CONTINUATIONS)
 
 
+def _state(role=Role.STATE):
+    """The decode state (`kgpt.generation.decoding.DecodeState` and the token to feed), as
+    `prefill` and `step` output it and `step` takes it: the cache packed in one tensor whose dtype
+    and shape the model sets."""
+    spec = Input if role is Role.STATE else Output
+    extra = {"role": role} if role is Role.STATE else {}
+    return (
+        spec(Name.TOKEN, "int32", (None,), **extra), spec(Name.CACHE, None, None, **extra),
+        spec(Name.POSITION, "int32", (), **extra), spec(Name.OFFSET, "int32", (), **extra),
+        spec(Name.RECENT, "int32", (None, None), **extra),
+    )
+
+
+def prefill_signature(sampling_type=SamplingOptions):
+    """`prefill`: prompts of one token count, `max_new_tokens`, the sampling fields; the first
+    token and the state `step` takes."""
+    generate = generate_signature(sampling_type)
+    return Signature("prefill", generate.inputs[: -len(_STOPS)], _state(role=None) + (
+        Output(Name.PROMPT_TOKEN_COUNT, "int32", (None,)), Output(Name.TRUNCATED, "bool", (None,)),
+    ))
+
+
+def step_signature(sampling_type=SamplingOptions):
+    """`step`: the state and the sampling fields; the next token and state."""
+    options = generate_signature(sampling_type).inputs[2: -len(_STOPS)]
+    return Signature("step", _state() + options, _state(role=None))
+
+
+def contract_for(signature, sampling_type):
+    """`signature` with the sampling fields of `sampling_type` where it has them."""
+    makers = {"generate": generate_signature, "prefill": prefill_signature, "step": step_signature}
+    return makers[signature.name](sampling_type) if signature.name in makers else signature
+
+
 SERVING_DEFAULT = Signature("serving_default", (_PROMPTS,), _CONTINUATIONS)
 GENERATE = generate_signature()
+PREFILL = prefill_signature()
+STEP = step_signature()
+# The outputs of `prefill` and `step` that the next `step` takes as its inputs of the same names.
+STEP_STATE = tuple(spec.name for spec in STEP.inputs if spec.role is Role.STATE)
+DETOKENIZE = Signature("detokenize", (
+    Input(Name.TOKEN_IDS, "int32", (None, None), Role.ROWS),
+    Input(Name.TOKEN_COUNT, "int32", (None,), Role.ROWS),
+), (Output(Name.TEXT, "string", (None,)),))
 BEAM_SEARCH = Signature("beam_search", (
     _PROMPTS,
     Input(Name.MAX_NEW_TOKENS, "int32", (), Role.OPTION, EXPORT_DEFAULT),
@@ -177,7 +226,7 @@ SCORE = Signature("score", (Input(Name.TEXTS, "string", (None,), Role.ROWS),), (
 LOGITS = Signature("logits", (Input(Name.TOKEN_IDS, "int32", (None, None), Role.ROWS),), (
     Output(Name.LOGITS, "float32", (None, None, None)),
 ))
-SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, LOGITS)
+SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, LOGITS, PREFILL, STEP, DETOKENIZE)
 
 # What a batching server needs to know of any signature, by input and output name.
 PADDED_OUTPUTS = {o.name: o.count for s in SIGNATURES for o in s.outputs if o.count}

@@ -1,4 +1,4 @@
-"""Fast out-of-graph encoders for byte-level BPE: the ids `kgpt.tokenizer.BytePairTokenizer` gives,
+"""Fast out-of-graph encoders for byte-level BPE: the ids `kgpt.tokenizers.BytePairTokenizer` gives,
 for tokenizing corpora (its `encode_documents`). tiktoken runs the vocabulary's own ranks when they
 are in merge order (GPT-2's and `train_bpe`'s are), 4-5x faster than HF `tokenizers`, which is
 the fallback; both use every core.

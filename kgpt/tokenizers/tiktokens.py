@@ -23,7 +23,7 @@ GPT2_PATTERNS = (
 )
 ALTERNATIVES = (
     "train with tokenizer 'tiktoken:gpt2', 'gpt2' or 'bpe' to export, or run the Keras model in-process "
-    "(kgpt generate RUN_DIR, kgpt.generate.Generator)"
+    "(kgpt generate RUN_DIR, kgpt.generation.generator.Generator)"
 )
 
 

@@ -1,7 +1,7 @@
 """Baselines: an add-k bigram model (`train_bigram`) and the GRU with attention (`train_recurrent`).
 
 The bigram is counted on the GPT's training token stream and saved, without pickle, as a run
-directory `kgpt evaluate` reads; the GRU (`kgpt.recurrent`) is the recipe with `[model] kind = "gru"`.
+directory `kgpt evaluate` reads; the GRU (`kgpt.model.recurrent`) is the recipe with `[model] kind = "gru"`.
 """
 
 import dataclasses

@@ -148,7 +148,7 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
             keras.callbacks.TensorBoard(run.logs_dir),
         ]
         if config.sample_prompt and config.sample_length:
-            # Past the context, the sample goes on from the last half of it (kgpt.decoding).
+            # Past the context, the sample goes on from the last half of it (kgpt.generation.decoding).
             result.append(
                 kcallbacks.SampleText(
                     tokenizer, config.sample_prompt, config.sample_length,
