@@ -1,5 +1,8 @@
-"""Shared test settings and helpers: quiet TensorFlow logs, a seed for every test, run directories."""
+"""Shared test settings and helpers: quiet TensorFlow logs, a seed for every test, run directories,
+and the expensive artefacts built once per session (a tiny run, its export, a trained tiny run)."""
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -83,27 +86,99 @@ def shards(tmp_path):
     return tmp_path / "shards"
 
 
+def _write_toy_recipe(folder, batch_size=4, max_steps=20, eval_interval=10, eval_steps=2, warmup_steps=2):
+    recipe_text = TOY_RECIPE.format(
+        batch_size=batch_size, max_steps=max_steps, eval_interval=eval_interval,
+        eval_steps=eval_steps, warmup_steps=warmup_steps,
+    )
+    rng = np.random.RandomState(0)
+    paragraphs = [
+        " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))
+        for _ in range(40)
+    ]
+    (folder / "corpus.txt").write_text("\n\n".join(paragraphs))
+    path = folder / "recipe.toml"
+    path.write_text(recipe_text.replace(
+        "[data]", f'[data]\ndir = "{folder}"\ncache_dir = "{folder / "cache"}"'
+    ))
+    return path
+
+
 @pytest.fixture
 def write_toy_recipe(tmp_path):
     """`write(batch_size, max_steps, eval_interval, eval_steps, warmup_steps) -> path`: the toy
     recipe over a small, very regular corpus (`corpus.txt`) written in `tmp_path`; its `[data]`
     section gets `dir` and `cache_dir` there."""
+    return functools.partial(_write_toy_recipe, tmp_path)
 
-    def write(batch_size=4, max_steps=20, eval_interval=10, eval_steps=2, warmup_steps=2):
-        recipe_text = TOY_RECIPE.format(
-            batch_size=batch_size, max_steps=max_steps, eval_interval=eval_interval,
-            eval_steps=eval_steps, warmup_steps=warmup_steps,
-        )
-        rng = np.random.RandomState(0)
-        paragraphs = [
-            " ".join(rng.choice(["the cat sat.", "a dog ran.", "we sing la la."], size=6))
-            for _ in range(40)
-        ]
-        (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
-        path = tmp_path / "recipe.toml"
-        path.write_text(recipe_text.replace(
-            "[data]", f'[data]\ndir = "{tmp_path}"\ncache_dir = "{tmp_path / "cache"}"'
-        ))
-        return path
 
-    return write
+# --- artefacts built once per session, for the tests that only read them -------------------------
+# A test that changes one works on a copy (shutil.copytree) in its own tmp_path.
+
+TINY_TEXT = "the cat sat on the mat. a dog ran!\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, write_run_directory):
+    """`(run_dir, model, tokenizer)`: a run directory named `tiny` of a tiny random model (2 layers,
+    hidden 16, context 32) with a character tokenizer of `TINY_TEXT`. Read-only."""
+    from kgpt.tokenizers.char import train_characters
+
+    tokenizer = train_characters([TINY_TEXT])
+    run_dir, model = write_run_directory(tmp_path_factory.mktemp("tiny_run") / "tiny", tokenizer, 32)
+    return run_dir, model, tokenizer
+
+
+TINY_EXPORT_MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_run_export(tiny_run, tmp_path_factory):
+    """`(base_dir, path)`: `kgpt export` of `tiny_run` as `base_dir/tiny/1` (default max_new_tokens 8),
+    written with umask 022 (test_export checks its files' modes). Read-only."""
+    from kgpt.serving.export import export
+
+    base_dir = str(tmp_path_factory.mktemp("saved_models"))
+    previous = os.umask(0o022)
+    try:
+        path = export(tiny_run[0], "tiny", base_dir=base_dir, max_new_tokens=TINY_EXPORT_MAX_NEW_TOKENS)
+    finally:
+        os.umask(previous)
+    return base_dir, path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    recipe_path: str  # the toy recipe at its defaults (20 steps), beside its corpus
+    run_dir: str
+    result: object  # the `kgpt.train.TrainResult` of the training
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A `TrainedRun`: the toy recipe at its defaults (`write_toy_recipe()`) trained 20 steps with
+    `kgpt.train.train`. Read-only: a test that resumes or changes it works on a copy."""
+    from kgpt.recipe import load_recipe
+    from kgpt.training.train import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    recipe_path = _write_toy_recipe(folder)
+    run_dir = str(folder / "run")
+    result = train(load_recipe(recipe_path), run_dir, verbose=0)
+    return TrainedRun(str(recipe_path), run_dir, result)
+
+
+@pytest.fixture(scope="module")
+def run_directories_without_xla():
+    """Generators loaded from run directories (`kgpt generate RUN`, `kgpt serve RUN`) decode without
+    XLA in this module, for tests of what they answer rather than of the compiled loop."""
+    from kgpt.generation.generator import Generator
+
+    load = Generator.from_run_directory.__func__
+
+    def from_run_directory(cls, run_dir, **kwargs):
+        return load(cls, run_dir, **{"jit_compile": False, **kwargs})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "from_run_directory", classmethod(from_run_directory))
+        yield

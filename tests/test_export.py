@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -31,6 +32,7 @@ from kgpt.generation.stopping import cut_at_stop
 from kgpt.model.gpt import build_model
 from kgpt.model.recurrent import RecurrentLanguageModel
 from kgpt.serving import export as export_module
+from kgpt.serving import saved_model_generator as generate_module
 from kgpt.serving.export import (
     export,
     is_saved_model,
@@ -42,9 +44,8 @@ from kgpt.serving.export import (
 )
 from kgpt.serving.saved_model_generator import SavedModelGenerator, load_generator
 from kgpt.serving.serving_module import MAX_BEAMS, ServingModule
-from kgpt.serving.signatures import SIGNATURES, STEP_STATE, read_signature_defs
+from kgpt.serving.signatures import DEFAULT_BEAMS, SIGNATURES, STEP_STATE, read_signature_defs
 from kgpt.tokenizers.bpe import train_bpe
-from kgpt.tokenizers.char import train_characters
 
 SEQUENCE_LENGTH = 32
 MAX_NEW_TOKENS = 8
@@ -53,10 +54,9 @@ PROMPTS = ["the cat", "a", "", "dog ran on the mat"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, write_run_directory):
-    tokenizer = train_characters([TEXT])
-    run_dir, model = write_run_directory(tmp_path_factory.mktemp("run"), tokenizer, SEQUENCE_LENGTH)
-    return run_dir, model, tokenizer
+def run(tiny_run):
+    """`(run_dir, model, tokenizer)`: conftest's `tiny_run` (a character tokenizer of TEXT, context 32)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -593,10 +593,18 @@ def test_cli_export_usage_errors_exit_2(run, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def exported(run, tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("saved_models")
-    path = export(run[0], "tiny", base_dir=str(base_dir), max_new_tokens=MAX_NEW_TOKENS)
-    return str(base_dir), path
+def exported(tiny_run_export):
+    """`(base_dir, path)`: conftest's one export of `run` (max_new_tokens 8), shared: read it only."""
+    assert tiny_run_export[1].endswith(os.path.join("tiny", "1"))
+    return tiny_run_export
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The export loaded once (`tf.saved_model.load`), for the tests that only call its signatures."""
+    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
+
+    return tf.saved_model.load(exported[1])
 
 
 def _tree_digest(path):
@@ -620,16 +628,13 @@ def test_export_is_xla_free_and_uses_only_core_and_text_ops(exported):
 
 
 @pytest.mark.export
-def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(run, exported, capsys):
-    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
-
-    base_dir, plain = exported
-    assert main(["export", run[0], "--name", "tiny-jit", "--base-dir", base_dir, "--jit",
+def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(run, loaded, tmp_path, capsys):
+    assert main(["export", run[0], "--name", "tiny-jit", "--base-dir", str(tmp_path), "--jit",
                  "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     path = capsys.readouterr().out.strip().split(" to ")[-1]
     findings = xla_findings(path)
     assert findings and not [finding for finding in findings if finding.startswith("op ")]  # no Xla* op
-    jit, default = tf.saved_model.load(path).signatures, tf.saved_model.load(plain).signatures
+    jit, default = tf.saved_model.load(path).signatures, loaded.signatures
     prompts = tf.constant(PROMPTS)
     assert _texts(jit["serving_default"](prompts=prompts)) == _texts(default["serving_default"](prompts=prompts))
     sampled = dict(prompts=prompts, max_new_tokens=tf.constant(4), temperature=tf.constant(0.9),
@@ -649,8 +654,10 @@ def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(ru
 
 
 @pytest.mark.export
-def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, exported, capsys):
-    base_dir, first = exported
+def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, exported, tmp_path, capsys):
+    base_dir = str(tmp_path)  # a copy of the shared export's folder: this test adds a version
+    shutil.copytree(os.path.dirname(exported[1]), os.path.join(base_dir, "tiny"))
+    first = os.path.join(base_dir, "tiny", "1")
     before = _tree_digest(first)
     assert main(["export", run[0], "--name", "tiny", "--base-dir", base_dir]) == 0
     assert capsys.readouterr().out.strip().endswith(os.path.join(base_dir, "tiny", "2"))
@@ -661,10 +668,7 @@ def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, expor
 
 
 @pytest.mark.export
-def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module, exported):
-    import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
-
-    loaded = tf.saved_model.load(exported[1])
+def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module, loaded):
     signatures = loaded.signatures
     assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "logits", "prefill",
                                "step", "detokenize"} == {signature.name for signature in SIGNATURES}
@@ -705,7 +709,7 @@ def test_a_loaded_exports_generate_and_beam_search_take_only_prompts_from_python
     import tensorflow_text  # noqa: F401  (registers tokenizer ops before loading)
 
     loaded = tf.saved_model.load(exported[1])
-    signature_defs = export_module._read_saved_model(exported[1]).meta_graphs[0].signature_def
+    signature_defs = read_signature_defs(exported[1])
     functions = export_module.signature_functions(exported[1], module=loaded)
     prompts = PROMPTS[:2]
     for name in ("generate", "beam_search"):
@@ -718,7 +722,7 @@ def test_a_loaded_exports_generate_and_beam_search_take_only_prompts_from_python
             assert set(outputs) == set(expected)
             for key, value in expected.items():
                 assert outputs[key].numpy().tolist() == value.numpy().tolist(), (name, key)
-    assert functions["beam_search"](prompts=prompts)["beam_text"].shape == [2, export_module.DEFAULT_BEAMS]
+    assert functions["beam_search"](prompts=prompts)["beam_text"].shape == [2, DEFAULT_BEAMS]
     stopped = functions["generate"](prompts=prompts, top_k=1, stop=["a"])
     assert _texts(stopped) == _texts(loaded.generate(prompts=tf.constant(prompts), top_k=tf.constant(1),
                                                      stop=tf.constant(["a"])))
@@ -727,12 +731,8 @@ def test_a_loaded_exports_generate_and_beam_search_take_only_prompts_from_python
 
 
 @pytest.mark.export
-def test_every_file_of_an_export_is_readable_by_other_users(run, tmp_path):
-    previous = os.umask(0o022)
-    try:
-        path = export(run[0], "tiny", base_dir=str(tmp_path), max_new_tokens=MAX_NEW_TOKENS)
-    finally:
-        os.umask(previous)
+def test_every_file_of_an_export_is_readable_by_other_users(exported):
+    path = exported[1]  # exported with umask 022 (conftest's tiny_run_export)
     modes = {}
     for root, folders, files in os.walk(path):
         for name in folders + files:
@@ -933,7 +933,17 @@ def test_fresh_process_with_only_tensorflow_gives_the_in_process_greedy_text(
 
 
 @pytest.mark.export
-def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys):
+def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys, monkeypatch):
+    # Each command loads its model anew (the export: ~5-10 s a time on 2 cores, even for the
+    # commands refused after the load); here they share one load per path.
+    generators = {}
+
+    def load_once(path, **kwargs):
+        if path not in generators:
+            generators[path] = load_generator(path, **kwargs)
+        return generators[path]
+
+    monkeypatch.setattr(generate_module, "load_generator", load_once)
     model_dir = os.path.join(exported[0], "tiny")
     assert main(["generate", model_dir, "--prompt", "the cat", "--json"]) == 0
     texts = json.loads(capsys.readouterr().out)

@@ -4,6 +4,7 @@ client package against a served run directory (whole and streamed answers equal 
 import http.client
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -19,7 +20,6 @@ from kgpt.generation.stopping import StopText
 from kgpt.serving.protocol import API, CompletionRequest
 from kgpt.serving.saved_model_generator import load_generator
 from kgpt.serving.server import make_server
-from kgpt.tokenizers.char import train_characters
 
 TEXT = "the cat sat on the mat. a dog ran!\n"
 
@@ -87,12 +87,15 @@ def test_stop_text_cuts_at_the_first_stop_however_the_text_arrives():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, write_run_directory):
-    return write_run_directory(tmp_path_factory.mktemp("openai") / "tiny", train_characters([TEXT]))[0]
+def run_dir(tiny_run):
+    """conftest's run directory `tiny` (a character tokenizer of TINY_TEXT), served as model 'tiny'."""
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):
+def server(run_dir, run_directories_without_xla):
+    # The served Generator (and `load_generator` here) decodes without XLA: these tests are about
+    # the API's answers, and compiling each new batch shape with XLA would double their time.
     server = make_server(str(run_dir), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -286,10 +289,8 @@ def test_the_playground_is_one_self_contained_page(server):
 
 
 @pytest.mark.export
-def test_an_export_streams_one_event_per_token_equal_to_its_generate(run_dir, tmp_path):
-    from kgpt.serving.export import export
-
-    path = export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
+def test_an_export_streams_in_growing_chunks_equal_to_its_generate(tiny_run_export):
+    base_dir, path = tiny_run_export  # conftest's export of run_dir (shared: read only)
     generator = load_generator(path)
     long = "the cat sat on the mat. " * 2  # left-truncated
     # 12 new tokens stay within the context of 32; 40 pass it.
@@ -305,7 +306,7 @@ def test_an_export_streams_one_event_per_token_equal_to_its_generate(run_dir, tm
         for piece in generator.stream("the", count, temperature=1.0, seed=5, num_return_sequences=2):
             streamed[piece.index] += piece.text
         assert streamed == generator.generate(["the"], count, temperature=1.0, seed=5, num_return_sequences=2)
-    server = make_server(str(tmp_path / "tiny"), port=0)
+    server = make_server(os.path.join(base_dir, "tiny"), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
@@ -336,7 +337,7 @@ def test_an_export_streams_one_event_per_token_equal_to_its_generate(run_dir, tm
         server.server_close()
     # Concurrent greedy whole answers share decode calls (as predict's requests do), answers unchanged.
     prompts = ["the cat", "a", "", "dog", "the mat", "t"]
-    server = make_server(str(tmp_path / "tiny"), port=0, batch_timeout=2.0)
+    server = make_server(os.path.join(base_dir, "tiny"), port=0, batch_timeout=2.0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")

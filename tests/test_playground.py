@@ -21,7 +21,6 @@ import urllib.request
 import pytest
 
 from kgpt.serving.server import make_server
-from kgpt.tokenizers.char import train_characters
 
 pytestmark = pytest.mark.browser
 
@@ -103,11 +102,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, write_run_directory):
-    run_dir = os.environ.get("KGPT_PLAYGROUND_RUN_DIR")
-    if not run_dir:
-        text = "the cat sat on the mat. a dog ran!\n"
-        run_dir, _ = write_run_directory(tmp_path_factory.mktemp("play") / "tiny", train_characters([text]))
+def server(tiny_run):
+    run_dir = os.environ.get("KGPT_PLAYGROUND_RUN_DIR") or tiny_run[0]  # conftest's random run "tiny"
     server = make_server(str(run_dir), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server

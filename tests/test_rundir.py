@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,9 +161,10 @@ def test_a_run_directory_must_be_a_local_path(recipe_path, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(recipe_path, tmp_path):
+def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(write_toy_recipe, trained_run, tmp_path):
+    recipe_path = write_toy_recipe()  # the recipe of conftest's trained toy run
     run = RunDirectory(tmp_path / "run")
-    train(load_recipe(recipe_path), run.path, verbose=0)
+    shutil.copytree(trained_run.run_dir, run.path)  # trained by that recipe
     dead = f".tmp-{files._host()}-999999-abc-"
     stale = [
         run.file(".tmp-k2j3h4.keras"),  # the naming of kgpt before kgpt.files
@@ -178,9 +180,10 @@ def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(recipe_path, 
 
 
 @pytest.mark.slow
-def test_moved_data_resumes_and_the_run_records_the_new_place(recipe_path, tmp_path, capsys):
+def test_moved_data_resumes_and_the_run_records_the_new_place(write_toy_recipe, trained_run, tmp_path, capsys):
+    recipe_path = write_toy_recipe()  # the recipe of conftest's trained toy run, its corpus in tmp_path
     run_dir = str(tmp_path / "run")
-    train(load_recipe(recipe_path), run_dir, verbose=0)
+    shutil.copytree(trained_run.run_dir, run_dir)  # trained by that recipe
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "corpus.txt").write_text((tmp_path / "corpus.txt").read_text())

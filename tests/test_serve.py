@@ -8,6 +8,7 @@ serves a real `kgpt export` of a tiny model.
 import base64
 import http.client
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -427,17 +428,14 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, echo_dir, capsys):
         make_server(str(echo_dir), port=port)
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, write_run_directory):
-    """`saved_models/tiny`: a `kgpt export` of a tiny random character model."""
-    from kgpt.serving.export import export
-    from kgpt.tokenizers.char import train_characters
+# The default max_new_tokens of conftest's tiny_run_export.
+EXPORT_MAX_NEW_TOKENS = 8
 
-    tmp_path = tmp_path_factory.mktemp("tiny")
-    tokenizer = train_characters(["the cat sat on the mat. a dog ran!\n"])
-    run_dir, _ = write_run_directory(tmp_path / "run", tokenizer)
-    export(run_dir, "tiny", base_dir=str(tmp_path / "saved_models"), max_new_tokens=6)
-    return tmp_path / "saved_models" / "tiny"
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run_export):
+    """`saved_models/tiny`: conftest's `kgpt export` of a tiny random character model (shared: read only)."""
+    return pathlib.Path(tiny_run_export[0]) / "tiny"
 
 
 @pytest.mark.export
@@ -445,7 +443,8 @@ def test_serves_a_kgpt_export(tiny_export):
     from kgpt.serving.saved_model_generator import load_generator
 
     model_dir = tiny_export
-    expected = load_generator(str(model_dir)).generate(["the cat", "a"], max_new_tokens=6)
+    generator = load_generator(str(model_dir))
+    expected = generator.generate(["the cat", "a"], max_new_tokens=EXPORT_MAX_NEW_TOKENS)
     server = start(model_dir)
     try:
         predict = "/v1/models/tiny:predict"
@@ -477,7 +476,7 @@ def test_serves_a_kgpt_export(tiny_export):
         # beam_search: each prompt's beams, best first; the best is its text.
         status, answer = call(server, "POST", predict, {"signature_name": "beam_search", "inputs": {
             "prompts": ["the cat", "a"], "num_beams": 3, "max_new_tokens": 5}})
-        beams = load_generator(str(model_dir)).generate(
+        beams = generator.generate(
             ["the cat", "a"], max_new_tokens=5, num_beams=3, num_return_sequences=3)
         assert status == 200 and answer["outputs"]["beam_text"] == [beams[:3], beams[3:]]
         assert answer["outputs"]["text"] == [beams[0], beams[3]]

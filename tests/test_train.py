@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,9 @@ def _history(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_fit_lowers_the_loss_and_writes_the_run_directory(recipe_path, tmp_path):
-    run_dir = str(tmp_path / "run")
-    result = train(load_recipe(recipe_path), run_dir, verbose=0)
+def test_fit_lowers_the_loss_and_writes_the_run_directory(trained_run):
+    # conftest's session run: train(load_recipe(recipe_path), run_dir) of this file's recipe_path.
+    run_dir, result = trained_run.run_dir, trained_run.result
     assert result.steps == 20 and result.stopped is None
     for name in ("config.json", "tokenizer", "best.keras", "final.keras", "history.csv", "logs", "backup"):
         assert os.path.exists(os.path.join(run_dir, name)), name
@@ -48,10 +49,10 @@ def test_fit_lowers_the_loss_and_writes_the_run_directory(recipe_path, tmp_path)
         assert json.load(f)["train"]["max_steps"] == 20
 
 
-def test_rerun_with_the_same_recipe_resumes_and_a_different_one_is_refused(recipe_path, tmp_path):
+def test_rerun_with_the_same_recipe_resumes_and_a_different_one_is_refused(recipe_path, trained_run, tmp_path):
     run_dir = str(tmp_path / "run")
+    shutil.copytree(trained_run.run_dir, run_dir)  # train(recipe, run_dir), run once per session
     recipe = load_recipe(recipe_path)
-    train(recipe, run_dir, verbose=0)
     again = train(recipe, run_dir, verbose=0)  # already finished: nothing more to do
     assert again.steps == 20 and len(_history(run_dir)) == 2
     changed = load_recipe(recipe_path, ["train.learning_rate=0.5", "model.hidden_dim=32"])
@@ -130,9 +131,9 @@ def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path, tmp_path):
-    source = str(tmp_path / "source")
-    train(load_recipe(recipe_path), source, verbose=0)
+def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path, trained_run, tmp_path):
+    source = str(tmp_path / "source")  # (the error below names it)
+    shutil.copytree(trained_run.run_dir, source)  # train(load_recipe(recipe_path), source), once per session
     trained = load_model(os.path.join(source, "final.keras"))
     # A learning rate of 1e-9: the fine-tuned model is the source's, with the recipe's dropout.
     overrides = [f"train.init_from={source}", "train.learning_rate=1e-9",
@@ -190,9 +191,16 @@ def _kgpt(args, **kwargs):
 
 
 @pytest.mark.slow
-def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(recipe_path, tmp_path):
+def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(recipe_path, tmp_path, request):
     run_dir = tmp_path / "run"
     args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=60"]
+    # An uninterrupted run of the same recipe, trained meanwhile (its own token cache: the two
+    # processes never write one folder), compared with the resumed run at the end.
+    reference_dir = tmp_path / "reference"
+    reference = _kgpt(["train", str(recipe_path), "--run-dir", str(reference_dir), "--set", "train.max_steps=60",
+                       "--set", f"data.cache_dir={tmp_path / 'reference-cache'}"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    request.addfinalizer(reference.kill)  # a no-op once it has finished
     process = _kgpt(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metadata = run_dir / "backup" / "training_metadata.json"
     deadline = time.time() + 240
@@ -211,9 +219,6 @@ def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(r
     assert epochs == list(range(6))  # every evaluation logged once
     # The resumed run continued the same data stream from the same state: it ends where an
     # uninterrupted run ends.
-    reference_dir = tmp_path / "reference"
-    reference = _kgpt(["train", str(recipe_path), "--run-dir", str(reference_dir), "--set", "train.max_steps=60"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert reference.wait(timeout=300) == 0
     resumed_weights = load_model(run_dir / "final.keras").get_weights()
     reference_weights = load_model(reference_dir / "final.keras").get_weights()
