@@ -86,8 +86,9 @@ def _add_export(subparsers):
         subparsers, "export", _run_export,
         "export a run as a SavedModel for TensorFlow Serving (or a Hugging Face folder)",
         "Write BASE_DIR/NAME/VERSION/ (TF Serving's layout): a SavedModel with the tokenizer and "
-        "the cached decode loop in the graph; signatures serving_default, generate, score and "
-        "logits. Versions are never overwritten. With --format hf, write a Hugging Face GPT-2 "
+        "the cached decode loop in the graph; signatures serving_default, generate, beam_search, "
+        "score, logits, and prefill, step and detokenize for streaming token by token. Versions are "
+        "never overwritten. With --format hf, write a Hugging Face GPT-2 "
         "folder to --out instead.",
     )
     parser.add_argument("run_dir", help="a run directory written by 'kgpt train'")
