@@ -484,9 +484,16 @@ def test_a_save_that_fails_halfway_leaves_no_version_and_no_temporary_folder(
         raise OSError("No space left on device")
 
     monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
+
+    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
     with pytest.raises(ValueError, match="Could not publish .*No space left on device"):
         export(run[0], "tiny", base_dir=tmp_path)
     assert os.listdir(tmp_path / "tiny") == []
+
+
+def _untraced(module):
+    """`ServingModule.signatures` without tracing (and checking) the functions, for a faked save."""
+    return {}
 
 
 def _fake_save(also=None):
@@ -504,6 +511,7 @@ def _fake_save(also=None):
 
 def test_a_version_is_readable_by_other_users(run, tmp_path, monkeypatch):
     monkeypatch.setattr(tf.saved_model, "save", _fake_save())
+    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     previous = os.umask(0o022)
     try:
@@ -525,6 +533,8 @@ def test_a_version_another_export_publishes_meanwhile_makes_this_one_take_the_ne
             (model_dir / "1" / "saved_model.pb").write_bytes(b"other")
 
     monkeypatch.setattr(tf.saved_model, "save", _fake_save(concurrent_publish))
+
+    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     assert export(run[0], "tiny", base_dir=tmp_path) == str(model_dir / "2")
     assert (model_dir / "1" / "saved_model.pb").read_bytes() == b"other"
@@ -539,6 +549,7 @@ def test_a_version_another_export_publishes_meanwhile_makes_this_one_take_the_ne
 
 def test_staging_folders_of_killed_exports_are_removed(run, tmp_path, monkeypatch):
     monkeypatch.setattr(tf.saved_model, "save", _fake_save())
+    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -138,7 +138,18 @@ def test_stop_strings_cut_the_text_before_the_first_one(generator):
     assert kept == [p + t for p, t in zip(prompts, texts)]
 
 
-def test_cli_generate(run_dir, capsys):
+@pytest.fixture
+def cli_uses_generator(generator, run_dir, monkeypatch):
+    """`kgpt generate RUN_DIR` answers from the module's generator (without XLA, loaded once): these
+    tests are about the command line, not the compiled loop, which a load per call compiles anew."""
+    from kgpt.serving import saved_model_generator
+
+    load = saved_model_generator.load_generator
+    monkeypatch.setattr(saved_model_generator, "load_generator",
+                        lambda path, **kwargs: generator if path == run_dir else load(path, **kwargs))
+
+
+def test_cli_generate(run_dir, capsys, cli_uses_generator):
     assert main(["generate", run_dir, "--prompt", "the cat", "--prompt", "a", "--max-new-tokens", "5", "--json"]) == 0
     texts = json.loads(capsys.readouterr().out)
     assert [t[: len(p)] for t, p in zip(texts, ["the cat", "a"])] == ["the cat", "a"]
@@ -223,7 +234,7 @@ def test_complete_reports_counts_and_finish_reasons(generator):
         generator.complete(["a"], 0)
 
 
-def test_cli_generate_stream_prints_the_continuation(run_dir, capsys):
+def test_cli_generate_stream_prints_the_continuation(run_dir, capsys, cli_uses_generator):
     assert main(["generate", run_dir, "--prompt", "the", "--max-new-tokens", "6", "--stream"]) == 0
     streamed = capsys.readouterr().out
     assert streamed.startswith("the") and streamed.endswith("\n")
