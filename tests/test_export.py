@@ -665,7 +665,13 @@ def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(ru
 
 
 @pytest.mark.export
-def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, exported, tmp_path, capsys):
+def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, exported, tmp_path, capsys,
+                                                                     monkeypatch):
+    # What is checked is the versioning through the command line: the save itself is faked (real
+    # saves: the shared export and the tests above).
+    monkeypatch.setattr(tf.saved_model, "save", _fake_save())
+    monkeypatch.setattr(ServingModule, "signatures", _untraced)
+    monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     base_dir = str(tmp_path)  # a copy of the shared export's folder: this test adds a version
     shutil.copytree(os.path.dirname(exported[1]), os.path.join(base_dir, "tiny"))
     first = os.path.join(base_dir, "tiny", "1")
@@ -819,6 +825,9 @@ def test_streams_from_an_export_and_in_process_give_generates_text_past_the_cont
                 # One piece per token step of a live row (end-of-text's, not counted, included).
                 assert len(pieces) == sum(c.token_count + (c.finish_reason == "stop") for c in expected)
         assert max(c.token_count for c in expected) > 16, prompt  # past the context
+    if kind == "gru":  # a model without a cache: its greedy batch from the export is generate's too
+        expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
+        assert saved.generate(PROMPTS, MAX_NEW_TOKENS) == expected
 
 
 @pytest.mark.export
@@ -882,17 +891,6 @@ def test_a_saved_model_generates_past_the_context_like_the_reference(run, contex
     assert saved.generate(prompts, 64) == expected
     stop = [expected[0][20:22]]
     assert saved.generate(prompts, 64, stop=stop) == [cut_at_stop(text, stop) for text in expected]
-
-
-@pytest.mark.export
-def test_a_recurrent_model_exports_without_xla(run, tmp_path):
-    _, _, tokenizer = run
-    model = _recurrent_model(tokenizer)
-    module = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
-    path = publish(module, tmp_path / "gru")
-    assert xla_findings(path) == []
-    expected = Generator(model, tokenizer).generate(PROMPTS, MAX_NEW_TOKENS)
-    assert SavedModelGenerator(path).generate(PROMPTS, MAX_NEW_TOKENS) == expected
 
 
 # Runs in a fresh interpreter: kgpt and keras-hub cannot be imported at all. TensorFlow (and

@@ -289,7 +289,7 @@ def test_the_playground_is_one_self_contained_page(server):
 
 
 @pytest.mark.export
-def test_an_export_streams_in_growing_chunks_equal_to_its_generate(tiny_run_export):
+def test_an_export_streams_one_event_per_token_equal_to_its_generate(tiny_run_export):
     base_dir, path = tiny_run_export  # conftest's export of run_dir (shared: read only)
     generator = load_generator(path)
     long = "the cat sat on the mat. " * 2  # left-truncated
@@ -351,11 +351,9 @@ def test_an_export_streams_in_growing_chunks_equal_to_its_generate(tiny_run_expo
 
 
 @pytest.mark.export
-def test_an_export_stops_streaming_when_its_client_leaves(run_dir, tmp_path):
-    from kgpt.serving.export import export
-
-    export(str(run_dir), "tiny", base_dir=str(tmp_path), max_new_tokens=6)
-    server = make_server(str(tmp_path / "tiny"), port=0)
+def test_an_export_stops_streaming_when_its_client_leaves(tiny_run_export):
+    base_dir, _ = tiny_run_export  # conftest's export of run_dir (shared: read only)
+    server = make_server(os.path.join(base_dir, "tiny"), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         dropped, settled, later = drop_a_long_stream(server, 3)
