@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_generate import _joined  # streamed pieces joined per continuation
 
 from kgpt.cli import main
 from kgpt.generation import sampling
@@ -788,15 +789,6 @@ def context_16_exports(run, tmp_path_factory):
         kind: (model, publish(ServingModule(model, tokenizer, max_new_tokens=8), base_dir / kind))
         for kind, model in models.items()
     }
-
-
-def _joined(pieces, rows=1):
-    """`[(text, last piece)]` per continuation of streamed `pieces`."""
-    texts, last = [""] * rows, [None] * rows
-    for piece in pieces:
-        texts[piece.index] += piece.text
-        last[piece.index] = piece
-    return list(zip(texts, last))
 
 
 @pytest.mark.export
