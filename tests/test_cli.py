@@ -56,6 +56,21 @@ def test_info_accepts_a_run_directory(tmp_path, capsys):
     assert "Parameters:" in capsys.readouterr().out
 
 
+def test_a_fresh_process_loads_a_trained_checkpoint_without_the_training_code(trained_run):
+    # best.keras holds the compiled state (AdamW, WarmupCosine, Perplexity); loading it for its
+    # weights, as `kgpt info`, `generate`, `export` and `evaluate` do, needs none of those classes.
+    script = (
+        "import sys\n"
+        "from kgpt.rundir import load_model\n"
+        f"model = load_model({trained_run.run_dir!r})\n"
+        "print(type(model).__name__, sorted(m for m in sys.modules if m.startswith('kgpt.training')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": REPOSITORY, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "GPT []"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -42,7 +42,9 @@ def load_keras_file(path):
             "pass a file saved by kgpt or Keras 3."
         )
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        # Without the compiled state: kgpt loads checkpoints for their weights (training resumes from
+        # backup/), so a load needs no optimizer, schedule or metric class registered.
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"Could not load the Keras model in {path}: {error}") from error
 
