@@ -428,6 +428,15 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, echo_dir, capsys):
         make_server(str(echo_dir), port=port)
 
 
+def test_a_port_out_of_range_is_one_line_not_another_port(echo_dir, capsys):
+    # 99999 would otherwise bind 99999 % 65536 = 34463, and the banner would name that port.
+    assert main(["serve", str(echo_dir), "--port", "99999"]) == 2
+    error = capsys.readouterr().err
+    assert error == "kgpt serve: error: port=99999 is out of range; choose 0 to 65535 (0 picks a free one).\n"
+    with pytest.raises(ValueError, match="port=-1 is out of range"):
+        make_server(str(echo_dir), port=-1)
+
+
 # The default max_new_tokens of conftest's tiny_run_export.
 EXPORT_MAX_NEW_TOKENS = 8
 

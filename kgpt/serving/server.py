@@ -370,6 +370,9 @@ def make_server(model_dir, host="127.0.0.1", port=8501, name=None, max_connectio
         server.shutdown(); server.server_close()
     """
     limits = Limits(max_connections, read_timeout, max_request_bytes)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        # Checked here: the socket layer would bind `port % 65536` without a word.
+        raise ValueError(f"port={port!r} is out of range; choose 0 to 65535 (0 picks a free one).")
     sock = _bind(host, port)
     try:
         return Server(ModelServer(model_dir, name=name, **kwargs), sock, limits)
