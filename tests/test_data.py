@@ -147,6 +147,25 @@ def test_token_cache_reused_and_invalidated(shards, tmp_path):
     assert not [p for p in pathlib.Path(config.cache_dir).iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file", "read-only"])
+def test_an_unusable_cache_dir_is_one_line_naming_it(shards, tmp_path, where):
+    config, tokenizer = _packed_setup(shards, tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    cache_dir = {"a file": tmp_path / "file", "below a file": tmp_path / "file" / "tokens",
+                 "read-only": tmp_path / "read-only"}[where]
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        cache_dir.mkdir(mode=0o555)
+    config = dataclass_replace(config, cache_dir=str(cache_dir))
+    with pytest.raises(ValueError) as caught:  # was tf.errors.FailedPreconditionError / PermissionDeniedError
+        data.tokenize_corpus(config, tokenizer, "train")
+    message = str(caught.value)
+    assert message.startswith(f"data.cache_dir={str(cache_dir)!r} cannot hold token stores (")
+    assert message.endswith("set data.cache_dir (or KGPT_CACHE_DIR) to a folder you can write to.")
+    assert "\n" not in message and (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_build_tokenizer_saves_and_reloads(shards, tmp_path):
     config, tokenizer = _packed_setup(shards, tmp_path)
     saved = run_tokenizer.build_tokenizer(config, str(tmp_path / "run" / "tokenizer"))

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from kgpt import files
 from kgpt.data import corpora, tokenstore
 
 CACHE_FORMAT_VERSION = 3  # 2: normalisation moved into the tokenizer; 3: sharded token store
@@ -33,6 +34,34 @@ def default_cache_directory():
     return os.environ.get("KGPT_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "kgpt", "tokens"
     )
+
+
+def cache_directory(config):
+    """The folder of the token stores: `data.cache_dir`, else `default_cache_directory()`."""
+    return config.cache_dir or default_cache_directory()
+
+
+def check_cache_directory(config):
+    """Makes the token-store folder and writes a file into it; a folder that cannot be made or
+    written (read-only, a file, a parent that is a file, ...) raises `ValueError` naming it."""
+    root = cache_directory(config)
+    probe = f"{root.rstrip('/')}/{files.temporary_name('probe')}"
+    try:
+        tf.io.gfile.makedirs(root)
+        if not tf.io.gfile.isdir(root):
+            raise NotADirectoryError(f"{root} is not a folder")
+        with tf.io.gfile.GFile(probe, "wb") as file:
+            file.write(b"")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as error:
+        reason = error.message if isinstance(error, tf.errors.OpError) else error.strerror or str(error)
+        name = f"data.cache_dir={root!r}" if config.cache_dir else (
+            f"the token-store folder {root!r} (data.cache_dir unset: $KGPT_CACHE_DIR or "
+            "~/.cache/kgpt/tokens)")
+        raise ValueError(
+            f"{name} cannot hold token stores ({' '.join(str(reason).split())}); set data.cache_dir "
+            "(or KGPT_CACHE_DIR) to a folder you can write to."
+        ) from None
 
 
 def cache_key(config, tokenizer, split):
@@ -60,12 +89,13 @@ def tokenize_corpus(config, tokenizer, split, progress=None):
         progress: print a status line with tokens/s and ETA to stderr; default: when it is a terminal.
     """
     key, description = cache_key(config, tokenizer, split)
-    root = config.cache_dir or default_cache_directory()
+    root = cache_directory(config)
     path = f"{root.rstrip('/')}/{config.corpus}-{split}-{key}" if "://" in root else os.path.join(
         root, f"{config.corpus}-{split}-{key}")
     store = tokenstore.open_store(path, description)
     if store is not None:
         return store
+    check_cache_directory(config)
     if progress is None:
         progress = sys.stderr.isatty()
     total_bytes = sum(size for _, size, _ in description["files"])

@@ -18,6 +18,7 @@ from kgpt.rundir import RunDirectory, read_model_config
 from kgpt.training import callbacks as kcallbacks
 from kgpt.training import distribute
 from kgpt.training.metrics import Perplexity
+from kgpt.training.resources import check_training_resources
 from kgpt.training.schedule import WarmupCosine
 
 # [model] keys a fine-tuning recipe may change: they shape no weight.
@@ -74,6 +75,7 @@ def build_model(recipe, tokenizer, strategy=None):
     with strategy.scope():
         model_config = init_config or recipe.model_config(tokenizer.vocabulary_size)
         kdata.check_model_compatibility(recipe.data, model_config, tokenizer)
+        check_training_resources(recipe, model_config, config.batch_size)  # before the model and data
         model = MODEL_CLASSES[recipe.model_kind].from_config_object(model_config)
         if config.init_from:
             model.set_weights(RunDirectory(config.init_from).load_model().get_weights())
