@@ -399,7 +399,37 @@ def _run_export(args):
     print(f"Exported {args.run_dir} to {path}")
 
 
+# `kgpt serve`'s numeric flags: (argparse dest, smallest value, whether the smallest is allowed, fix).
+_SERVE_LIMITS = (
+    ("port", 0, True, "choose 0 to 65535 (0 picks a free port)"),
+    ("max_concurrent_requests", 1, True, "at least 1 model call must run"),
+    ("max_request_bytes", 1, True, "e.g. 1048576 for 1 MiB"),
+    ("max_batch_size", 1, True, "1 runs each request alone, or pass --no-batching"),
+    ("batch_timeout_ms", 0, True, "0 runs a batch without waiting for more requests"),
+    ("max_queued_requests", 1, True, "e.g. 64"),
+    ("request_timeout", 0, False, "e.g. 30 seconds"),
+    ("max_connections", 1, True, "e.g. 100"),
+    ("read_timeout", 0, False, "e.g. 10 seconds"),
+)
+
+
+def check_serve_arguments(args):
+    """Raises `UsageError` for a `kgpt serve` flag out of range (before any model is loaded)."""
+    import math
+
+    for name, minimum, inclusive, fix in _SERVE_LIMITS:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value) or (value < minimum if inclusive else value <= minimum) or (
+                name == "port" and value > 65535):
+            bound = f"{'>=' if inclusive else '>'} {minimum}" + (" and <= 65535" if name == "port" else "")
+            kind = "a finite number" if isinstance(value, float) else "an integer"
+            raise UsageError(f"{flag} {value:g} is out of range: it must be {kind} {bound}; {fix}.")
+
+
 def _run_serve(args):
+    check_serve_arguments(args)
+
     from kgpt.serving.server import serve
 
     serve(args.model_dir, port=args.port, host=args.host, name=args.name,

@@ -282,3 +282,28 @@ def test_import_kgpt_cli_does_not_import_tensorflow():
         env={**os.environ, "PYTHONPATH": REPOSITORY}, check=False,
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("flag, value, wanted", [
+    ("--port", "99999", "--port 99999 is out of range: it must be an integer >= 0 and <= 65535"),
+    ("--port", "-1", "--port -1 is out of range"),
+    ("--max-request-bytes", "0", "--max-request-bytes 0 is out of range: it must be an integer >= 1"),
+    ("--max-concurrent-requests", "0", "--max-concurrent-requests 0 is out of range"),
+    ("--max-batch-size", "-3", "--max-batch-size -3 is out of range"),
+    ("--max-queued-requests", "0", "--max-queued-requests 0 is out of range"),
+    ("--max-connections", "0", "--max-connections 0 is out of range"),
+    ("--batch-timeout-ms", "-1", "--batch-timeout-ms -1 is out of range: it must be a finite number >= 0"),
+    ("--batch-timeout-ms", "inf", "--batch-timeout-ms inf is out of range"),
+    ("--request-timeout", "0", "--request-timeout 0 is out of range: it must be a finite number > 0"),
+    ("--request-timeout", "inf", "--request-timeout inf is out of range"),
+    ("--read-timeout", "nan", "--read-timeout nan is out of range"),
+])
+def test_serve_checks_its_flags_before_loading_a_model(tmp_path, monkeypatch, capsys, flag, value, wanted):
+    import kgpt.serving.model_server
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(kgpt.serving.model_server.ModelServer, "__init__", no_model)
+    assert main(["serve", str(tmp_path), flag, value]) == 2
+    _one_line_error(capsys, f"kgpt serve: error: {wanted}")
