@@ -94,6 +94,12 @@ def test_greedy_is_temperature_1_top_k_1_in_the_graph():
         (dict(top_p=1.5), "top_p"),
         (dict(seed="1"), "seed='1' must be an integer"),
         (dict(temperature=True), "temperature=True must be a number"),
+        # inf passed every bound of temperature (and sampled uniformly); nan of none
+        (dict(temperature=float("inf")), "temperature=inf must be a finite number and must be > 0; for greedy"),
+        (dict(temperature=float("-inf")), "temperature=-inf must be a finite number"),
+        (dict(top_p=float("nan")), r"top_p=nan must be a finite number and must be in \(0, 1\]"),
+        (dict(top_k=float("inf")), "top_k=inf must be a finite number and must be >= 0"),
+        (dict(seed=float("nan")), r"seed=nan must be a finite number\.$"),
     ],
 )
 def test_bad_options_are_refused(options, match):
@@ -128,6 +134,8 @@ def test_graph_checks_refuse_out_of_bounds_tensors():
         ("temperature", 0.0, "temperature must be > 0; for greedy decoding use top_k=1"),
         ("top_k", -1, "top_k must be >= 0"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("temperature", float("inf"), "temperature must be a finite number"),
+        ("top_p", float("nan"), "top_p must be a finite number"),
     ]:
         bad = {**good, name: tf.constant(value, good[name].dtype)}
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
@@ -182,3 +190,13 @@ def test_register_filter_adds_to_the_registry(monkeypatch):
     monkeypatch.setattr(sampling, "FILTERS", dict(sampling.FILTERS))
     function = register_filter("min_p")(keep_min_p)
     assert function is keep_min_p and list(sampling.FILTERS) == ["top_k", "top_p", "min_p"]
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "inf"), ("--temperature", "nan"), ("--top-p", "nan")])
+def test_generate_refuses_infinite_options_before_loading_a_model(tmp_path, capsys, flag, value):
+    from kgpt.cli import main
+
+    assert main(["generate", str(tmp_path / "no_run"), "--prompt", "x", flag, value]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"kgpt generate: error: {flag[2:].replace('-', '_')}={value} must be a finite number")
+    assert error.count("\n") == 1

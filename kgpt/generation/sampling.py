@@ -5,6 +5,7 @@ the graph functions only, so `kgpt --help` does not wait for it.
 """
 
 import dataclasses
+import math
 import operator
 
 # Written into filtered-out logits; finite, so softmax and categorical stay NaN-free.
@@ -68,6 +69,9 @@ class SamplingOptions:
                 continue
             python_type = field.metadata["type"]
             wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+            if not wrong_type and not math.isfinite(value):  # inf would sample uniformly
+                bounds = f" and {field.metadata['error']}" if field.metadata["bounds"] else ""
+                raise ValueError(f"{field.name}={value!r} must be a finite number{bounds}.")
             if wrong_type or (python_type is int and not float(value).is_integer()):
                 kind = "an integer" if python_type is int else "a number"
                 raise ValueError(f"{field.name}={value!r} must be {kind}.")
@@ -109,8 +113,11 @@ def graph_checks(options, options_type=SamplingOptions):
 
     checks = []
     for field in dataclasses.fields(options_type):
+        value = options[field.name]
+        if value.dtype.is_floating:  # inf and nan pass no bound check of their own
+            checks.append(tf.debugging.assert_equal(
+                tf.math.is_finite(value), True, message=f"{field.name} must be a finite number"))
         for comparison, bound in field.metadata["bounds"]:
-            value = options[field.name]
             check = getattr(tf.debugging, _COMPARISONS[comparison][1])
             message = f"{field.name} {field.metadata['signature_error']}"
             checks.append(check(value, tf.cast(bound, value.dtype), message=message))
