@@ -370,7 +370,9 @@ def _stream_generate(args, sampling):
     pieces = generator.stream(args.prompt[0], args.max_new_tokens, sampling=sampling,
                               truncate=not args.no_truncate)
     if not args.continuation_only:
-        print(args.prompt[0], end="", flush=True)
+        from kgpt.generation.generator import well_formed
+
+        print(well_formed(args.prompt[0]), end="", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for piece in pieces:

@@ -956,8 +956,15 @@ def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys, m
     from_export = json.loads(capsys.readouterr().out)
     assert main(["generate", run[0], *beams]) == 0
     assert from_export == json.loads(capsys.readouterr().out) and len(from_export) == 4
+    # Bytes that are not UTF-8 on the command line (kept by Python as lone surrogates) are U+FFFD for
+    # both; the export refused them ("surrogates not allowed").
+    broken = ["--prompt", "ROM\udcff\udcfeEO", "--max-new-tokens", "3", "--json"]
+    assert main(["generate", model_dir, *broken]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert main(["generate", run[0], *broken]) == 0
+    assert from_export == json.loads(capsys.readouterr().out) and from_export[0].startswith("ROM\ufffd\ufffdEO")
     for bad in (
-        ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
+        ["--temperature", "inf"], ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
         ["--beams", "0"], ["--beams", "2", "--max-new-tokens", str(SEQUENCE_LENGTH)],
         ["--beams", str(MAX_BEAMS + 1)], ["--max-new-tokens", "0"],
         ["--max-new-tokens", str(MAX_NEW_TOKENS_LIMIT + 1)], ["--stop", ""], ["--stop-token-id", "-1"],

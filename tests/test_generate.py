@@ -246,3 +246,15 @@ def test_cli_generate_stream_prints_the_continuation(run_dir, capsys, cli_uses_g
     assert streamed == capsys.readouterr().out
     assert main(["generate", run_dir, "--prompt", "a", "--prompt", "b", "--stream"]) == 2
     assert "--stream prints one continuation" in capsys.readouterr().err
+
+
+def test_prompts_that_are_not_unicode_text_read_as_replacement_characters(generator):
+    from kgpt.generation.generator import well_formed
+
+    argument = b"ROM\xff\xfeEO".decode("utf-8", "surrogateescape")  # how Python passes argv's bytes
+    assert well_formed(argument) == "ROM\ufffd\ufffdEO" and well_formed("caf\u00e9") == "caf\u00e9"
+    assert well_formed("a\ud800b") == "a\ufffd\ufffd\ufffdb"  # a lone high surrogate: its 3 bytes
+    texts = generator.generate([argument, "ROM\ufffd\ufffdEO"], max_new_tokens=3, keep_prompt=True)
+    assert texts[0] == texts[1] and texts[0].startswith("ROM\ufffd\ufffdEO")
+    pieces = list(generator.stream(argument, 3))
+    assert "".join(p.text for p in pieces) == texts[0][len("ROM\ufffd\ufffdEO"):]

@@ -66,11 +66,28 @@ class Completion:
     finish_reason: str
 
 
+def well_formed(text):
+    """`text` with what is not Unicode text made U+FFFD: the bytes of invalid UTF-8 that Python keeps
+    as lone surrogates (command-line arguments, `surrogateescape`) each become one U+FFFD, so a run
+    directory and an export read a prompt the same way."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")  # the bytes the surrogates stand for
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace")
+
+
 def _prompt_list(prompts):
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("No prompts given; pass at least one (an empty string is allowed).")
-    return prompts
+    return [well_formed(prompt) for prompt in prompts]
 
 
 class TextGenerator:
@@ -164,6 +181,7 @@ class TextGenerator:
         """
         if not isinstance(prompt, str):
             raise ValueError(f"stream takes one prompt string; got {type(prompt).__name__}.")
+        prompt = well_formed(prompt)
         if sampling_fields.pop("num_beams", 1) > 1:
             raise ValueError(
                 "Beam search is not streamed: its best continuation is known only when it ends; use "
