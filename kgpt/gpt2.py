@@ -268,6 +268,20 @@ def load_gpt2(directory):
     return model
 
 
+def missing_files(directory):
+    """What a Hugging Face GPT-2 folder needs and `directory` lacks, e.g. `["merges.txt"]`."""
+    needed = [
+        (HF_CONFIG_FILENAME,),
+        (SAFETENSORS_FILENAME, SAFETENSORS_INDEX_FILENAME, PYTORCH_FILENAME),
+        ("vocab.json", "encoder.json"),
+        ("merges.txt",),
+    ]
+    return [
+        names[0] + (f" (or {' or '.join(names[1:])})" if len(names) > 1 else "")
+        for names in needed if not any(os.path.isfile(os.path.join(directory, name)) for name in names)
+    ]
+
+
 def import_gpt2(hf_dir, run_dir, force=False):
     """Imports a Hugging Face GPT-2 folder as a run directory, like `kgpt train`'s; returns the `GPT`.
 
@@ -279,6 +293,13 @@ def import_gpt2(hf_dir, run_dir, force=False):
     """
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"No such folder: {hf_dir}; pass a Hugging Face GPT-2 folder.")
+    missing = missing_files(hf_dir)
+    if missing:
+        raise FileNotFoundError(
+            f"{hf_dir} is not a whole Hugging Face GPT-2 folder: it lacks {', '.join(missing)}; a GPT-2 "
+            "folder holds config.json, the weights, vocab.json and merges.txt (e.g. "
+            "huggingface.co/openai-community/gpt2's files)."
+        )
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not force:
         raise ValueError(f"{run_dir} already exists and is not empty; choose another --out or pass --force.")
     tokenizer = load_gpt2_tokenizer(hf_dir)

@@ -183,6 +183,8 @@ def test_import_gpt2_with_an_empty_merges_file(tmp_path, capsys):
     vocabulary["<|endoftext|>"] = 256
     (hf / "vocab.json").write_text(json.dumps(vocabulary))
     (hf / "merges.txt").write_text("#version: 0.2\n")
+    (hf / "config.json").write_text("{}")  # a whole folder, but for its merges
+    (hf / "model.safetensors").write_bytes(b"")
     assert main(["import-gpt2", str(hf), "--out", str(tmp_path / "run")]) == 2
     _one_line_error(capsys, "kgpt import-gpt2: error:", str(hf / "merges.txt"), "no merge rules")
     assert not (tmp_path / "run").exists()

@@ -142,6 +142,23 @@ def test_import_writes_a_run_directory_that_loads(hf_folder, tmp_path):
     assert main(["import-gpt2", str(folder), "--out", run_dir, "--force"]) == 0
 
 
+@pytest.mark.parametrize("keep, missing", [
+    (["config.json"], "model.safetensors (or model.safetensors.index.json or pytorch_model.bin), "
+                      "vocab.json (or encoder.json), merges.txt"),
+    (["config.json", "model.safetensors", "vocab.json"], "merges.txt"),
+])
+def test_import_of_an_incomplete_folder_names_the_missing_files(hf_folder, tmp_path, capsys, keep, missing):
+    folder, _ = hf_folder
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in keep:
+        (partial / name).write_bytes((folder / name).read_bytes())
+    assert main(["import-gpt2", str(partial), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"it lacks {missing}; a GPT-2 folder holds config.json" in error
+    assert "data.tokenizer_path" not in error and not (tmp_path / "run").exists()
+
+
 def test_cli_export_format_hf_round_trips_through_import(hf_folder, tmp_path, capsys):
     folder, tensors = hf_folder
     run_dir, hf_out = str(tmp_path / "run"), str(tmp_path / "hf_out")
