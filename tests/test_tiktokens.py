@@ -113,11 +113,16 @@ def test_gpt2_pattern_encodings_run_in_the_graph_with_tiktokens_ids(request, nam
 @needs_files
 def test_tiktoken_gpt2_is_saved_by_name_and_fingerprinted_by_its_files(gpt2, tmp_path):
     gpt2.save(tmp_path / "tokenizer")
-    assert sorted(os.listdir(tmp_path / "tokenizer")) == [tk.CONFIG_FILENAME]  # no copy of the BPE
+    # A copy of the encoding, so that the folder loads without tiktoken's cache or a network.
+    assert sorted(os.listdir(tmp_path / "tokenizer")) == sorted(
+        [tk.CONFIG_FILENAME, tiktokens.ENCODING_FILENAME, tiktokens.RANKS_FILENAME])
     saved = json.loads((tmp_path / "tokenizer" / tk.CONFIG_FILENAME).read_text())
     assert saved["kind"] == "tiktoken:gpt2" and saved["special_tokens"] == [tk.END_OF_TEXT]
     loaded = tk.load_tokenizer(str(tmp_path / "tokenizer"))
     assert loaded.fingerprint == gpt2.fingerprint and loaded.graph_compatible
+    original = tiktokens.load_encoding("gpt2")
+    assert loaded._encoding is not original and loaded._encoding._mergeable_ranks == original._mergeable_ranks
+    assert loaded._encoding._pat_str == original._pat_str and loaded._encoding.eot_token == original.eot_token
     lowercase = tk.TiktokenTokenizer("gpt2", normalization=tk.Normalization(lowercase=True))
     assert lowercase.fingerprint != gpt2.fingerprint
     upper, lower = lowercase.encode_documents(["HELLO World"])[0], gpt2.encode_documents(["hello world"])[0]
@@ -341,6 +346,72 @@ def test_an_eager_only_encoding_trains_with_samples_and_generates(eager_only, wr
     generator = Generator.from_run_directory(run_dir, jit_compile=False)  # no XLA compilation to wait for
     assert generator.tokenizer.kind == f"tiktoken:{eager_only}"
     _generates_in_process(generator, capsys, run_dir)
+
+
+def _no_network(monkeypatch, empty):
+    """tiktoken's cache is `empty` and any download fails."""
+    import tiktoken.load
+
+    def refuse(blobpath):
+        raise ConnectionError(f"no network in this test: {blobpath}")
+
+    monkeypatch.setenv(tiktokens.CACHE_VARIABLE, str(empty))
+    monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+
+
+def test_a_run_directory_keeps_its_encoding_and_loads_without_cache_or_network(
+        eager_only, write_toy_recipe, tmp_path, monkeypatch, capsys):
+    import tiktoken.registry
+
+    recipe = write_toy_recipe(max_steps=2, eval_interval=2, eval_steps=1)
+    recipe.write_text(recipe.read_text().replace('tokenizer = "char"', f'tokenizer = "tiktoken:{eager_only}"'))
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(tiktokens.CACHE_VARIABLE, str(tmp_path / "tiktoken-cache"))
+    assert main(["train", str(recipe), "--run-dir", str(run_dir)]) == 0
+    assert (run_dir / "tokenizer" / tiktokens.RANKS_FILENAME).is_file()
+    # Now tiktoken knows no such encoding, has nothing cached and cannot download.
+    monkeypatch.delitem(tiktoken.registry.ENCODING_CONSTRUCTORS, eager_only)
+    tiktoken.registry.ENCODINGS.pop(eager_only, None)
+    (tmp_path / "empty").mkdir()
+    _no_network(monkeypatch, tmp_path / "empty")
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["evaluate", str(run_dir), "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)[0]["perplexity"] > 0
+    assert os.listdir(tmp_path / "empty") == []
+
+
+GENERATE_AND_EXPORT_OFFLINE = """
+import sys
+import tiktoken.load
+from kgpt.cli import main
+
+def refuse(blobpath):
+    raise ConnectionError("no network: " + blobpath)
+
+tiktoken.load.read_file = refuse
+run_dir, base_dir = sys.argv[1:]
+assert main(["generate", run_dir, "--prompt", "The cat", "--max-new-tokens", "2"]) == 0
+assert main(["export", run_dir, "--name", "offline", "--base-dir", base_dir]) == 0
+"""
+
+
+@needs_files
+@pytest.mark.slow
+@pytest.mark.export
+def test_a_tiktoken_gpt2_run_generates_and_exports_without_cache_or_network(trained, tmp_path):
+    # A fresh process (tiktoken keeps loaded encodings), an empty cache, no downloads.
+    run_dir, _ = trained
+    environment = {**os.environ, tiktokens.CACHE_VARIABLE: str(tmp_path / "empty"),
+                   "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[1]), *sys.path])
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-c", GENERATE_AND_EXPORT_OFFLINE, run_dir, str(tmp_path / "saved")],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("The cat") and (tmp_path / "saved" / "offline" / "1").is_dir()
+    assert os.listdir(tmp_path / "empty") == []
 
 
 @needs_files

@@ -56,7 +56,7 @@ for _kind in (
         make=lambda name, texts, size, path, normalization: TiktokenTokenizer(
             name.partition(":")[2], normalization
         ),
-        load=lambda folder, saved, normalization: TiktokenTokenizer(saved["encoding"], normalization),
+        load=lambda folder, saved, normalization: TiktokenTokenizer(saved["encoding"], normalization, folder),
     ),
 ):
     register_kind(_kind)

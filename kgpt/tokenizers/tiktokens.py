@@ -1,20 +1,27 @@
 """tiktoken encodings and the `tiktoken:NAME` tokenizer (`TiktokenTokenizer`): loading an encoding
-from tiktoken's cache (offline: `TIKTOKEN_CACHE_DIR`), its ids for Python strings, and, for the
-encodings that split text with GPT-2's pattern, the byte-level BPE (vocabulary and merges) that
-gives those ids in the graph.
+from tiktoken's cache (offline: `TIKTOKEN_CACHE_DIR`) or from the copy a run keeps in its
+`tokenizer/` folder, its ids for Python strings, and, for the encodings that split text with GPT-2's
+pattern, the byte-level BPE (vocabulary and merges) that gives those ids in the graph.
 """
 
+import base64
 import functools
+import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from kgpt.files import atomic_file
 from kgpt.tokenizers.base import END_OF_TEXT, Tokenizer
 from kgpt.tokenizers.bpe import BytePairTokenizer
 from kgpt.tokenizers.encoders import GPT2_PATTERN, byte_characters
 
 CACHE_VARIABLE = "TIKTOKEN_CACHE_DIR"
+# The encoding as a saved tokenizer keeps it: its ranks in tiktoken's own format (a base64 token
+# and its rank per line), and its pre-tokenizer pattern and special tokens.
+RANKS_FILENAME = "encoding.tiktoken"
+ENCODING_FILENAME = "encoding.json"
 # GPT-2's pre-tokenizer as tiktoken >= 0.8 spells it (possessive quantifiers: the same splits,
 # faster) and as GPT-2 and older tiktoken releases do.
 GPT2_PATTERNS = (
@@ -63,6 +70,47 @@ def load_encoding(name):
             "files (named by the sha1 of their URL; a kgpt checkout has them in ../shared/data/tiktoken), "
             "or load the encoding once with network."
         ) from error
+
+
+def save_encoding(encoding, directory):
+    """Writes `encoding` into `directory` (`RANKS_FILENAME`, `ENCODING_FILENAME`), each atomically,
+    so that `read_encoding` needs neither tiktoken's cache nor a network."""
+    ranks = sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1])
+    description = {"name": encoding.name, "pattern": encoding._pat_str,
+                   "special_tokens": encoding._special_tokens}
+    texts = {
+        RANKS_FILENAME: b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks),
+        ENCODING_FILENAME: json.dumps(description, indent=2, ensure_ascii=False).encode("utf-8"),
+    }
+    for name, data in texts.items():
+        with atomic_file(os.path.join(directory, name)) as temporary:
+            with open(temporary, "wb") as file:
+                file.write(data)
+
+
+def read_encoding(name, directory):
+    """The `Encoding` that `save_encoding` wrote into `directory`, or None when it holds none
+    (a run saved before kgpt kept its encoding: tiktoken's cache then)."""
+    ranks_path, path = os.path.join(directory, RANKS_FILENAME), os.path.join(directory, ENCODING_FILENAME)
+    if not (os.path.isfile(ranks_path) and os.path.isfile(path)):
+        return None
+    tiktoken = _tiktoken(name)
+    try:
+        with open(path, encoding="utf-8") as file:
+            description = json.load(file)
+        ranks = {}
+        with open(ranks_path, "rb") as file:
+            for line in file.read().splitlines():
+                if line:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+        return tiktoken.Encoding(description["name"], pat_str=description["pattern"], mergeable_ranks=ranks,
+                                 special_tokens=description["special_tokens"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{directory} holds a damaged copy of tiktoken encoding {name!r} ({type(error).__name__}: "
+            f"{error}); delete {RANKS_FILENAME} and {ENCODING_FILENAME} there to use tiktoken's cache."
+        ) from None
 
 
 def encode(encoding, texts):
@@ -127,13 +175,14 @@ def byte_level_bpe(encoding):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """A tiktoken encoding (`"gpt2"`, `"o200k_base"`, ...) read from tiktoken's cache (`load_encoding`).
+    """A tiktoken encoding (`"gpt2"`, `"o200k_base"`, ...) read from `directory`'s copy of it
+    (`save` writes one), else from tiktoken's cache (`load_encoding`).
     Encodings with GPT-2's pre-tokenizer also run in the graph, as the byte-level BPE of their ranks
     (so they export); the others run eagerly only. Padding is `<|endoftext|>`."""
 
-    def __init__(self, encoding, normalization=None):
+    def __init__(self, encoding, normalization=None, directory=None):
         super().__init__(normalization=normalization)
-        self._encoding = load_encoding(encoding)
+        self._encoding = (directory and read_encoding(encoding, directory)) or load_encoding(encoding)
         self.kind = f"tiktoken:{encoding}"
         self.encoding = encoding
         self.vocabulary_size = self._encoding.n_vocab
@@ -176,3 +225,8 @@ class TiktokenTokenizer(Tokenizer):
 
     def _files(self):  # special_tokens: a literal <|endoftext|> is one token (since this was saved)
         return self._config_file(encoding=self.encoding, special_tokens=[END_OF_TEXT])
+
+    def save(self, directory):
+        """Writes `tokenizer.json` and a copy of the encoding, so that the folder loads offline."""
+        super().save(directory)
+        save_encoding(self._encoding, directory)
