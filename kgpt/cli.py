@@ -468,7 +468,7 @@ def main(argv=None):
     except TrainingStopped:
         return 1
     except KeyboardInterrupt as interrupt:
-        print(f"\nkgpt {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
+        print(f"\nkgpt {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 
