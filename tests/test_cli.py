@@ -205,19 +205,26 @@ def test_any_os_error_is_one_line_and_other_exceptions_keep_their_traceback(monk
         main(["info", "x.keras"])
 
 
+def _main_catching_ctrl_c(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # not for pytest: it would end the session
+        pytest.fail("KeyboardInterrupt escaped kgpt.cli.main")
+
+
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kgpt.cli, "_run_info", interrupted)
-    assert main(["info", "x.keras"]) == 130
+    assert _main_catching_ctrl_c(["info", "x.keras"]) == 130
     assert _one_line_error(capsys, "kgpt info: interrupted") == "kgpt info: interrupted"
 
     def training_interrupted(args):  # kgpt.training.train.train says where to resume
         raise KeyboardInterrupt("interrupted at step 7; run the same command to resume (from step 5, ...).")
 
     monkeypatch.setattr(kgpt.cli, "_run_train", training_interrupted)
-    assert main(["train", "recipe.toml"]) == 130
+    assert _main_catching_ctrl_c(["train", "recipe.toml"]) == 130
     _one_line_error(capsys, "kgpt train: interrupted at step 7; run the same command to resume (from step 5")
 
 
