@@ -485,7 +485,8 @@ def main(argv=None):
     """Entry point of the `kgpt` console script; returns the exit code.
 
     User errors print `kgpt COMMAND: error: ...` and return 2; a run stopped by a NaN loss
-    returns 1; other exceptions are bugs and keep their traceback.
+    returns 1; Ctrl-C prints `kgpt COMMAND: interrupted...` (what to do, for training) and returns
+    130, as a shell does; other exceptions are bugs and keep their traceback.
     """
     # Before TensorFlow is imported: its settings, and a first import without its start-up noise.
     environment.configure()
@@ -498,6 +499,9 @@ def main(argv=None):
         return 2
     except TrainingStopped:
         return 1
+    except KeyboardInterrupt as interrupt:
+        print(f"\nkgpt {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,6 +6,7 @@ data (`kgpt.data.config`, it checks corpus and tokenizer names), `Recipe` in `kg
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 
@@ -247,12 +248,6 @@ class TrainConfig(Config):
         self.check_range("beta_2", 0.0, 1.0)
         self.check_choice("strategy", STRATEGIES)
         self.check_choice("precision", PRECISIONS)
-        if self.max_steps % self.eval_interval:
-            raise ValueError(
-                f"train.max_steps={self.max_steps} is not a multiple of train.eval_interval="
-                f"{self.eval_interval}; make max_steps a multiple (e.g. "
-                f"{-(-self.max_steps // self.eval_interval) * self.eval_interval})."
-            )
         if self.eval_interval % self.steps_per_execution:
             raise ValueError(
                 f"train.eval_interval={self.eval_interval} is not a multiple of "
@@ -263,5 +258,46 @@ class TrainConfig(Config):
     @property
     def total_decay_steps(self):
         return self.max_steps if self.decay_steps is None else self.decay_steps
+
+    @property
+    def num_evaluations(self):
+        """Evaluation intervals (Keras epochs) in the run: the last is shorter when `max_steps`
+        is not a multiple of `eval_interval`."""
+        return -(-self.max_steps // self.eval_interval)
+
+    def evaluations_done(self, step):
+        """The evaluations a run has done once its optimizer reached `step` at an evaluation (each
+        comes after a multiple of `eval_interval` steps, the last one at `max_steps`)."""
+        return -(-min(step, self.max_steps) // self.eval_interval)
+
+    def fit_to_max_steps(self):
+        """`(config, note)`: this config with what does not fit in `max_steps` steps fitted in,
+        and a one-line note of what changed (None when nothing did).
+
+        A warm-up as long as the run becomes a tenth of it, a decay past the end ends at
+        `max_steps`, an `eval_interval` longer than the run becomes the run, and
+        `steps_per_execution` divides `max_steps`, so the last interval ends on time.
+
+        Example:
+            config, note = TrainConfig(max_steps=50, eval_interval=250).fit_to_max_steps()
+            # warmup_steps 100 -> 5, eval_interval 250 -> 50
+        """
+        changes = {}
+        if self.decay_steps is not None and self.decay_steps > self.max_steps:
+            changes["decay_steps"] = self.max_steps
+        if self.warmup_steps and self.warmup_steps >= self.max_steps:
+            changes["warmup_steps"] = self.max_steps // 10
+        if self.eval_interval > self.max_steps:
+            changes["eval_interval"] = self.max_steps
+        if self.max_steps % self.steps_per_execution:
+            changes["steps_per_execution"] = math.gcd(self.steps_per_execution, self.max_steps)
+        if not changes:
+            return self, None
+        note = (
+            f"Fitted to train.max_steps={self.max_steps}: "
+            + ", ".join(f"{key} {getattr(self, key)} -> {value}" for key, value in changes.items())
+            + "."
+        )
+        return dataclasses.replace(self, **changes), note
 
 

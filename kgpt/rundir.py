@@ -14,6 +14,8 @@ import os
 import socket
 import zipfile
 
+import h5py
+
 from kgpt import files
 from kgpt.data.run_tokenizer import TOKENIZER_DIRECTORY
 from kgpt.model import saving
@@ -29,7 +31,9 @@ MODEL_FILES = (BEST_MODEL, FINAL_MODEL, "model.keras")
 HISTORY = "history.csv"
 LOGS = "logs"
 BACKUP = "backup"
-# Keras' BackupAndRestore writes this next to the weights; RunBackup adds `step` and `val_loss`.
+# Keras' BackupAndRestore's files. RunBackup adds `step` and `val_loss` to the metadata and
+# writes it into the weights file too, as an attribute of this name (see `backup_state`).
+BACKUP_WEIGHTS = "latest.weights.h5"
 BACKUP_METADATA = "training_metadata.json"
 LOCK = ".lock"
 # Temporaries of kgpt versions before `kgpt.files`: under the lock, they are all stale.
@@ -168,12 +172,13 @@ class RunDirectory:
             return
         with open(self.history_path, newline="") as file:
             reader = csv.DictReader(file)
+            fieldnames = reader.fieldnames  # read while open: None for an empty file
             rows = [row for row in reader if row.get("epoch", "").isdigit() and int(row["epoch"]) < epochs]
-        if not reader.fieldnames:
-            return
+        if not fieldnames:
+            return  # killed before the first evaluation: CSVLogger writes the header
         with files.atomic_file(self.history_path) as temporary:
             with open(temporary, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=reader.fieldnames)
+                writer = csv.DictWriter(file, fieldnames=fieldnames)
                 writer.writeheader()
                 writer.writerows(rows)
 
@@ -236,13 +241,35 @@ class RunDirectory:
 
 
 def backup_state(backup_dir):
-    """`(step, val_losses)` of the backup in `backup_dir`: optimizer steps, each evaluation's val_loss."""
-    path = os.path.join(backup_dir, BACKUP_METADATA)
-    if not os.path.isfile(path):
+    """`(step, val_losses)` of the backup in `backup_dir`: optimizer steps, each evaluation's val_loss.
+
+    They are read from the weights file (`RunBackup` writes them into it, so one rename publishes
+    weights and position together), else from `training_metadata.json` (backups of kgpt before
+    that); `(0, [])` without weights. A damaged file is a `ValueError` naming it and the fix.
+    """
+    weights_path = os.path.join(backup_dir, BACKUP_WEIGHTS)
+    if not os.path.isfile(weights_path):
         return 0, []
-    with open(path, encoding="utf-8") as file:
-        metadata = json.load(file)
-    return int(metadata.get("step", 0)), [float(v) for v in metadata.get("val_loss", [])]
+    path = weights_path
+    try:
+        with h5py.File(weights_path, "r") as file:
+            text = file.attrs.get(BACKUP_METADATA)
+        if text is None:
+            path = os.path.join(backup_dir, BACKUP_METADATA)
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        metadata = json.loads(text)
+        return int(metadata.get("step", 0)), [float(v) for v in metadata.get("val_loss", [])]
+    except (OSError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is damaged ({error}); {restart_hint(backup_dir)}") from error
+
+
+def restart_hint(backup_dir):
+    """What to do about a damaged backup: restore it, or train the run again from step 0."""
+    return (
+        f"restore it, or delete {backup_dir} to train this run again from step 0 "
+        "(or use another --run-dir)."
+    )
 
 
 def model_file(path):

@@ -1,8 +1,19 @@
+import os
+import re
+
+import keras
 import numpy as np
+import pytest
 
 from kgpt.model.gpt import build_model
 from kgpt.model.saving import save_model
-from kgpt.training.callbacks import ResumableEarlyStopping, evaluations_since_best, patience_spent
+from kgpt.rundir import backup_state
+from kgpt.training.callbacks import (
+    ResumableEarlyStopping,
+    RunBackup,
+    evaluations_since_best,
+    patience_spent,
+)
 
 
 def test_evaluations_since_best():
@@ -57,3 +68,51 @@ def test_sample_text_continues_the_prompt_at_each_evaluation(capsys):
     assert callback.sample() == sample  # the same seed at every evaluation
     callback.on_epoch_end(0)
     assert f"--- sample after evaluation 1 ---\n{sample}\n---" in capsys.readouterr().out
+
+
+def _regression():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+class _Steps(keras.callbacks.Callback):
+    """The optimizer step at each evaluation (`on_epoch_end`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.at_epoch_end = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.at_epoch_end.append(int(self.model.optimizer.iterations.numpy()))
+
+
+def _fit(model, backup_dir, epochs=3, steps_per_epoch=4, max_steps=10):
+    x = np.random.RandomState(0).normal(size=(64, 3)).astype("float32")
+    steps = _Steps()
+    history = model.fit(
+        x, x.sum(axis=1), batch_size=2, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        validation_data=(x[:4], x[:4].sum(axis=1)), verbose=0,
+        callbacks=[steps, RunBackup(str(backup_dir), steps_per_epoch, max_steps=max_steps)],
+    )
+    return steps.at_epoch_end, history.history
+
+
+def test_run_backup_ends_a_shorter_last_interval_at_max_steps_and_resumes_after_it(tmp_path):
+    steps, history = _fit(_regression(), tmp_path / "backup")
+    assert steps == [4, 8, 10]  # intervals of 4, 4 and the last 2 steps, each evaluated
+    assert len(history["val_loss"]) == 3
+    assert backup_state(str(tmp_path / "backup")) == (10, history["val_loss"])
+    # A finished run, restored: no epoch is left, not even one step.
+    model = _regression()
+    steps, history = _fit(model, tmp_path / "backup")
+    assert steps == [] and int(model.optimizer.iterations.numpy()) == 10
+
+
+def test_run_backup_names_damaged_weights_and_the_fix(tmp_path):
+    _fit(_regression(), tmp_path / "backup", epochs=1)
+    weights = tmp_path / "backup" / "latest.weights.h5"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(weights))} is damaged \(.*delete .*backup to train"):
+        _fit(_regression(), tmp_path / "backup")

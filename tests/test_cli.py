@@ -207,6 +207,53 @@ def test_any_os_error_is_one_line_and_other_exceptions_keep_their_traceback(monk
         main(["info", "x.keras"])
 
 
+def _main_catching_ctrl_c(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # not for pytest: it would end the session
+        pytest.fail("KeyboardInterrupt escaped kgpt.cli.main")
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kgpt.cli, "_run_info", interrupted)
+    assert _main_catching_ctrl_c(["info", "x.keras"]) == 130
+    assert _one_line_error(capsys, "kgpt info: interrupted") == "kgpt info: interrupted"
+
+    def training_interrupted(args):  # kgpt.training.train.train says where to resume
+        raise KeyboardInterrupt("interrupted at step 7; run the same command to resume (from step 5, ...).")
+
+    monkeypatch.setattr(kgpt.cli, "_run_train", training_interrupted)
+    assert _main_catching_ctrl_c(["train", "recipe.toml"]) == 130
+    _one_line_error(capsys, "kgpt train: interrupted at step 7; run the same command to resume (from step 5")
+
+
+def _damage_a_member(path, member):
+    """Changes one byte of `member`'s stored data; the zip's structure stays intact."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_length + extra_length + info.compress_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_keras_file_with_a_bad_crc_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "best.keras"
+    assert main(["build", str(path), *TINY]) == 0
+    _damage_a_member(path, "model.weights.h5")
+    assert zipfile.is_zipfile(path)  # an intact zip whose member fails its CRC
+    capsys.readouterr()
+    for command in (["info", str(path)], ["generate", str(path), "--prompt", "a"]):
+        assert main(command) == 2
+        _one_line_error(capsys, f"kgpt {command[0]}: error: {path} is damaged (", "restore it")
+
+
 def test_describe_os_error_keeps_kgpts_own_messages():
     assert describe_os_error(FileNotFoundError("No such model file: m.keras")) == (
         "No such model file: m.keras"

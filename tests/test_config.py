@@ -120,3 +120,34 @@ def test_parse_override(text, expected):
 def test_parse_override_rejects_malformed(text):
     with pytest.raises(ValueError, match="key=value"):
         parse_override(text)
+
+
+def test_max_steps_need_not_be_a_multiple_of_eval_interval():
+    config = TrainConfig(max_steps=25, eval_interval=10, warmup_steps=2)  # used to be refused
+    assert config.num_evaluations == 3  # after 10, 20 and 25 steps
+    assert [config.evaluations_done(step) for step in (0, 10, 20, 25, 30)] == [0, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "settings, fitted, note",
+    [
+        # pipelines/imdb.toml --set train.max_steps=50: its warm-up and interval are longer than the run.
+        (dict(max_steps=50, eval_interval=250, warmup_steps=200), dict(warmup_steps=5, eval_interval=50),
+         "Fitted to train.max_steps=50: warmup_steps 200 -> 5, eval_interval 250 -> 50."),
+        (dict(max_steps=100, eval_interval=50, warmup_steps=10, decay_steps=3000), dict(decay_steps=100),
+         "Fitted to train.max_steps=100: decay_steps 3000 -> 100."),
+        # The last interval must end on time: executions of steps that divide max_steps.
+        (dict(max_steps=130, eval_interval=250, warmup_steps=10, steps_per_execution=50),
+         dict(eval_interval=130, steps_per_execution=10), None),
+    ],
+)
+def test_what_does_not_fit_in_max_steps_is_fitted_with_a_note(settings, fitted, note):
+    config, message = TrainConfig(**settings).fit_to_max_steps()
+    assert {key: getattr(config, key) for key in fitted} == fitted
+    assert config.warmup_steps <= config.total_decay_steps <= config.max_steps
+    assert config.eval_interval % config.steps_per_execution == 0
+    assert config.max_steps % config.steps_per_execution == 0
+    assert message == note if note else all(f"{key} " in message for key in fitted)
+    assert len(message.splitlines()) == 1
+    unchanged = TrainConfig(max_steps=100, eval_interval=30, warmup_steps=10, decay_steps=80)
+    assert unchanged.fit_to_max_steps() == (unchanged, None)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
 import numpy as np
 import pytest
 
@@ -43,6 +44,43 @@ def test_trim_history_keeps_the_backed_up_evaluations(tmp_path):
     assert os.listdir(tmp_path) == ["history.csv"]  # no temporary left
 
 
+@pytest.mark.parametrize("text", ["", "epoch,loss,val_loss\r\n"])
+def test_trim_history_of_a_run_killed_before_its_first_evaluation(tmp_path, text):
+    # CSVLogger opens history.csv when fit starts and writes a row per evaluation.
+    run = RunDirectory(tmp_path)
+    with open(run.history_path, "w", newline="") as f:
+        f.write(text)
+    run.trim_history(0)
+    with open(run.history_path, newline="") as f:
+        assert f.read() == text
+    assert run.best_logged() is None
+
+
+def _damage(path, how):
+    if how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:
+        with open(path, "w") as f:
+            f.write('{"epoch": 1,\n')
+
+
+@pytest.mark.parametrize("name, how", [("latest.weights.h5", "truncated"), ("training_metadata.json", "garbled")])
+def test_a_damaged_backup_is_a_one_line_error_naming_the_file(trained_run, tmp_path, capsys, name, how):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run_dir)
+    backup = run_dir / "backup"
+    if name == "training_metadata.json":  # a backup written before the weights carried its position
+        with h5py.File(backup / "latest.weights.h5", "a") as file:
+            del file.attrs["training_metadata.json"]
+    _damage(backup / name, how)
+    assert main(["train", str(trained_run.recipe_path), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"kgpt train: error: {backup / name} is damaged (")
+    assert f"delete {backup} to train this run again from step 0" in err
+
+
 def test_best_logged_and_backup_state_when_nothing_is_there(tmp_path):
     run = RunDirectory(tmp_path)
     assert run.best_logged() is None
@@ -50,7 +88,9 @@ def test_best_logged_and_backup_state_when_nothing_is_there(tmp_path):
     os.makedirs(run.backup_dir())
     with open(os.path.join(run.backup_dir(), "training_metadata.json"), "w") as f:
         json.dump({"epoch": 3, "step": 750}, f)
-    assert run.backup_state() == (750, [])  # a backup from before losses were kept
+    assert run.backup_state() == (0, [])  # no weights: nothing to resume from
+    h5py.File(os.path.join(run.backup_dir(), "latest.weights.h5"), "w").close()
+    assert run.backup_state() == (750, [])  # a backup from before losses were kept in the weights
     _write_history(run.history_path, [3.0, 1.25, 2.0])
     assert np.isclose(run.best_logged(), 1.25)
 

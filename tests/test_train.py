@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,7 +160,6 @@ def test_init_from_starts_from_the_runs_weights_and_keeps_its_sizes(recipe_path,
         (["train.batch_size=\"four\""], r"train\.batch_size='four' has type str; expected int"),
         (["model.num_layer=2"], r"Unknown key model\.num_layer"),
         (["data.tokenizer=words"], r"Unknown tokenizer='words'"),
-        (["train.max_steps=25"], r"not a multiple of train\.eval_interval"),
         (["optimizer.lr=1"], r"section one of model, data, train"),
         (["train.strategy=tpu"], r"Unknown train\.strategy='tpu'.*one of: auto"),
         (["train.steps_per_execution=3"], r"eval_interval=10 is not a multiple of train\.steps_per_execution=3"),
@@ -183,6 +183,63 @@ def test_cli_train_runs_a_recipe(recipe_path, tmp_path, capsys):
     assert main(["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=10"]) == 0
     assert "Trained 10 steps" in capsys.readouterr().out
     assert (run_dir / "final.keras").exists()
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    """Ctrl-C at optimizer step `step` (a KeyboardInterrupt from inside `fit`)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_short_last_interval_is_evaluated_and_a_finished_run_trains_nothing(recipe_path, tmp_path, capsys):
+    recipe = load_recipe(recipe_path, ["train.max_steps=25"])  # eval_interval=10: 10, 10 and 5 steps
+    result = train(recipe, tmp_path / "run", verbose=0)
+    assert result.steps == 25 and result.stopped is None
+    assert len(result.history["val_loss"]) == 3
+    assert [row["epoch"] for row in _history(tmp_path / "run")] == ["0", "1", "2"]
+    again = train(recipe, tmp_path / "run", verbose=0)
+    assert again.steps == 25 and again.trained_steps == 0 and len(_history(tmp_path / "run")) == 3
+    assert "Fitted" not in capsys.readouterr().out  # nothing needed fitting
+
+
+@pytest.mark.slow
+def test_an_interrupt_in_the_short_last_interval_resumes_to_the_uninterrupted_weights(recipe_path, tmp_path):
+    recipe = load_recipe(recipe_path, ["train.max_steps=25"])
+    reference = train(recipe, tmp_path / "reference", verbose=0)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        train(recipe, tmp_path / "run", verbose=0, callbacks=[_InterruptAt(22)])
+    assert str(interrupt.value) == (
+        "interrupted at step 22; run the same command to resume (from step 20, the last evaluation)."
+    )
+    resumed = train(recipe, tmp_path / "run", verbose=0)
+    assert (resumed.initial_steps, resumed.steps) == (20, 25)
+    assert [row["epoch"] for row in _history(tmp_path / "run")] == ["0", "1", "2"]
+    np.testing.assert_allclose(resumed.history["val_loss"], reference.history["val_loss"][2:], rtol=1e-5)
+    resumed_weights = load_model(tmp_path / "run" / "final.keras").get_weights()
+    reference_weights = load_model(tmp_path / "reference" / "final.keras").get_weights()
+    assert max(float(np.abs(a - b).max()) for a, b in zip(resumed_weights, reference_weights)) < 1e-5
+
+
+def test_a_recipe_tried_with_a_few_steps_fits_its_warm_up_and_says_so(recipe_path, tmp_path, capsys):
+    # What `kgpt train pipelines/imdb.toml --set train.max_steps=50` asks of a long recipe.
+    run_dir = tmp_path / "run"
+    args = ["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=5",
+            "--set", "train.warmup_steps=200"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("Fitted to train.max_steps=5: warmup_steps 200 -> 0, eval_interval 10 -> 5.") == 1
+    assert "Trained 5 steps" in out
+    assert [row["epoch"] for row in _history(run_dir)] == ["0"]
+    with open(run_dir / "config.json") as f:
+        assert json.load(f)["train"]["warmup_steps"] == 0  # what trained; the same command resumes it
+    assert main(args) == 0
+    assert "Nothing left to train" in capsys.readouterr().out
 
 
 def _kgpt(args, **kwargs):
@@ -224,6 +281,38 @@ def test_kill_9_then_the_same_command_resumes_and_finishes_at_the_planned_step(r
     resumed_weights = load_model(run_dir / "final.keras").get_weights()
     reference_weights = load_model(reference_dir / "final.keras").get_weights()
     assert max(float(np.abs(a - b).max()) for a, b in zip(resumed_weights, reference_weights)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_stop_before_the_first_evaluation_leaves_a_run_the_same_command_finishes(
+    recipe_path, tmp_path, signal_number
+):
+    # CSVLogger opens history.csv when fit starts; its first row comes with the first evaluation.
+    run_dir = tmp_path / "run"
+    args = ["train", str(recipe_path), "--run-dir", str(run_dir)]
+    process = _kgpt(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history = run_dir / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not history.exists() and process.poll() is None:
+        time.sleep(0.02)
+    assert history.exists() and history.stat().st_size == 0, "missed the moment before the first row"
+    os.kill(process.pid, signal_number)
+    _, err = process.communicate(timeout=60)
+    assert not (run_dir / "backup").exists()
+    if signal_number == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("kgpt train:")]
+        assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+        assert re.fullmatch(
+            r"kgpt train: interrupted at step \d+, before the first evaluation; run the same command "
+            r"to start again\.", lines[0]
+        ), err
+    rerun = _kgpt(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert "Trained 20 steps" in output
+    assert [int(row["epoch"]) for row in _history(run_dir)] == [0, 1]
 
 
 MIRRORED_CHECK = textwrap.dedent(

@@ -8,6 +8,7 @@ schedule and optimizer, which a checkpoint's compiled state names).
 
 import os
 import zipfile
+import zlib
 
 import keras
 
@@ -45,6 +46,10 @@ def load_keras_file(path):
         # Without the compiled state: kgpt loads checkpoints for their weights (training resumes from
         # backup/), so a load needs no optimizer, schedule or metric class registered.
         return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # e.g. a bad CRC inside the zip
+        raise ValueError(
+            f"{path} is damaged ({error}); restore it, or train again to write a new one."
+        ) from error
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"Could not load the Keras model in {path}: {error}") from error
 

@@ -6,13 +6,14 @@ import os
 import time
 import warnings
 
+import h5py
 import keras
 import numpy as np
 
 from kgpt import files, keras_compat
 from kgpt.generation.generator import Generator
 from kgpt.model.saving import save_model
-from kgpt.rundir import backup_state, load_model
+from kgpt.rundir import BACKUP_METADATA, backup_state, load_model, restart_hint
 
 
 def _step(model):
@@ -20,24 +21,44 @@ def _step(model):
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore whose backup survives kill -9 at any moment.
+    """BackupAndRestore whose backup survives kill -9 at any moment, and that ends the run at
+    `max_steps`, the last evaluation interval shorter when `max_steps` is not a multiple of
+    `steps_per_epoch` (Keras evaluates and ends the epoch when `stop_training` is set mid-epoch).
 
-    Both files are written atomically and the resume epoch comes from the restored optimizer
-    step (`steps_per_epoch` per evaluation), so weights and position agree. The backup is kept,
-    so rerunning a finished run trains no further.
+    The weights file carries the position (step, val_losses) and is renamed into place in one
+    go, and the resume epoch comes from the restored optimizer step (`steps_per_epoch` per
+    evaluation, the last at `max_steps`), so weights and position agree. The backup is kept, so
+    rerunning a finished run trains no further. A damaged backup is a `ValueError` naming the
+    file and the fix.
     """
 
-    def __init__(self, backup_dir, steps_per_epoch):
+    def __init__(self, backup_dir, steps_per_epoch, max_steps=None):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
         self.steps_per_epoch = steps_per_epoch
+        self.max_steps = max_steps
         self.val_losses = []
 
     def _load_model(self):
-        super()._load_model()
-        if os.path.exists(keras_compat.backup_weights_path(self)):
-            epoch = _step(self.model) // self.steps_per_epoch
-            keras_compat.set_initial_epoch(self.model, epoch)
-            self.val_losses = backup_state(self.backup_dir)[1][:epoch]
+        # Keras' own also reads `training_metadata.json`; the position comes from the weights here.
+        path = keras_compat.backup_weights_path(self)
+        if not os.path.exists(path):
+            return
+        try:
+            self.model.load_weights(path)
+        except (OSError, KeyError, ValueError) as error:
+            raise ValueError(f"{path} is damaged ({error}); {restart_hint(self.backup_dir)}") from error
+        step = _step(self.model)
+        if self.max_steps is not None:
+            step = min(step, self.max_steps)
+        # Evaluations done: one per `steps_per_epoch` steps, the last one at `max_steps`.
+        epoch = -(-step // self.steps_per_epoch)
+        keras_compat.set_initial_epoch(self.model, epoch)
+        self.val_losses = backup_state(self.backup_dir)[1][:epoch]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.max_steps is not None and _step(self.model) >= self.max_steps:
+            self.model.stop_training = True  # Keras still evaluates and ends this epoch
+        super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         # Recorded with the backup, so a resumed EarlyStopping knows the evaluations before it.
@@ -46,12 +67,15 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         super().on_epoch_end(epoch, logs)
 
     def _save_model(self):
-        with files.atomic_file(keras_compat.backup_weights_path(self)) as temporary:
-            self.model.save_weights(temporary, overwrite=True)
         metadata = {
             "epoch": keras_compat.backup_epoch(self), "batch": 0, "step": _step(self.model),
             "val_loss": self.val_losses,
         }
+        with files.atomic_file(keras_compat.backup_weights_path(self)) as temporary:
+            self.model.save_weights(temporary, overwrite=True)
+            with h5py.File(temporary, "a") as file:  # one rename publishes weights and position
+                file.attrs[BACKUP_METADATA] = json.dumps(metadata)
+        # A readable copy (`backup_state` reads the weights file's).
         with files.atomic_file(keras_compat.backup_metadata_path(self)) as temporary:
             with open(temporary, "w") as f:
                 json.dump(metadata, f)

@@ -2,7 +2,8 @@
 
 Its parts stand alone: `make_tokenizer`, `build_model` (weights, optimizer, compile),
 `make_datasets`, `make_callbacks`. Keras "epochs" are evaluation intervals: `fit` runs
-`max_steps / eval_interval` epochs of `eval_interval` steps over an endless, seeded stream.
+`ceil(max_steps / eval_interval)` epochs of `eval_interval` steps over an endless, seeded stream,
+the last one ended at `max_steps` by `RunBackup`.
 """
 
 import dataclasses
@@ -161,8 +162,27 @@ def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra
     result += list(extra)
     # Last, so that an evaluation is backed up only once everything above has recorded it; a
     # kill before the backup re-runs that interval and `trim_history` drops its first record.
-    result.append(kcallbacks.RunBackup(run.backup_dir(), steps_per_epoch=config.eval_interval))
+    result.append(
+        kcallbacks.RunBackup(
+            run.backup_dir(), steps_per_epoch=config.eval_interval, max_steps=config.max_steps
+        )
+    )
     return result
+
+
+def interrupted_message(model, run):
+    """What an interrupted `fit` says: where it stopped, where the same command resumes."""
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    backup_step = run.backup_state()[0]
+    if not backup_step:
+        return (
+            f"interrupted at step {step}, before the first evaluation; run the same command "
+            "to start again."
+        )
+    return (
+        f"interrupted at step {step}; run the same command to resume (from step {backup_step}, "
+        "the last evaluation)."
+    )
 
 
 @dataclasses.dataclass
@@ -189,19 +209,22 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
     Example:
         result = train(load_recipe("pipelines/tiny.toml"), "checkpoints/tiny")
     """
-    config = recipe.train
+    config, note = recipe.train.fit_to_max_steps()  # e.g. a recipe tried with a few max_steps
+    recipe = dataclasses.replace(recipe, train=config)
     strategy = distribute.make_strategy(config.strategy)
     worker = distribute.worker_index(strategy)
     run = RunDirectory(run_dir, worker=worker if distribute.is_multi_worker(strategy) else None)
     with run.lock():
         run.remove_stale_files()
         resuming = run.check_recipe(recipe)
+        if note and not worker:
+            print(note, flush=True)
         keras.utils.set_random_seed(config.seed)
         keras.mixed_precision.set_global_policy(config.precision)
         tokenizer = run.load_tokenizer() if resuming else make_tokenizer(recipe)
         model = build_model(recipe, tokenizer, strategy)
         step, val_losses = run.backup_state() if resuming else (0, [])
-        completed_epochs = step // config.eval_interval
+        completed_epochs = config.evaluations_done(step)
         train_data, validation_data = make_datasets(recipe, tokenizer, strategy, skip_steps=step)
         if not resuming:
             run.start(recipe, tokenizer)
@@ -211,18 +234,21 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
                 run.trim_history(completed_epochs)
         val_losses = val_losses[:completed_epochs]
         fit_callbacks = make_callbacks(recipe, run, tokenizer, model, strategy, val_losses, callbacks)
-        epochs = config.max_steps // config.eval_interval
+        epochs = config.num_evaluations
         if config.patience and kcallbacks.patience_spent(val_losses, config.patience):
             epochs = completed_epochs  # the run had already stopped early: nothing left to train
-        history = model.fit(
-            train_data,
-            epochs=epochs,
-            steps_per_epoch=config.eval_interval,
-            validation_data=validation_data,
-            callbacks=fit_callbacks,
-            shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=verbose,
-        )
+        try:
+            history = model.fit(
+                train_data,
+                epochs=epochs,
+                steps_per_epoch=config.eval_interval,
+                validation_data=validation_data,
+                callbacks=fit_callbacks,
+                shuffle=False,  # the dataset shuffles itself, seeded
+                verbose=verbose,
+            )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_message(model, run)) from None
         nan_stop = next(c for c in fit_callbacks if isinstance(c, kcallbacks.StopOnNaN)).message
         steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         if worker == 0 and nan_stop is None:
