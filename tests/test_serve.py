@@ -391,7 +391,7 @@ MALFORMED = {
     "HTTP/9.9": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 505, "HTTP/9.9 is not supported; use HTTP/1.1."),
     "HTTP/2.0": (b"GET /v1/models/echo HTTP/2.0\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1."),
     "70 KB URL": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, LINE_TOO_LONG),
-    "70 KB URL, unfinished": (b"GET /" + b"a" * 70_000, 414, LINE_TOO_LONG),
+    "20 KB URL, unfinished": (b"GET /" + b"a" * 20_000, 414, LINE_TOO_LONG),  # h11's own limit
     "70 KB header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n", 431,
                      "The request head is longer than 16384 bytes."),
 }
@@ -401,10 +401,7 @@ MALFORMED = {
 def test_a_malformed_request_line_gets_its_status_and_the_connection_closes(server, name, caplog):
     line, status, message = MALFORMED[name]
     with raw_connection(server) as connection:
-        try:
-            connection.sendall(line)
-        except ConnectionResetError:  # answered and closed before the last bytes left
-            pass
+        connection.sendall(line)
         answer = read_all(connection)  # returns once the server has closed the connection
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status) and b"connection: close" in head.lower()

@@ -2,9 +2,9 @@
 REST API (`kgpt.serving.rest`), OpenAI's completions (`kgpt.serving.openai_api`) and the
 playground page at `/`.
 
-uvicorn parses requests with h11, keeps connections alive and notices clients that leave; its
-protocol, bounded by `Limits` (connections, one deadline on each whole request), is
-`kgpt.serving.connections`'. This module routes requests to the APIs as their typed requests
+uvicorn parses requests with h11, keeps connections alive and notices clients that leave;
+`kgpt.serving.connections` bounds its connections by `Limits` (how many, one deadline on each whole
+request) and answers malformed request lines. This module routes requests to the APIs as their typed requests
 (`kgpt.serving.protocol`), answers each `APIError` in its route's shape, bounds request bodies, and
 streams server-sent events, whose decoding stops when the client goes away.
 """
