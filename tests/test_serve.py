@@ -6,10 +6,14 @@ serves a real `kgpt export` of a tiny model.
 """
 
 import base64
+import contextlib
 import http.client
 import json
+import logging
 import pathlib
+import select
 import socket
+import struct
 import threading
 import time
 
@@ -152,6 +156,22 @@ def test_predict_with_inputs_and_several_outputs(server):
     )
 
 
+def test_answers_are_compact_json_in_utf_8(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        for method, path, body in [("POST", "/v1/models/echo:predict", '{"instances": ["a", "b"]}'),
+                                   ("GET", "/v1/models/echo", None), ("GET", "/v2/none", None)]:
+            connection.request(method, path, body=body)
+            raw = connection.getresponse().read()
+            # One line, no spaces between items: an answer of many token ids is not a line each.
+            assert raw == json.dumps(json.loads(raw), separators=(",", ":")).encode()
+        assert raw == b'{"error":"Malformed request: GET /v2/none"}'
+        connection.request("POST", "/v1/models/echo:predict", body='{"instances": ["héllo"]}'.encode())
+        assert connection.getresponse().read() == '{"predictions":["héllo-v2"]}'.encode()
+    finally:
+        connection.close()
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -285,7 +305,7 @@ def test_unknown_methods_get_501_and_head_gets_the_headers_of_get(server):
         connection.request("HEAD", "/v1/models/echo")
         response = connection.getresponse()
         assert response.status == 200 and response.read() == b""
-        body = json.dumps(call(server, "GET", "/v1/models/echo")[1], ensure_ascii=False, indent=1)
+        body = json.dumps(call(server, "GET", "/v1/models/echo")[1], separators=(",", ":"))
         assert int(response.getheader("Content-Length")) == len(body.encode())
         connection.request("HEAD", "/v1/models/echo:predict")
         response = connection.getresponse()
@@ -315,7 +335,7 @@ def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
             assert 0.4 < time.monotonic() - started < 10
         assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
         assert json.loads(body) == {
-            "error": "Request body incomplete: 6 of 100 bytes arrived within 0.5 s (--read-timeout)."
+            "error": "Request incomplete: 6 of 100 bytes of its body arrived within 0.5 s (--read-timeout)."
         }
         with raw_connection(server) as idle:  # a connection that never sends is closed too
             assert read_all(idle) == b""
@@ -324,7 +344,7 @@ def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
         stop(server)
 
 
-def test_a_client_that_sends_its_head_slowly_is_disconnected(echo_dir):
+def test_a_client_that_sends_its_head_slowly_is_answered_408_and_disconnected(echo_dir):
     server = start(echo_dir, read_timeout=0.5)
     try:
         with raw_connection(server) as slow:  # bytes keep coming, the head never ends
@@ -332,9 +352,13 @@ def test_a_client_that_sends_its_head_slowly_is_disconnected(echo_dir):
             slow.sendall(b"GET /v1/models/echo HTTP/1.1\r\n")
             time.sleep(0.3)
             slow.sendall(b"Host: x\r\n")
-            assert read_all(slow) == b""
+            head, _, body = read_all(slow).partition(b"\r\n\r\n")
             assert 0.4 < time.monotonic() - started < 10
-        with raw_connection(server) as idle:  # kept alive after an answer, then idle: closed too
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+        assert json.loads(body) == {
+            "error": "Request incomplete: its head did not arrive within 0.5 s (--read-timeout)."
+        }
+        with raw_connection(server) as idle:  # kept alive after an answer, then idle: closed silently
             idle.sendall(b"GET /v1/models/echo HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_all(idle).startswith(b"HTTP/1.1 200 ")
         wait_until(lambda: server.open_connections() == 0)
@@ -342,16 +366,70 @@ def test_a_client_that_sends_its_head_slowly_is_disconnected(echo_dir):
         stop(server)
 
 
-@pytest.mark.parametrize("line", [b"NOT A REQUEST\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
-                                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"])
-def test_a_malformed_request_gets_400_from_uvicorn_without_a_traceback(server, line, caplog):
+def test_the_read_timeout_bounds_head_and_body_together(echo_dir):
+    server = start(echo_dir, read_timeout=1.0)
+    try:
+        with raw_connection(server) as slow:
+            started = time.monotonic()
+            slow.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")
+            time.sleep(0.7)  # most of the deadline spent on the head
+            slow.sendall(b"Host: x\r\nContent-Length: 30\r\n\r\n{")
+            head, _, body = read_all(slow).partition(b"\r\n\r\n")
+            assert time.monotonic() - started < 1.5  # not 0.7 s + another second for the body
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert json.loads(body)["error"].startswith("Request incomplete: 1 of 30 bytes of its body")
+    finally:
+        stop(server)
+
+
+ILLEGAL_LINE = "Malformed HTTP request: illegal request line."
+LINE_TOO_LONG = "The request line is longer than 16384 bytes; send long inputs in a POST body."
+MALFORMED = {
+    "garbage": (b"GARBAGE\r\n\r\n", 400, ILLEGAL_LINE),
+    "NUL in the target": (b"GET /\x00 HTTP/1.1\r\n\r\n", 400, ILLEGAL_LINE),
+    "TLS": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, ILLEGAL_LINE),
+    "HTTP/9.9": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 505, "HTTP/9.9 is not supported; use HTTP/1.1."),
+    "HTTP/2.0": (b"GET /v1/models/echo HTTP/2.0\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1."),
+    "70 KB URL": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, LINE_TOO_LONG),
+    "20 KB URL, unfinished": (b"GET /" + b"a" * 20_000, 414, LINE_TOO_LONG),  # h11's own limit
+    "70 KB header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n", 431,
+                     "The request head is longer than 16384 bytes."),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_request_line_gets_its_status_and_the_connection_closes(server, name, caplog):
+    line, status, message = MALFORMED[name]
     with raw_connection(server) as connection:
         connection.sendall(line)
-        answer = read_all(connection)
-    assert answer.startswith(b"HTTP/1.1 400 ")
+        answer = read_all(connection)  # returns once the server has closed the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": message}
+    # One line in the log, no traceback.
     assert [record.getMessage() for record in caplog.records] == ["Invalid HTTP request received."]
     assert not any(record.exc_info for record in caplog.records)
     assert call(server, "GET", "/v1/models/echo")[0] == 200
+
+
+def test_clients_that_leave_mid_answer_leave_no_traceback(echo_dir, caplog):
+    server = start(echo_dir)
+    body = json.dumps({"instances": ["x" * 1000] * 1000})  # an answer of a megabyte
+    request = (f"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+               f"{body}").encode()
+    try:
+        for reset in (False, True):
+            for _ in range(3):
+                connection = raw_connection(server)
+                if reset:  # close with RST: the server's next write fails (EPIPE / ECONNRESET)
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.sendall(request)
+                assert connection.recv(100).startswith(b"HTTP/1.1 200 ")
+                connection.close()
+        assert call(server, "GET", "/v1/models/echo")[0] == 200
+    finally:
+        stop(server)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING or record.exc_info]
 
 
 def test_chunked_bodies_are_read_up_to_the_limit(server):
@@ -369,25 +447,78 @@ def test_chunked_bodies_are_read_up_to_the_limit(server):
     assert status == 413 and answer == {"error": "Request body exceeds the limit of 4096 bytes."}
 
 
-def test_connections_beyond_the_cap_get_503_at_once(echo_dir):
+def test_at_the_connection_cap_the_longest_waiting_connection_makes_room(echo_dir):
     server = start(echo_dir, max_connections=2, read_timeout=30)
     stalled = [raw_connection(server) for _ in range(2)]
     try:
-        for connection in stalled:
-            connection.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")
+        stalled[0].sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")  # the oldest, mid-head
         wait_until(lambda: server.open_connections() == 2)  # both held open
         started = time.monotonic()
-        status, answer = call(server, "GET", "/v1/models/echo")
-        assert status == 503 and "2 connections are open (--max-connections)" in answer["error"]
+        assert call(server, "GET", "/v1/models/echo")[0] == 200
         assert time.monotonic() - started < 5
+        head, _, body = read_all(stalled[0]).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert "2 connections are open (--max-connections)" in json.loads(body)["error"]
+        stalled[1].sendall(b"GET /v1/models/echo HTTP/1.1\r\nHost: x\r\n\r\n")  # still served
+        assert stalled[1].recv(100).startswith(b"HTTP/1.1 200 ")
         assert threading.active_count() < 50
     finally:
         for connection in stalled:
             connection.close()
+        stop(server)
+
+
+def test_connections_beyond_the_cap_get_503_at_once_when_all_are_being_answered(echo_dir):
+    server = start(echo_dir, max_connections=2, max_concurrent_requests=1, queue_timeout=60)
+    slots = server.model.scheduler._slots
+    assert slots.acquire(timeout=1)  # predictions wait
+    waiting = [threading.Thread(target=call, args=(server, "POST", "/v1/models/echo:predict",
+                                                   {"instances": ["a"]})) for _ in range(2)]
     try:
-        wait_until(lambda: server.open_connections() == 0)
+        for thread in waiting:
+            thread.start()
+        wait_until(lambda: server.model.scheduler._queued == 2)
+        started = time.monotonic()
+        status, answer = call(server, "GET", "/v1/models/echo")
+        assert status == 503 and "2 connections are open (--max-connections)" in answer["error"]
+        assert time.monotonic() - started < 5
+    finally:
+        slots.release()
+        for thread in waiting:
+            thread.join(30)
+    try:
         assert call(server, "GET", "/v1/models/echo")[0] == 200
     finally:
+        stop(server)
+
+
+def test_a_slowloris_of_110_connections_does_not_keep_requests_out(echo_dir):
+    # The issue's numbers at the default limits (100 connections, --read-timeout 10): 110 clients
+    # that each send a header line every 3 s must not keep a normal request waiting 15 s.
+    server = start(echo_dir)
+    assert server.limits.max_connections == 100 and server.limits.read_timeout == 10
+    slow = [raw_connection(server) for _ in range(110)]
+    try:
+        for connection in slow:
+            connection.sendall(b"GET /v1/models/echo HTTP/1.1\r\nHost: x\r\n")
+        wait_until(lambda: server.open_connections() <= 100)
+        for round_ in range(2):
+            started = time.monotonic()
+            assert call(server, "GET", "/v1/models/echo")[0] == 200
+            assert time.monotonic() - started < 15
+            if round_ == 0:
+                time.sleep(3)
+                for connection in slow:
+                    with contextlib.suppress(OSError):  # dropped ones may refuse it
+                        connection.sendall(b"X-Slow: 1\r\n")
+        # The oldest were closed to make room (with a 503 that says why once they had sent part of
+        # their request); the others still wait.
+        closed = select.select(slow, [], [], 5)[0]
+        assert closed == slow[:11]  # 10, and one for the first request (the second found room)
+        assert {read_all(connection)[:13] for connection in closed} <= {b"", b"HTTP/1.1 503 "}
+    finally:
+        for connection in slow:
+            connection.close()
         stop(server)
 
 

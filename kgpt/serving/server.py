@@ -2,16 +2,17 @@
 REST API (`kgpt.serving.rest`), OpenAI's completions (`kgpt.serving.openai_api`) and the
 playground page at `/`.
 
-uvicorn parses requests (a malformed one gets its 400), keeps connections alive and closes idle
-ones, and notices clients that leave. This module routes requests to the APIs as their typed
-requests (`kgpt.serving.protocol`), answers each `APIError` in its route's shape, bounds what one client
-may take (`Limits`: connections, a deadline on request heads and bodies, body size), and streams
-server-sent events, whose decoding stops when the client goes away.
+uvicorn parses requests with h11, keeps connections alive and notices clients that leave;
+`kgpt.serving.connections` bounds its connections by `Limits` (how many, one deadline on each whole
+request) and answers malformed request lines. This module routes requests to the APIs as their typed requests
+(`kgpt.serving.protocol`), answers each `APIError` in its route's shape, bounds request bodies, and
+streams server-sent events, whose decoding stops when the client goes away.
 """
 
 import asyncio
 import dataclasses
 import errno
+import functools
 import importlib.resources
 import ipaddress
 import json
@@ -28,8 +29,8 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from kgpt.serving.connections import MAX_HEAD_BYTES, BoundedProtocol
 from kgpt.serving.model_server import ModelServer
 from kgpt.serving.protocol import API, APIError, CompletionRequest, ModelSpec, PredictRequest, parse_json
 
@@ -64,10 +65,12 @@ class Limits:
     """What one client may take.
 
     Args:
-        max_connections: connections open at once; a request on one more gets 503 and is closed.
-        read_timeout: seconds to send a request's line and headers (from connecting, or from the
-            last answer on a kept-alive connection; else the connection is closed), and again to
-            send its whole body (else 408).
+        max_connections: connections open at once. One more closes the connection that has waited
+            longest for its request (idle, or still sending it); when all are being answered, its
+            request gets 503 and it is closed.
+        read_timeout: seconds to send a whole request, head and body, from connecting or from the
+            last answer on a kept-alive connection: else 408 and the connection is closed (an idle
+            one is closed without an answer).
         max_request_bytes: the largest request body (else 413); a chunked body too.
     """
 
@@ -82,9 +85,13 @@ class Limits:
                 raise ValueError(f"{name}={value!r} must be a number > 0.")
 
 
+def _dumps(value):
+    """Compact JSON, as UTF-8 text (not \\u escapes)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _json(status, payload, headers=None):
-    body = json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8")
-    return Response(body, status, headers=headers, media_type="application/json")
+    return Response(_dumps(payload).encode("utf-8"), status, headers=headers, media_type="application/json")
 
 
 def _error(error, api, headers=None, close=False):
@@ -96,7 +103,7 @@ def _error(error, api, headers=None, close=False):
 
 
 def _event(value):
-    return f"data: {json.dumps(value, ensure_ascii=False)}\n\n".encode()
+    return f"data: {_dumps(value)}\n\n".encode()
 
 
 def _target(request):
@@ -205,14 +212,15 @@ class _App:
         return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
     async def _body(self, request):
-        """The request body, within `max_request_bytes` (else 413) and `read_timeout` (else 408)."""
+        """The request body, within `max_request_bytes` (else 413) and the request's deadline, which
+        `BoundedProtocol` set `read_timeout` after its connection or previous answer (else 408)."""
         limit, timeout = self.limits.max_request_bytes, self.limits.read_timeout
         length = request.headers.get("content-length")  # digits: uvicorn refuses others
         if length is not None and int(length) > limit:
             raise APIError(f"Request body of {length} bytes exceeds the limit of {limit}.", 413)
         chunks, received = [], 0
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(max(0.0, request.state.deadline - anyio.current_time())):
                 async for chunk in request.stream():
                     received += len(chunk)
                     if received > limit:
@@ -220,8 +228,8 @@ class _App:
                     chunks.append(chunk)
         except TimeoutError:
             of = "" if length is None else f" of {length}"
-            raise APIError(f"Request body incomplete: {received}{of} bytes arrived within {timeout:g} s "
-                           "(--read-timeout).", 408) from None
+            raise APIError(f"Request incomplete: {received}{of} bytes of its body arrived within "
+                           f"{timeout:g} s (--read-timeout).", 408) from None
         except ClientDisconnect:
             raise APIError("The client closed the connection before its request body arrived.") from None
         return b"".join(chunks)
@@ -254,38 +262,6 @@ class _App:
         return _EventStream(await self.in_thread(completions.stream, parsed), self.in_thread)
 
 
-class _Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on request heads: a connection that has not sent
-    a whole request line and headers `--read-timeout` seconds after it opened, or after its last
-    answer, is closed. (uvicorn's keep-alive timer stops at a connection's first byte, so a client
-    sending a head slowly, or nothing, would hold its connection for ever.)"""
-
-    def connection_made(self, transport):
-        self._head_deadline = None
-        super().connection_made(transport)
-        self._await_head()
-
-    def on_response_complete(self):
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._await_head()
-
-    def connection_lost(self, exc):
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-        super().connection_lost(exc)
-
-    def _await_head(self):
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_overdue)
-
-    def _head_overdue(self):
-        answering = self.cycle is not None and not self.cycle.response_complete
-        if not answering and not self.transport.is_closing():
-            self.transport.close()
-
-
 class Server:
     """uvicorn serving `kgpt serve`'s app on a socket bound when the server is made.
 
@@ -299,7 +275,8 @@ class Server:
         self.limits = limits
         app = _App(model, limits, self.open_connections)
         config = uvicorn.Config(
-            app.starlette, http=_Protocol, interface="asgi3", lifespan="off", log_config=None,
+            app.starlette, http=functools.partial(BoundedProtocol, limits=limits), interface="asgi3",
+            lifespan="off", log_config=None, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             access_log=False, proxy_headers=False, server_header=False, headers=[("Server", "kgpt-serve")],
             timeout_keep_alive=limits.read_timeout, timeout_graceful_shutdown=_SHUTDOWN_GRACE,
         )
@@ -311,8 +288,8 @@ class Server:
         return self.socket.getsockname()[:2]
 
     def open_connections(self):
-        """Connections open now (uvicorn's count), idle ones and ones still sending included."""
-        return len(self._uvicorn.server_state.connections)
+        """Connections open now, idle ones and ones still sending included (not ones closing)."""
+        return sum(not peer.transport.is_closing() for peer in self._uvicorn.server_state.connections)
 
     def serve_forever(self):
         self._stopped.clear()
