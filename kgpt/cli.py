@@ -138,7 +138,8 @@ def _add_serve(subparsers):
     parser.add_argument("--request-timeout", type=float, default=30.0,
                         help="seconds a request may wait for a model call before 503 (default 30)")
     parser.add_argument("--max-connections", type=int, default=100,
-                        help="connections served at once; more get 503 (default 100)")
+                        help="connections open at once (default 100); one more closes the connection that "
+                        "has waited longest for its request, or gets 503 when all are being answered")
     parser.add_argument("--read-timeout", type=float, default=10.0,
                         help="seconds to receive a request before 408 and disconnecting (default 10)")
 
