@@ -48,6 +48,21 @@ def test_progress_bar_fits_the_terminal_and_never_cuts_a_value(columns, loss, ca
     assert lines[-2].startswith("step 2500/20000  loss 2.000")  # the bar is cleared for it
 
 
+def test_evaluation_lines_time_the_rest_at_the_last_intervals_pace(monkeypatch, capsys):
+    clock = iter([100.0, 160.0, 165.0, 180.0])  # 60 s with compilation, then 20 s (5 s of samples)
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+    callback = console.TrainingConsole(max_steps=400, steps_per_interval=100, interactive=False)
+    optimizer = types.SimpleNamespace(iterations=np.int64(100))  # resumed at step 100
+    callback.set_model(types.SimpleNamespace(optimizer=optimizer))
+    callback.on_train_begin()
+    for epoch in (1, 2):
+        callback.on_epoch_begin(epoch)
+        optimizer.iterations += 100
+        callback.on_epoch_end(epoch, {"loss": 2.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 200/400  loss 2.000  ppl 7.39  1:00<2:00", "step 300/400  loss 2.000  ppl 7.39  1:20<0:20"]
+
+
 def test_strategy_line_says_when_mirrored_has_one_replica():
     if len(tf.config.list_logical_devices()) > 1:
         pytest.skip("this process has more than one device")

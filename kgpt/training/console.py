@@ -34,8 +34,10 @@ def format_rate(tokens_per_second):
 
 
 def _perplexity(loss):
+    if not math.isfinite(loss):
+        return str(loss)  # "nan", "inf": the NaN stop says what happened
     value = math.exp(min(loss, 700.0))
-    return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:.2f}" if value < 100 else f"{value:,.0f}" if value < 1e6 else f"{value:.2e}"
 
 
 def evaluation_line(step, max_steps, logs, elapsed, remaining):
@@ -151,18 +153,18 @@ class TrainingConsole(keras.callbacks.Callback):
         now = time.perf_counter()
         if self._started is None:
             self._started, self._first_step = now, self._step()
-        self._interval_start = now
+            self._last_line, self._last_step = now, self._first_step
         if self.interactive:
             self._bar = self._make_bar()
 
     def _make_bar(self):
         columns = self.columns or terminal_columns()
-        digits = len(str(self.steps_per_interval))
-        # What Progbar writes besides the bar, at its widest: "250/250 ", " 1:02:03",
-        # " 999ms/step", " - loss: 1.2345e-04"; one column spare, so the cursor never wraps.
-        self._show_loss = columns - 1 - (2 * digits + 2 + 9 + 11) - 19 >= 10
-        fixed = 2 * digits + 2 + 9 + 11 + (19 if self._show_loss else 0)
-        width = max(1, min(30, columns - 1 - fixed))
+        # What Progbar writes besides the bar, at its widest: "250/250 ", " 10:02:03", " 999ms/step"
+        # and " - loss: 1.2345e-04" (left out below 10 columns of bar); one column spare, so the
+        # cursor never wraps.
+        fixed, loss = 2 * len(str(self.steps_per_interval)) + 2 + 9 + 11, 19
+        self._show_loss = columns - 1 - fixed - loss >= 10
+        width = max(1, min(30, columns - 1 - fixed - loss * self._show_loss))
         return keras.utils.Progbar(
             self.steps_per_interval, width=width, stateful_metrics=["loss"], unit_name="step"
         )
@@ -183,10 +185,11 @@ class TrainingConsole(keras.callbacks.Callback):
         self._clear_bar()
         now = time.perf_counter()
         step = self._step()
-        done = step - self._first_step
-        # The last interval's pace (its evaluation included) for the rest; the first carries compilation.
-        interval = now - self._interval_start
-        remaining = interval / self.steps_per_interval * (self.max_steps - step) if done else None
+        # The last interval's pace for the rest, from line to line: its evaluation, and the sample,
+        # checkpoints and backup after the line before, included (the first carries compilation).
+        seconds, steps = now - self._last_line, step - self._last_step
+        self._last_line, self._last_step = now, step
+        remaining = seconds / steps * (self.max_steps - step) if steps > 0 else None
         print(evaluation_line(step, self.max_steps, logs or {}, now - self._started, remaining), flush=True)
 
     def on_train_end(self, logs=None):
