@@ -260,7 +260,7 @@ def _report_training(result, what=""):
             summary += f" (resumed at step {result.initial_steps}; {result.steps} in all)"
         if result.history.get("val_loss"):
             best = min(result.history["val_loss"])
-            summary += f"; best val_loss {best:.4f} (ppl {math.exp(best):.2f}) in best.keras"
+            summary += f"; best val_loss {best:.4f} (ppl {math.exp(best):.2f})"
         print(summary)
     if result.stopped:
         print(f"Stopped early: {result.stopped}")
