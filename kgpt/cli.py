@@ -7,6 +7,7 @@ for TensorFlow.
 
 import argparse
 import errno
+import math
 import os
 import sys
 
@@ -259,7 +260,8 @@ def _report_training(result, what=""):
         if result.initial_steps:
             summary += f" (resumed at step {result.initial_steps}; {result.steps} in all)"
         if result.history.get("val_loss"):
-            summary += f"; best val_loss {min(result.history['val_loss']):.4f}"
+            best = min(result.history["val_loss"])
+            summary += f"; best val_loss {best:.4f} (ppl {math.exp(best):.2f})"
         print(summary)
     if result.stopped:
         print(f"Stopped early: {result.stopped}")

@@ -7,6 +7,7 @@ same text (`kgpt.data.scoring_tokens`); the metrics are the README's (perplexity
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -204,20 +205,21 @@ def _count_text(config, split, tokenizer):
 
 
 def _progress_printer(name):
-    started, last = time.perf_counter(), [0.0]
+    started, last = time.perf_counter(), [0.0, 0]  # time and length of the last line
 
     def report(done, total, tokens):
         now = time.perf_counter()
         if now - last[0] < 0.5 and done < total:
             return
         last[0] = now
-        width = 30
-        filled = int(width * done / total)
         rate = tokens / max(now - started, 1e-9)
-        sys.stderr.write(
-            f"\r{name}: [{'=' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
-            f"{rate:,.0f} tokens/s"
-        )
+        counts = f" {done}/{total} windows, {rate:,.0f} tokens/s"
+        # The bar takes what the terminal leaves, at most 30 columns: the line never wraps.
+        width = max(0, min(30, shutil.get_terminal_size().columns - 1 - len(name) - 4 - len(counts)))
+        filled = int(width * done / total)
+        line = f"{name}: [{'=' * filled}{'.' * (width - filled)}]{counts}"
+        sys.stderr.write("\r" + line.ljust(last[1]))  # blanks what a longer line left
+        last[1] = len(line)
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -24,6 +24,11 @@ NOISE = [
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
     (b"E0000 00:00:1796015101.049024   10049 text_format.cc:430] Error parsing text-format "
      b"tensorflow.XlaSerializedCacheEntry: 2:1: Expected identifier, got: 5\n"),
+    # absl writes it even with TF_CPP_MIN_LOG_LEVEL=3.
+    (b"I0000 00:00:1796540546.064020   28417 device_compiler.h:196] Compiled cluster using XLA!  "
+     b"This line is logged at most once for the lifetime of the process.\n"),
+    (b"W0000 00:00:1796541567.068513    9983 auto_shard.cc:558] The `assert_cardinality` "
+     b"transformation is currently not handled by the auto-shard rewrite and will be removed.\n"),
 ]
 REAL = [
     (b"2026-11-29 22:47:12.811438: E tensorflow/core/framework/op_kernel.cc:1830] OP_REQUIRES "

@@ -263,3 +263,19 @@ def test_table_names_each_runs_text_when_they_differ():
     assert mixed[1].split()[:3] == ["run", "model", "data"]
     assert mixed[2].split()[:4] == ["a", "GPT", "imdb", "test"]
     assert mixed[3].split()[:4] == ["b", "GPT", "tinyshakespeare", "validation"]
+
+
+
+@pytest.mark.parametrize("name, widths", [("wikitext2-gpt2-medium-finetuned", [79, 79]), ("gpt2", [75, 75])])
+def test_progress_line_fits_80_columns(monkeypatch, capsys, name, widths):
+    import kgpt.evaluate
+
+    monkeypatch.setenv("COLUMNS", "80")
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(kgpt.evaluate.time, "perf_counter", lambda: next(clock))
+    report = kgpt.evaluate._progress_printer(name)
+    report(1, 100_000, 2_000_000)  # 2,000,000 tokens/s
+    report(100_000, 100_000, 900)  # 450 tokens/s: a shorter line blanks the longer one's end
+    lines = capsys.readouterr().err.split("\r")[1:]
+    assert [len(line.rstrip("\n")) for line in lines] == widths
+    assert lines[-1].rstrip().endswith("] 100000/100000 windows, 450 tokens/s")

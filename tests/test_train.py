@@ -115,6 +115,19 @@ def test_every_evaluation_scores_the_same_validation_batches(recipe_path, tmp_pa
     assert losses[0] == losses[1] == losses[2]
 
 
+@pytest.mark.parametrize("overrides", [
+    [], ["train.eval_steps=3", "train.eval_batch_size=5"], ["train.eval_steps=1000", "data.mode=document"],
+])
+def test_validation_data_knows_how_many_batches_it_has(recipe_path, overrides):
+    # Keras' evaluate reads an unknown-size dataset until it ends, and warns at every evaluation.
+    from kgpt.data.run_tokenizer import make_tokenizer
+    from kgpt.training.train import make_datasets
+
+    recipe = load_recipe(recipe_path, overrides)
+    _, validation = make_datasets(recipe, make_tokenizer(recipe))
+    assert int(validation.cardinality()) == len(list(validation)) > 0
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message(recipe_path, tmp_path, capsys):
     overrides = ["train.learning_rate=1e30", "train.min_learning_rate=1e29", "train.clip_norm=0.0", "train.warmup_steps=0"]
@@ -178,11 +191,25 @@ def test_cli_train_reports_recipe_errors_with_exit_2(recipe_path, capsys):
     assert "No such recipe: missing.toml" in capsys.readouterr().err
 
 
-def test_cli_train_runs_a_recipe(recipe_path, tmp_path, capsys):
+def test_cli_train_runs_a_recipe(recipe_path, tmp_path, capsys, recwarn):
     run_dir = tmp_path / "cli-run"
-    assert main(["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=10"]) == 0
-    assert "Trained 10 steps" in capsys.readouterr().out
+    assert main(["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=20"]) == 0
     assert (run_dir / "final.keras").exists()
+    # Not a terminal: plain lines, no colours or redrawn bars, no line per step.
+    out = capsys.readouterr().out
+    assert not re.search(r"[\x1b\r\b]", out)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "run:", "model:", "data:", "tokenizer:", "devices:", "precision:", "steps:", "step", "step", "Trained"]
+    assert lines[0] == f"run:       {run_dir} (new run)"
+    number = r"\d+\.\d{3}"
+    evaluation = rf"step 10/20  loss {number}  val {number}  ppl [\d.]+/[\d.]+  [\d.]+k? tok/s  \d+:\d\d<\d+:\d\d"
+    assert re.fullmatch(evaluation, lines[7]), lines[7]
+    assert re.fullmatch(r"step 20/20 .* \d+:\d\d", lines[8]), lines[8]
+    assert lines[9].startswith(f"Trained 20 steps into {run_dir}; best val_loss ")
+    # Keras evaluates exactly the validation batches there are: no "ran out of data" warning
+    # (nor any other a user would see; Python hides DeprecationWarnings outside __main__).
+    assert [str(w.message) for w in recwarn if not issubclass(w.category, DeprecationWarning)] == []
 
 
 class _InterruptAt(keras.callbacks.Callback):

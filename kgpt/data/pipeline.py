@@ -177,6 +177,10 @@ def make_dataset(config, tokenizer, split, batch_size, shuffle=None, seed=None, 
         )
 
     dataset = tf.data.Dataset.range(2**62 if repeat else 1).flat_map(one_pass)
+    if not repeat and not by_shard:
+        # flat_map hides the size of a pass; without it Keras' evaluate runs until the data ends
+        # and warns "Your input ran out of data" at every evaluation.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(count_windows(config, store)))
     if count > 1 and not by_shard:
         dataset = dataset.shard(count, index)
     dataset = dataset.batch(batch_size, drop_remainder=shuffle)
@@ -197,6 +201,15 @@ def pipeline_options():
     options = tf.data.Options()
     options.autotune.enabled = False
     return options
+
+
+def count_windows(config, store):
+    """Windows (rows) in one pass over `store`, as `make_dataset` cuts them before batching: per
+    shard `(tokens - 1) // sequence_length` packed, or one per document of at least 2 tokens."""
+    if config.mode == "packed":
+        return sum(max((n - 1) // config.sequence_length, 0) for n, _ in store.shards)
+    lengths = np.diff(store.read_document_ends(), prepend=0)  # documents never span shards
+    return int(np.sum(lengths >= 2))
 
 
 def _check_windows(config, store, split):

@@ -208,4 +208,4 @@ class SampleText(keras.callbacks.Callback):
             )[0]
 
     def on_epoch_end(self, epoch, logs=None):
-        print(f"\n--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)
+        print(f"--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)

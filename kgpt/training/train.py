@@ -17,7 +17,7 @@ from kgpt.data.run_tokenizer import make_tokenizer
 from kgpt.model.saving import MODEL_CLASSES, save_model
 from kgpt.rundir import RunDirectory, read_model_config
 from kgpt.training import callbacks as kcallbacks
-from kgpt.training import distribute
+from kgpt.training import console, distribute
 from kgpt.training.metrics import Perplexity
 from kgpt.training.resources import check_training_resources
 from kgpt.training.schedule import WarmupCosine
@@ -118,7 +118,11 @@ def make_datasets(recipe, tokenizer, strategy=None, skip_steps=0):
         # there are fewer), so validation losses compare across evaluations; in eval_batch rows.
         windows = recipe.train.eval_steps * global_batch
         if windows % eval_batch:
-            validation_data = validation_data.unbatch().take(windows).batch(eval_batch)
+            # unbatch hides the size again: tell Keras how many batches (see make_dataset).
+            store = kdata.tokenize_corpus(recipe.data, tokenizer, "validation")
+            batches = -(-min(windows, kdata.count_windows(recipe.data, store)) // eval_batch)
+            validation_data = validation_data.unbatch().take(windows).batch(eval_batch).apply(
+                tf.data.experimental.assert_cardinality(batches))
         else:
             validation_data = validation_data.take(windows // eval_batch)
     if not distribute.is_multi_worker(strategy):
@@ -133,13 +137,16 @@ def make_datasets(recipe, tokenizer, strategy=None, skip_steps=0):
     return strategy.distribute_datasets_from_function(worker_dataset), validation_data.with_options(options)
 
 
-def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra=()):
-    """The run's callbacks: throughput, NaN stop, early stopping (carrying on from `val_losses`
-    of a resumed run), worker 0's checkpoint, CSV log, TensorBoard and samples, `extra`, and last
-    the backup, so that it records what all the others saw."""
+def make_callbacks(recipe, run, tokenizer, model, strategy, val_losses=(), extra=(), verbose=0):
+    """The run's callbacks: throughput, worker 0's console (with `verbose`), NaN stop, early
+    stopping (carrying on from `val_losses` of a resumed run), worker 0's checkpoint, CSV log,
+    TensorBoard and samples, `extra`, and last the backup, so that it records what all the others saw."""
     config = recipe.train
     tokens_per_step = config.batch_size * strategy.num_replicas_in_sync * recipe.data.sequence_length
-    result = [kcallbacks.ThroughputLogger(tokens_per_step), kcallbacks.StopOnNaN()]
+    result = [kcallbacks.ThroughputLogger(tokens_per_step)]
+    if verbose and not run.worker:
+        result.append(console.TrainingConsole(config.max_steps, config.eval_interval))
+    result.append(kcallbacks.StopOnNaN())
     if config.patience:
         result.append(
             kcallbacks.ResumableEarlyStopping(config.patience, val_losses, best_path=run.best_model_path)
@@ -204,7 +211,9 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
     """Trains a recipe's model into `run_dir`, resuming if it already holds this run.
 
     `callbacks` are extra Keras callbacks, run before the backup; a second process training into
-    `run_dir` is refused. Returns a `TrainResult`.
+    `run_dir` is refused. `verbose=0` prints nothing but samples; otherwise the start block, a
+    progress bar on a terminal and a line per evaluation (`kgpt.training.console`). Returns a
+    `TrainResult`.
 
     Example:
         result = train(load_recipe("pipelines/tiny.toml"), "checkpoints/tiny")
@@ -233,7 +242,10 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
             if worker == 0:
                 run.trim_history(completed_epochs)
         val_losses = val_losses[:completed_epochs]
-        fit_callbacks = make_callbacks(recipe, run, tokenizer, model, strategy, val_losses, callbacks)
+        fit_callbacks = make_callbacks(
+            recipe, run, tokenizer, model, strategy, val_losses, callbacks, verbose=verbose)
+        if verbose and not run.worker:
+            print("\n".join(console.describe_run(recipe, run.path, model, tokenizer, strategy, step)))
         epochs = config.num_evaluations
         if config.patience and kcallbacks.patience_spent(val_losses, config.patience):
             epochs = completed_epochs  # the run had already stopped early: nothing left to train
@@ -245,7 +257,7 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
                 validation_data=validation_data,
                 callbacks=fit_callbacks,
                 shuffle=False,  # the dataset shuffles itself, seeded
-                verbose=verbose,
+                verbose=0,  # kgpt's console instead: Keras' bar ignores the terminal's width
             )
         except KeyboardInterrupt:
             raise KeyboardInterrupt(interrupted_message(model, run)) from None
