@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import time
 
 import numpy as np
@@ -316,6 +317,25 @@ def test_tiny_settings_go_after_each_training_command_before_its_comment():
         f"python3 -m venv .venv && .venv/bin/kgpt train pipelines/tiny.toml --set a.b='x # y' {TINY_TRAINING}")
     with pytest.raises(AssertionError, match="no tiny settings"):
         with_tiny_settings(".venv/bin/kgpt baseline bigram pipelines/new.toml")
+
+
+def test_console_blocks_give_commands_their_output_and_outputs_that_drift_fail(tmp_path):
+    (tmp_path / "doc.md").write_text(textwrap.dedent("""\
+        ```console
+        $ .venv/bin/kgpt export checkpoints/tiny \\
+            --name tiny
+        Exported checkpoints/tiny to saved_models/tiny/1
+        $ curl -d '{"a":
+           1}' http://x
+        {"b": 2}
+        ```
+        """))
+    export, curl = document_commands(tmp_path / "doc.md", "doc.md")
+    assert (export.where, export.output) == ("doc.md:2", ["Exported checkpoints/tiny to saved_models/tiny/1"])
+    assert curl.text == "curl -d '{\"a\":\n   1}' http://x" and curl.output == ['{"b": 2}']
+    check_output(export, ["Exported checkpoints/tiny to saved_models/tiny/1", "more"], "/r")
+    with pytest.raises(AssertionError, match="printed"):
+        check_output(export, ["Exported checkpoints/tiny to saved_models/tiny/2"], "/r")
 
 
 @pytest.mark.slow
