@@ -232,6 +232,8 @@ def make_sandbox(tmp_path):
     refused = "http://127.0.0.1:9"  # nothing listens there: a download fails at once
     environment = {
         "PATH": f"{shims}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+        # The README's pip commands, offline: no index, no dependencies (this interpreter's packages
+        # are there), no build isolation (pip reads the variable as `build_isolation`, hence 0).
         "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PIP_NO_BUILD_ISOLATION": "0",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "http_proxy": refused, "https_proxy": refused, "HTTP_PROXY": refused, "HTTPS_PROXY": refused,
@@ -288,7 +290,11 @@ def stop_server(process):
 
 def check_output(command, printed, repository):
     """For `OUTPUT_CHECKED` commands: the README's lines are the ones printed (this machine's path
-    of the repository written as the README's)."""
+    of the repository written as the README's). A request (`curl`) answers an error exactly where
+    the README shows one."""
+    if command.text.startswith("curl "):
+        shown, answered = ('"error"' in "\n".join(lines) for lines in (command.output, printed))
+        assert answered == shown, f"{command.where}: `{command.text}` answered\n" + "\n".join(printed)
     if not command.output or not command.text.startswith(OUTPUT_CHECKED):
         return
     printed = [line.replace(str(repository), README_ROOT) for line in printed]
@@ -336,6 +342,8 @@ def test_console_blocks_give_commands_their_output_and_outputs_that_drift_fail(t
     check_output(export, ["Exported checkpoints/tiny to saved_models/tiny/1", "more"], "/r")
     with pytest.raises(AssertionError, match="printed"):
         check_output(export, ["Exported checkpoints/tiny to saved_models/tiny/2"], "/r")
+    with pytest.raises(AssertionError, match="answered"):  # an error the README does not show
+        check_output(curl, ['{"error": "Servable not found"}'], "/r")
 
 
 @pytest.mark.slow
