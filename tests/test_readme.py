@@ -36,10 +36,11 @@ SKIPPED = {
     r"import-gpt2 hf/gpt2|checkpoints/gpt2\b|wikitext2_gpt2\.toml": "needs the GPT-2 download",
 }
 # Appended to every `kgpt train` and `kgpt baseline`: a few steps, no XLA (compiling costs more
-# than two steps), short samples. max_steps stays a multiple of eval_interval.
+# than two steps), no samples (their decode loop compiles: 3 s a run; tests/test_train.py has them).
+# max_steps stays a multiple of eval_interval.
 TINY_TRAINING = ("--set train.max_steps=2 --set train.eval_interval=2 --set train.eval_steps=1 "
                  "--set train.warmup_steps=1 --set train.steps_per_execution=1 "
-                 "--set train.jit_compile=false --set train.sample_length=4")
+                 "--set train.jit_compile=false --set train.sample_prompt=")
 SMALL_MODEL = "--set model.num_layers=1 --set model.num_heads=2 --set model.hidden_dim=16"
 SMALL_BPE = "--set data.vocabulary_size=300 --set data.sequence_length=16 --set train.batch_size=2"
 # Settings per recipe on top of TINY_TRAINING; a recipe missing here fails the test. tiny.toml keeps
