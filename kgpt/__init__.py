@@ -28,6 +28,10 @@ _REGISTRY_MODULES = ("kgpt.model.saving", "kgpt.training.metrics", "kgpt.trainin
 
 def __getattr__(name):
     if name in _EXPORTS:
+        if _EXPORTS[name] != "kgpt.config":
+            # Keras first: its import registers kgpt's classes, which import the module below; from
+            # inside it (half initialised) that would be a circular import.
+            importlib.import_module("keras")
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kgpt' has no attribute {name!r}")
 

@@ -248,6 +248,21 @@ def test_a_bigram_run_says_it_has_no_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_package_names_work_in_a_fresh_process(tmp_path):
+    # README's Python example: `kgpt.build_model` is the first use of Keras in the process.
+    script = textwrap.dedent(f"""
+        import kgpt
+        model = kgpt.build_model(kgpt.ModelConfig(vocabulary_size=8, sequence_length=4, num_layers=1,
+                                                  num_heads=2, hidden_dim=8))
+        kgpt.save_model(model, {str(tmp_path / "m.keras")!r})
+        print(type(kgpt.load_model({str(tmp_path / "m.keras")!r})).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "GPT"
+
+
+@pytest.mark.slow
 def test_importing_kgpt_registers_its_classes_without_importing_tensorflow(tmp_path):
     script = textwrap.dedent(f"""
         import sys

@@ -193,12 +193,13 @@ _DEFAULT_ONLY = {"echo": False, "best_of": 1, "logprobs": None, "suffix": "", "p
                  "frequency_penalty": 0, "logit_bias": {}}
 
 
-def _integer(request, name, default, low, high):
+def _integer(request, name, default, low, high, note=""):
     value = request.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise APIError(f"{name}={json.dumps(value)} must be an integer from {low} to {high}.", param=name)
+        raise APIError(f"{name}={json.dumps(value)} must be an integer from {low} to {high}{note}.",
+                       param=name)
     return value
 
 
@@ -294,11 +295,9 @@ class CompletionRequest:
                        if len(stops) > OPENAI_MAX_STOPS else "an empty one")
             raise APIError(f"stop has {problem}; send 1 to {OPENAI_MAX_STOPS} non-empty strings.",
                            param="stop")
-        max_tokens = _integer(request, "max_tokens", DEFAULT_MAX_TOKENS, 1, _INT32)
-        if max_tokens > MAX_NEW_TOKENS:
-            raise APIError(f"max_tokens={max_tokens} is out of range; choose 1 to {MAX_NEW_TOKENS} (past "
-                           "the model's context, generation continues from its last half).",
-                           param="max_tokens")
+        # kgpt's limit of new tokens (`decoding.MAX_NEW_TOKENS`), not int32's: one range in every message.
+        max_tokens = _integer(request, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_NEW_TOKENS,
+                              " (past the model's context, generation continues from its last half)")
         seed = _integer(request, "seed", None, -_INT32 - 1, _INT32)
         sampling = _sampling(dict(
             temperature=_number(request, "temperature", 1.0, 0, 2) or None,  # 0: greedy
