@@ -406,7 +406,7 @@ def _run_export(args):
 
 # `kgpt serve`'s numeric flags: (argparse dest, smallest value, whether the smallest is allowed, fix).
 _SERVE_LIMITS = (
-    ("port", 0, True, "choose 0 to 65535 (0 picks a free port)"),
+    ("port", 0, True, "0 picks a free port"),
     ("max_concurrent_requests", 1, True, "at least 1 model call must run"),
     ("max_request_bytes", 1, True, "e.g. 1048576 for 1 MiB"),
     ("max_batch_size", 1, True, "1 runs each request alone, or pass --no-batching"),
@@ -427,7 +427,7 @@ def check_serve_arguments(args):
         flag = "--" + name.replace("_", "-")
         if not math.isfinite(value) or (value < minimum if inclusive else value <= minimum) or (
                 name == "port" and value > 65535):
-            bound = f"{'>=' if inclusive else '>'} {minimum}" + (" and <= 65535" if name == "port" else "")
+            bound = "from 0 to 65535" if name == "port" else f"{'>=' if inclusive else '>'} {minimum}"
             kind = "a finite number" if isinstance(value, float) else "an integer"
             raise UsageError(f"{flag} {value:g} is out of range: it must be {kind} {bound}; {fix}.")
 

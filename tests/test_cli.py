@@ -334,7 +334,7 @@ def test_import_kgpt_cli_does_not_import_tensorflow():
 
 
 @pytest.mark.parametrize("flag, value, wanted", [
-    ("--port", "99999", "--port 99999 is out of range: it must be an integer >= 0 and <= 65535"),
+    ("--port", "99999", "--port 99999 is out of range: it must be an integer from 0 to 65535"),
     ("--port", "-1", "--port -1 is out of range"),
     ("--max-request-bytes", "0", "--max-request-bytes 0 is out of range: it must be an integer >= 1"),
     ("--max-concurrent-requests", "0", "--max-concurrent-requests 0 is out of range"),

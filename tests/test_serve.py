@@ -541,7 +541,7 @@ def test_kgpt_serve_warns_on_stderr_when_it_listens_on_every_address(echo_dir, m
     assert captured.err.startswith("kgpt serve: warning: listening on 0.0.0.0") and captured.err.count("\n") == 1
     assert "DEVELOPMENT server" in captured.out
     assert main(["serve", str(echo_dir), "--port", "0", "--max-batch-size", "0"]) == 2
-    assert "max_batch_size=0 must be an integer >= 1" in capsys.readouterr().err
+    assert "--max-batch-size 0 is out of range: it must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_a_folder_without_a_saved_model_is_refused(tmp_path):
@@ -563,7 +563,8 @@ def test_a_port_out_of_range_is_one_line_not_another_port(echo_dir, capsys):
     # 99999 would otherwise bind 99999 % 65536 = 34463, and the banner would name that port.
     assert main(["serve", str(echo_dir), "--port", "99999"]) == 2
     error = capsys.readouterr().err
-    assert error == "kgpt serve: error: port=99999 is out of range; choose 0 to 65535 (0 picks a free one).\n"
+    assert error == ("kgpt serve: error: --port 99999 is out of range: it must be an integer from 0 to "
+                     "65535; 0 picks a free port.\n")
     with pytest.raises(ValueError, match="port=-1 is out of range"):
         make_server(str(echo_dir), port=-1)
 

@@ -67,8 +67,8 @@ def load_encoding(name):
         raise FileNotFoundError(
             f"tiktoken could not load the BPE file of encoding {name!r} ({type(error).__name__}: "
             f"{error}); {cache}. Offline, set {CACHE_VARIABLE} to a folder holding tiktoken's cached "
-            "files (named by the sha1 of their URL; a kgpt checkout has them in ../shared/data/tiktoken), "
-            "or load the encoding once with network."
+            "files (named by the sha1 of their URL), or load the encoding once with network; a run "
+            "trained with it keeps its own copy in tokenizer/."
         ) from error
 
 
