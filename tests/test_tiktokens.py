@@ -243,9 +243,48 @@ def test_a_training_run_with_tiktoken_gpt2_stores_tiktokens_ids_and_generates(tr
     assert capsys.readouterr().out.strip()
 
 
+GENERATE_AND_EXPORT_OFFLINE = """
+import sys
+import tiktoken.load
+from kgpt.cli import main
+
+def refuse(blobpath):
+    raise ConnectionError("no network: " + blobpath)
+
+tiktoken.load.read_file = refuse
+run_dir, base_dir = sys.argv[1:]
+assert main(["generate", run_dir, "--prompt", "The cat", "--max-new-tokens", "2"]) == 0
+assert main(["export", run_dir, "--name", "tiny", "--base-dir", base_dir, "--max-new-tokens", "4"]) == 0
+"""
+
+
+@pytest.fixture(scope="module")
+def offline_export(trained, tmp_path_factory):
+    """`trained`'s run generated from and exported in a fresh process (tiktoken keeps loaded
+    encodings) with an empty cache and no downloads: `(completed process, base_dir, cache dir)`."""
+    folder = tmp_path_factory.mktemp("tiktoken_offline")
+    empty, base_dir = folder / "empty", folder / "saved"
+    empty.mkdir()
+    environment = {**os.environ, tiktokens.CACHE_VARIABLE: str(empty),
+                   "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[1]), *sys.path])
+    result = subprocess.run([sys.executable, "-c", GENERATE_AND_EXPORT_OFFLINE, trained[0], str(base_dir)],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    return result, str(base_dir), empty
+
+
 @needs_files
 @pytest.mark.export
-def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, tmp_path):
+def test_a_tiktoken_gpt2_run_generates_and_exports_without_cache_or_network(offline_export):
+    result, base_dir, empty = offline_export
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("The cat") and os.path.isdir(os.path.join(base_dir, "tiny", "1"))
+    assert os.listdir(empty) == []
+
+
+@needs_files
+@pytest.mark.export
+def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, offline_export):
     import tensorflow_text  # noqa: F401  (registers the tokenizer ops before loading)
 
     from kgpt.generation.generator import Generator
@@ -253,8 +292,8 @@ def test_an_exported_tiktoken_gpt2_model_tokenizes_as_tiktoken(trained, tmp_path
     from kgpt.serving.saved_model_generator import load_generator
 
     run_dir, paragraphs = trained
-    base_dir = str(tmp_path / "saved")
-    assert main(["export", run_dir, "--name", "tiny", "--base-dir", base_dir, "--max-new-tokens", "4"]) == 0
+    result, base_dir, _ = offline_export  # exported with no cache and no network
+    assert result.returncode == 0, result.stderr[-3000:]
     run = RunDirectory(run_dir)
     model, tokenizer = run.load_model(), run.load_tokenizer()
     loaded = tf.saved_model.load(os.path.join(base_dir, "tiny", "1"))
@@ -379,38 +418,6 @@ def test_a_run_directory_keeps_its_encoding_and_loads_without_cache_or_network(
     assert capsys.readouterr().out.startswith("the cat")
     assert main(["evaluate", str(run_dir), "--json"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)[0]["perplexity"] > 0
-    assert os.listdir(tmp_path / "empty") == []
-
-
-GENERATE_AND_EXPORT_OFFLINE = """
-import sys
-import tiktoken.load
-from kgpt.cli import main
-
-def refuse(blobpath):
-    raise ConnectionError("no network: " + blobpath)
-
-tiktoken.load.read_file = refuse
-run_dir, base_dir = sys.argv[1:]
-assert main(["generate", run_dir, "--prompt", "The cat", "--max-new-tokens", "2"]) == 0
-assert main(["export", run_dir, "--name", "offline", "--base-dir", base_dir]) == 0
-"""
-
-
-@needs_files
-@pytest.mark.slow
-@pytest.mark.export
-def test_a_tiktoken_gpt2_run_generates_and_exports_without_cache_or_network(trained, tmp_path):
-    # A fresh process (tiktoken keeps loaded encodings), an empty cache, no downloads.
-    run_dir, _ = trained
-    environment = {**os.environ, tiktokens.CACHE_VARIABLE: str(tmp_path / "empty"),
-                   "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    environment["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[1]), *sys.path])
-    (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-c", GENERATE_AND_EXPORT_OFFLINE, run_dir, str(tmp_path / "saved")],
-                            capture_output=True, text=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("The cat") and (tmp_path / "saved" / "offline" / "1").is_dir()
     assert os.listdir(tmp_path / "empty") == []
 
 
