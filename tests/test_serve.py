@@ -325,14 +325,24 @@ def read_all(connection):
     return data
 
 
+def send_slowly(connection, *pieces, pause=0.0):
+    """Sends `pieces` `pause` seconds apart and reads the answer: `(head, body, seconds taken)`."""
+    started = time.monotonic()
+    for index, piece in enumerate(pieces):
+        if index:
+            time.sleep(pause)
+        connection.sendall(piece)
+    head, _, body = read_all(connection).partition(b"\r\n\r\n")
+    return head, body, time.monotonic() - started
+
+
 def test_a_client_that_stalls_mid_upload_is_dropped(echo_dir):
     server = start(echo_dir, read_timeout=0.5)
     try:
         with raw_connection(server) as stalled:
-            started = time.monotonic()
-            stalled.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inst")
-            head, _, body = read_all(stalled).partition(b"\r\n\r\n")
-            assert 0.4 < time.monotonic() - started < 10
+            head, body, seconds = send_slowly(
+                stalled, b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inst")
+            assert 0.4 < seconds < 10
         assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
         assert json.loads(body) == {
             "error": "Request incomplete: 6 of 100 bytes of its body arrived within 0.5 s (--read-timeout)."
@@ -348,12 +358,8 @@ def test_a_client_that_sends_its_head_slowly_is_answered_408_and_disconnected(ec
     server = start(echo_dir, read_timeout=0.5)
     try:
         with raw_connection(server) as slow:  # bytes keep coming, the head never ends
-            started = time.monotonic()
-            slow.sendall(b"GET /v1/models/echo HTTP/1.1\r\n")
-            time.sleep(0.3)
-            slow.sendall(b"Host: x\r\n")
-            head, _, body = read_all(slow).partition(b"\r\n\r\n")
-            assert 0.4 < time.monotonic() - started < 10
+            head, body, seconds = send_slowly(slow, b"GET /v1/models/echo HTTP/1.1\r\n", b"Host: x\r\n", pause=0.3)
+            assert 0.4 < seconds < 10
         assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
         assert json.loads(body) == {
             "error": "Request incomplete: its head did not arrive within 0.5 s (--read-timeout)."
@@ -369,13 +375,10 @@ def test_a_client_that_sends_its_head_slowly_is_answered_408_and_disconnected(ec
 def test_the_read_timeout_bounds_head_and_body_together(echo_dir):
     server = start(echo_dir, read_timeout=1.0)
     try:
-        with raw_connection(server) as slow:
-            started = time.monotonic()
-            slow.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\n")
-            time.sleep(0.7)  # most of the deadline spent on the head
-            slow.sendall(b"Host: x\r\nContent-Length: 30\r\n\r\n{")
-            head, _, body = read_all(slow).partition(b"\r\n\r\n")
-            assert time.monotonic() - started < 1.5  # not 0.7 s + another second for the body
+        with raw_connection(server) as slow:  # most of the deadline spent on the head
+            head, body, seconds = send_slowly(slow, b"POST /v1/models/echo:predict HTTP/1.1\r\n",
+                                              b"Host: x\r\nContent-Length: 30\r\n\r\n{", pause=0.7)
+            assert seconds < 1.5  # not 0.7 s + another second for the body
         assert head.startswith(b"HTTP/1.1 408 ")
         assert json.loads(body)["error"].startswith("Request incomplete: 1 of 30 bytes of its body")
     finally:
