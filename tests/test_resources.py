@@ -58,7 +58,6 @@ def test_a_sequence_length_that_cannot_fit_is_refused_before_any_work(write_toy_
 def test_the_refusal_names_what_is_available(monkeypatch):
     recipe = load_recipe(ROOT / "pipelines" / "tiny.toml", ["data.sequence_length=4096", "model.sequence_length=4096"])
     monkeypatch.setattr(resources, "available_memory", lambda: (10**9, "on the GPU"))
-    monkeypatch.setattr(resources, "check_cache_directory", lambda config: None)
     config = recipe.model_config(65)
     with pytest.raises(ValueError, match=r"estimated .* GB .* but 1\.0 GB is on the GPU; lower"):
         resources.check_training_resources(recipe, config, 8)

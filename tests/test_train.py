@@ -191,6 +191,19 @@ def test_cli_train_reports_recipe_errors_with_exit_2(recipe_path, capsys):
     assert "No such recipe: missing.toml" in capsys.readouterr().err
 
 
+def test_an_unusable_cache_dir_is_refused_before_a_tokenizer_is_trained(recipe_path, tmp_path, monkeypatch, capsys):
+    def trained_a_tokenizer(recipe):
+        raise AssertionError("a tokenizer was made before data.cache_dir was checked")
+
+    monkeypatch.setattr("kgpt.training.train.make_tokenizer", trained_a_tokenizer)
+    (tmp_path / "file").write_text("")
+    code = main(["train", str(recipe_path), "--run-dir", str(tmp_path / "run"),
+                 "--set", f"data.cache_dir={tmp_path / 'file'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith(f"kgpt train: error: data.cache_dir={str(tmp_path / 'file')!r} cannot")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_train_runs_a_recipe(recipe_path, tmp_path, capsys, recwarn):
     run_dir = tmp_path / "cli-run"
     assert main(["train", str(recipe_path), "--run-dir", str(run_dir), "--set", "train.max_steps=20"]) == 0

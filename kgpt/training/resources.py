@@ -1,13 +1,12 @@
-"""What a training run needs before it starts: a usable token-store folder, and a rough estimate
-of one training step's memory against what this machine (or its GPU) has, so that a recipe that
-cannot fit is a one-line error before the token store or the model is built."""
+"""What a training step needs: a rough estimate of its memory against what this machine (or its
+GPU) has, so that a recipe that cannot fit is a one-line error before the token store or the model
+is built."""
 
 import dataclasses
 import os
 
 import tensorflow as tf
 
-from kgpt.data.pipeline import check_cache_directory
 
 # Bytes of the float32 weights, gradients and AdamW's two moments, per parameter.
 _BYTES_PER_PARAMETER = 4 * 4
@@ -81,9 +80,8 @@ def _size(count):
 
 
 def check_training_resources(recipe, model_config, replica_batch_size):
-    """Raises `ValueError` when `data.cache_dir` cannot hold token stores, or when one training
-    step's estimated memory (`estimate_training_memory`) exceeds what is available."""
-    check_cache_directory(recipe.data)
+    """Raises `ValueError` when one training step's estimated memory (`estimate_training_memory`)
+    exceeds what is available."""
     data = recipe.data
     estimate = estimate_training_memory(model_config, replica_batch_size, data.sequence_length,
                                         recipe.train.precision)

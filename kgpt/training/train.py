@@ -230,6 +230,7 @@ def train(recipe, run_dir, verbose="auto", callbacks=()):
             print(note, flush=True)
         keras.utils.set_random_seed(config.seed)
         keras.mixed_precision.set_global_policy(config.precision)
+        kdata.check_cache_directory(recipe.data)  # before a BPE tokenizer is trained on the corpus
         tokenizer = run.load_tokenizer() if resuming else make_tokenizer(recipe)
         model = build_model(recipe, tokenizer, strategy)
         step, val_losses = run.backup_state() if resuming else (0, [])
