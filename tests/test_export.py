@@ -35,6 +35,7 @@ from kgpt.model.recurrent import RecurrentLanguageModel
 from kgpt.serving import export as export_module
 from kgpt.serving import saved_model_generator as generate_module
 from kgpt.serving.export import (
+    check_saved_signatures,
     export,
     is_saved_model,
     operations,
@@ -45,7 +46,13 @@ from kgpt.serving.export import (
 )
 from kgpt.serving.saved_model_generator import SavedModelGenerator, load_generator
 from kgpt.serving.serving_module import MAX_BEAMS, ServingModule
-from kgpt.serving.signatures import DEFAULT_BEAMS, SIGNATURES, STEP_STATE, read_signature_defs
+from kgpt.serving.signatures import (
+    DEFAULT_BEAMS,
+    SERVING_DEFAULT,
+    SIGNATURES,
+    STEP_STATE,
+    read_signature_defs,
+)
 from kgpt.tokenizers.bpe import train_bpe
 
 SEQUENCE_LENGTH = 32
@@ -81,6 +88,23 @@ def _texts(outputs):
 
 
 # --- in-process serving functions (the graphs that get exported) ---------------------------------
+
+
+def test_the_saved_signature_defs_are_checked_against_the_contract(tmp_path):
+    def saved(**changes):
+        outputs = {"text": tf.constant([""]), "token_ids": tf.zeros([1, 0], tf.int32),
+                   "token_count": tf.zeros([1], tf.int32), "prompt_token_count": tf.zeros([1], tf.int32),
+                   "truncated": tf.zeros([1], tf.bool), "stopped": tf.zeros([1], tf.bool), **changes}
+        module = tf.Module()
+        module.serving_default = tf.function(lambda prompts: outputs,
+                                             input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+        path = str(tmp_path / str(len(os.listdir(tmp_path))))
+        tf.saved_model.save(module, path, signatures={"serving_default": module.serving_default})
+        return path
+
+    check_saved_signatures([SERVING_DEFAULT], saved())
+    with pytest.raises(ValueError, match="output 'token_count' is int64"):
+        check_saved_signatures([SERVING_DEFAULT], saved(token_count=tf.zeros([1], tf.int64)))
 
 
 def test_serving_default_is_greedy_generation(run, module):
@@ -486,15 +510,14 @@ def test_a_save_that_fails_halfway_leaves_no_version_and_no_temporary_folder(
 
     monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
 
-    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
+    monkeypatch.setattr(export_module, "check_saved_signatures", _unchecked)  # the save is faked
     with pytest.raises(ValueError, match="Could not publish .*No space left on device"):
         export(run[0], "tiny", base_dir=tmp_path)
     assert os.listdir(tmp_path / "tiny") == []
 
 
-def _untraced(module):
-    """`ServingModule.signatures` without tracing (and checking) the functions, for a faked save."""
-    return {}
+def _unchecked(contract, saved_model_dir):
+    """`check_saved_signatures` for a faked save, which writes no signatures to check."""
 
 
 def _fake_save(also=None):
@@ -512,7 +535,7 @@ def _fake_save(also=None):
 
 def test_a_version_is_readable_by_other_users(run, tmp_path, monkeypatch):
     monkeypatch.setattr(tf.saved_model, "save", _fake_save())
-    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
+    monkeypatch.setattr(export_module, "check_saved_signatures", _unchecked)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     previous = os.umask(0o022)
     try:
@@ -535,7 +558,7 @@ def test_a_version_another_export_publishes_meanwhile_makes_this_one_take_the_ne
 
     monkeypatch.setattr(tf.saved_model, "save", _fake_save(concurrent_publish))
 
-    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
+    monkeypatch.setattr(export_module, "check_saved_signatures", _unchecked)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     assert export(run[0], "tiny", base_dir=tmp_path) == str(model_dir / "2")
     assert (model_dir / "1" / "saved_model.pb").read_bytes() == b"other"
@@ -550,7 +573,7 @@ def test_a_version_another_export_publishes_meanwhile_makes_this_one_take_the_ne
 
 def test_staging_folders_of_killed_exports_are_removed(run, tmp_path, monkeypatch):
     monkeypatch.setattr(tf.saved_model, "save", _fake_save())
-    monkeypatch.setattr(ServingModule, "signatures", _untraced)  # the save is faked
+    monkeypatch.setattr(export_module, "check_saved_signatures", _unchecked)  # the save is faked
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -671,7 +694,7 @@ def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, expor
     # What is checked is the versioning through the command line: the save itself is faked (real
     # saves: the shared export and the tests above).
     monkeypatch.setattr(tf.saved_model, "save", _fake_save())
-    monkeypatch.setattr(ServingModule, "signatures", _untraced)
+    monkeypatch.setattr(export_module, "check_saved_signatures", _unchecked)
     monkeypatch.setattr(export_module, "xla_findings", lambda path: [])
     base_dir = str(tmp_path)  # a copy of the shared export's folder: this test adds a version
     shutil.copytree(os.path.dirname(exported[1]), os.path.join(base_dir, "tiny"))

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from kgpt.files import remove_stale, staged_directory
 from kgpt.rundir import RunDirectory
-from kgpt.serving.serving_module import ServingModule
+from kgpt.serving.serving_module import ServingModule, check_outputs
 from kgpt.serving.signatures import read_saved_model, read_signature_defs
 
 DEFAULT_BASE_DIR = "saved_models"
@@ -129,6 +129,18 @@ def operations(saved_model_dir):
     return {node.op for _, _, nodes in _graphs(saved_model_dir) for node in nodes}
 
 
+def check_saved_signatures(contract, saved_model_dir):
+    """Raises `ValueError` unless the SavedModel's SignatureDefs output what `contract` (a list of
+    `kgpt.serving.signatures.Signature`) declares."""
+    signature_defs = read_signature_defs(saved_model_dir)
+    for signature in contract:
+        outputs = signature_defs[signature.name].outputs
+        check_outputs(signature, {
+            name: tf.TensorSpec(tf.TensorShape(info.tensor_shape), tf.as_dtype(info.dtype))
+            for name, info in outputs.items()
+        })
+
+
 def publish(module, model_dir, version=None):
     """Saves a `ServingModule` as `model_dir/VERSION/`, atomically; returns that path.
 
@@ -149,6 +161,7 @@ def publish(module, model_dir, version=None):
             try:
                 with staged_directory(final, replace=False) as staging:
                     tf.saved_model.save(module, staging, signatures=module.signatures())
+                    check_saved_signatures(module.contract(), staging)
                     findings = xla_findings(staging)
                     if findings and not module.jit_compile:
                         raise RuntimeError(f"The graph needs XLA, which TF Serving runs without: {findings}")

@@ -83,10 +83,9 @@ def _function_with_defaults(python_function, signature, specs=None, **export_val
     return _function(function, signature, specs)
 
 
-def check_outputs(signature, function):
-    """Raises `ValueError` unless the serving `function`'s outputs are `signature`'s: the same names,
-    dtypes and compatible shapes."""
-    outputs = function.get_concrete_function().structured_outputs
+def check_outputs(signature, outputs):
+    """Raises `ValueError` unless `outputs` (`{name: tensor or tf.TensorSpec}`, e.g. a concrete
+    function's `structured_outputs`) are `signature`'s: the same names, dtypes and compatible shapes."""
     declared = {spec.name: spec for spec in signature.outputs}
     if set(outputs) != set(declared):
         raise ValueError(
@@ -208,12 +207,10 @@ class ServingModule(tf.Module):
         return [contract_for(signature, self._sampling_type) for signature in SIGNATURES]
 
     def signatures(self):
-        """The `signatures` argument of `tf.saved_model.save`, each checked against the contract."""
-        functions = {}
-        for signature in self.contract():
-            functions[signature.name] = getattr(self, signature.name)
-            check_outputs(signature, functions[signature.name])
-        return functions
+        """The `signatures` argument of `tf.saved_model.save` (`kgpt.serving.export.publish` checks
+        the saved ones against the contract: tracing them here first would not spare `save` a
+        second trace, since a save traces in a context of its own)."""
+        return {signature.name: getattr(self, signature.name) for signature in self.contract()}
 
     def _greedy(self, prompts):
         return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())

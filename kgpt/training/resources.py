@@ -7,7 +7,6 @@ import os
 
 import tensorflow as tf
 
-
 # Bytes of the float32 weights, gradients and AdamW's two moments, per parameter.
 _BYTES_PER_PARAMETER = 4 * 4
 
