@@ -420,8 +420,6 @@ _SERVE_LIMITS = (
 
 def check_serve_arguments(args):
     """Raises `UsageError` for a `kgpt serve` flag out of range (before any model is loaded)."""
-    import math
-
     for name, minimum, inclusive, fix in _SERVE_LIMITS:
         value = getattr(args, name)
         flag = "--" + name.replace("_", "-")

@@ -194,6 +194,14 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
+def evaluations_done(step, eval_interval, max_steps=None):
+    """The evaluations a run has done once its optimizer reached `step` at an evaluation: one after
+    each multiple of `eval_interval` steps, the last one at `max_steps` (None: no end)."""
+    if max_steps is not None:
+        step = min(step, max_steps)
+    return -(-step // eval_interval)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
     """How to train: batch, schedule, optimiser, evaluation, callbacks, distribution (`[train]`)."""
@@ -266,9 +274,8 @@ class TrainConfig(Config):
         return -(-self.max_steps // self.eval_interval)
 
     def evaluations_done(self, step):
-        """The evaluations a run has done once its optimizer reached `step` at an evaluation (each
-        comes after a multiple of `eval_interval` steps, the last one at `max_steps`)."""
-        return -(-min(step, self.max_steps) // self.eval_interval)
+        """The evaluations a run has done once its optimizer reached `step` at an evaluation."""
+        return evaluations_done(step, self.eval_interval, self.max_steps)
 
     def fit_to_max_steps(self):
         """`(config, note)`: this config with what does not fit in `max_steps` steps fitted in,

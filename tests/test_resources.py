@@ -9,6 +9,7 @@ import pytest
 
 from kgpt.cli import main
 from kgpt.config import ModelConfig
+from kgpt.model.gpt import count_parameters
 from kgpt.recipe import load_recipe
 from kgpt.training import resources
 
@@ -22,7 +23,7 @@ def test_the_estimate_counts_logits_attention_activations_and_parameters():
     assert estimate.logits == 2 * 3 * 4 * 10 * 4  # (batch, sequence, vocabulary) and its gradient
     assert estimate.attention == 2 * 3 * 2 * 4 * 4 * 4  # layers x batch x heads x sequence^2, float32
     assert estimate.activations == 2 * 3 * 4 * (4 * 8 + 32) * 4
-    assert estimate.parameters == ((10 + 4) * 8 + 2 * (4 * 64 + 2 * 8 * 32)) * 16
+    assert estimate.parameters == count_parameters(config) * 16  # weights, gradients, two moments
     assert estimate.total == estimate.logits + estimate.attention + estimate.activations + estimate.parameters
     half = resources.estimate_training_memory(config, 3, 4, precision="mixed_bfloat16")
     assert half.attention * 2 == estimate.attention and half.logits == estimate.logits

@@ -3,12 +3,11 @@ and one deadline on each whole request) and answers to request lines h11 refuses
 """
 
 import http
-import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from kgpt.serving.protocol import API, APIError
+from kgpt.serving.protocol import API, APIError, compact_json
 
 # The longest request line, and request head, that h11 reads (its max_incomplete_event_size).
 MAX_HEAD_BYTES = 16 * 1024
@@ -130,8 +129,7 @@ class BoundedProtocol(H11Protocol):
         """uvicorn's answer to a request h11 refused: the refusal's status and message, as JSON."""
         refusal = self.conn.refusal or h11.RemoteProtocolError(msg)
         status = refusal.error_status_hint
-        body = json.dumps(APIError(str(refusal), status).body(API.TF_SERVING), ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8")
+        body = compact_json(APIError(str(refusal), status).body(API.TF_SERVING)).encode("utf-8")
         headers = self.server_state.default_headers + [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]

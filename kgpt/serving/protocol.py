@@ -63,6 +63,11 @@ class APIError(Exception):
         return cls(f"{type(error).__name__}: {error}", status=500)
 
 
+def compact_json(value):
+    """`value` as the servers answer it: compact JSON, UTF-8 text rather than \\u escapes."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def parse_json(body):
     """The JSON value of a request body; nesting deeper than `MAX_JSON_DEPTH` is refused before it
     can recurse. Raises `APIError` (400)."""

@@ -15,7 +15,6 @@ import errno
 import functools
 import importlib.resources
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -32,7 +31,15 @@ from starlette.routing import Route
 
 from kgpt.serving.connections import MAX_HEAD_BYTES, BoundedProtocol
 from kgpt.serving.model_server import ModelServer
-from kgpt.serving.protocol import API, APIError, CompletionRequest, ModelSpec, PredictRequest, parse_json
+from kgpt.serving.protocol import (
+    API,
+    APIError,
+    CompletionRequest,
+    ModelSpec,
+    PredictRequest,
+    compact_json,
+    parse_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +92,9 @@ class Limits:
                 raise ValueError(f"{name}={value!r} must be a number > 0.")
 
 
-def _dumps(value):
-    """Compact JSON, as UTF-8 text (not \\u escapes)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _json(status, payload, headers=None):
-    return Response(_dumps(payload).encode("utf-8"), status, headers=headers, media_type="application/json")
+    body = compact_json(payload).encode("utf-8")
+    return Response(body, status, headers=headers, media_type="application/json")
 
 
 def _error(error, api, headers=None, close=False):
@@ -103,7 +106,7 @@ def _error(error, api, headers=None, close=False):
 
 
 def _event(value):
-    return f"data: {_dumps(value)}\n\n".encode()
+    return f"data: {compact_json(value)}\n\n".encode()
 
 
 def _target(request):

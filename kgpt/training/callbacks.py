@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from kgpt import files, keras_compat
+from kgpt.config import evaluations_done
 from kgpt.generation.generator import Generator
 from kgpt.model.saving import save_model
 from kgpt.rundir import BACKUP_METADATA, backup_state, load_model, restart_hint
@@ -47,11 +48,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
             self.model.load_weights(path)
         except (OSError, KeyError, ValueError) as error:
             raise ValueError(f"{path} is damaged ({error}); {restart_hint(self.backup_dir)}") from error
-        step = _step(self.model)
-        if self.max_steps is not None:
-            step = min(step, self.max_steps)
-        # Evaluations done: one per `steps_per_epoch` steps, the last one at `max_steps`.
-        epoch = -(-step // self.steps_per_epoch)
+        epoch = evaluations_done(_step(self.model), self.steps_per_epoch, self.max_steps)
         keras_compat.set_initial_epoch(self.model, epoch)
         self.val_losses = backup_state(self.backup_dir)[1][:epoch]
 

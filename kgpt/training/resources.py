@@ -7,6 +7,8 @@ import os
 
 import tensorflow as tf
 
+from kgpt.model.gpt import count_parameters
+
 # Bytes of the float32 weights, gradients and AdamW's two moments, per parameter.
 _BYTES_PER_PARAMETER = 4 * 4
 
@@ -35,9 +37,7 @@ def estimate_training_memory(model_config, batch_size, sequence_length, precisio
     """
     c = model_config
     compute = 2 if precision.startswith("mixed") else 4  # bytes of an activation
-    parameters = (c.vocabulary_size + c.sequence_length) * c.hidden_dim + c.num_layers * (
-        4 * c.hidden_dim**2 + 2 * c.hidden_dim * c.intermediate_dim
-    )
+    parameters = count_parameters(c)  # the GPT's; a GRU of the same sizes is of the same order
     tokens = batch_size * sequence_length
     return MemoryEstimate(
         parameters=parameters * _BYTES_PER_PARAMETER,
