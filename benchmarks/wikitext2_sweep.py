@@ -1,0 +1,132 @@
+"""WikiText-2 recipe sweep: short runs of candidate settings, each given the same wall-clock budget.
+
+Each candidate is `kgpt train RECIPE --set ...` in a fresh process. The budget is turned into a
+step count per candidate from its measured step time, so a candidate that steps faster trains on
+more tokens, as it would in the same hour. Step times are measured once per shape (model, batch,
+context: the settings that change what a step costs) by a probe run of two short intervals, and
+kept in `--step-times` (JSON), so a later sweep on a busy machine can reuse a quiet machine's
+figures. The learning-rate schedule of every candidate ends at its own last step.
+
+The table: steps, tokens trained, step time, best validation loss per token and its perplexity.
+All candidates share one tokenizer (the recipe's; its cache is shared), so per-token losses
+compare directly.
+
+Usage:
+    python benchmarks/wikitext2_sweep.py --data-dir ../shared/data --budget 300
+    python benchmarks/wikitext2_sweep.py --data-dir ../shared/data --budget 300 --only lr2e-3,gru
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+RECIPE = "pipelines/wikitext2.toml"
+GRU_RECIPE = "pipelines/wikitext2_gru.toml"
+
+# name -> (recipe, overrides). The first is the recipe as it was before the sweep.
+CANDIDATES = {
+    "base": (RECIPE, {"train.learning_rate": 1e-3, "train.min_learning_rate": 1e-4, "model.dropout": 0.1}),
+    "lr2e-3": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.1}),
+    "lr2e-3-d0": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0}),
+    "lr3e-3-d0": (RECIPE, {"train.learning_rate": 3e-3, "train.min_learning_rate": 3e-4, "model.dropout": 0.0}),
+    "lr2e-3-d0-wd0": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4,
+                               "model.dropout": 0.0, "train.weight_decay": 0.0}),
+    "6x192": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
+                       "model.num_layers": 6}),
+    "4x256": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
+                       "model.hidden_dim": 256}),
+    "ctx64-b32": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
+                           "data.sequence_length": 64, "train.batch_size": 32}),
+    "gru": (GRU_RECIPE, {}),
+}
+SHAPE_KEYS = ("model.num_layers", "model.hidden_dim", "model.num_heads", "data.sequence_length",
+              "train.batch_size")
+
+
+def shape(recipe, overrides):
+    return recipe + ";" + ",".join(f"{k}={overrides[k]}" for k in SHAPE_KEYS if k in overrides)
+
+
+def train(recipe, run_dir, overrides, data_dir):
+    command = [sys.executable, "-m", "kgpt", "train", recipe, "--run-dir", run_dir,
+               "--set", f"data.dir={data_dir}"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}")
+    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, time.perf_counter() - start
+
+
+def step_time(recipe, overrides, data_dir, batch_tokens):
+    """Seconds per step: the second of two 25-step intervals of a probe run (the first pays the
+    start-up)."""
+    probe = {**overrides, "train.max_steps": 50, "train.eval_interval": 25, "train.eval_steps": 1,
+             "train.steps_per_execution": 25, "train.warmup_steps": 5, "train.sample_prompt": ""}
+    with tempfile.TemporaryDirectory() as directory:
+        rows, _ = train(recipe, os.path.join(directory, "probe"), probe, data_dir)
+    return batch_tokens / float(rows[-1]["tokens_per_second"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder with wikitext-2-raw/")
+    parser.add_argument("--budget", type=float, default=240, help="seconds of training per candidate")
+    parser.add_argument("--only", default="", help="comma-separated candidate names")
+    parser.add_argument("--step-times", default="benchmarks/wikitext2_step_times.json")
+    parser.add_argument("--keep", default="", help="keep run directories under this folder")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(CANDIDATES)
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {sorted(CANDIDATES)}")
+    times = {}
+    if os.path.exists(args.step_times):
+        with open(args.step_times) as f:
+            times = json.load(f)
+    print(f"budget {args.budget:.0f} s per candidate; {platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}\n", flush=True)
+    print("| candidate | overrides | steps | tokens | s/step | best val loss | val ppl | wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    sizes = {}
+    for name in names:  # every probe first, while the machine is as quiet as it will be
+        recipe, overrides = CANDIDATES[name]
+        with open(recipe, "rb") as f:
+            base = tomllib.load(f)
+        batch = overrides.get("train.batch_size", base["train"]["batch_size"])
+        context = overrides.get("data.sequence_length", base["data"]["sequence_length"])
+        key = shape(recipe, overrides)
+        sizes[name] = batch, context, key
+        if key not in times:
+            times[key] = step_time(recipe, overrides, args.data_dir, batch * context)
+            with open(args.step_times, "w") as f:
+                json.dump(times, f, indent=1)
+    for name in names:
+        recipe, overrides = CANDIDATES[name]
+        batch, context, key = sizes[name]
+        seconds = times[key]
+        steps = max(100, int(args.budget / seconds) // 100 * 100)
+        settings = {**overrides, "train.max_steps": steps, "train.eval_interval": steps // 2,
+                    "train.steps_per_execution": 50, "train.sample_prompt": "",
+                    "train.warmup_steps": min(200, steps // 10)}
+        with tempfile.TemporaryDirectory() as directory:
+            run_dir = os.path.join(args.keep or directory, f"sweep_{name}")
+            rows, wall = train(recipe, run_dir, settings, args.data_dir)
+        best = min(float(r["val_loss"]) for r in rows)
+        shown = " ".join(f"{k.split('.')[1]}={v}" for k, v in overrides.items()) or "(recipe)"
+        print(f"| {name} | {shown} | {steps:,} | {steps * batch * context / 1e6:.2f}M | {seconds:.3f} | "
+              f"{best:.4f} | {2.718281828 ** best:.1f} | {wall:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
