@@ -38,11 +38,15 @@ import sys
 import tempfile
 import time
 
-from mfu import flops_per_token, peak_flops
+from kgpt import environment
 
-from kgpt.config import ModelConfig
-from kgpt.model.gpt import count_parameters
-from kgpt.rundir import read_model_config
+environment.configure()  # mfu imports TensorFlow: without its start-up noise
+
+from mfu import flops_per_token, peak_flops  # noqa: E402
+
+from kgpt.config import ModelConfig  # noqa: E402
+from kgpt.model.gpt import count_parameters  # noqa: E402
+from kgpt.rundir import read_model_config  # noqa: E402
 
 
 def history(path):
