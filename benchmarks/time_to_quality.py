@@ -9,22 +9,44 @@ the whole process, and the best validation loss. With `--resume`, each run is ki
 its first evaluation and started again into the same directory, and the resumed process's first
 interval is reported too (what a resume pays before useful work).
 
+With `--mfu`, also the median step time (training steps only: history's `tokens_per_second`,
+evaluation intervals after the first, which holds the compilation), tokens per second and the
+model FLOPs utilisation against `--device`'s peak (benchmarks/mfu.py's table; a CPU estimate
+without it). `--time-limit` stops a run that many seconds after its start and reports what it
+logged; `--out DIR` keeps each run's output and history and writes every figure to
+`DIR/results.json`.
+
 Usage:
     python benchmarks/time_to_quality.py pipelines/shakespeare_char.toml --runs 3 --target 1.88
     python benchmarks/time_to_quality.py pipelines/shakespeare_char.toml --runs 3 --resume
+    python benchmarks/time_to_quality.py pipelines/shakespeare_char_gpu.toml --runs 1 --target 1.47 \\
+        --mfu --device "NVIDIA H100 80GB HBM3" --time-limit 450 --out results
 """
 
 import argparse
 import csv
+import dataclasses
+import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from kgpt import environment
+
+environment.configure()  # mfu imports TensorFlow: without its start-up noise
+
+from mfu import flops_per_token, peak_flops  # noqa: E402
+
+from kgpt.config import ModelConfig  # noqa: E402
+from kgpt.model.gpt import count_parameters  # noqa: E402
+from kgpt.rundir import read_model_config  # noqa: E402
 
 
 def history(path):
@@ -43,32 +65,77 @@ def backed_up(run_dir):
         return 0
 
 
-def run(recipe, run_dir, extra, stop_after=None, poll=0.05):
-    """Starts `kgpt train`; returns (seconds from start at which each evaluation was logged,
-    validation losses, whole-process seconds). `stop_after`: SIGKILL once that many evaluations
-    are logged and backed up."""
+@dataclasses.dataclass
+class Run:
+    """One `kgpt train` process as the watcher saw it."""
+
+    times: list  # seconds from the start at which each evaluation was logged
+    losses: list  # their validation losses
+    total: float  # seconds the whole process ran
+    rows: list  # the history rows it logged
+    timed_out: bool = False  # stopped at --time-limit
+
+
+def run(recipe, run_dir, extra, stop_after=None, poll=0.05, time_limit=None, log=None):
+    """Starts `kgpt train` and returns a `Run`. `stop_after`: SIGKILL once that many evaluations
+    are logged and backed up; `time_limit`: stop it that many seconds after its start; `log`: a
+    file for its output (else a temporary one, shown if it fails)."""
     path = os.path.join(run_dir, "history.csv")
     before = len(history(path))
     command = [sys.executable, "-m", "kgpt", "train", recipe, "--run-dir", run_dir, *extra]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    times, losses = [], []
-    while True:
-        rows = history(path)[before:]
-        now = time.perf_counter() - start
-        for row in rows[len(times):]:
-            times.append(now)
-            losses.append(float(row["val_loss"]))
-        if stop_after is not None and len(times) >= stop_after and backed_up(run_dir) >= stop_after:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return times, losses, time.perf_counter() - start
-        if process.poll() is not None:
-            break
-        time.sleep(poll)
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{process.stderr.read()}")
-    return times, losses, time.perf_counter() - start
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as output:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+        times, losses, timed_out = [], [], False
+        while True:
+            rows = history(path)[before:]
+            now = time.perf_counter() - start
+            for row in rows[len(times):]:
+                times.append(now)
+                losses.append(float(row["val_loss"]))
+            if stop_after is not None and len(times) >= stop_after and backed_up(run_dir) >= stop_after:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return Run(times, losses, time.perf_counter() - start, rows)
+            if time_limit is not None and now > time_limit and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                timed_out = True
+            if process.poll() is not None:
+                break
+            time.sleep(poll)
+        total = time.perf_counter() - start
+        if process.returncode and not timed_out:
+            output.seek(0)
+            text = output.read()
+            raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{text[-4000:]}")
+    return Run(times, losses, total, history(path)[before:], timed_out)
+
+
+def throughput(result, run_dir, devices, peak):
+    """`{step_time_ms, tokens_per_second, parameters, flops_per_token, mfu}` of a finished run:
+    the median of its evaluation intervals after the first (the first, if it logged one only)."""
+    rates = [float(row["tokens_per_second"]) for row in result.rows if row.get("tokens_per_second")]
+    if not rates:
+        return {}
+    rate = statistics.median(rates[1:] if len(rates) > 1 else rates)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        batch_size = json.load(f)["train"]["batch_size"] * devices
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in read_model_config(run_dir).items() if k in fields})
+    flops = flops_per_token(config)
+    tokens_per_step = batch_size * config.sequence_length
+    return {
+        "step_time_ms": 1e3 * tokens_per_step / rate,
+        "tokens_per_second": rate,
+        "parameters": count_parameters(config),
+        "flops_per_token": flops,
+        "mfu": flops * rate / (peak * devices) if peak else None,
+    }
 
 
 def main():
@@ -78,42 +145,92 @@ def main():
     parser.add_argument("--target", type=float, default=1.88, help="validation loss to reach")
     parser.add_argument("--resume", action="store_true", help="also time a resume after the first evaluation")
     parser.add_argument("--set", action="append", default=[], help="passed to kgpt train")
+    parser.add_argument("--mfu", action="store_true", help="also step time, tokens/s and MFU")
+    parser.add_argument("--device", default=None, help="the GPU's name, for its peak (default: CPU)")
+    parser.add_argument("--devices", type=int, default=1, help="replicas the run trains on")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per device, instead of the table")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; stops each run then")
+    parser.add_argument("--out", default=None, help="folder for results.json and each run's log and history")
     args = parser.parse_args()
     extra = [item for value in args.set for item in ("--set", value)]
+    if args.peak_tflops:
+        peak, source = args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
+    else:
+        peak, source = peak_flops(args.device)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(
-        f"{args.recipe}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"load average before: {os.getloadavg()[0]:.2f}\n", flush=True,
+        f"{args.recipe}; machine: {machine}"
+        + (f", {args.devices} x {args.device}" if args.device else "")
+        + f"; load average before: {os.getloadavg()[0]:.2f}"
+        + (f"\nMFU against: {source}" if args.mfu else "") + "\n", flush=True,
     )
+    mfu_columns = " step ms | tokens/s | MFU |" if args.mfu else ""
     print("| run | first interval s | steady interval s | resumed first interval s | "
-          f"val <= {args.target} at s | whole process s | best val |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    reached_all = []
+          f"val <= {args.target} at s | whole process s | best val |{mfu_columns}")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.mfu else ""))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    reached_all, results = [], []
     for index in range(args.runs):
         with tempfile.TemporaryDirectory() as directory:
             run_dir = os.path.join(directory, "run")
+            log = os.path.join(args.out, f"run{index + 1}.log") if args.out else None
             resumed = ""
             if args.resume:
-                first, _, _ = run(args.recipe, run_dir, extra, stop_after=1)
-                times, losses, total = run(args.recipe, run_dir, extra)
-                resumed = f"{times[0]:.1f}"
-                times = first[:1] + [first[0] + t for t in times]  # not a whole-run time line
-                total = float("nan")
+                first = run(args.recipe, run_dir, extra, stop_after=1)
+                result = run(args.recipe, run_dir, extra, time_limit=args.time_limit, log=log)
+                resumed = f"{result.times[0]:.1f}"
+                times = first.times[:1] + [first.times[0] + t for t in result.times]  # not a whole-run time line
+                losses, total = result.losses, float("nan")
             else:
-                times, losses, total = run(args.recipe, run_dir, extra)
-            intervals = [b - a for a, b in zip(times, times[1:])]
-            steady = statistics.median(intervals[1:] if len(intervals) > 1 else intervals)
-            reached = next((t for t, loss in zip(times, losses) if loss <= args.target), None)
-            if reached is not None and not args.resume:
-                reached_all.append(reached)
-            print(
-                f"| {index + 1} | {times[0]:.1f} | {steady:.1f} | {resumed or '-'} | "
-                f"{'-' if reached is None or args.resume else f'{reached:.1f}'} | "
-                f"{'-' if args.resume else f'{total:.1f}'} | {min(losses):.4f} |",
-                flush=True,
-            )
+                result = run(args.recipe, run_dir, extra, time_limit=args.time_limit, log=log)
+                times, losses, total = result.times, result.losses, result.total
+            speed = throughput(result, run_dir, args.devices, peak) if args.mfu and times else {}
+            if args.out and os.path.exists(os.path.join(run_dir, "history.csv")):
+                shutil.copy(os.path.join(run_dir, "history.csv"), os.path.join(args.out, f"run{index + 1}_history.csv"))
+        intervals = [b - a for a, b in zip(times, times[1:])]
+        steady = statistics.median(intervals[1:] if len(intervals) > 1 else intervals) if intervals else None
+        reached = next((t for t, loss in zip(times, losses) if loss <= args.target), None)
+        if reached is not None and not args.resume:
+            reached_all.append(reached)
+        results.append({
+            "first_interval_s": times[0] if times else None, "steady_interval_s": steady,
+            "resumed_first_interval_s": float(resumed) if resumed else None,
+            "time_to_target_s": None if args.resume else reached,
+            "process_s": None if args.resume else total, "timed_out": result.timed_out,
+            "best_val_loss": min(losses) if losses else None,
+            "evaluations": [{"time_s": t, "val_loss": loss} for t, loss in zip(times, losses)],
+            **speed,
+        })
+
+        def cell(value, form="{:.1f}"):
+            return "-" if value is None or value != value else form.format(value)
+
+        row = (
+            f"| {index + 1} | {cell(results[-1]['first_interval_s'])} | {cell(steady)} | {resumed or '-'} | "
+            f"{cell(results[-1]['time_to_target_s'])} | "
+            f"{cell(results[-1]['process_s'])}{' (time limit)' if result.timed_out else ''} | "
+            f"{cell(results[-1]['best_val_loss'], '{:.4f}')} |"
+        )
+        if args.mfu:
+            row += (f" {cell(speed.get('step_time_ms'))} | {cell(speed.get('tokens_per_second'), '{:,.0f}')} | "
+                    f"{cell(speed.get('mfu'), '{:.1%}')} |")
+        print(row, flush=True)
+    summary = None
     if reached_all:
-        print(f"\nmedian time to val <= {args.target}: {statistics.median(reached_all):.1f} s "
+        summary = statistics.median(reached_all)
+        print(f"\nmedian time to val <= {args.target}: {summary:.1f} s "
               f"({len(reached_all)} of {args.runs} runs reached it)")
+    if args.out:
+        report = {
+            "recipe": args.recipe, "set": args.set, "target": args.target,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine, "device": args.device or "CPU", "devices": args.devices,
+            "peak_flops_per_device": peak, "peak_source": source, "time_limit_s": args.time_limit,
+            "median_time_to_target_s": summary, "runs": results,
+        }
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ runs it: its own model, optimiser and `steps_per_execution` from the recipe.
 Reported per model: milliseconds per step, tokens per second, and model FLOPs utilisation (MFU):
 training FLOPs per token `6 * N + 12 * num_layers * hidden_dim * sequence_length` (weights
 forward + backward, plus attention scores and values; PaLM's appendix B) over the machine's peak
-float32 FLOP/s, estimated as cores x clock x 32 (two 256-bit FMA units per core, as on Zen 3 and
-recent Intel cores; pass --peak-gflops to override).
+float32 FLOP/s, estimated as cores x clock x 32 (both in benchmarks/mfu.py; pass --peak-gflops
+to override).
 
 Usage:
     python benchmarks/train_throughput.py [--steps 100] [--rounds 3] [--sizes shakespeare_char,larger]
@@ -25,10 +25,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `kgpt` sets it
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from mfu import cpu_peak_flops, flops_per_token  # noqa: E402  (benchmarks/mfu.py)
 
 from kgpt.config import ModelConfig, TrainConfig  # noqa: E402
 from kgpt.data.pipeline import pipeline_options  # noqa: E402
-from kgpt.model.gpt import build_model, count_parameters  # noqa: E402
+from kgpt.model.gpt import build_model  # noqa: E402
 from kgpt.training.train import make_optimizer  # noqa: E402
 
 SIZES = {
@@ -36,17 +37,6 @@ SIZES = {
     "shakespeare_char": dict(vocabulary_size=65, sequence_length=64, num_layers=4, num_heads=4, hidden_dim=128, batch_size=12),
     "larger": dict(vocabulary_size=8192, sequence_length=256, num_layers=6, num_heads=6, hidden_dim=384, batch_size=12),
 }
-
-
-def peak_flops():
-    cores = os.cpu_count() or 1
-    megahertz = []
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz"):
-                megahertz.append(float(line.split(":")[1]))
-    clock = (max(megahertz) if megahertz else 2000.0) * 1e6
-    return cores * clock * 32
 
 
 def dataset(size, steps):
@@ -102,7 +92,7 @@ def main():
     parser.add_argument("--steps-per-execution", type=int, default=50, help="kgpt's (as its recipes)")
     parser.add_argument("--peak-gflops", type=float, default=None)
     args = parser.parse_args()
-    peak = args.peak_gflops * 1e9 if args.peak_gflops else peak_flops()
+    peak = args.peak_gflops * 1e9 if args.peak_gflops else cpu_peak_flops()
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores, "
           f"peak estimate {peak / 1e9:.0f} GFLOP/s fp32, TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}")
     rows = []
@@ -110,7 +100,6 @@ def main():
         size = SIZES[name]
         config = ModelConfig(**{k: v for k, v in size.items() if k != "batch_size"})
         tokens = size["batch_size"] * size["sequence_length"]
-        flops_per_token = 6 * count_parameters(config) + 12 * config.num_layers * config.hidden_dim * config.sequence_length
         data = dataset(size, args.steps)
         keras.utils.set_random_seed(0)
         hub = keras_hub_model(size)
@@ -127,7 +116,7 @@ def main():
             kgpt_times.append(time_steps(model, data, steps))
         hub_step, kgpt_step = float(np.median(hub_times)), float(np.median(kgpt_times))
         for label, step in (("keras-hub GPT2Backbone", hub_step), ("kgpt", kgpt_step)):
-            rows.append((name, label, step * 1e3, tokens / step, tokens / step * flops_per_token / peak))
+            rows.append((name, label, step * 1e3, tokens / step, tokens / step * flops_per_token(config) / peak))
         rows.append((name, "kgpt / keras-hub", hub_step / kgpt_step, None, None))
     print(f"\n{'size':<17} {'model':<24} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}")
     for name, label, ms, tps, mfu in rows:

@@ -1,5 +1,6 @@
 import os
 import re
+import time
 
 import keras
 import numpy as np
@@ -11,6 +12,7 @@ from kgpt.rundir import backup_state
 from kgpt.training.callbacks import (
     ResumableEarlyStopping,
     RunBackup,
+    ThroughputLogger,
     evaluations_since_best,
     patience_spent,
 )
@@ -85,6 +87,23 @@ class _Steps(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.at_epoch_end.append(int(self.model.optimizer.iterations.numpy()))
+
+
+class _SlowEvaluation(keras.callbacks.Callback):
+    def on_test_end(self, logs=None):
+        time.sleep(1.0)
+
+
+def test_throughput_counts_training_steps_and_not_the_evaluation_after_them():
+    x = np.random.RandomState(0).normal(size=(64, 3)).astype("float32")
+    history = _regression().fit(
+        x, x.sum(axis=1), batch_size=2, epochs=2, steps_per_epoch=4,
+        validation_data=(x[:4], x[:4].sum(axis=1)), verbose=0,
+        callbacks=[ThroughputLogger(tokens_per_step=100), _SlowEvaluation()],
+    )
+    # 400 tokens in the second epoch's four steps (milliseconds); with the 1 s evaluation
+    # counted it would be below 400 tokens/s.
+    assert history.history["tokens_per_second"][1] > 4000
 
 
 def _fit(model, backup_dir, epochs=3, steps_per_epoch=4, max_steps=10):

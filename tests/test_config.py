@@ -22,7 +22,8 @@ def test_every_config_round_trips_through_json(config):
     assert type(config).from_dict(stored) == config
 
 
-@pytest.mark.parametrize("path", ["pipelines/shakespeare_char.toml", "pipelines/wikitext2.toml", "pipelines/imdb.toml"])
+@pytest.mark.parametrize("path", ["pipelines/shakespeare_char.toml", "pipelines/shakespeare_char_gpu.toml",
+                                  "pipelines/wikitext2.toml", "pipelines/imdb.toml"])
 def test_a_recipe_round_trips_through_its_config_json(path):
     recipe = load_recipe(path, ["model.kind=gru"])
     stored = json.loads(json.dumps(recipe.to_dict()))

@@ -1,5 +1,7 @@
+import csv
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +12,7 @@ from kgpt.cli import main
 from kgpt.rundir import load_model
 from kgpt.tokenizers.registry import load_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
 
 
@@ -321,3 +324,74 @@ def test_fine_tuning_an_imported_model_lowers_the_loss(hf_folder, tmp_path, monk
     with pytest.raises(FileNotFoundError, match="train.init_from='.*nowhere' is not a directory"):
         train(load_recipe(tmp_path / "recipe.toml", [f"train.init_from={tmp_path / 'nowhere'}"]),
               str(tmp_path / "nowhere_run"), verbose=0)
+
+
+def _wikitext_articles(rng, count):
+    """WikiText-2-shaped raw text: ` = Title = ` articles with ` = = Section = = ` headings."""
+    sentences = ["the cat sat on the mat .", "a cat at the sea is in the sun .",
+                 "the history of the cat is the history of the sea ."]
+    lines = []
+    for index in range(count):
+        lines += ["", f" = Article {index} = ", ""]
+        for section in range(2):
+            lines += [f" = = Part {section} = = ", "",
+                      " " + " ".join(rng.choice(sentences, size=8)) + " ", ""]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_wikitext2_gpt2_recipe_fine_tunes_an_imported_model_end_to_end(tmp_path, monkeypatch, capsys):
+    """pipelines/wikitext2_gpt2.toml as its header says to run it, on a tiny random GPT-2 made by
+    transformers (context 256, the recipe's) and a WikiText-2-shaped corpus, in a fresh working
+    directory: `kgpt import-gpt2` into checkpoints/gpt2, `kgpt train` (a process of its own),
+    then `kgpt generate` and `kgpt evaluate` on the result."""
+    torch = pytest.importorskip("torch", reason="needs the gpt2 extra: torch")
+    transformers = pytest.importorskip("transformers", reason="needs the gpt2 extra: transformers")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    vocabulary_size = _write_tokenizer(hf)
+    torch.manual_seed(0)
+    # A wide initialiser: the imported weights are far from a fresh model's (std 0.02).
+    config = transformers.GPT2Config(
+        vocab_size=vocabulary_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3,
+        bos_token_id=vocabulary_size - 1, eos_token_id=vocabulary_size - 1,
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf)
+    data = tmp_path / "wikitext-2-raw"
+    data.mkdir()
+    rng = np.random.RandomState(0)
+    for split, count in (("train", 40), ("valid", 6), ("test", 6)):
+        (data / f"wiki.{split}.raw").write_text(_wikitext_articles(rng, count))
+    work = tmp_path / "work"  # the recipe's relative paths: checkpoints/gpt2
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("KGPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["import-gpt2", str(hf), "--out", "checkpoints/gpt2"]) == 0
+
+    recipe = os.path.join(ROOT, "pipelines", "wikitext2_gpt2.toml")
+    command = [sys.executable, "-m", "kgpt", "train", recipe, "--set", f"data.dir={data}",
+               "--set", "train.max_steps=20", "--set", "train.eval_interval=10",
+               "--set", "train.eval_steps=2", "--set", "train.sample_length=8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "parameters (2 layers, 2 heads, hidden 32, context 256)" in done.stdout  # the imported sizes
+    run_dir = os.path.join("checkpoints", "wikitext2_gpt2")
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        history = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    assert float(history[1]["val_loss"]) < float(history[0]["val_loss"])
+    # From the imported weights: 20 AdamW steps of at most 6e-5 move no weight by more than ~1.2e-3.
+    imported, tuned = load_model("checkpoints/gpt2"), load_model(run_dir)
+    moved = [np.abs(a - b).max() for a, b in zip(imported.get_weights(), tuned.get_weights())]
+    assert 0 < max(moved) < 2e-3
+    assert np.std(imported.token_embeddings.numpy()) > 0.2  # transformers' 0.3, not a fresh 0.02
+
+    capsys.readouterr()
+    assert main(["generate", run_dir, "--prompt", "The history of", "--max-new-tokens", "8", "--json"]) == 0
+    (continuation,) = json.loads(capsys.readouterr().out)
+    assert continuation.startswith("The history of") and len(continuation) > len("The history of")
+    assert main(["evaluate", "checkpoints/gpt2", run_dir, "--data-dir", str(data), "--json"]) == 0
+    before, after = json.loads(capsys.readouterr().out)
+    assert before["split"] == after["split"] == "test" and before["tokens"] == after["tokens"] > 0
+    assert after["nll"] < before["nll"]

@@ -149,7 +149,11 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class ThroughputLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` and `tokens_per_second` to the logs; place it before the loggers."""
+    """Adds `learning_rate` and `tokens_per_second` to the logs; place it before the loggers.
+
+    An epoch's `tokens_per_second` counts its training steps only, from the epoch's start to its
+    last step's end: the evaluation, checkpoints and samples after it are not in it.
+    """
 
     def __init__(self, tokens_per_step):
         super().__init__()
@@ -174,7 +178,7 @@ class ThroughputLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        elapsed = time.perf_counter() - self._epoch_start
+        elapsed = self._batch_start - self._epoch_start  # to the last step's end
         logs["learning_rate"] = keras_compat.current_learning_rate(self.model.optimizer)
         if elapsed > 0:
             logs["tokens_per_second"] = self._steps * self.tokens_per_step / elapsed
