@@ -186,7 +186,8 @@ def main():
     rng = np.random.default_rng(0)
     ids = rng.integers(1, SIZE["vocabulary_size"], (args.batch_size, PROMPT_LENGTH)).astype("int32")
     greedy = SamplingOptions().graph_tensors()
-    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, greedy)
+    no_stops = np.zeros((0, 1), "int32")  # `stopping.stop_id_matrix([])`
+    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, greedy, no_stops)
 
     variants = args.variants.split(",")
     if args.ablate:
