@@ -22,7 +22,7 @@ Variants (`--variants NAME:xla|plain,...`):
 
 Usage:
     python benchmarks/decode_step.py [--batch-size 1] [--rounds 5] [--variants ...]
-        [--count-ops] [--bandwidth] [--ablate]
+        [--count-ops] [--bandwidth] [--ablate] [--intra-op-threads N]
 XLA_FLAGS set in the environment apply to every `:xla` variant.
 """
 
@@ -178,7 +178,10 @@ def main():
     parser.add_argument("--count-ops", action="store_true", help="print each variant's loop-body ops")
     parser.add_argument("--bandwidth", action="store_true", help="time streaming the weights once")
     parser.add_argument("--ablate", action="store_true", help="time each ablation in both modes")
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="TensorFlow's intra-op threads (0: one per core); 1 steadies CPU times on a busy machine")
     args = parser.parse_args()
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
 
     keras.utils.set_random_seed(0)
     model = build_model(SIZE)
@@ -186,7 +189,8 @@ def main():
     rng = np.random.default_rng(0)
     ids = rng.integers(1, SIZE["vocabulary_size"], (args.batch_size, PROMPT_LENGTH)).astype("int32")
     greedy = SamplingOptions().graph_tensors()
-    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, greedy)
+    no_stops = np.zeros((0, 1), "int32")  # `stopping.stop_id_matrix([])`
+    arguments = (ids, np.full((args.batch_size,), PROMPT_LENGTH, "int32"), NEW_TOKENS, -1, greedy, no_stops)
 
     variants = args.variants.split(",")
     if args.ablate:
@@ -220,17 +224,24 @@ def main():
     layers.update_cache, tf_numpy.matmul = WRITES["scatter"], KERAS_MATMUL
 
     times = {variant: [] for variant in decoders}
+    cpu_times = {variant: [] for variant in decoders}
     for _ in range(args.rounds):
         for variant, decoder in decoders.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             decoder._decode(*arguments)[0].numpy()
             times[variant].append((time.perf_counter() - start) / NEW_TOKENS * 1e3)
-    print(f"batch {args.batch_size}, {NEW_TOKENS} new tokens, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print("| variant | ms / decode step (median) | min | all rounds |")
-    print("|---|---:|---:|---|")
+            cpu_times[variant].append((time.process_time() - cpu_start) / NEW_TOKENS * 1e3)
+    print(
+        f"batch {args.batch_size}, {NEW_TOKENS} new tokens, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"intra-op threads {args.intra_op_threads or 'default'}, load average {os.getloadavg()[0]:.1f}"
+    )
+    # CPU time (all of the process' threads) is what a busy machine disturbs least.
+    print("| variant | ms / decode step (median) | min | CPU ms / step (median) | all rounds |")
+    print("|---|---:|---:|---:|---|")
     for variant, values in times.items():
         rounds = " ".join(f"{value:.2f}" for value in values)
-        print(f"| {variant} | {statistics.median(values):.2f} | {min(values):.2f} | {rounds} |")
+        cpu = statistics.median(cpu_times[variant])
+        print(f"| {variant} | {statistics.median(values):.2f} | {min(values):.2f} | {cpu:.2f} | {rounds} |")
     if args.bandwidth:
         milliseconds, rate = streaming_bandwidth(model.count_params())
         print(f"streaming {model.count_params():,} float32 weights once: {milliseconds:.2f} ms, {rate:.1f} GB/s")
