@@ -7,7 +7,9 @@ evaluation: TensorFlow's import, the corpus, tracing and compilation, then `eval
 the steady interval (median of the later ones), when validation loss first reached `--target`,
 the whole process, and the best validation loss. With `--resume`, each run is killed right after
 its first evaluation and started again into the same directory, and the resumed process's first
-interval is reported too (what a resume pays before useful work).
+interval is reported too (what a resume pays before useful work). With `--rounds N`, N rounds of
+nanoGPT's recipe (`benchmarks/nanogpt_shakespeare_char.py`, whole-script time) and kgpt's
+(time to a logged validation loss <= `--target`), alternately, and their ratio.
 
 With `--mfu`, also the median step time (training steps only: history's `tokens_per_second`,
 evaluation intervals after the first, which holds the compilation), tokens per second and the
@@ -21,6 +23,8 @@ Usage:
     python benchmarks/time_to_quality.py pipelines/shakespeare_char.toml --runs 3 --resume
     python benchmarks/time_to_quality.py pipelines/shakespeare_char_gpu.toml --runs 1 --target 1.47 \\
         --mfu --device "NVIDIA H100 80GB HBM3" --time-limit 450 --out results
+    python benchmarks/time_to_quality.py pipelines/shakespeare_char.toml --rounds 2 \
+        --nanogpt-python .venv-torch/bin/python   # an interpreter with torch (kgpt's [gpt2] extra)
 """
 
 import argparse
@@ -30,6 +34,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -138,6 +144,42 @@ def throughput(result, run_dir, devices, peak):
     }
 
 
+NANOGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanogpt_shakespeare_char.py")
+
+
+def run_nanogpt(python, arguments):
+    """nanoGPT's recipe in a fresh process: (whole-script seconds, last and best validation loss)."""
+    start = time.perf_counter()
+    result = subprocess.run([python, NANOGPT, *arguments], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f"{NANOGPT} failed ({result.returncode}):\n{result.stderr}")
+    losses = [float(value) for value in re.findall(r"val loss ([0-9.]+)", result.stdout)]
+    return seconds, losses[-1], min(losses)
+
+
+def compare(args, extra):
+    """`--rounds`: nanoGPT and kgpt alternately, one table row per round, then the medians."""
+    print(f"| round | nanoGPT whole script s | nanoGPT last / best val | kgpt val <= {args.target} at s "
+          "| kgpt first interval s | kgpt best val | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for index in range(args.rounds):
+        nanogpt, last, best = run_nanogpt(args.nanogpt_python, shlex.split(args.nanogpt_args))
+        with tempfile.TemporaryDirectory() as directory:
+            result = run(args.recipe, os.path.join(directory, "run"), extra)
+        times, losses = result.times, result.losses
+        reached = next((t for t, loss in zip(times, losses) if loss <= args.target), None)
+        ratio = reached / nanogpt if reached is not None else None
+        ratios += [ratio] if ratio is not None else []
+        print(f"| {index + 1} | {nanogpt:.1f} | {last:.4f} / {best:.4f} | "
+              f"{'-' if reached is None else f'{reached:.1f}'} | {times[0]:.1f} | {min(losses):.4f} | "
+              f"{'-' if ratio is None else f'{ratio:.2f}'} |", flush=True)
+    if ratios:
+        print(f"\nmedian ratio (kgpt to val <= {args.target} / nanoGPT whole script): "
+              f"{statistics.median(ratios):.2f}; load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -151,6 +193,9 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device, instead of the table")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; stops each run then")
     parser.add_argument("--out", default=None, help="folder for results.json and each run's log and history")
+    parser.add_argument("--rounds", type=int, help="compare with nanoGPT: this many alternate rounds")
+    parser.add_argument("--nanogpt-python", default=sys.executable, help="a Python with torch")
+    parser.add_argument("--nanogpt-args", default="", help="passed to nanogpt_shakespeare_char.py")
     args = parser.parse_args()
     extra = [item for value in args.set for item in ("--set", value)]
     if args.peak_tflops:
@@ -165,6 +210,8 @@ def main():
         + (f"\nMFU against: {source}" if args.mfu else "") + "\n", flush=True,
     )
     mfu_columns = " step ms | tokens/s | MFU |" if args.mfu else ""
+    if args.rounds:
+        return compare(args, extra)
     print("| run | first interval s | steady interval s | resumed first interval s | "
           f"val <= {args.target} at s | whole process s | best val |{mfu_columns}")
     print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.mfu else ""))

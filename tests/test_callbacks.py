@@ -1,5 +1,6 @@
 import os
 import re
+import threading
 import time
 
 import keras
@@ -70,6 +71,47 @@ def test_sample_text_continues_the_prompt_at_each_evaluation(capsys):
     assert callback.sample() == sample  # the same seed at every evaluation
     callback.on_epoch_end(0)
     assert f"--- sample after evaluation 1 ---\n{sample}\n---" in capsys.readouterr().out
+
+
+def _fit_with_samples(warm_up, capsys):
+    """Losses and printed output of a seeded 2-evaluation `fit` with a `SampleText`."""
+    from kgpt.tokenizers.char import train_characters
+    from kgpt.training.callbacks import SampleText
+
+    tokenizer = train_characters(["the cat sat on the mat.\n"])
+    keras.utils.set_random_seed(3)
+    model = build_model(
+        dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=8, num_layers=1,
+             num_heads=1, hidden_dim=8)
+    )
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=2)
+    ids = np.random.default_rng(0).integers(0, tokenizer.vocabulary_size, (32, 9)).astype("int32")
+    sample_text = SampleText(tokenizer, "the ", max_new_tokens=12, seed=1, warm_up=warm_up)
+    history = model.fit(ids[:, :-1], ids[:, 1:], batch_size=4, epochs=2, validation_data=(ids[:8, :-1], ids[:8, 1:]),
+                        shuffle=False, callbacks=[sample_text], verbose=0)
+    return history.history, capsys.readouterr().out
+
+
+@pytest.mark.slow  # two fits, each tracing a train step and a decode loop
+def test_sample_text_traces_its_first_sample_in_the_background_with_the_same_output(capsys, monkeypatch):
+    from kgpt.generation import decoder
+
+    traced_in = []  # the Python decode loop runs only while its program is traced
+
+    def decode(*args, **kwargs):
+        traced_in.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    original = decoder.decode
+    monkeypatch.setattr(decoder, "decode", decode)
+    warm = _fit_with_samples(True, capsys)
+    assert traced_in == ["kgpt-sample"]  # traced once, in the warm-up thread, not after the evaluation
+    traced_in.clear()
+    cold = _fit_with_samples(False, capsys)
+    assert traced_in == ["MainThread"]
+    assert warm == cold  # the same losses to the last bit, and the same samples printed
+    assert warm[1].count("--- sample after evaluation") == 2
 
 
 def _regression():

@@ -53,6 +53,7 @@ class Decoder:
             ),
             jit_compile=jit_compile,
             reduce_retracing=True,
+            autograph=False,
         )
         # num_beams is a Python int: one trace per value.
         self._beam_search = tf.function(

@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import threading
 import time
 import warnings
 
 import h5py
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kgpt import files, keras_compat
 from kgpt.config import evaluations_done
@@ -185,9 +187,17 @@ class ThroughputLogger(keras.callbacks.Callback):
 
 
 class SampleText(keras.callbacks.Callback):
-    """Prints a sampled continuation of `prompt` after each evaluation, with the same `seed` each time."""
+    """Prints a sampled continuation of `prompt` after each evaluation, with the same `seed` each time.
 
-    def __init__(self, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_k=40, seed=0):
+    The first sample pays for its program (tracing the decode loop and TensorFlow's graph
+    optimisation: seconds); with `warm_up`, a background thread samples once, output discarded,
+    after the first training steps, so that this happens while the first interval trains (the
+    steps run in C++ without the GIL). The sample after the evaluation waits for it and is the
+    same text: the sample draws from `seed` alone, and reads the weights only.
+    """
+
+    def __init__(self, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_k=40, seed=0,
+                 warm_up=True):
         super().__init__()
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -195,7 +205,9 @@ class SampleText(keras.callbacks.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
+        self.warm_up = warm_up
         self._generator = None
+        self._warm_up_thread = None
 
     def sample(self):
         if self._generator is None:
@@ -208,5 +220,32 @@ class SampleText(keras.callbacks.Callback):
                 temperature=self.temperature, top_k=self.top_k, seed=self.seed, keep_prompt=True,
             )[0]
 
+    def on_train_batch_end(self, batch, logs=None):
+        # After the first execution: the train step is traced and compiled, and the rest of the
+        # interval runs in C++.
+        if self.warm_up and self._warm_up_thread is None:
+            self._generator = Generator(self.model, self.tokenizer, jit_compile=False)
+            # Keras' dtype policy and TensorFlow's strategy scope are per thread: the same here.
+            policy, strategy = keras.config.dtype_policy(), tf.distribute.get_strategy()
+
+            def sample_once():
+                keras.config.set_dtype_policy(policy)
+                try:
+                    with strategy.scope():
+                        self.sample()
+                except Exception:  # the sample after the evaluation raises it again, in the open
+                    pass
+
+            self._warm_up_thread = threading.Thread(target=sample_once, name="kgpt-sample", daemon=True)
+            self._warm_up_thread.start()
+
+    def _wait_for_warm_up(self):
+        if self._warm_up_thread is not None:
+            self._warm_up_thread.join()
+
     def on_epoch_end(self, epoch, logs=None):
+        self._wait_for_warm_up()
         print(f"--- sample after evaluation {epoch + 1} ---\n{self.sample()}\n---", flush=True)
+
+    def on_train_end(self, logs=None):
+        self._wait_for_warm_up()  # no thread left reading the model once `fit` returns
