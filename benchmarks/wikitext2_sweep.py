@@ -47,6 +47,10 @@ CANDIDATES = {
                            "data.sequence_length": 64, "train.batch_size": 32}),
     "alibi": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
                        "model.position_embedding": "alibi"}),
+    "2x256-alibi": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
+                             "model.position_embedding": "alibi", "model.num_layers": 2, "model.hidden_dim": 256}),
+    "3x256-alibi": (RECIPE, {"train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "model.dropout": 0.0,
+                             "model.position_embedding": "alibi", "model.num_layers": 3, "model.hidden_dim": 256}),
     "gru": (GRU_RECIPE, {}),
 }
 SHAPE_KEYS = ("model.num_layers", "model.hidden_dim", "model.num_heads", "data.sequence_length",
