@@ -155,7 +155,7 @@ class ModelConfig(Config):
     normalize_first: bool = True  # GPT-2's pre-LayerNorm; False: the original post-LayerNorm
     use_bias: bool = True  # biases in the attention and feed-forward projections
     initializer_range: float = 0.02  # normal init std; residual projections / sqrt(2 num_layers)
-    position_embedding: str = "learned"  # a kind registered in kgpt.model.layers, checked at build
+    position_embedding: str = "learned"  # "learned", "alibi": kinds registered in kgpt.model.layers
 
     section = "model"
 

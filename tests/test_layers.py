@@ -8,6 +8,8 @@ from kgpt.model.layers import (
     FeedForward,
     LearnedPositionEmbedding,
     TokenAndPositionEmbedding,
+    alibi_bias,
+    alibi_slopes,
     attend,
     causal_mask,
     update_cache,
@@ -36,12 +38,15 @@ def _layer_norm(x, gamma, beta, epsilon=1e-5):
     return (x - mean) / np.sqrt(var + epsilon) * gamma + beta
 
 
-def _attention_reference(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads):
+def _attention_reference(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads, slopes=None):
     batch, length, hidden = x.shape
     head_dim = hidden // num_heads
     qkv = (x @ qkv_kernel + qkv_bias).reshape(batch, length, 3, num_heads, head_dim)
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (b, h, s, d)
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    if slopes is not None:  # ALiBi: -slope * (i - j)
+        distance = np.arange(length)[:, None] - np.arange(length)[None, :]
+        scores = scores - np.asarray(slopes)[:, None, None] * distance
     future = np.triu(np.ones((length, length), bool), k=1)
     scores = np.where(future, -np.inf, scores)
     out = (_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
@@ -102,6 +107,37 @@ def test_attention_cache_matches_full_pass():
     np.testing.assert_allclose(key[:, :, :6], qkv[:, :, 1].transpose(0, 2, 1, 3), atol=1e-5)
     np.testing.assert_allclose(value[:, :, :6], qkv[:, :, 2].transpose(0, 2, 1, 3), atol=1e-5)
     assert not np.any(key[:, :, 6:]) and not np.any(value[:, :, 6:])
+
+
+def test_alibi_slopes_are_the_papers_geometric_sequences():
+    np.testing.assert_allclose(alibi_slopes(8), [2.0**-i for i in range(1, 9)])
+    # Not a power of two: the 4-head slopes, then every other slope of 8 heads.
+    np.testing.assert_allclose(alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+    bias = ops.convert_to_numpy(alibi_bias([0.5, 0.25], 2, 5, start_index=3))
+    # Queries at positions 3 and 4: the penalty grows with the distance back to each key.
+    np.testing.assert_allclose(bias[0, 0], [-1.5, -1.0, -0.5, 0.0, 0.5])
+    np.testing.assert_allclose(bias[1, 1], [-1.0, -0.75, -0.5, -0.25, 0.0])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1e-9])  # the fused path, and the written-out one
+def test_alibi_attention_matches_numpy_reference_and_its_cache(dropout):
+    x = np.random.RandomState(5).normal(size=(2, 6, 8)).astype("float32")
+    layer = CausalSelfAttention(num_heads=4, position_bias="alibi", dropout=dropout)
+    layer.build(x.shape)
+    _randomize(layer)
+    expected = _attention_reference(x, *layer.get_weights(), num_heads=4, slopes=alibi_slopes(4))
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x, training=True)), expected, atol=1e-5)
+    cache = (np.zeros((2, 4, 9, 2), "float32"), np.zeros((2, 4, 9, 2), "float32"))
+    steps = []
+    for start, end in ((0, 3), (3, 4), (4, 6)):
+        out, cache = layer.call_with_cache(x[:, start:end], cache, start)
+        steps.append(ops.convert_to_numpy(out))
+    np.testing.assert_allclose(np.concatenate(steps, 1), expected, atol=1e-5)
+
+
+def test_unknown_position_bias_is_refused():
+    with pytest.raises(ValueError, match="position_bias='rope'"):
+        CausalSelfAttention(num_heads=2, position_bias="rope")
 
 
 def test_causal_mask_offsets_queries_by_start_index():
@@ -203,6 +239,8 @@ def test_embedding_adds_position_from_start_index():
         (lambda: CausalSelfAttention(2, dropout=0.1, use_bias=False, output_kernel_initializer="zeros"), (2, 5, 8)),
         (lambda: FeedForward(12, dropout=0.1, use_bias=False), (2, 5, 8)),
         (lambda: DecoderBlock(2, 16, dropout=0.1, layer_norm_epsilon=1e-6, normalize_first=False), (2, 5, 8)),
+        (lambda: DecoderBlock(2, 16, position_bias="alibi"), (2, 5, 8)),
+        (lambda: TokenAndPositionEmbedding(10, 6, 4, position_embedding="alibi"), (2, 6)),
     ],
 )
 def test_get_config_round_trip_gives_identical_outputs(make_layer, shape):

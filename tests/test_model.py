@@ -27,9 +27,12 @@ def _numpy(x):
     return ops.convert_to_numpy(x)
 
 
-@pytest.fixture(params=[True, False], ids=["pre_ln", "post_ln"])
+@pytest.fixture(
+    params=[{}, {"normalize_first": False}, {"position_embedding": "alibi"}],
+    ids=["pre_ln", "post_ln", "alibi"],
+)
 def model(request):
-    return build_model(ModelConfig(**{**TINY.to_dict(), "normalize_first": request.param}))
+    return build_model(ModelConfig(**{**TINY.to_dict(), **request.param}))
 
 
 def test_output_shape_and_dtype(model):
@@ -129,7 +132,8 @@ def test_tied_head_shares_the_token_embedding_variable():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"normalize_first": False}, {"use_bias": False}, {"intermediate_dim": 24, "num_layers": 3}],
+    [{}, {"normalize_first": False}, {"use_bias": False}, {"intermediate_dim": 24, "num_layers": 3},
+     {"position_embedding": "alibi"}],
 )
 def test_parameter_count_equals_closed_form(overrides):
     config = ModelConfig(**{**TINY.to_dict(), **overrides})

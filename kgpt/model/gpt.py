@@ -71,6 +71,8 @@ class GPT(keras.Model):
         self.embeddings_dropout = keras.layers.Dropout(
             config.dropout, dtype=self.dtype_policy, name="embeddings_dropout"
         )
+        # A position kind may act inside attention instead of adding a table (ALiBi).
+        position_bias = getattr(get_position_embedding(config.position_embedding), "attention_bias", None)
         self.blocks = [
             DecoderBlock(
                 config.num_heads,
@@ -78,6 +80,7 @@ class GPT(keras.Model):
                 dropout=config.dropout,
                 layer_norm_epsilon=config.layer_norm_epsilon,
                 normalize_first=config.normalize_first,
+                position_bias=position_bias,
                 use_bias=config.use_bias,
                 kernel_initializer=initializer,
                 output_kernel_initializer=output_initializer,

@@ -38,8 +38,28 @@ def causal_mask(query_length, key_length, start_index=0):
     return key_positions[None, :] <= query_positions[:, None]
 
 
-def attend(query, key, value, mask, dropout_layer=None, training=None):
-    """The attention core: `softmax(mask(query @ key^T / sqrt(head_dim))) @ value`.
+def alibi_slopes(num_heads):
+    """ALiBi's per-head slopes (Press et al., 2021): the geometric sequence `2^(-8 i / n)`,
+    `i = 1..n`, for `n` a power of two; otherwise that of the power below, then every other
+    slope of the power above."""
+    def powers(n):
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    below = 2 ** int(math.floor(math.log2(num_heads)))
+    return (powers(below) + powers(2 * below)[0::2])[:num_heads]
+
+
+def alibi_bias(slopes, query_length, key_length, start_index=0):
+    """Float32 `(heads, query_length, key_length)`: `-slope * (i - j)` for query `i` (at
+    `start_index + i`) and key `j`, the linear penalty on distance ALiBi adds to the scores."""
+    query_positions = ops.arange(query_length, dtype="int32") + ops.cast(start_index, "int32")
+    key_positions = ops.arange(key_length, dtype="int32")
+    distance = ops.cast(query_positions[:, None] - key_positions[None, :], "float32")
+    return -ops.convert_to_tensor(slopes, "float32")[:, None, None] * distance[None]
+
+
+def attend(query, key, value, mask, dropout_layer=None, training=None, bias=None):
+    """The attention core: `softmax(mask(query @ key^T / sqrt(head_dim) + bias)) @ value`.
 
     The one place that scales, masks, normalizes (in float32, also under mixed precision) and
     drops attention probabilities. Returns `query`'s shape in `value`'s dtype.
@@ -49,10 +69,13 @@ def attend(query, key, value, mask, dropout_layer=None, training=None):
         key, value: `(batch, num_heads, key_length, head_dim)`; a cache may be longer than `query`.
         mask: bool `(length, key_length)` (see `causal_mask`); every query must see a key.
         dropout_layer: a `keras.layers.Dropout` applied to the probabilities, or None.
+        bias: float32 `(num_heads, length, key_length)` added to the scaled scores, or None.
     """
     # (batch, heads, length, key_length)
-    scores = ops.cast(ops.einsum("bhld,bhsd->bhls", query, key), "float32")
-    scores = ops.where(mask[None, None], scores / math.sqrt(query.shape[-1]), float("-inf"))
+    scores = ops.cast(ops.einsum("bhld,bhsd->bhls", query, key), "float32") / math.sqrt(query.shape[-1])
+    if bias is not None:
+        scores = scores + bias[None]
+    scores = ops.where(mask[None, None], scores, float("-inf"))
     weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
     if dropout_layer is not None:
         weights = dropout_layer(weights, training=training)
@@ -69,8 +92,8 @@ def register_position_embedding(name):
     A kind is a registered Keras layer built with `sequence_length`, `hidden_dim`,
     `embeddings_initializer`, `dtype` and `name`; `layer(token_embeddings, start_index=0)` adds
     the positions `[start_index, start_index + length)`; its classmethod
-    `parameter_count(sequence_length, hidden_dim)` counts its weights. (Kinds that act inside
-    attention, such as rotary embeddings, would also need a hook in `attend`.)
+    `parameter_count(sequence_length, hidden_dim)` counts its weights. A kind that acts inside
+    attention instead names its bias in an `attention_bias` class attribute (see `"alibi"`).
     """
 
     def register(cls):
@@ -102,6 +125,8 @@ def get_position_embedding(name):
 @keras.saving.register_keras_serializable(package="kgpt")
 class LearnedPositionEmbedding(keras.layers.Layer):
     """Learned absolute positions (GPT-2's `wpe`): a trained `(sequence_length, hidden_dim)` table."""
+
+    attention_bias = None
 
     def __init__(
         self, sequence_length, hidden_dim, embeddings_initializer="glorot_uniform", **kwargs
@@ -141,6 +166,34 @@ class LearnedPositionEmbedding(keras.layers.Layer):
             "hidden_dim": self.hidden_dim,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
         }
+
+
+@register_position_embedding("alibi")
+@keras.saving.register_keras_serializable(package="kgpt")
+class AlibiPositions(keras.layers.Layer):
+    """ALiBi (Press et al., 2021): no position table; each head's attention scores fall linearly
+    with the distance to the key (`alibi_bias`), a recency prior that needs no training."""
+
+    attention_bias = "alibi"
+
+    def __init__(self, sequence_length, hidden_dim, embeddings_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.sequence_length = sequence_length
+        self.hidden_dim = hidden_dim
+
+    @classmethod
+    def parameter_count(cls, sequence_length, hidden_dim):
+        return 0
+
+    def call(self, inputs, start_index=0):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "sequence_length": self.sequence_length,
+                "hidden_dim": self.hidden_dim}
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
@@ -260,14 +313,24 @@ class CausalSelfAttention(_ResidualLayer):
     """Multi-head causal self-attention with one fused query/key/value projection.
 
     `num_heads` must divide the input width; `dropout` applies to the attention probabilities in
-    training (GPT-2's `attn_pdrop`); the other arguments are `_ResidualLayer`'s. Three paths, one
+    training (GPT-2's `attn_pdrop`); `position_bias="alibi"` adds ALiBi's distance penalty
+    (`alibi_bias`) to the scores; the other arguments are `_ResidualLayer`'s. Three paths, one
     core: without probability dropout the full pass runs Keras' fused `ops.dot_product_attention`;
     with it, and against a cache (`call_with_cache`), `attend` computes the same.
     """
 
-    def __init__(self, num_heads, **kwargs):
+    def __init__(self, num_heads, position_bias=None, **kwargs):
         super().__init__(**kwargs)
+        if position_bias not in (None, "alibi"):
+            raise ValueError(f"Unknown position_bias={position_bias!r}; use None or 'alibi'.")
         self.num_heads = num_heads
+        self.position_bias = position_bias
+        self.slopes = alibi_slopes(num_heads) if position_bias == "alibi" else None
+
+    def _bias(self, query_length, key_length, start_index=0):
+        if self.slopes is None:
+            return None
+        return alibi_bias(self.slopes, query_length, key_length, start_index)
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -303,15 +366,19 @@ class CausalSelfAttention(_ResidualLayer):
         return self.output_dense(ops.reshape(attended, (batch, length, self.hidden_dim)))
 
     def call(self, inputs, training=None):
+        length = ops.shape(inputs)[1]
+        bias = self._bias(length, length)
         if not (training and self.dropout):
             # Keras' fused attention (it has no probability dropout).
             query, key, value = self._project(inputs, heads_first=False)
-            attended = ops.dot_product_attention(query, key, value, is_causal=True)
+            attended = ops.dot_product_attention(
+                query, key, value, bias=None if bias is None else bias[None], is_causal=True
+            )
             return self._merge(attended, heads_first=False)
         query, key, value = self._project(inputs, heads_first=True)
-        length = ops.shape(inputs)[1]
         attended = attend(
-            query, key, value, causal_mask(length, length), self.probability_dropout, training
+            query, key, value, causal_mask(length, length), self.probability_dropout, training,
+            bias=bias,
         )
         return self._merge(attended, heads_first=True)
 
@@ -323,12 +390,13 @@ class CausalSelfAttention(_ResidualLayer):
         query, key, value = self._project(inputs, heads_first=True)
         key_cache = update_cache(cache[0], key, start_index)
         value_cache = update_cache(cache[1], value, start_index)
-        mask = causal_mask(ops.shape(inputs)[1], ops.shape(key_cache)[2], start_index)
-        attended = attend(query, key_cache, value_cache, mask)
+        lengths = ops.shape(inputs)[1], ops.shape(key_cache)[2]
+        mask = causal_mask(*lengths, start_index)
+        attended = attend(query, key_cache, value_cache, mask, bias=self._bias(*lengths, start_index))
         return self._merge(attended, heads_first=True), (key_cache, value_cache)
 
     def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads}
+        return {**super().get_config(), "num_heads": self.num_heads, "position_bias": self.position_bias}
 
 
 @keras.saving.register_keras_serializable(package="kgpt")
@@ -366,6 +434,7 @@ class DecoderBlock(_ResidualLayer):
         intermediate_dim: width of the feed-forward layer.
         normalize_first: True for GPT-2's pre-LayerNorm block (`x + attn(ln(x))`); False for
             the original post-LayerNorm block (`ln(x + attn(x))`).
+        position_bias: None, or `"alibi"` for ALiBi's distance penalty in the attention scores.
         dropout, use_bias, kernel_initializer, output_kernel_initializer: see `_ResidualLayer`.
 
     Call args:
@@ -380,9 +449,11 @@ class DecoderBlock(_ResidualLayer):
     """
 
     def __init__(
-        self, num_heads, intermediate_dim, *, layer_norm_epsilon=1e-5, normalize_first=True, **kwargs
+        self, num_heads, intermediate_dim, *, layer_norm_epsilon=1e-5, normalize_first=True,
+        position_bias=None, **kwargs
     ):
         super().__init__(**kwargs)
+        self.position_bias = position_bias
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.layer_norm_epsilon = layer_norm_epsilon
@@ -401,7 +472,9 @@ class DecoderBlock(_ResidualLayer):
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
         )
         self.attention_norm.build(input_shape)
-        self.attention = CausalSelfAttention(self.num_heads, name="attention", **shared)
+        self.attention = CausalSelfAttention(
+            self.num_heads, position_bias=self.position_bias, name="attention", **shared
+        )
         self.attention.build(input_shape)
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.feed_forward_norm = keras.layers.LayerNormalization(
@@ -437,4 +510,5 @@ class DecoderBlock(_ResidualLayer):
             "intermediate_dim": self.intermediate_dim,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "normalize_first": self.normalize_first,
+            "position_bias": self.position_bias,
         }
