@@ -190,14 +190,15 @@ class SampleText(keras.callbacks.Callback):
     """Prints a sampled continuation of `prompt` after each evaluation, with the same `seed` each time.
 
     The first sample pays for its program (tracing the decode loop and TensorFlow's graph
-    optimisation: seconds); with `warm_up`, a background thread samples once, output discarded,
+    optimisation: seconds); with `warm_up` (off by default: on 2 cores the thread slowed the first
+    interval more than it saved, RESULTS.md), a background thread samples once, output discarded,
     after the first training steps, so that this happens while the first interval trains (the
     steps run in C++ without the GIL). The sample after the evaluation waits for it and is the
     same text: the sample draws from `seed` alone, and reads the weights only.
     """
 
     def __init__(self, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_k=40, seed=0,
-                 warm_up=True):
+                 warm_up=False):
         super().__init__()
         self.tokenizer = tokenizer
         self.prompt = prompt
