@@ -93,7 +93,8 @@ def register_position_embedding(name):
     `embeddings_initializer`, `dtype` and `name`; `layer(token_embeddings, start_index=0)` adds
     the positions `[start_index, start_index + length)`; its classmethod
     `parameter_count(sequence_length, hidden_dim)` counts its weights. A kind that acts inside
-    attention instead names its bias in an `attention_bias` class attribute (see `"alibi"`).
+    attention instead names its bias in an `attention_bias` class attribute (see `"alibi"`); a
+    kind without one adds its positions only.
     """
 
     def register(cls):
@@ -125,8 +126,6 @@ def get_position_embedding(name):
 @keras.saving.register_keras_serializable(package="kgpt")
 class LearnedPositionEmbedding(keras.layers.Layer):
     """Learned absolute positions (GPT-2's `wpe`): a trained `(sequence_length, hidden_dim)` table."""
-
-    attention_bias = None
 
     def __init__(
         self, sequence_length, hidden_dim, embeddings_initializer="glorot_uniform", **kwargs
