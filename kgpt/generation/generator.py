@@ -58,12 +58,15 @@ class Completion:
         prompt_token_count: its prompt's tokens as decoded (after any truncation; "" is end-of-text).
         finish_reason: "stop" (end-of-text, a stop token id or a stop string ended it) or
             "length" (`max_new_tokens` were made).
+        logprobs: with `logprobs` asked for, a `kgpt.generation.logprobs.TokenLogprob` per token
+            counted in `token_count`, in order; else None.
     """
 
     text: str
     token_count: int
     prompt_token_count: int
     finish_reason: str
+    logprobs: tuple | None = None
 
 
 def well_formed(text):

@@ -48,6 +48,15 @@ class SamplingOptions:
         temperature: None for greedy decoding; else > 0, the logits are divided by it.
         top_k: draw among the `top_k` most likely tokens (0 keeps all); 1 is greedy.
         top_p: draw from the smallest set of most likely tokens whose probability reaches it.
+        seed: the stateless seed of every draw (token `p` is drawn with `[seed, p]`).
+        frequency_penalty, presence_penalty: OpenAI's: each token's logit is lowered by
+            `frequency_penalty * count + presence_penalty * (count > 0)`, `count` the times it was
+            generated so far (the prompt not counted); negative values favour repeats.
+        repetition_penalty: Hugging Face's (CTRL's): the logit of each token in the prompt or
+            generated so far is divided by it where positive, multiplied where negative; 1 is off.
+
+    Penalties apply before the temperature, the filters and greedy decoding's argmax, repetition
+    first, as vLLM orders them.
     """
 
     temperature: float = option(
@@ -61,6 +70,15 @@ class SamplingOptions:
     top_p: float = option(1.0, "float32", "nucleus sampling mass (0, 1]", minimum=0,
                           maximum=1, minimum_inclusive=False, hint="1 keeps every token")
     seed: int = option(0, "int32", "sampling seed (default 0)")
+    frequency_penalty: float = option(
+        0.0, "float32", "lower each token's logit by this times its count so far (OpenAI's, -2 to 2)",
+        minimum=-2, maximum=2, hint="0 is off")
+    presence_penalty: float = option(
+        0.0, "float32", "lower the logit of each token generated so far by this (OpenAI's, -2 to 2)",
+        minimum=-2, maximum=2, hint="0 is off")
+    repetition_penalty: float = option(
+        1.0, "float32", "divide the logits of tokens seen so far by this (Hugging Face's, > 0)",
+        minimum=0, minimum_inclusive=False, hint="1 is off, 1.2 is common")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -38,6 +38,8 @@ class Piece:
         prompt_token_count: the prompt's tokens as decoded (after any truncation).
         finish_reason: on a continuation's last piece, "stop" (end-of-text) or "length"
             (`max_new_tokens` reached); None before.
+        logprobs: with `logprobs` asked for, the `kgpt.generation.logprobs.TokenLogprob` of the
+            token this step added (none for end-of-text); else None.
     """
 
     index: int
@@ -45,6 +47,7 @@ class Piece:
     token_count: int
     prompt_token_count: int
     finish_reason: str | None = None
+    logprobs: tuple | None = None
 
 
 class TextDeltas:
