@@ -137,7 +137,7 @@ def test_a_full_cache_is_rebuilt_from_the_recent_tokens(spread, recurrent, kind)
         np.testing.assert_allclose(logits, model(ids[:, 6 : position + 1])[:, -1], atol=1e-5)
     # A step feeds position 10 and draws the token at 11 with the seed [seed, 11].
     sampling = SamplingOptions(temperature=1.0, seed=7).graph_inputs()
-    token, after = step(decoding_model, state, ids[:, 10], sampling)
+    token, after, _ = step(decoding_model, state, ids[:, 10], sampling)
     expected = sample_at(model(ids[:, 6:11])[:, -1], sampling, 11)
     assert int(after.position) == 11 and token.numpy().tolist() == expected.numpy().tolist()
 
@@ -222,7 +222,7 @@ def _best_by_enumeration(table, prompt, steps):
 
 def test_beam_search_finds_the_best_sequence_of_a_table():
     model = BigramModel(TABLE)
-    greedy, _ = decode(model, tf.constant([[0]]), [1], 2)
+    greedy, _, _ = decode(model, tf.constant([[0]]), [1], 2)
     assert greedy.numpy()[0, 1:].tolist() == [1, 0]  # greedy takes the 0.6 branch
     tokens, lengths, scores = beam_search(model, [[0]], [1], 2, num_beams=2, length_penalty=0.0)
     ranked = _best_by_enumeration(TABLE, [0], 2)

@@ -76,10 +76,10 @@ def module(run):
 def _generate(module, prompts=("the",), max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0,
               stop=(), stop_token_ids=()):
     return module.generate(
-        tf.constant(list(prompts), tf.string), tf.constant(max_new_tokens), tf.constant(temperature),
-        tf.constant(top_k), tf.constant(top_p), tf.constant(seed),
-        tf.constant(list(stop), tf.string, shape=[len(stop)]),
-        tf.constant(list(stop_token_ids), tf.int32, shape=[len(stop_token_ids)]),
+        prompts=tf.constant(list(prompts), tf.string), max_new_tokens=tf.constant(max_new_tokens),
+        temperature=tf.constant(temperature), top_k=tf.constant(top_k), top_p=tf.constant(top_p),
+        seed=tf.constant(seed), stop=tf.constant(list(stop), tf.string, shape=[len(stop)]),
+        stop_token_ids=tf.constant(list(stop_token_ids), tf.int32, shape=[len(stop_token_ids)]),
     )
 
 
@@ -217,14 +217,16 @@ def test_generate_signature_inputs_are_the_sampling_fields(module):
     spec = module.generate.input_signature
     names = [tensor.name for tensor in spec]
     fields = [field.name for field in dataclasses.fields(SamplingOptions)]
-    assert names == ["prompts", "max_new_tokens", *fields, "stop", "stop_token_ids"]
-    assert {t.name: t.dtype for t in spec[2:-2]} == sampling.signature_dtypes()
-    assert [(t.shape.as_list(), t.dtype) for t in spec[-2:]] == [([None], tf.string), ([None], tf.int32)]
+    assert names == ["prompts", "max_new_tokens", *fields, "stop", "stop_token_ids", "logprobs"]
+    assert {t.name: t.dtype for t in spec[2:-3]} == sampling.signature_dtypes()
+    assert [(t.shape.as_list(), t.dtype) for t in spec[-3:]] == [
+        ([None], tf.string), ([None], tf.int32), ([], tf.int32)]
     # The Python defaults are what the SignatureDef records (temperature 1: greedy is top_k=1).
     parameters = inspect.signature(module.generate.python_function).parameters
     defaults = {name: p.default.numpy().tolist() for name, p in parameters.items() if name != "prompts"}
     assert defaults == {
-        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": []
+        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": [],
+        "logprobs": -1,
     }
 
 
@@ -242,7 +244,7 @@ def test_a_new_sampling_field_becomes_a_checked_signature_input(run, module, mon
     monkeypatch.setitem(sampling.FILTERS, "min_p", keep_min_p)
     _, model, tokenizer = run
     extended = ServingModule(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS, sampling_type=MinPOptions)
-    assert [t.name for t in extended.generate.input_signature][-3] == "min_p"
+    assert [t.name for t in extended.generate.input_signature][-4] == "min_p"
     prompts = tf.constant(PROMPTS)
     inputs = dict(prompts=prompts, max_new_tokens=tf.constant(MAX_NEW_TOKENS), **MinPOptions(
         temperature=1.0, seed=3, min_p=1.0).graph_tensors())
@@ -672,9 +674,10 @@ def test_jit_export_marks_only_the_decode_loop_for_xla_and_generates_the_same(ru
     jit, default = tf.saved_model.load(path).signatures, loaded.signatures
     prompts = tf.constant(PROMPTS)
     assert _texts(jit["serving_default"](prompts=prompts)) == _texts(default["serving_default"](prompts=prompts))
-    sampled = dict(prompts=prompts, max_new_tokens=tf.constant(4), temperature=tf.constant(0.9),
-                   top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3),
-                   stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32))
+    sampled = dict(prompts=prompts, max_new_tokens=tf.constant(4),
+                   **SamplingOptions(temperature=0.9, top_k=5, seed=3).graph_tensors(),
+                   stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32),
+                   logprobs=tf.constant(-1))
     # XLA draws its categorical samples its own way: seeded, so repeatable, but not TF's tokens.
     assert _texts(jit["generate"](**sampled)) == _texts(jit["generate"](**sampled))
     greedy = dict(sampled, top_k=tf.constant(1))  # top_k 1: greedy
@@ -711,8 +714,8 @@ def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, expor
 @pytest.mark.export
 def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module, loaded):
     signatures = loaded.signatures
-    assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "logits", "prefill",
-                               "step", "detokenize"} == {signature.name for signature in SIGNATURES}
+    assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "prompt_logprobs",
+                               "logits", "prefill", "step", "detokenize"} == {signature.name for signature in SIGNATURES}
     prompts = tf.constant(PROMPTS)
     assert _texts(signatures["serving_default"](prompts=prompts)) == _texts(
         module.serving_default(prompts)
@@ -725,9 +728,9 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
     ids = tf.constant([[1, 2, 3, 4]], tf.int32)
     np.testing.assert_allclose(signatures["logits"](token_ids=ids)["logits"], run[1](ids), atol=1e-6)
     good = dict(
-        prompts=tf.constant(["the"]), max_new_tokens=tf.constant(4), temperature=tf.constant(1.0),
-        top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(0),
-        stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32),
+        prompts=tf.constant(["the"]), max_new_tokens=tf.constant(4),
+        **SamplingOptions(temperature=1.0).graph_tensors(),
+        stop=tf.constant([], tf.string), stop_token_ids=tf.constant([], tf.int32), logprobs=tf.constant(-1),
     )
     assert len(_texts(signatures["generate"](**good))) == 1
     bad = [
@@ -735,6 +738,8 @@ def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module
         ("max_new_tokens", tf.constant(MAX_NEW_TOKENS_LIMIT + 1)), ("top_p", tf.constant(0.0)),
         ("top_p", tf.constant(1.5)), ("top_k", tf.constant(-1)), ("temperature", tf.constant(0.0)),
         ("stop", tf.constant([""])), ("stop_token_ids", tf.constant([-1])),
+        ("frequency_penalty", tf.constant(2.5)), ("repetition_penalty", tf.constant(0.0)),
+        ("logprobs", tf.constant(6)), ("logprobs", tf.constant(-2)),
     ]
     for key, value in bad:
         with pytest.raises(tf.errors.InvalidArgumentError, match=key):
@@ -792,10 +797,11 @@ def test_every_file_of_an_export_is_readable_by_other_users(exported):
 def test_signature_def_records_the_sampling_fields_and_their_defaults(exported):
     signature = read_signature_defs(exported[1])["generate"]
     fields = [field.name for field in dataclasses.fields(SamplingOptions)]
-    assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields, "stop", "stop_token_ids"}
+    assert set(signature.inputs) == {"prompts", "max_new_tokens", *fields, "stop", "stop_token_ids", "logprobs"}
     defaults = {key: tf.make_ndarray(value).tolist() for key, value in signature.defaults.items()}
     assert defaults == {
-        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": []
+        "max_new_tokens": MAX_NEW_TOKENS, **sampling.signature_defaults(), "stop": [], "stop_token_ids": [],
+        "logprobs": -1,
     }
     for name, dtype in sampling.signature_dtypes().items():
         assert signature.inputs[name].dtype == dtype.as_datatype_enum

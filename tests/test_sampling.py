@@ -78,7 +78,9 @@ def test_samples_are_the_same_as_before_the_options_structure(options, expected)
 def test_greedy_is_temperature_1_top_k_1_in_the_graph():
     # Greedy has no temperature in Python; the graph (and the SavedModel signature) spells it
     # top_k=1, which sample_logits answers with an argmax.
-    assert SamplingOptions().graph_inputs() == dict(temperature=1.0, top_k=1, top_p=1.0, seed=0)
+    assert SamplingOptions().graph_inputs() == dict(
+        temperature=1.0, top_k=1, top_p=1.0, seed=0, frequency_penalty=0.0, presence_penalty=0.0,
+        repetition_penalty=1.0)
     assert SamplingOptions(temperature=0.5, top_k=3).graph_inputs()["temperature"] == 0.5
 
 
@@ -136,14 +138,19 @@ def test_graph_checks_refuse_out_of_bounds_tensors():
         ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
         ("temperature", float("inf"), "temperature must be a finite number"),
         ("top_p", float("nan"), "top_p must be a finite number"),
+        ("frequency_penalty", 2.5, r"frequency_penalty must be in \[-2, 2\]; 0 is off"),
+        ("presence_penalty", -3.0, r"presence_penalty must be in \[-2, 2\]"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be > 0; 1 is off"),
     ]:
         bad = {**good, name: tf.constant(value, good[name].dtype)}
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             graph_checks(bad)
+    penalties = dict(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
     assert signature_dtypes() == dict(
-        temperature=tf.float32, top_k=tf.int32, top_p=tf.float32, seed=tf.int32
+        temperature=tf.float32, top_k=tf.int32, top_p=tf.float32, seed=tf.int32,
+        **{name: tf.float32 for name in penalties},
     )
-    assert signature_defaults() == dict(temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    assert signature_defaults() == dict(temperature=1.0, top_k=0, top_p=1.0, seed=0, **penalties)
 
 
 # --- a new sampler is one function and one field ----------------------------------------------

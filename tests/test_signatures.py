@@ -29,19 +29,21 @@ SERVING_MODULES = ("serving/export", "serving/saved_model_generator", "serving/b
 
 
 def test_what_batching_reads_is_derived_from_the_declarations():
-    assert signatures.PADDED_OUTPUTS == {"token_ids": "token_count"}
+    assert signatures.PADDED_OUTPUTS == {
+        name: "token_count" for name in ("token_ids", "token_logprobs", "top_token_ids", "top_logprobs")}
     assert signatures.REQUEST_LISTS == {"stop", "stop_token_ids"}
     assert signatures.REQUEST_WIDTH_OUTPUTS == {"beam_text", "beam_token_count", "beam_stopped"}
     whole = [s for s in SIGNATURES if s.name not in ("step", "detokenize")]
     for signature in whole:  # one input of rows each, first
         assert [spec.role for spec in signature.inputs][:1] == [Role.ROWS]
         assert sum(spec.role is Role.ROWS for spec in signature.inputs) == 1
-    assert [s.name for s in SIGNATURES] == ["serving_default", "generate", "beam_search", "score", "logits",
-                                            "prefill", "step", "detokenize"]
+    assert [s.name for s in SIGNATURES] == ["serving_default", "generate", "beam_search", "score",
+                                            "prompt_logprobs", "logits", "prefill", "step", "detokenize"]
     # `step` takes back what `prefill` and `step` return; its sampling options equal `generate`'s.
-    assert signatures.STEP_STATE == ("token", "cache", "position", "offset", "recent")
-    assert [o.name for o in signatures.PREFILL.outputs][:5] == list(signatures.STEP_STATE)
-    assert [o.name for o in signatures.STEP.outputs] == list(signatures.STEP_STATE)
+    assert signatures.STEP_STATE == ("token", "cache", "position", "offset", "recent", "counts", "seen")
+    logprobs = ["token_logprobs", "top_token_ids", "top_logprobs"]
+    assert [o.name for o in signatures.PREFILL.outputs][:10] == list(signatures.STEP_STATE) + logprobs
+    assert [o.name for o in signatures.STEP.outputs] == list(signatures.STEP_STATE) + logprobs
     options = [i.name for i in GENERATE.inputs if i.role is Role.OPTION and i.name != "max_new_tokens"]
     assert [i.name for i in signatures.STEP.inputs if i.role is Role.OPTION] == options
 
@@ -49,7 +51,8 @@ def test_what_batching_reads_is_derived_from_the_declarations():
 def test_defaults_take_what_each_export_sets():
     defaults = GENERATE.defaults(max_new_tokens=64)
     assert defaults == {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
-                        "stop": (), "stop_token_ids": ()}
+                        "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+                        "stop": (), "stop_token_ids": (), "logprobs": -1}
     assert BEAM_SEARCH.defaults(max_new_tokens=8)[Name.NUM_BEAMS] == signatures.DEFAULT_BEAMS
     assert SERVING_DEFAULT.defaults() == {}
     with pytest.raises(ValueError, match="generate signature needs the export's max_new_tokens"):
@@ -63,8 +66,8 @@ def test_generate_has_an_input_per_sampling_field():
 
     signature = generate_signature(Options)
     names = [spec.name for spec in signature.inputs]
-    assert names == ["prompts", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "min_p", "stop",
-                     "stop_token_ids"]
+    assert names == ["prompts", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "frequency_penalty",
+                     "presence_penalty", "repetition_penalty", "min_p", "stop", "stop_token_ids", "logprobs"]
     assert signature.input("min_p").dtype == "float32" and signature.input("min_p").default == 0.0
     assert signature.outputs == GENERATE.outputs
 

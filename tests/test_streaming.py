@@ -25,7 +25,7 @@ def model():
 
 def _stepped(decoder, prompt, steps, sampling=None, rows=1):
     """`(rows, tokens)` of a step decoder, cut after each row's end-of-text."""
-    columns = np.stack(list(decoder(prompt, steps, sampling, rows)), axis=1)
+    columns = np.stack([tokens for tokens, _ in decoder(prompt, steps, sampling, rows)], axis=1)
     out = []
     for row in columns.tolist():
         end = row.index(decoder.end_of_text_id) + 1 if decoder.end_of_text_id in row else len(row)
@@ -68,7 +68,7 @@ def test_steps_give_the_tokens_of_the_decode_loop(model, jit_compile):
 
 def test_steps_stop_at_end_of_text_and_refuse_what_does_not_fit(model):
     greedy = int(np.argmax(model(np.array([[5, 6, 7]], "int32"))[0, -1]))  # the first token, made the end
-    assert list(StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)) == [[greedy]]
+    assert [t for t, _ in StepDecoder(model, 16, end_of_text_id=greedy)([5, 6, 7], 10)] == [[greedy]]
     with pytest.raises(ValueError, match="A prompt of 17 tokens does not fit the model's context of 16"):
         next(StepDecoder(model, 16)([1] * 17, 8))
     with pytest.raises(ValueError, match="window=16 must be 1 to 15"):
@@ -107,7 +107,7 @@ def test_stream_pieces_are_one_per_token_and_close_the_steps():
     def steps():
         for tokens in ([1, 2], [0, 3], [4, 0], [5, 6]):  # end-of-text is 0
             read.append(tokens)
-            yield np.array(tokens)
+            yield np.array(tokens), None
 
     pieces = list(stream_pieces(steps(), texts, 0, 4, 2, 2))
     assert [(p.index, p.text, p.token_count, p.finish_reason) for p in pieces] == [

@@ -44,7 +44,8 @@ def beam_search(model, prompt_ids, prompt_lengths, max_new_tokens, num_beams, en
     tokens = tf.repeat(tokens[:, None], beams, axis=1)  # (batch, beams, total)
     start = tf.reduce_min(prompt_lengths)
     # Within the context: a cache for every position, never rebuilt (window 0).
-    logits, state = prefill(model, tf.reshape(tokens, [batch_size * beams, -1])[:, :start], total_length)
+    logits, state = prefill(model, tf.reshape(tokens, [batch_size * beams, -1])[:, :start], total_length,
+                           penalties=False)
     limits = prompt_lengths + max_new_tokens
     # Only beam 0 is live at first, so the first expansion does not pick the same token K times.
     alive_scores = tf.tile(tf.where(tf.range(beams) == 0, 0.0, _NEGATIVE_INFINITY)[None, :], [batch_size, 1])

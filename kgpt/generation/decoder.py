@@ -47,9 +47,11 @@ class Decoder:
         self.end_of_text_id = end_of_text_id
         self.jit_compile = jit_compile
         self.bucket = bucket
+        # `logprobs` is a Python bool: one trace each.
         self._decode = tf.function(
-            lambda ids, lengths, steps, end, sampling, stops: decode(
-                self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window
+            lambda ids, lengths, steps, end, sampling, stops, logprobs: decode(
+                self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window,
+                logprobs,
             ),
             jit_compile=jit_compile,
             reduce_retracing=True,
@@ -65,7 +67,7 @@ class Decoder:
         )
 
     def __call__(self, prompts, max_new_tokens, sampling=None, keep_prompt=False, num_beams=1,
-                 length_penalty=1.0, num_return_sequences=1, stop_sequences=()):
+                 length_penalty=1.0, num_return_sequences=1, stop_sequences=(), logprobs=False):
         """Continues each prompt (a non-empty list of token ids).
 
         Past the context (not with beams), each time the cache fills it is rebuilt from the last
@@ -77,10 +79,12 @@ class Decoder:
             num_beams: > 1 runs `beam_search` (with `length_penalty`) instead of `decode`.
             num_return_sequences: sequences per prompt (samples, or the best beams).
             stop_sequences: lists of token ids; a row ends once its continuation ends with one.
+            logprobs: also return each token's log-probabilities (not with beams).
 
         Returns:
             `len(prompts) * num_return_sequences` lists of ids, prompt-major (end-of-text or the
-            stop sequence that ended a row kept).
+            stop sequence that ended a row kept); with `logprobs`, `(rows, row_logprobs)`, the
+            NumPy `kgpt.generation.logprobs.TokenLogprobs` of each row's tokens.
         """
         sequence_length = self.sequence_length
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -101,6 +105,8 @@ class Decoder:
         steps = tf.constant(max_new_tokens, tf.int32)
         end_of_text = tf.constant(self.end_of_text_id, tf.int32)
         stops = tf.constant(stop_id_matrix([list(sequence) for sequence in stop_sequences]))
+        if num_beams > 1 and logprobs:
+            raise ValueError("Beam search returns no log-probabilities; leave out logprobs or the beams.")
         if num_beams > 1:
             penalty = tf.constant(length_penalty, tf.float32)
             tokens, ends, _ = self._beam_search(num_beams, ids, lengths, steps, end_of_text, penalty, stops)
@@ -111,8 +117,14 @@ class Decoder:
             ids = tf.repeat(ids, num_return_sequences, axis=0)
             lengths = tf.repeat(lengths, num_return_sequences, axis=0)
             sampling = (sampling or SamplingOptions()).graph_tensors()
-            outputs = self._decode(ids, lengths, steps, end_of_text, sampling, stops)
-            tokens, ends = [t.numpy() for t in outputs]
+            tokens, ends, recorded = self._decode(ids, lengths, steps, end_of_text, sampling, stops,
+                                                  bool(logprobs))
+            tokens, ends = tokens.numpy(), ends.numpy()
         prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
-        rows = zip(prompts, tokens, ends)
-        return [row[0 if keep_prompt else len(prompt) : end].tolist() for prompt, row, end in rows]
+        spans = [(0 if keep_prompt else len(prompt), end) for prompt, end in zip(prompts, ends)]
+        rows = [row[start:end].tolist() for row, (start, end) in zip(tokens, spans)]
+        if not logprobs:
+            return rows
+        recorded = type(recorded)(*(value.numpy() for value in recorded))
+        return rows, [type(recorded)(*(value[row, start:end] for value in recorded))
+                      for row, (start, end) in enumerate(spans)]

@@ -13,6 +13,7 @@ import typing
 
 import tensorflow as tf
 
+from kgpt.generation.logprobs import TokenLogprobs, empty_logprobs, token_logprobs
 from kgpt.generation.sampling import SamplingOptions, sample_logits
 from kgpt.generation.stopping import ends_with_stop
 
@@ -72,17 +73,26 @@ class DecodeState(typing.NamedTuple):
         offset: int32 scalar, the position of the cache's first token (0 until a rebuild).
         recent: int32 `(batch, window)`, the last `window` tokens fed, oldest first, which a full
             cache is rebuilt from (zeros before position 0); width 0: never rebuilt.
+        counts: int32 `(batch, vocabulary)`, how often each token was generated so far (OpenAI's
+            penalties); width 0: no penalties (beam search).
+        seen: bool `(batch, vocabulary)`, the tokens of the prompt or generated so far (the
+            repetition penalty); width 0 with `counts`. Both are kept by `count` while a penalty
+            is set (`penalized`), so a stream passes the same options to every step.
     """
 
     cache: typing.Any
     position: typing.Any
     offset: typing.Any
     recent: typing.Any
+    counts: typing.Any
+    seen: typing.Any
 
     def take(self, rows):
         """This state for the rows `rows` (int32 `(new_batch,)`), as beams reorder it."""
         cache = tf.nest.map_structure(lambda tensor: tf.gather(tensor, rows), self.cache)
-        return self._replace(cache=cache, recent=tf.gather(self.recent, rows))
+        rows_of = lambda tensor: tf.gather(tensor, rows)  # noqa: E731
+        return self._replace(cache=cache, recent=rows_of(self.recent), counts=rows_of(self.counts),
+                             seen=rows_of(self.seen))
 
 
 def _length_axis(tensor):
@@ -96,7 +106,7 @@ def cache_length(cache):
     return tf.shape(first)[_length_axis(first)]
 
 
-def prefill(model, prompt_ids, max_length, window=0):
+def prefill(model, prompt_ids, max_length, window=0, penalties=True):
     """The first decoding step: prompts of equal length through a fresh cache, from position 0.
 
     Args:
@@ -104,6 +114,8 @@ def prefill(model, prompt_ids, max_length, window=0):
         prompt_ids: int32 `(batch, length)`, `length >= 1`.
         max_length: positions the cache holds: prompt + new tokens, at most the model's context.
         window: tokens a full cache is rebuilt from (a Python int; 0: the continuation fits).
+        penalties: keep the counts penalties need (the prompt's tokens as `seen`); False (beam
+            search): `counts` and `seen` of width 0.
 
     Returns:
         `(logits, state)`: float32 `(batch, vocabulary)` logits of the token at position `length`,
@@ -115,8 +127,16 @@ def prefill(model, prompt_ids, max_length, window=0):
     logits, cache = model.call_with_cache(prompt_ids, cache, 0)
     # (batch, window): the prompt's last `window` tokens, zeros before position 0.
     recent = tf.gather(tf.pad(prompt_ids, [[0, 0], [window, 0]]), length + tf.range(window), axis=1)
-    state = DecodeState(cache, length, tf.constant(0), recent)
-    return tf.cast(logits[:, -1], tf.float32), state
+    logits = tf.cast(logits[:, -1], tf.float32)
+    batch_size = tf.shape(prompt_ids)[0]
+    vocabulary_size = tf.shape(logits)[-1] if penalties else 0
+    counts = tf.zeros(tf.stack([batch_size, vocabulary_size]), tf.int32)
+    seen = tf.zeros_like(counts, tf.bool)
+    if penalties:  # one scatter of the prompt's (row, token) pairs, O(batch * (length + vocabulary))
+        rows = tf.repeat(tf.range(batch_size)[:, None], length, axis=1)
+        pairs = tf.reshape(tf.stack([rows, prompt_ids], axis=-1), [-1, 2])
+        seen = tf.scatter_nd(pairs, tf.ones([tf.shape(pairs)[0]], tf.int32), tf.shape(counts)) > 0
+    return logits, DecodeState(cache, length, tf.constant(0), recent, counts, seen)
 
 
 def feed(model, state, token):
@@ -138,7 +158,7 @@ def feed(model, state, token):
 
     if state.recent.shape[1] == 0:  # never rebuilt: the continuation fits the cache
         logits, cache, offset = cached_step()
-        return logits, DecodeState(cache, position + 1, offset, state.recent)
+        return logits, state._replace(cache=cache, position=position + 1, offset=offset)
     recent = tf.concat([state.recent[:, 1:], token[:, None]], axis=1)
 
     def rebuild():
@@ -147,7 +167,7 @@ def feed(model, state, token):
         return tf.cast(logits[:, -1], tf.float32), cache, position + 1 - tf.shape(recent)[1]
 
     logits, cache, offset = tf.cond(position - offset < cache_length(state.cache), cached_step, rebuild)
-    return logits, DecodeState(cache, position + 1, offset, recent)
+    return logits, state._replace(cache=cache, position=position + 1, offset=offset, recent=recent)
 
 
 def graph_sampling(sampling):
@@ -173,21 +193,98 @@ def sample_at(logits, sampling, position):
     return sample_logits(logits, sampling, seed)
 
 
-def step(model, state, token, sampling):
-    """One decoding step: feeds `token` at `state.position` and draws the token after it.
+_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def penalized(sampling):
+    """A bool scalar: some penalty of the `graph_sampling` inputs is set (None: the options
+    class has none)."""
+    sampling = graph_sampling(sampling)
+    if not any(name in sampling for name in _PENALTIES):
+        return None
+    return tf.reduce_any(tf.stack([
+        tf.not_equal(tf.cast(sampling.get(name, off), tf.float32), off) for name, off in _PENALTIES.items()
+    ]))
+
+
+def count(state, token, sampling, generated=True):
+    """`state` with `token` (int32 `(batch,)`) counted: in `seen`, and in `counts` where
+    `generated` (a bool or `(batch,)`: False for a prompt's own token); only while `penalized`."""
+    on = penalized(sampling)
+    if on is None or state.counts.shape[1] == 0:
+        return state
+
+    def counted():
+        pairs = tf.stack([tf.range(tf.shape(token)[0]), tf.cast(token, tf.int32)], axis=1)
+        added = tf.cast(tf.broadcast_to(generated, tf.shape(token)), tf.int32)
+        counts = tf.tensor_scatter_nd_add(state.counts, pairs, added)
+        seen = tf.tensor_scatter_nd_update(state.seen, pairs, tf.ones_like(token, tf.bool))
+        return counts, seen
+
+    counts, seen = tf.cond(on, counted, lambda: (state.counts, state.seen))
+    return state._replace(counts=counts, seen=seen)
+
+
+def apply_penalties(logits, state, sampling):
+    """`logits` (float32 `(batch, vocabulary)`) after the repetition penalty (on `state.seen`), then
+    the frequency and presence penalties (on `state.counts`); as they are when none is set."""
+    on = penalized(sampling)
+    if on is None or state.counts.shape[1] == 0:
+        return logits
+    sampling = graph_sampling(sampling)
+
+    def penalize():
+        repetition = tf.cast(sampling.get("repetition_penalty", 1.0), tf.float32)
+        scaled = tf.where(logits > 0, logits / repetition, logits * repetition)
+        penalized_logits = tf.where(state.seen, scaled, logits)
+        counts = tf.cast(state.counts, tf.float32)
+        frequency = tf.cast(sampling.get("frequency_penalty", 0.0), tf.float32)
+        presence = tf.cast(sampling.get("presence_penalty", 0.0), tf.float32)
+        return penalized_logits - frequency * counts - presence * tf.cast(counts > 0, tf.float32)
+
+    return tf.cond(on, penalize, lambda: logits)
+
+
+def draw(logits, state, sampling, logprobs=False):
+    """The token at `state.position` from its logits: penalties (`apply_penalties`), then
+    `sample_at` its seed.
+
+    Args:
+        logprobs: record the token's `TokenLogprobs` (the model's, before penalties and sampling):
+            a Python bool or a bool scalar tensor.
 
     Returns:
-        `(next_token, state)`: int32 `(batch,)` at `state.position + 1` (`sample_at`), and the state
-        that feeds it.
+        `(token, token_logprobs)`: int32 `(batch,)`, and `TokenLogprobs` of shape `(batch,)`
+        (zeros when not recorded).
+    """
+    token = sample_at(apply_penalties(logits, state, sampling), sampling, state.position)
+    empty = lambda: empty_logprobs(tf.shape(token), logits.shape[-1])  # noqa: E731
+    if logprobs is False:
+        return token, empty()
+    return token, tf.cond(tf.convert_to_tensor(logprobs), lambda: token_logprobs(logits, token), empty)
+
+
+def step(model, state, token, sampling, logprobs=False, generated=True):
+    """One decoding step: counts and feeds `token` at `state.position`, then draws the token after it.
+
+    Args:
+        logprobs: record the drawn token's log-probabilities (`draw`).
+        generated: `token` was generated (counted for the penalties), not a prompt's own (a bool
+            or bool `(batch,)`).
+
+    Returns:
+        `(next_token, state, token_logprobs)`: int32 `(batch,)` at `state.position + 1`, the state
+        that feeds it, and its `TokenLogprobs` (`draw`).
 
     Example:
         logits, state = prefill(model, prompt_ids, 32, window=16)
-        token = sample_at(logits, sampling, state.position)
+        token, _ = draw(logits, state, sampling)
         for _ in range(10):
-            token, state = step(model, state, token, sampling)
+            token, state, _ = step(model, state, token, sampling)
     """
-    logits, state = feed(model, state, token)
-    return sample_at(logits, sampling, state.position), state
+    logits, state = feed(model, count(state, token, sampling, generated), token)
+    token, recorded = draw(logits, state, sampling, logprobs)
+    return token, state, recorded
 
 
 def cache_shape_invariants(cache):
@@ -202,8 +299,9 @@ def cache_shape_invariants(cache):
 
 
 def state_shape_invariants(state):
+    counts = tf.TensorShape([None, state.counts.shape[1]])
     return DecodeState(cache_shape_invariants(state.cache), tf.TensorShape([]), tf.TensorShape([]),
-                       tf.TensorShape([None, state.recent.shape[1]]))
+                       tf.TensorShape([None, state.recent.shape[1]]), counts, counts)
 
 
 # --- the loops -------------------------------------------------------------------------------------
@@ -215,8 +313,15 @@ def write_column(tokens, column, index):
     return tf.where(mask, column[..., None], tokens)
 
 
+def write_position(buffer, values, index):
+    """buffer[:, index] = values for a `(batch, length, ...)` buffer, as `write_column` writes."""
+    mask = tf.equal(tf.range(tf.shape(buffer)[1]), index)
+    mask = tf.reshape(mask, tf.concat([[1, -1], tf.ones([buffer.shape.rank - 2], tf.int32)], 0))
+    return tf.where(mask, values[:, None], buffer)
+
+
 def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1, sampling=None,
-           stop_ids=None, sequence_length=None, window=None):
+           stop_ids=None, sequence_length=None, window=None, logprobs=False):
     """Continues a right-padded batch of prompts, inside a `tf.function`; arguments may be tensors.
 
     A `tf.while_loop` of `step`s after a `prefill` of the shortest prompt; a row still inside its
@@ -234,10 +339,14 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
         sequence_length: the model's context (a Python int); None: prompt + new tokens fit in it.
         window: tokens the rebuilt cache starts from, a Python int in `[1, sequence_length)`;
             default `default_window(sequence_length)`.
+        logprobs: record each new token's `TokenLogprobs` (a Python bool or a bool scalar tensor).
 
     Returns:
-        `(tokens, lengths)`: int32 `(batch, prompt_length + max_new_tokens)`, prompt + continuation,
-        and int32 `(batch,)` valid tokens per row (end-of-text or stop included); the rest is filler.
+        `(tokens, lengths, token_logprobs)`: int32 `(batch, prompt_length + max_new_tokens)`,
+        prompt + continuation; int32 `(batch,)` valid tokens per row (end-of-text or stop
+        included), the rest filler; `TokenLogprobs` of shape `(batch, prompt_length +
+        max_new_tokens)`, set at the continuation's positions (zeros elsewhere, and of length 0
+        when `logprobs` is False).
     """
     sampling = graph_sampling(sampling)
     prompt_ids = tf.cast(prompt_ids, tf.int32)
@@ -254,13 +363,19 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
         max_length = tf.minimum(total_length, sequence_length)
         window = default_window(sequence_length) if window is None else window
     logits, state = prefill(model, tokens[:, :start], max_length, window)
-    sampled = sample_at(logits, sampling, start)
+    sampled, recorded = draw(logits, state, sampling, logprobs)
     limits = prompt_lengths + max_new_tokens
+    # The log-probabilities of the token drawn for each position (length 0: none recorded).
+    empty = empty_logprobs(tf.stack([batch_size, total_length if logprobs is not False else 0]),
+                           logits.shape[-1])
+    record = lambda buffers, values, index: TokenLogprobs(*(  # noqa: E731
+        write_position(buffer, value, index) for buffer, value in zip(buffers, values)))
+    recorded = empty if logprobs is False else record(empty, recorded, start)
 
-    def condition(state, sampled, tokens, lengths, done):
+    def condition(state, sampled, tokens, lengths, done, recorded):
         return tf.logical_and(state.position < total_length, tf.logical_not(tf.reduce_all(done)))
 
-    def body(state, sampled, tokens, lengths, done):
+    def body(state, sampled, tokens, lengths, done, recorded):
         index = state.position  # of `sampled`, the token this step feeds
         in_prompt = index < prompt_lengths
         token = tf.where(in_prompt, tokens[:, index], sampled)
@@ -272,22 +387,28 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
         finished = tf.logical_and(tf.logical_not(done), tf.logical_and(~in_prompt, ended))
         lengths = tf.where(finished, index + 1, lengths)
         done = tf.logical_or(done, finished)
-        sampled, state = step(model, state, token, sampling)
-        return state, sampled, tokens, lengths, done
+        sampled, state, values = step(model, state, token, sampling, logprobs, generated=~in_prompt)
+        if logprobs is not False:
+            recorded = tf.cond(tf.convert_to_tensor(logprobs), lambda: record(recorded, values, index + 1),
+                               lambda: recorded)
+        return state, sampled, tokens, lengths, done, recorded
 
-    _, _, tokens, lengths, _ = tf.while_loop(
+    logprobs_shape = tf.TensorShape([None, None])
+    _, _, tokens, lengths, _, recorded = tf.while_loop(
         condition,
         body,
-        (state, sampled, tokens, limits, tf.zeros([batch_size], tf.bool)),
+        (state, sampled, tokens, limits, tf.zeros([batch_size], tf.bool), recorded),
         shape_invariants=(
             state_shape_invariants(state),
             tf.TensorShape([None]),
             tf.TensorShape([None, None]),
             tf.TensorShape([None]),
             tf.TensorShape([None]),
+            TokenLogprobs(logprobs_shape, logprobs_shape.concatenate(recorded.top.shape[2:]),
+                          logprobs_shape.concatenate(recorded.top.shape[2:])),
         ),
     )
-    return tokens, lengths
+    return tokens, lengths, recorded
 
 
 # --- checks shared by the loops and their drivers --------------------------------------------------
@@ -351,6 +472,11 @@ def check_options(max_new_tokens, sequence_length, sampling=None, num_beams=1, n
         )
     if num_beams > 1 and temperature is not None:
         raise ValueError("Beam search is deterministic; use either beams > 1 or a sampling temperature.")
+    if num_beams > 1 and any(getattr(sampling, name, off) != off for name, off in _PENALTIES.items()):
+        raise ValueError(
+            "Beam search takes no penalties (frequency, presence or repetition); use them with greedy "
+            "or sampled decoding, or leave them out."
+        )
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1.")
     if num_beams > 1 and num_return_sequences > num_beams:

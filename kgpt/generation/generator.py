@@ -14,10 +14,12 @@ from kgpt.generation.decoder import Decoder
 from kgpt.generation.decoding import (
     CausalRecomputation,
     cached,
+    check_max_new_tokens,
     check_options,
     default_max_new_tokens,
     prompt_room,
 )
+from kgpt.generation.logprobs import TokenLogprobs, check_logprobs, prompt_logprobs, records
 from kgpt.generation.sampling import SamplingOptions
 from kgpt.generation.stopping import check_stops, compiled_continuations, graph_stop_ids
 from kgpt.generation.streaming import RowTexts, StepDecoder, stream_pieces
@@ -132,6 +134,7 @@ class TextGenerator:
         truncate=True,
         stop=None,
         stop_token_ids=None,
+        logprobs=None,
         **sampling_fields,
     ):
         """Continues each prompt in one batched decode; returns the continuations with their counts.
@@ -147,6 +150,9 @@ class TextGenerator:
             truncate: left-truncate prompts too long for the context (with a warning), else raise.
             stop: a string or up to 16 strings; a continuation ends before the first one it contains.
             stop_token_ids: token ids that end a continuation like end-of-text (not returned).
+            logprobs: None, or 0 to `kgpt.generation.logprobs.MAX_LOGPROBS`: each `Completion`'s
+                `logprobs` has every token's log-probability and this many alternatives (not with
+                beams).
             **sampling_fields: `SamplingOptions` fields replacing those of `sampling`.
 
         Returns:
@@ -158,8 +164,11 @@ class TextGenerator:
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, num_beams, num_return_sequences)
         stop, stop_token_ids = check_stops(stop, stop_token_ids, self.vocabulary_size)
+        logprobs = check_logprobs(logprobs)
+        if num_beams > 1 and logprobs is not None:
+            raise ValueError("Beam search returns no log-probabilities; leave out logprobs or the beams.")
         decoding = dict(num_beams=num_beams, length_penalty=length_penalty, stop=stop,
-                        stop_token_ids=stop_token_ids)
+                        stop_token_ids=stop_token_ids, logprobs=logprobs)
         return self._continue(prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding)
 
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, **decoding):
@@ -167,7 +176,7 @@ class TextGenerator:
         raise NotImplementedError
 
     def stream(self, prompt, max_new_tokens=None, *, sampling=None, num_return_sequences=1, truncate=True,
-               chunked=True, **sampling_fields):
+               chunked=True, logprobs=None, **sampling_fields):
         """Continues one prompt, yielding `kgpt.generation.streaming.Piece`s as the text is produced.
 
         The options are checked now; the returned iterator decodes as it is read (closing it stops
@@ -177,6 +186,7 @@ class TextGenerator:
         Args:
             chunked: False computes each continuation at once where that is cheaper (an export's
                 one signature call) and yields it as one piece.
+            logprobs: as in `complete`; each piece's `logprobs` has its token's.
 
         Example:
             for piece in generator.stream("ROMEO:", 40):
@@ -194,9 +204,37 @@ class TextGenerator:
             max_new_tokens = self.default_max_new_tokens
         sampling = sampling_options(sampling, **sampling_fields)
         check_options(max_new_tokens, self.sequence_length, sampling, 1, num_return_sequences)
-        return self._stream(prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked)
+        logprobs = check_logprobs(logprobs)
+        return self._stream(prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked,
+                            logprobs)
 
-    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked, logprobs):
+        raise NotImplementedError
+
+    def prompt_logprobs(self, prompts, logprobs=0, max_new_tokens=0, truncate=True):
+        """The log-probability of each prompt token given the ones before it (OpenAI's `echo`), all
+        prompts in one forward pass.
+
+        Args:
+            logprobs: alternatives per token, 0 to `kgpt.generation.logprobs.MAX_LOGPROBS`.
+            max_new_tokens: the tokens a generation from these prompts makes (0: none): a prompt is
+                scored as that generation feeds it, cut to the room they leave (`truncate`).
+
+        Returns:
+            One tuple of `kgpt.generation.logprobs.TokenLogprob` per prompt: its tokens as decoding
+            feeds them (an empty prompt is one end-of-text), the first with `logprob` None.
+
+        Example:
+            sum(token.logprob for token in generator.prompt_logprobs(["To be"])[0][1:])
+        """
+        prompts = _prompt_list(prompts)
+        logprobs = check_logprobs(logprobs) or 0
+        if max_new_tokens:
+            check_max_new_tokens(max_new_tokens, self.sequence_length)
+        room = prompt_room(self.sequence_length, max_new_tokens)
+        return self._prompt_logprobs(prompts, logprobs, max_new_tokens, room, truncate)
+
+    def _prompt_logprobs(self, prompts, logprobs, max_new_tokens, room, truncate):
         raise NotImplementedError
 
 
@@ -226,6 +264,9 @@ class Generator(TextGenerator):
         self.step_decoder = StepDecoder(model, self.sequence_length, tokenizer.end_of_text_id, jit_compile)
         self._row_texts = RowTexts(tokenizer)
         self._continuations = compiled_continuations(tokenizer)
+        self._prompt_logprobs_function = tf.function(
+            lambda ids: prompt_logprobs(model, ids), jit_compile=jit_compile, reduce_retracing=True,
+        )
 
     @classmethod
     def from_run_directory(cls, run_dir, **kwargs):
@@ -233,17 +274,24 @@ class Generator(TextGenerator):
         run = RunDirectory(run_dir)
         return cls(run.load_model(), run.load_tokenizer(), **kwargs)
 
-    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
-                  length_penalty, stop, stop_token_ids):
-        tokenizer, end = self.tokenizer, self.tokenizer.end_of_text_id
-        room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
-        # Empty prompts start from end-of-text; prompts over `room` tokens keep their last `room`.
-        ids = [list(row) or [end] for row in tokenizer.encode_documents(prompts)]
+    def _prompt_ids(self, prompts, room, truncate):
+        """Each prompt's ids as decoding feeds them: an empty one is end-of-text; one over `room`
+        tokens keeps its last `room` (with a warning, else a ValueError: `truncate`)."""
+        end = self.tokenizer.end_of_text_id
+        ids = [list(row) or [end] for row in self.tokenizer.encode_documents(prompts)]
         report_truncation(sum(len(row) > room for row in ids), room, truncate)
+        return ids
+
+    def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
+                  length_penalty, stop, stop_token_ids, logprobs):
+        room = prompt_room(self.sequence_length, max_new_tokens, num_beams)
+        ids = self._prompt_ids(prompts, room, truncate)
         stops = _stop_tensors(stop, stop_token_ids)
         rows = self.decoder([row[-room:] for row in ids], max_new_tokens, sampling=sampling,
                             num_return_sequences=num_return_sequences, num_beams=num_beams,
-                            length_penalty=length_penalty, stop_sequences=self._stop_sequences(*stops))
+                            length_penalty=length_penalty, stop_sequences=self._stop_sequences(*stops),
+                            logprobs=logprobs is not None)
+        rows, row_logprobs = rows if logprobs is not None else (rows, None)
         # The continuations (an ending id kept) as the export's graph post-processes its rows.
         ends = np.array([len(row) for row in rows], np.int32)
         tokens = np.zeros((len(rows), max(ends)), np.int32)
@@ -251,11 +299,33 @@ class Generator(TextGenerator):
             tokens[index, : len(row)] = row
         outputs = self._continuations(tokens, ends, np.zeros_like(ends), np.int32(max_new_tokens), *stops)
         texts, counts, stopped = (v.numpy() for v in (outputs.text, outputs.token_count, outputs.stopped))
+        token_logprobs = [None] * len(rows)
+        if logprobs is not None:
+            kept = [row[:count] for row, count in zip(rows, counts)]
+            token_logprobs = records(kept, row_logprobs, logprobs, self._token_texts)
         return [
             Completion(text.decode("utf-8"), int(count), min(len(ids[index // num_return_sequences]), room),
-                       "stop" if ended else "length")
-            for index, (text, count, ended) in enumerate(zip(texts, counts, stopped))
+                       "stop" if ended else "length", recorded)
+            for index, (text, count, ended, recorded)
+            in enumerate(zip(texts, counts, stopped, token_logprobs))
         ]
+
+    def _token_texts(self, ids):
+        """Each token id's text alone."""
+        return self._row_texts([[token] for token in ids])
+
+    def _prompt_logprobs(self, prompts, logprobs, max_new_tokens, room, truncate):
+        """One call of the compiled `logprobs.prompt_logprobs` on the prompts, right-padded to a
+        multiple of the decoder's bucket (one trace per bucket)."""
+        rows = [row[-room:] for row in self._prompt_ids(prompts, room, truncate)]
+        bucket = self.decoder.bucket
+        width = -(-max(len(row) for row in rows) // bucket) * bucket
+        ids = np.zeros((len(rows), min(width, self.sequence_length)), np.int32)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = row
+        recorded = [value.numpy() for value in self._prompt_logprobs_function(tf.constant(ids))]
+        recorded = [TokenLogprobs(*(value[index] for value in recorded)) for index in range(len(rows))]
+        return records(rows, recorded, logprobs, self._token_texts, first_is_prompt=True)
 
     def _stop_sequences(self, stop, stop_token_ids):
         """The token ids that end a row early (`stopping.graph_stop_ids`, as in the export): each
@@ -263,15 +333,14 @@ class Generator(TextGenerator):
         matrix = graph_stop_ids(self.tokenizer, stop, stop_token_ids).numpy()
         return [row[row >= 0].tolist() for row in matrix if (row >= 0).any()]
 
-    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked, logprobs):
         """One piece per token step (`StepDecoder`), whatever `chunked`."""
         end = self.tokenizer.end_of_text_id
         room = prompt_room(self.sequence_length, max_new_tokens)
-        ids = list(self.tokenizer.encode_documents([prompt])[0]) or [end]
-        report_truncation(int(len(ids) > room), room, truncate)
-        ids = ids[-room:]
-        steps = self.step_decoder(ids, max_new_tokens, sampling, num_return_sequences)
-        yield from stream_pieces(steps, self._row_texts, end, max_new_tokens, len(ids), num_return_sequences)
+        ids = self._prompt_ids([prompt], room, truncate)[0][-room:]
+        steps = self.step_decoder(ids, max_new_tokens, sampling, num_return_sequences, logprobs is not None)
+        yield from stream_pieces(steps, self._row_texts, end, max_new_tokens, len(ids), num_return_sequences,
+                                 logprobs)
 
 
 def _stop_tensors(stop, stop_token_ids):

@@ -100,28 +100,28 @@ def prompt_logprobs(model, token_ids):
     ))
 
 
-def records(token_ids, counts, logprobs, k, texts, first_is_prompt=False):
-    """`TokenLogprob` tuples, one per row, from NumPy arrays of a row-major `TokenLogprobs`.
+def records(rows, row_logprobs, k, texts, first_is_prompt=False):
+    """A tuple of `TokenLogprob` per row.
 
     Args:
-        token_ids: int `(rows, width)`; `counts`: the tokens of each row (at most `width`).
-        logprobs: NumPy `TokenLogprobs` of shape `(rows, width)` (`top` of any width >= k).
+        rows: lists of token ids.
+        row_logprobs: per row, NumPy `TokenLogprobs` whose first `len(row)` positions are its tokens'.
         k: alternatives kept per token (0 to `MAX_LOGPROBS`).
-        texts: `texts(ids)`: each token id's text alone (one call for every id).
-        first_is_prompt: each row's first token starts a prompt: its log-probability is None.
+        texts: `texts(ids)`: each token id's text alone (one call for every id of every row).
+        first_is_prompt: each row starts a prompt: its first token's log-probability is None.
     """
-    rows = [np.asarray(token_ids[row, :count]).tolist() for row, count in enumerate(counts)]
-    tops = [np.asarray(logprobs.top_ids[row, :count, :k]).tolist() for row, count in enumerate(counts)]
-    ids = sorted({t for row in rows for t in row} | {t for row in tops for ts in row for t in ts})
+    tops = [np.asarray(recorded.top_ids)[: len(row), :k].tolist()
+            for row, recorded in zip(rows, row_logprobs)]
+    ids = sorted({t for row in rows for t in row} | {t for top in tops for ts in top for t in ts})
     text_of = dict(zip(ids, texts(ids))) if ids else {}
     result = []
-    for row, (row_ids, row_tops) in enumerate(zip(rows, tops)):
+    for row, recorded, top_ids in zip(rows, row_logprobs, tops):
         tokens = []
-        for position, (token, top_ids) in enumerate(zip(row_ids, row_tops)):
+        for position, (token, top) in enumerate(zip(row, top_ids)):
             if first_is_prompt and position == 0:
                 tokens.append(TokenLogprob(token, text_of[token], None))
                 continue
-            top = tuple((t, text_of[t], float(v)) for t, v in zip(top_ids, logprobs.top[row, position]))
-            tokens.append(TokenLogprob(token, text_of[token], float(logprobs.chosen[row, position]), top))
+            alternatives = tuple((t, text_of[t], float(v)) for t, v in zip(top, recorded.top[position]))
+            tokens.append(TokenLogprob(token, text_of[token], float(recorded.chosen[position]), alternatives))
         result.append(tuple(tokens))
     return result

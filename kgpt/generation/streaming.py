@@ -18,10 +18,11 @@ from kgpt.generation.decoding import (
     check_max_new_tokens,
     check_prompt_length,
     check_window,
+    draw,
     prefill,
-    sample_at,
     step,
 )
+from kgpt.generation.logprobs import TokenLogprob
 from kgpt.generation.sampling import SamplingOptions
 
 _REPLACEMENT = "\ufffd"
@@ -112,14 +113,17 @@ class RowTexts:
         return [text.decode("utf-8") for text in texts.numpy()]
 
 
-def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_count, num_rows):
+def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_count, num_rows,
+                  logprobs=None):
     """The `Piece`s of `num_rows` continuations, one per live row and token step, until every row
     has ended (end-of-text, or `max_new_tokens` tokens); closing it closes `steps`.
 
     Args:
-        steps: an iterator (a generator) of int32 `(num_rows,)` arrays, one per new position.
+        steps: an iterator (a generator) of `(tokens, token_logprobs)` per new position: int32
+            `(num_rows,)`, and NumPy `TokenLogprobs` of shape `(num_rows,)` (None without logprobs).
         texts: `texts(rows)`: the `str` of each list of token ids (`RowTexts`, an export's signature).
         prompt_token_count: the prompt's tokens as decoded, reported on every piece.
+        logprobs: alternatives per token in each piece's `TokenLogprob`s (None: no logprobs).
 
     Example:
         for piece in stream_pieces(StepDecoder(model, 32)([5, 6], 10), RowTexts(tokenizer), 0, 10, 2, 1):
@@ -129,7 +133,7 @@ def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_cou
     deltas = [TextDeltas() for _ in rows]
     finished = [False] * num_rows
     try:
-        for count, tokens in enumerate(steps, 1):
+        for count, (tokens, recorded) in enumerate(steps, 1):
             live = [index for index in range(num_rows) if not finished[index]]
             reasons, last = {}, count == max_new_tokens
             for index in live:
@@ -137,14 +141,33 @@ def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_cou
                 if token != end_of_text_id:
                     rows[index].append(token)
                 reasons[index] = "stop" if token == end_of_text_id else "length" if last else None
+            records = {}
+            if logprobs is not None:
+                kept = [index for index in live if int(tokens[index]) != end_of_text_id]
+                records = dict(zip(kept, token_records(tokens, recorded, kept, logprobs, texts)))
             for index, text in zip(live, texts([rows[index] for index in live])):
                 finished[index] = reasons[index] is not None
                 piece = deltas[index].update(text, final=finished[index])
-                yield Piece(index, piece, len(rows[index]), prompt_token_count, reasons[index])
+                token_logprobs = None if logprobs is None else records.get(index, ())
+                yield Piece(index, piece, len(rows[index]), prompt_token_count, reasons[index],
+                            token_logprobs)
             if all(finished):
                 return
     finally:
         steps.close()
+
+
+def token_records(tokens, recorded, rows, k, texts):
+    """The one-`TokenLogprob` tuple of each row in `rows` of one step's `tokens` and NumPy
+    `TokenLogprobs` (`(num_rows,)`), `k` alternatives, texts from `texts(rows of ids)`."""
+    ids = sorted({int(tokens[row]) for row in rows} | {
+        int(token) for row in rows for token in recorded.top_ids[row, :k]})
+    text_of = dict(zip(ids, texts([[token] for token in ids]))) if ids else {}
+    return [(TokenLogprob(
+        int(tokens[row]), text_of[int(tokens[row])], float(recorded.chosen[row]),
+        tuple((int(t), text_of[int(t)], float(v)) for t, v in zip(recorded.top_ids[row, :k],
+                                                                  recorded.top[row, :k])),
+    ),) for row in rows]
 
 
 class StepDecoder:
@@ -176,19 +199,22 @@ class StepDecoder:
             lambda ids, max_length: prefill(self._model, ids, max_length, self.window), reduce_retracing=True
         )
         # Draws are made where `decode` makes them, under XLA or not: their random numbers differ.
-        self._first = tf.function(sample_at, jit_compile=jit_compile, reduce_retracing=True)
+        # `logprobs` is a Python bool: one trace each.
+        self._first = tf.function(draw, jit_compile=jit_compile, reduce_retracing=True)
         self._step = tf.function(
-            lambda state, token, sampling: step(self._model, state, token, sampling),
+            lambda state, token, sampling, logprobs: step(self._model, state, token, sampling, logprobs),
             jit_compile=jit_compile, reduce_retracing=True,
         )
 
-    def __call__(self, prompt_ids, max_new_tokens, sampling=None, num_rows=1):
-        """Yields int32 `(num_rows,)` arrays, one per new position, until every row has produced
-        end-of-text or `max_new_tokens` were made (a row past its end-of-text yields filler).
+    def __call__(self, prompt_ids, max_new_tokens, sampling=None, num_rows=1, logprobs=False):
+        """Yields `(tokens, token_logprobs)` per new position: int32 `(num_rows,)` and, with
+        `logprobs`, NumPy `TokenLogprobs` of shape `(num_rows,)` (else None), until every row has
+        produced end-of-text or `max_new_tokens` were made (a row past its end-of-text yields filler).
 
         Args:
             prompt_ids: the prompt's token ids (1 to `sequence_length`; more are not kept).
             sampling: a `SamplingOptions` (default greedy).
+            logprobs: record each token's log-probabilities (`decoding.draw`).
         """
         prompt_ids = [int(token) for token in prompt_ids]
         check_prompt_length(len(prompt_ids), self.sequence_length)
@@ -198,13 +224,14 @@ class StepDecoder:
         max_length = min(len(prompt_ids) + max_new_tokens, self.sequence_length)
         logits, state = self._prefill(tf.constant([prompt_ids] * num_rows, tf.int32),
                                       tf.constant(max_length, tf.int32))
-        token = self._first(logits, sampling, state.position)
+        logprobs = bool(logprobs)
+        token, recorded = self._first(logits, state, sampling, logprobs)
         ended = np.zeros(num_rows, bool)
         for count in range(max_new_tokens):
             if count:
-                token, state = self._step(state, token, sampling)
+                token, state, recorded = self._step(state, token, sampling, logprobs)
             row = token.numpy()
-            yield row
+            yield row, (type(recorded)(*(value.numpy() for value in recorded)) if logprobs else None)
             ended |= row == self.end_of_text_id
             if ended.all():
                 return

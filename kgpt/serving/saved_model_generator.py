@@ -12,9 +12,19 @@ import tensorflow as tf
 
 from kgpt.generation.decoding import prompt_room
 from kgpt.generation.generator import Completion, Generator, TextGenerator, report_truncation
+from kgpt.generation.logprobs import TokenLogprobs, records
 from kgpt.generation.streaming import Piece, padded_rows, stream_pieces
 from kgpt.serving.export import is_saved_model, saved_model_version_path
-from kgpt.serving.signatures import BEAM_SEARCH, DETOKENIZE, GENERATE, PREFILL, STEP, STEP_STATE, Name
+from kgpt.serving.signatures import (
+    BEAM_SEARCH,
+    DETOKENIZE,
+    GENERATE,
+    PREFILL,
+    PROMPT_LOGPROBS,
+    STEP,
+    STEP_STATE,
+    Name,
+)
 
 
 class SavedModelGenerator(TextGenerator):
@@ -45,8 +55,36 @@ class SavedModelGenerator(TextGenerator):
         outputs = self.module.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
         return {key: value.numpy() for key, value in outputs.items()}
 
+    def _older(self, missing, what):
+        """A ValueError for an export without the input or signature `missing`, which `what` needs."""
+        return ValueError(f"The SavedModel {self.path} was exported before {what} (it has no {missing!r}); "
+                          "export the run again (kgpt export), or run it from the run directory.")
+
+    def _sampling_arrays(self, sampling):
+        """The sampling inputs of `generate`, `prefill` and `step`; an export older than a field takes
+        it only at its default (the penalties)."""
+        arrays = {key: value.numpy() for key, value in sampling.graph_tensors().items()}
+        defaults = type(sampling)().graph_inputs()
+        for key in set(arrays) - self._inputs:
+            if arrays[key] != defaults[key]:
+                raise self._older(key, "penalties were part of exports")
+            del arrays[key]
+        return arrays
+
+    def _logprobs_input(self, logprobs):
+        """`{"logprobs": k}` (-1: none) for the signatures; `{}` for an export older than them."""
+        if Name.LOGPROBS in self._inputs:
+            return {Name.LOGPROBS: np.array(-1 if logprobs is None else logprobs, np.int32)}
+        if logprobs is not None:
+            raise self._older(Name.LOGPROBS, "log-probabilities were part of exports")
+        return {}
+
+    def _token_texts(self, ids):
+        """Each token id's text alone (the `detokenize` signature)."""
+        return self._texts([[token] for token in ids])
+
     def _continue(self, prompts, max_new_tokens, sampling, truncate, num_return_sequences, num_beams,
-                  length_penalty, stop, stop_token_ids):
+                  length_penalty, stop, stop_token_ids, logprobs):
         if num_beams > 1:
             return self._beam_search(prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                                      length_penalty, stop, stop_token_ids)
@@ -55,8 +93,9 @@ class SavedModelGenerator(TextGenerator):
             GENERATE.name,
             prompts=_strings([p for p in prompts for _ in range(num_return_sequences)]),
             max_new_tokens=np.array(max_new_tokens, np.int32),
-            **{key: value.numpy() for key, value in sampling.graph_tensors().items()},
+            **self._sampling_arrays(sampling),
             **stops,
+            **self._logprobs_input(logprobs),
         )
         truncated = outputs[Name.TRUNCATED][::num_return_sequences]
         report_truncation(int(truncated.sum()), prompt_room(self.sequence_length, max_new_tokens), truncate)
@@ -64,10 +103,28 @@ class SavedModelGenerator(TextGenerator):
         # An export without `stopped` (older than it) knows a stop only by a row ended early.
         stopped = outputs[Name.STOPPED] if Name.STOPPED in outputs else counts < max_new_tokens
         texts, prompt_counts = outputs[Name.TEXT], outputs[Name.PROMPT_TOKEN_COUNT]
+        token_logprobs = [None] * len(texts)
+        if logprobs is not None:
+            rows = [ids[:count].tolist() for ids, count in zip(outputs[Name.TOKEN_IDS], counts)]
+            token_logprobs = records(rows, _row_logprobs(outputs), logprobs, self._token_texts)
         return [
-            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length")
-            for text, count, prompt_count, ended in zip(texts, counts, prompt_counts, stopped)
+            Completion(text.decode("utf-8"), int(count), int(prompt_count), "stop" if ended else "length",
+                       recorded)
+            for text, count, prompt_count, ended, recorded
+            in zip(texts, counts, prompt_counts, stopped, token_logprobs)
         ]
+
+    def _prompt_logprobs(self, prompts, logprobs, max_new_tokens, room, truncate):
+        """One call of the `prompt_logprobs` signature (batched by `kgpt serve` like `generate`)."""
+        if PROMPT_LOGPROBS.name not in self.module.signatures:
+            raise self._older(PROMPT_LOGPROBS.name, "log-probabilities were part of exports")
+        outputs = self._call(PROMPT_LOGPROBS.name, prompts=_strings(prompts),
+                             max_new_tokens=np.array(max_new_tokens, np.int32),
+                             logprobs=np.array(logprobs, np.int32))
+        report_truncation(int(outputs[Name.TRUNCATED].sum()), room, truncate)
+        counts = outputs[Name.TOKEN_COUNT]
+        rows = [ids[:count].tolist() for ids, count in zip(outputs[Name.TOKEN_IDS], counts)]
+        return records(rows, _row_logprobs(outputs), logprobs, self._token_texts, first_is_prompt=True)
 
     def _beam_search(self, prompts, max_new_tokens, truncate, num_return_sequences, num_beams,
                      length_penalty, stop, stop_token_ids):
@@ -106,38 +163,51 @@ class SavedModelGenerator(TextGenerator):
         reason = match.group(1) if match else error.message.splitlines()[0]
         return ValueError(f"The SavedModel {self.path} refused the request: {reason}.")
 
-    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked):
+    def _stream(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, chunked, logprobs):
         """One piece per token step through the export's `prefill` and `step` signatures; with
         `chunked=False`, or an export older than them, one `generate` call and one piece per row."""
+        if logprobs is not None and not chunked:
+            raise ValueError("Log-probabilities are streamed token by token; leave chunked=True.")
         if chunked and STEP.name in self.module.signatures:
-            return self._stream_steps(prompt, max_new_tokens, sampling, truncate, num_return_sequences)
+            return self._stream_steps(prompt, max_new_tokens, sampling, truncate, num_return_sequences,
+                                      logprobs)
         if chunked:
             warnings.warn(
                 f"The SavedModel {self.path} has no prefill and step signatures (exported before "
                 "them): each continuation comes as one piece; export the run again to stream token "
                 "by token.", stacklevel=3,
             )
+        if logprobs is not None:
+            raise self._older(STEP.name, "log-probabilities were part of exports")
         return self._stream_whole(prompt, max_new_tokens, sampling, truncate, num_return_sequences)
 
-    def _stream_steps(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences):
+    def _stream_steps(self, prompt, max_new_tokens, sampling, truncate, num_return_sequences, logprobs):
         """`prefill`, then one `step` per token while the iterator is read (none once it is closed)."""
-        options = sampling.graph_tensors()
+        options = {key: tf.constant(value) for key, value in self._sampling_arrays(sampling).items()}
+        options.update({key: tf.constant(value) for key, value in self._logprobs_input(logprobs).items()})
         outputs = self._invoke(PREFILL.name, prompts=tf.constant([prompt] * num_return_sequences),
                                max_new_tokens=tf.constant(max_new_tokens, tf.int32), **options)
         room = prompt_room(self.sequence_length, max_new_tokens)
         report_truncation(int(outputs[Name.TRUNCATED].numpy()[0]), room, truncate)
 
+        state = [key for key in STEP_STATE if key in outputs]  # an older export has no counts
+
+        def step_outputs(outputs):
+            if logprobs is None:
+                return outputs[Name.TOKEN].numpy(), None
+            return outputs[Name.TOKEN].numpy(), _logprobs(outputs)
+
         def steps(outputs):
-            yield outputs[Name.TOKEN].numpy()
+            yield step_outputs(outputs)
             for _ in range(max_new_tokens - 1):
                 # The state stays in tensors from one call to the next, the cache never copied.
-                outputs = self._invoke(STEP.name, **{key: outputs[key] for key in STEP_STATE}, **options)
-                yield outputs[Name.TOKEN].numpy()
+                outputs = self._invoke(STEP.name, **{key: outputs[key] for key in state}, **options)
+                yield step_outputs(outputs)
 
         end = int(self.module.end_of_text_id.numpy())
         prompt_tokens = int(outputs[Name.PROMPT_TOKEN_COUNT].numpy()[0])
         yield from stream_pieces(steps(outputs), self._texts, end, max_new_tokens, prompt_tokens,
-                                 num_return_sequences)
+                                 num_return_sequences, logprobs)
 
     def _texts(self, rows):
         """The `detokenize` signature's text of each list of token ids."""
@@ -160,6 +230,18 @@ class SavedModelGenerator(TextGenerator):
             return self.module.signatures[signature_name](**inputs)
         except tf.errors.InvalidArgumentError as error:
             raise self._refusal(error) from error
+
+
+def _logprobs(outputs):
+    """The `TokenLogprobs` of a signature's `token_logprobs`, `top_token_ids` and `top_logprobs`."""
+    names = (Name.TOKEN_LOGPROBS, Name.TOP_TOKEN_IDS, Name.TOP_LOGPROBS)
+    return TokenLogprobs(*(np.asarray(outputs[name]) for name in names))
+
+
+def _row_logprobs(outputs):
+    """`_logprobs` of `(rows, tokens)` outputs, one `TokenLogprobs` per row."""
+    recorded = _logprobs(outputs)
+    return [TokenLogprobs(*(value[row] for value in recorded)) for row in range(len(recorded.chosen))]
 
 
 def _strings(texts):

@@ -18,10 +18,11 @@ from kgpt.generation.decoding import (
     decode,
     default_max_new_tokens,
     default_window,
+    draw,
     prefill,
-    sample_at,
     step,
 )
+from kgpt.generation.logprobs import MAX_LOGPROBS, prompt_logprobs
 from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_dtypes
 from kgpt.generation.stopping import continuations, graph_stop_checks, graph_stop_ids
 from kgpt.serving.signatures import (
@@ -30,6 +31,7 @@ from kgpt.serving.signatures import (
     GENERATE,
     LOGITS,
     PREFILL,
+    PROMPT_LOGPROBS,
     SCORE,
     SERVING_DEFAULT,
     SIGNATURES,
@@ -40,7 +42,7 @@ from kgpt.serving.signatures import (
 
 # `beam_search`: beams per prompt at most (the default: `kgpt.serving.signatures.DEFAULT_BEAMS`).
 MAX_BEAMS = 16
-
+_CONTINUATION_NAMES = tuple(spec.name for spec in SERVING_DEFAULT.outputs)
 
 
 def _checked(checks, structure):
@@ -193,6 +195,7 @@ class ServingModule(tf.Module):
         self.serving_default = _function(self._greedy, SERVING_DEFAULT)
         self.generate = self._generate_function(max_new_tokens)
         self.score = _function(self._score, SCORE)
+        self.prompt_logprobs = _function(self._prompt_logprobs, PROMPT_LOGPROBS)
         self.logits = _function(self._logits, LOGITS)
         self.beam_search = _function_with_defaults(
             self._beam_search, BEAM_SEARCH, max_new_tokens=min(max_new_tokens, self._sequence_length - 1),
@@ -213,22 +216,34 @@ class ServingModule(tf.Module):
         return {signature.name: getattr(self, signature.name) for signature in self.contract()}
 
     def _greedy(self, prompts):
-        return self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
+        outputs = self._run(prompts, self._max_new_tokens, SamplingOptions().graph_inputs())
+        return {name: outputs[name] for name in _CONTINUATION_NAMES}
 
     def _checked_sampling(self, options):
         """`{field: tensor}` of the sampling inputs (in field order), once their bounds are checked."""
         options = dict(zip(signature_dtypes(self._sampling_type), options))
         return _checked(graph_checks(options, self._sampling_type), options)
 
+    @staticmethod
+    def _checked_logprobs(logprobs):
+        """`logprobs` once it is -1 (none) to `MAX_LOGPROBS`."""
+        return _checked([
+            tf.debugging.assert_greater_equal(logprobs, -1, message="logprobs must be >= -1 (-1: none)"),
+            tf.debugging.assert_less_equal(
+                logprobs, MAX_LOGPROBS, message=f"logprobs must be <= {MAX_LOGPROBS} alternatives"),
+        ], logprobs)
+
     def _generate_function(self, default_max_new_tokens):
-        """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids)`, defaults recorded."""
+        """`generate(prompts, max_new_tokens, *options, stop, stop_token_ids, logprobs)`, defaults
+        recorded."""
 
         def generate(prompts, max_new_tokens, *options):
-            options, (stop, stop_token_ids) = self._checked_sampling(options[:-2]), options[-2:]
+            options, (stop, stop_token_ids), logprobs = (
+                self._checked_sampling(options[:-3]), options[-3:-1], self._checked_logprobs(options[-1]))
             stop, stop_token_ids = _checked(
                 graph_stop_checks(stop, stop_token_ids, self._vocabulary_size), (stop, stop_token_ids)
             )
-            return self._run(prompts, max_new_tokens, options, stop, stop_token_ids)
+            return self._run(prompts, max_new_tokens, options, stop, stop_token_ids, logprobs)
 
         signature = contract_for(GENERATE, self._sampling_type)
         return _function_with_defaults(generate, signature, max_new_tokens=default_max_new_tokens)
@@ -237,23 +252,28 @@ class ServingModule(tf.Module):
         """`prefill(prompts, max_new_tokens, *options)`: the first token and the state `step` takes."""
 
         def prefill_prompts(prompts, max_new_tokens, *options):
-            return self._prefill(prompts, max_new_tokens, self._checked_sampling(options))
+            logprobs = self._checked_logprobs(options[-1])
+            return self._prefill(prompts, max_new_tokens, self._checked_sampling(options[:-1]), logprobs)
 
         signature = contract_for(PREFILL, self._sampling_type)
         return _function_with_defaults(prefill_prompts, signature, max_new_tokens=default_max_new_tokens)
 
     def _step_function(self):
-        """`step(token, cache, position, offset, recent, *options)`: the next token and state."""
+        """`step(token, cache, position, offset, recent, counts, seen, *options, logprobs)`: the
+        next token and state."""
 
-        def step_state(token, cache, position, offset, recent, *options):
-            return self._step(token, cache, position, offset, recent, self._checked_sampling(options))
+        def step_state(token, cache, position, offset, recent, counts, seen, *options):
+            state = DecodeState(unpack_cache(self._decoding_model, cache), position, offset, recent, counts,
+                                seen)
+            logprobs = self._checked_logprobs(options[-1])
+            return self._step(token, state, self._checked_sampling(options[:-1]), logprobs)
 
         signature = contract_for(STEP, self._sampling_type)
         return _function_with_defaults(
             step_state, signature, specs={Name.CACHE: packed_cache_spec(self._decoding_model)}
         )
 
-    def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None):
+    def _run(self, prompts, max_new_tokens, sampling, stop=None, stop_token_ids=None, logprobs=None):
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
         max_new_tokens = _checked(self._length_checks(prompts, max_new_tokens), max_new_tokens)
         stop = tf.constant([], tf.string) if stop is None else stop
@@ -261,11 +281,15 @@ class ServingModule(tf.Module):
         dense, lengths, truncated = self._prompt_ids(prompts, self._prompt_room(max_new_tokens))
         stop_ids = graph_stop_ids(self.tokenizer, stop, stop_token_ids)
         end = self.tokenizer.end_of_text_id
-        tokens, ends = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids)
+        wanted = False if logprobs is None else logprobs >= 0
+        tokens, ends, recorded = self._decode(dense, lengths, max_new_tokens, end, sampling, stop_ids, wanted)
         outputs = self._continuations(tokens, ends, lengths, max_new_tokens, stop, stop_token_ids)
+        if logprobs is not None:  # the continuation's positions, as `token_ids` has them
+            outputs.update(_logprobs_outputs(
+                recorded, lengths, outputs[Name.TOKEN_COUNT], logprobs, tf.shape(outputs[Name.TOKEN_IDS])[1]))
         return {**outputs, Name.PROMPT_TOKEN_COUNT: lengths, Name.TRUNCATED: truncated}
 
-    def _prefill(self, prompts, max_new_tokens, sampling):
+    def _prefill(self, prompts, max_new_tokens, sampling, logprobs):
         """`decoding.prefill` of prompts of one token count (after `generate`'s truncation) and
         the first new token: `STEP_STATE`, `prompt_token_count` and `truncated`."""
         max_new_tokens = tf.convert_to_tensor(max_new_tokens, tf.int32)
@@ -279,13 +303,13 @@ class ServingModule(tf.Module):
         # The cache `generate` makes: prompt + new tokens, at most the context.
         max_length = tf.minimum(length + max_new_tokens, self._sequence_length)
         logits, state = prefill(self._decoding_model, dense, max_length, self._window)
-        token = self._compiled(sample_at)(logits, sampling, state.position)
-        outputs = self._step_outputs(token, state)
+        token, recorded = self._compiled(draw)(logits, state, sampling, logprobs >= 0)
+        outputs = self._step_outputs(token, state, recorded)
         return {**outputs, Name.PROMPT_TOKEN_COUNT: lengths, Name.TRUNCATED: truncated}
 
-    def _step(self, token, cache, position, offset, recent, sampling):
+    def _step(self, token, state, sampling, logprobs):
         """`decoding.step` on the state `prefill` or the last `step` returned: `STEP_STATE`."""
-        state = DecodeState(unpack_cache(self._decoding_model, cache), position, offset, recent)
+        recent, position, offset = state.recent, state.position, state.offset
         vocabulary = self._vocabulary_size
         token = _checked([
             tf.debugging.assert_non_negative(token, message="token ids must be >= 0"),
@@ -301,15 +325,24 @@ class ServingModule(tf.Module):
                 message="position and offset do not fit the cache; pass them as prefill and step return them",
             ),
         ], token)
-        token, state = self._compiled(
-            lambda state, token, sampling: step(self._decoding_model, state, token, sampling)
-        )(state, token, sampling)
-        return self._step_outputs(token, state)
+        counts_shape = tf.stack([tf.shape(token)[0], vocabulary])
+        token = _checked([
+            tf.debugging.assert_equal(tf.shape(state.counts), counts_shape, message=(
+                f"counts must be (batch, {vocabulary}), as prefill and step return it")),
+            tf.debugging.assert_equal(tf.shape(state.seen), counts_shape, message=(
+                f"seen must be (batch, {vocabulary}), as prefill and step return it")),
+        ], token)
+        token, state, recorded = self._compiled(
+            lambda *inputs: step(self._decoding_model, *inputs)
+        )(state, token, sampling, logprobs >= 0)
+        return self._step_outputs(token, state, recorded)
 
     @staticmethod
-    def _step_outputs(token, state):
+    def _step_outputs(token, state, recorded):
         return {Name.TOKEN: token, Name.CACHE: pack_cache(state.cache), Name.POSITION: state.position,
-                Name.OFFSET: state.offset, Name.RECENT: state.recent}
+                Name.OFFSET: state.offset, Name.RECENT: state.recent, Name.COUNTS: state.counts,
+                Name.SEEN: state.seen, Name.TOKEN_LOGPROBS: recorded.chosen,
+                Name.TOP_TOKEN_IDS: recorded.top_ids, Name.TOP_LOGPROBS: recorded.top}
 
     def _compiled(self, function):
         """`function`, as a call XLA must compile with `jit_compile` (the draws where `generate`'s are)."""
@@ -413,10 +446,12 @@ class ServingModule(tf.Module):
         }
 
     def _decode(self, *args):
-        """`decoding.decode` on the cached model; with `jit_compile`, a call XLA must compile."""
+        """`decoding.decode` on the cached model (`args`: its arguments before `sequence_length`,
+        and `logprobs`); with `jit_compile`, a call XLA must compile."""
 
         def function(*inputs):
-            return decode(self._decoding_model, *inputs, self._sequence_length, self._window)
+            *inputs, logprobs = inputs
+            return decode(self._decoding_model, *inputs, self._sequence_length, self._window, logprobs)
 
         if self.jit_compile:
             function = tf.function(function, jit_compile=True)
@@ -445,6 +480,24 @@ class ServingModule(tf.Module):
             Name.PERPLEXITY: tf.exp(-log_likelihood / tf.cast(counts, tf.float32)),
         }
 
+    def _prompt_logprobs(self, prompts, max_new_tokens, logprobs):
+        """Each prompt's tokens as `generate` feeds them (cut to the room `max_new_tokens` leaves; 0:
+        the whole context) and their log-probabilities, in one forward pass."""
+        checks = [
+            tf.debugging.assert_positive(tf.size(prompts), message="prompts is empty; send a prompt"),
+            tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0"),
+            tf.debugging.assert_less_equal(
+                max_new_tokens, MAX_NEW_TOKENS, message=f"max_new_tokens must be <= {MAX_NEW_TOKENS}"),
+            tf.debugging.assert_non_negative(logprobs, message="logprobs must be >= 0"),
+            tf.debugging.assert_less_equal(
+                logprobs, MAX_LOGPROBS, message=f"logprobs must be <= {MAX_LOGPROBS} alternatives"),
+        ]
+        max_new_tokens, logprobs = _checked(checks, (max_new_tokens, logprobs))
+        dense, lengths, truncated = self._prompt_ids(prompts, self._prompt_room(max_new_tokens))
+        recorded = prompt_logprobs(self.model, dense)
+        outputs = _logprobs_outputs(recorded, tf.zeros_like(lengths), lengths, logprobs, tf.shape(dense)[1])
+        return {Name.TOKEN_IDS: dense, Name.TOKEN_COUNT: lengths, Name.TRUNCATED: truncated, **outputs}
+
     def _logits(self, token_ids):
         length = tf.shape(token_ids)[1]
         token_ids = _checked([
@@ -460,3 +513,19 @@ class ServingModule(tf.Module):
             ),
         ], token_ids)
         return {Name.LOGITS: tf.cast(self.model(token_ids), tf.float32)}
+
+
+def _logprobs_outputs(recorded, starts, counts, logprobs, width):
+    """The `token_logprobs`, `top_token_ids` and `top_logprobs` outputs of rows' `TokenLogprobs`
+    (`(batch, length)`): `counts` positions from `starts`, padded to `width`, `logprobs`
+    alternatives each; all of width 0 when `logprobs` < 0."""
+    width = tf.where(logprobs >= 0, width, 0)
+    positions = starts[:, None] + tf.range(width)[None, :]
+    valid = tf.range(width)[None, :] < counts[:, None]
+    positions = tf.where(valid, positions, 0)
+    kept = tf.maximum(logprobs, 0)
+    values = [tf.gather(value, positions, batch_dims=1) for value in recorded]
+    chosen, top_ids, top = (tf.where(valid if v.shape.rank == 2 else valid[:, :, None], v, tf.zeros_like(v))
+                            for v in values)
+    return {Name.TOKEN_LOGPROBS: chosen, Name.TOP_TOKEN_IDS: top_ids[:, :, :kept],
+            Name.TOP_LOGPROBS: top[:, :, :kept]}

@@ -46,6 +46,12 @@ class Name:
     POSITION = "position"
     OFFSET = "offset"
     RECENT = "recent"
+    COUNTS = "counts"
+    SEEN = "seen"
+    LOGPROBS = "logprobs"  # -1: none; 0 to MAX_LOGPROBS: the chosen tokens' and this many alternatives
+    TOKEN_LOGPROBS = "token_logprobs"
+    TOP_TOKEN_IDS = "top_token_ids"
+    TOP_LOGPROBS = "top_logprobs"
 
 
 class Role(enum.Enum):
@@ -149,18 +155,37 @@ _CONTINUATIONS = (
     Output(Name.STOPPED, "bool", (None,)),
 )
 _PROMPTS = Input(Name.PROMPTS, "string", (None,), Role.ROWS)
+_LOGPROBS = Input(Name.LOGPROBS, "int32", (), Role.OPTION, -1)
 
 
-def generate_signature(sampling_type=SamplingOptions):
-    """`generate`: prompts, `max_new_tokens`, one scalar per field of the sampling options class
-    (with its recorded default), stop sequences; the continuations."""
-    options = tuple(
+def _logprobs_outputs(shape):
+    """The log-probabilities of tokens of `shape` (`(None,)` one per row, `(None, None)` per
+    token of each row, padded to the longest `token_count`) and their best alternatives."""
+    count = Name.TOKEN_COUNT if len(shape) > 1 else None
+    return (
+        Output(Name.TOKEN_LOGPROBS, "float32", shape, count=count),
+        Output(Name.TOP_TOKEN_IDS, "int32", shape + (None,), count=count),
+        Output(Name.TOP_LOGPROBS, "float32", shape + (None,), count=count),
+    )
+
+
+def _sampling_inputs(sampling_type):
+    """One scalar input per field of the sampling options class, with its recorded default."""
+    return tuple(
         Input(field.name, field.metadata["dtype"], (), Role.OPTION, field.metadata["signature_default"])
         for field in dataclasses.fields(sampling_type)
     )
+
+
+_MAX_NEW_TOKENS = Input(Name.MAX_NEW_TOKENS, "int32", (), Role.OPTION, EXPORT_DEFAULT)
+
+
+def generate_signature(sampling_type=SamplingOptions):
+    """`generate`: prompts, `max_new_tokens`, the sampling fields, stop sequences, `logprobs`; the
+    continuations and, with `logprobs` >= 0, their tokens' log-probabilities (else of width 0)."""
     return Signature("generate", (
-        _PROMPTS, Input(Name.MAX_NEW_TOKENS, "int32", (), Role.OPTION, EXPORT_DEFAULT), *options, *_STOPS,
-    ), _CONTINUATIONS)
+        _PROMPTS, _MAX_NEW_TOKENS, *_sampling_inputs(sampling_type), *_STOPS, _LOGPROBS,
+    ), _CONTINUATIONS + _logprobs_outputs((None, None)))
 
 
 def _state(role=Role.STATE):
@@ -173,22 +198,24 @@ def _state(role=Role.STATE):
         spec(Name.TOKEN, "int32", (None,), **extra), spec(Name.CACHE, None, None, **extra),
         spec(Name.POSITION, "int32", (), **extra), spec(Name.OFFSET, "int32", (), **extra),
         spec(Name.RECENT, "int32", (None, None), **extra),
+        spec(Name.COUNTS, "int32", (None, None), **extra), spec(Name.SEEN, "bool", (None, None), **extra),
     )
 
 
 def prefill_signature(sampling_type=SamplingOptions):
-    """`prefill`: prompts of one token count, `max_new_tokens`, the sampling fields; the first
-    token and the state `step` takes."""
-    generate = generate_signature(sampling_type)
-    return Signature("prefill", generate.inputs[: -len(_STOPS)], _state(role=None) + (
+    """`prefill`: prompts of one token count, `max_new_tokens`, the sampling fields, `logprobs`;
+    the first token, its log-probabilities (zeros unless `logprobs` >= 0) and the state `step` takes."""
+    return Signature("prefill", (_PROMPTS, _MAX_NEW_TOKENS, *_sampling_inputs(sampling_type), _LOGPROBS),
+                     _state(role=None) + _logprobs_outputs((None,)) + (
         Output(Name.PROMPT_TOKEN_COUNT, "int32", (None,)), Output(Name.TRUNCATED, "bool", (None,)),
     ))
 
 
 def step_signature(sampling_type=SamplingOptions):
-    """`step`: the state and the sampling fields; the next token and state."""
-    options = generate_signature(sampling_type).inputs[2: -len(_STOPS)]
-    return Signature("step", _state() + options, _state(role=None))
+    """`step`: the state, the sampling fields and `logprobs`; the next token, its log-probabilities
+    and the state."""
+    return Signature("step", _state() + _sampling_inputs(sampling_type) + (_LOGPROBS,),
+                     _state(role=None) + _logprobs_outputs((None,)))
 
 
 def contract_for(signature, sampling_type):
@@ -223,10 +250,20 @@ SCORE = Signature("score", (Input(Name.TEXTS, "string", (None,), Role.ROWS),), (
     Output(Name.TOKEN_COUNT, "int32", (None,)),
     Output(Name.PERPLEXITY, "float32", (None,)),
 ))
+PROMPT_LOGPROBS = Signature("prompt_logprobs", (
+    _PROMPTS, Input(Name.MAX_NEW_TOKENS, "int32", (), Role.OPTION, 0), Input(Name.LOGPROBS, "int32", (),
+                                                                             Role.OPTION, 0),
+), (
+    Output(Name.TOKEN_IDS, "int32", (None, None), count=Name.TOKEN_COUNT),
+    Output(Name.TOKEN_COUNT, "int32", (None,)),
+    *_logprobs_outputs((None, None)),
+    Output(Name.TRUNCATED, "bool", (None,)),
+))
 LOGITS = Signature("logits", (Input(Name.TOKEN_IDS, "int32", (None, None), Role.ROWS),), (
     Output(Name.LOGITS, "float32", (None, None, None)),
 ))
-SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, LOGITS, PREFILL, STEP, DETOKENIZE)
+SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, PROMPT_LOGPROBS, LOGITS, PREFILL, STEP,
+              DETOKENIZE)
 
 # What a batching server needs to know of any signature, by input and output name.
 PADDED_OUTPUTS = {o.name: o.count for s in SIGNATURES for o in s.outputs if o.count}
