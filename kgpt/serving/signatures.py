@@ -226,7 +226,13 @@ SCORE = Signature("score", (Input(Name.TEXTS, "string", (None,), Role.ROWS),), (
 LOGITS = Signature("logits", (Input(Name.TOKEN_IDS, "int32", (None, None), Role.ROWS),), (
     Output(Name.LOGITS, "float32", (None, None, None)),
 ))
-SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, LOGITS, PREFILL, STEP, DETOKENIZE)
+# The export's own tokenization of each prompt (no special tokens added, "" is no token), so that
+# a client counts tokens as the server does.
+TOKENIZE = Signature("tokenize", (_PROMPTS,), (
+    Output(Name.TOKEN_IDS, "int32", (None, None), count=Name.TOKEN_COUNT),
+    Output(Name.TOKEN_COUNT, "int32", (None,)),
+))
+SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, LOGITS, PREFILL, STEP, DETOKENIZE, TOKENIZE)
 
 # What a batching server needs to know of any signature, by input and output name.
 PADDED_OUTPUTS = {o.name: o.count for s in SIGNATURES for o in s.outputs if o.count}
