@@ -385,7 +385,7 @@ def _fields(request, known, served_name):
             raise APIError(f"Unrecognized request argument supplied: {name}", param=name)
     model = request.get("model")
     if model is not None and model != served_name:
-        raise APIError(f"The model {json.dumps(model)[:80]} does not exist; this server serves "
+        raise APIError(f"The model {model!r:.80} does not exist; this server serves "
                        f"{served_name!r}.", status=404, param="model", code="model_not_found")
 
 

@@ -418,7 +418,7 @@ def serve(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
             f"-d '{{\"model\": \"{model.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
         ]
     if model.tokenization is not None:
-        lines.append(f"  tokenizer: {root}/tokenize, {root}/detokenize, {root}/tokenizer_info")
+        lines.append(f"  tokenizer: POST {root}/tokenize and /detokenize, GET /tokenizer_info")
     print("\n".join(lines), flush=True)
     try:
         server.serve_forever()

@@ -152,7 +152,8 @@ class ServingModule(tf.Module):
     `generate` decodes a whole continuation in one call (`kgpt.generation.decoding.decode`); `prefill` and
     `step` run the same `kgpt.generation.decoding.prefill` and `step` one call per token, the state (cache
     included) going out and back in as tensors, so a client streams token by token and may stop
-    at any token; `detokenize` turns the tokens into text with the export's own tokenizer.
+    at any token; `detokenize` turns the tokens into text with the export's own tokenizer, and
+    `tokenize` prompts into tokens.
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
