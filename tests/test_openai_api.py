@@ -468,11 +468,21 @@ def test_tokenizer_routes_of_a_run_directory_use_the_runs_tokenizer(server, run_
 @pytest.mark.export
 def test_tokenizer_routes_of_an_export_use_its_own_tokenize_signature(tiny_run_export, tiny_run):
     base_dir, path = tiny_run_export  # conftest's export of run_dir (shared: read only)
-    server = make_server(os.path.join(base_dir, "tiny"), port=0)
+    server = make_server(os.path.join(base_dir, "tiny"), port=0, batch_timeout=0.5)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         port = server.server_address[1]
         ids = check_tokenizer_routes(port, tiny_run[2], 32)
+        # Concurrent requests share `tokenize` calls, each answer cut back to its own ids.
+        prompts = [TEXT, "a", "", "the mat", "dog ran!"]
+        calls = server.model.scheduler.calls
+        answers = in_threads(lambda prompt: _post(port, "/tokenize", {"prompt": prompt}), [(p,) for p in prompts])
+        assert [answer["tokens"] for _, answer in answers] == [
+            row.tolist() for row in tiny_run[2].encode_documents(prompts)]
+        assert server.model.scheduler.calls - calls < len(prompts)
+        # TF Serving's REST API serves the signature too.
+        status, answer = _post(port, "/v1/models/tiny:predict", {"signature_name": "tokenize", "instances": ["a"]})
+        assert status == 200 and answer["predictions"] == [{"token_ids": [4], "token_count": 1}]
         # The ids are the export's own tokenization (its `tokenize` signature).
         signature = server.model.completions.generator.module.signatures["tokenize"]
         outputs = signature(prompts=tf.constant([TEXT, "", "a dog"]))
