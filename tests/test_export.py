@@ -715,7 +715,8 @@ def test_second_export_makes_version_2_and_leaves_version_1_untouched(run, expor
 def test_loaded_signatures_match_in_process_and_refuse_bad_arguments(run, module, loaded):
     signatures = loaded.signatures
     assert set(signatures) == {"serving_default", "generate", "beam_search", "score", "prompt_logprobs",
-                               "logits", "prefill", "step", "detokenize"} == {signature.name for signature in SIGNATURES}
+                               "logits", "prefill", "step", "detokenize", "tokenize"} == {
+        signature.name for signature in SIGNATURES}
     prompts = tf.constant(PROMPTS)
     assert _texts(signatures["serving_default"](prompts=prompts)) == _texts(
         module.serving_default(prompts)
@@ -1001,3 +1002,37 @@ def test_cli_generate_from_a_saved_model_and_its_errors(run, exported, capsys, m
         assert main(["generate", model_dir, "--prompt", "a", *bad]) == 2, bad
         error = capsys.readouterr().err
         assert error.startswith("kgpt generate: error:") and error.count("\n") == 1, error
+
+
+def test_tokenize_gives_the_runs_ids_padded_and_detokenize_reads_them_back(run, module):
+    _, _, tokenizer = run
+    texts = ["the cat", "", TEXT, "a\u00e9"]  # U+00E9 is no character of the run: the unknown id
+    outputs = module.tokenize(tf.constant(texts))
+    expected = [row.tolist() for row in tokenizer.encode_documents(texts)]
+    counts = outputs["token_count"].numpy().tolist()
+    assert counts == [len(row) for row in expected] == [7, 0, len(TEXT), 2]
+    ids = outputs["token_ids"].numpy()
+    assert ids.shape == (4, len(TEXT))
+    assert [row[:count].tolist() for row, count in zip(ids, counts)] == expected
+    assert all(not row[count:].any() for row, count in zip(ids, counts))  # padded with 0
+    assert _texts(module.detokenize(outputs["token_ids"], outputs["token_count"]))[:3] == texts[:3]
+    assert module.tokenizer_kind.numpy() == b"char"
+
+
+@pytest.mark.export
+def test_an_export_declares_tokenize_and_records_its_tokenizer_kind(run, loaded, exported):
+    signature = read_signature_defs(exported[1])["tokenize"]
+    assert list(signature.inputs) == ["prompts"]
+    assert sorted(signature.outputs) == ["token_count", "token_ids"]
+    assert [d.size for d in signature.outputs["token_ids"].tensor_shape.dim] == [-1, -1]
+    texts = tf.constant(["the cat", "", TEXT])
+    outputs = loaded.signatures["tokenize"](prompts=texts)
+    counts = outputs["token_count"].numpy().tolist()
+    assert [row[:count].tolist() for row, count in zip(outputs["token_ids"].numpy(), counts)] == [
+        row.tolist() for row in run[2].encode_documents(texts.numpy().astype(str).tolist())]
+    assert loaded.tokenizer_kind.numpy() == b"char"
+    generator = SavedModelGenerator(exported[1], module=loaded)
+    assert (generator.tokenizer_kind, generator.end_of_text) == ("char", "<|endoftext|>")
+    assert generator.detokenize(generator.tokenize(["the cat", "", TEXT])) == ["the cat", "", TEXT]
+    with pytest.raises(ValueError, match="tokens\\[0\\]=-1 is not a token id"):
+        generator.detokenize([[-1]])

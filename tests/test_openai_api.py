@@ -13,11 +13,12 @@ import warnings
 
 import openai
 import pytest
+import tensorflow as tf
 from test_batching import in_threads  # the one concurrent-start helper
 from test_stopping import reference_cut  # the stop rule's reference
 
 from kgpt.generation.stopping import StopText
-from kgpt.serving.protocol import API, CompletionRequest
+from kgpt.serving.protocol import API, APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kgpt.serving.saved_model_generator import load_generator
 from kgpt.serving.server import make_server
 
@@ -361,6 +362,142 @@ def test_an_export_stops_streaming_when_its_client_leaves(tiny_run_export):
         dropped, settled, later = drop_a_long_stream(server, 3)
         assert settled == later  # no model call starts after the disconnect
         assert settled - dropped <= 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# vLLM's tokenizer routes: /tokenize, /detokenize, /tokenizer_info ---------------------------------
+
+@pytest.mark.parametrize(
+    "parse, request_body, status, param, message",
+    [
+        (TokenizeRequest.parse, {}, 400, "prompt", "prompt must be a string"),
+        (TokenizeRequest.parse, {"prompt": ["a"]}, 400, "prompt", "prompt must be a string"),
+        (TokenizeRequest.parse, {"prompt": "a", "add_special_tokens": 1}, 400, "add_special_tokens",
+         "must be true or false"),
+        (TokenizeRequest.parse, {"prompt": "a", "messages": []}, 400, "messages", "Unrecognized request argument"),
+        (TokenizeRequest.parse, {"prompt": "a", "model": "gpt-4"}, 404, "model", "does not exist"),
+        (DetokenizeRequest.parse, {}, 400, "tokens", "tokens must be a list of token ids"),
+        (DetokenizeRequest.parse, {"tokens": "1 2"}, 400, "tokens", "tokens must be a list"),
+        (DetokenizeRequest.parse, {"tokens": [1, 19]}, 400, "tokens", "tokens[1]=19 is not a token id; send "
+         "integers from 0 to 18"),
+        (DetokenizeRequest.parse, {"tokens": [-1]}, 400, "tokens", "tokens[0]=-1 is not a token id"),
+        (DetokenizeRequest.parse, {"tokens": [1.0]}, 400, "tokens", "tokens[0]=1.0 is not a token id"),
+        (DetokenizeRequest.parse, {"tokens": [True]}, 400, "tokens", "tokens[0]=True is not a token id"),
+        (DetokenizeRequest.parse, {"tokens": [1], "prompt": "a"}, 400, "prompt", "Unrecognized request"),
+        (DetokenizeRequest.parse, {"tokens": [1], "model": "other"}, 404, "model", "this server serves 'tiny'"),
+    ],
+)
+def test_bad_tokenizer_requests_are_refused_with_the_field(parse, request_body, status, param, message):
+    arguments = (19,) if parse == DetokenizeRequest.parse else ()  # vocabulary_size
+    with pytest.raises(APIError) as caught:
+        parse(request_body, "tiny", *arguments)
+    error = caught.value
+    assert (error.status, error.param) == (status, param)
+    assert message in str(error), str(error)
+    assert error.status == 400 or error.code == "model_not_found"
+
+
+def test_tokenizer_requests_take_the_served_model_or_none():
+    assert TokenizeRequest.parse({"prompt": ""}, "tiny").prompt == ""
+    assert TokenizeRequest.parse({"model": "tiny", "prompt": "a", "add_special_tokens": False}, "tiny").prompt == "a"
+    assert DetokenizeRequest.parse({"model": None, "tokens": []}, "tiny", 19).tokens == []
+
+
+def _post(port, path, body):
+    """`(status, JSON answer)` of a POST of `body` (a JSON value) to `path`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _get(port, path):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def check_tokenizer_routes(port, tokenizer, context):
+    """The tokenizer routes of a server of model 'tiny' agree with `tokenizer` (the run's), which has
+    the characters of TEXT; returns the ids of TEXT."""
+    status, info = _get(port, "/tokenizer_info")
+    assert status == 200
+    assert (info["eos_token"], info["eos_token_id"]) == ("<|endoftext|>", tokenizer.end_of_text_id)
+    assert (info["tokenizer_kind"], info["tokenizer_class"]) == ("char", "char")
+    assert info["vocabulary_size"] == tokenizer.vocabulary_size
+    assert info["model_max_length"] == info["max_model_len"] == context
+    status, answer = _post(port, "/tokenize", {"model": "tiny", "prompt": TEXT})
+    assert status == 200
+    assert answer == {"tokens": tokenizer.encode_documents([TEXT])[0].tolist(), "count": len(TEXT),
+                      "max_model_len": context}
+    # No special tokens either way (GPT-2's convention); "" is no token.
+    assert _post(port, "/tokenize", {"prompt": TEXT, "add_special_tokens": True})[1] == answer
+    assert _post(port, "/tokenize", {"prompt": TEXT, "add_special_tokens": False})[1] == answer
+    assert _post(port, "/tokenize", {"prompt": ""})[1] == {"tokens": [], "count": 0, "max_model_len": context}
+    assert _post(port, "/detokenize", {"model": "tiny", "tokens": answer["tokens"]}) == (200, {"prompt": TEXT})
+    assert _post(port, "/detokenize", {"tokens": []}) == (200, {"prompt": ""})
+    assert _post(port, "/detokenize", {"tokens": [info["eos_token_id"]]})[1] == {"prompt": "<|endoftext|>"}
+    # Refusals in OpenAI's shape, naming the field.
+    status, error = _post(port, "/detokenize", {"tokens": [0, info["vocabulary_size"]]})
+    assert status == 400 and error["error"]["param"] == "tokens"
+    assert f"tokens[1]={info['vocabulary_size']} is not a token id" in error["error"]["message"]
+    status, error = _post(port, "/tokenize", {"prompt": 3})
+    assert (status, error["error"]["param"], error["error"]["type"]) == (400, "prompt", "invalid_request_error")
+    status, error = _post(port, "/tokenize", {"model": "gpt-4", "prompt": "a"})
+    assert (status, error["error"]["code"]) == (404, "model_not_found")
+    assert _post(port, "/detokenize", {"model": "gpt-4", "tokens": [1]})[0] == 404
+    return answer["tokens"]
+
+
+def test_tokenizer_routes_of_a_run_directory_use_the_runs_tokenizer(server, run_dir, tiny_run):
+    tokenizer = tiny_run[2]
+    check_tokenizer_routes(server.server_address[1], tokenizer, 32)
+    # The served generator's own methods, several texts at once.
+    generator = server.model.completions.generator
+    texts = [TEXT, "", "a dog"]
+    assert generator.detokenize(generator.tokenize(texts)) == texts
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    connection.request("GET", "/tokenize")
+    response = connection.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+
+
+@pytest.mark.export
+def test_tokenizer_routes_of_an_export_use_its_own_tokenize_signature(tiny_run_export, tiny_run):
+    base_dir, path = tiny_run_export  # conftest's export of run_dir (shared: read only)
+    server = make_server(os.path.join(base_dir, "tiny"), port=0, batch_timeout=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        ids = check_tokenizer_routes(port, tiny_run[2], 32)
+        # Concurrent requests share `tokenize` calls, each answer cut back to its own ids.
+        prompts = [TEXT, "a", "", "the mat", "dog ran!"]
+        calls = server.model.scheduler.calls
+        answers = in_threads(lambda prompt: _post(port, "/tokenize", {"prompt": prompt}), [(p,) for p in prompts])
+        assert [answer["tokens"] for _, answer in answers] == [
+            row.tolist() for row in tiny_run[2].encode_documents(prompts)]
+        assert server.model.scheduler.calls - calls < len(prompts)
+        # TF Serving's REST API serves the signature too.
+        status, answer = _post(port, "/v1/models/tiny:predict", {"signature_name": "tokenize", "instances": ["a"]})
+        assert status == 200 and answer["predictions"] == [{"token_ids": [4], "token_count": 1}]
+        # The ids are the export's own tokenization (its `tokenize` signature).
+        signature = server.model.completions.generator.module.signatures["tokenize"]
+        outputs = signature(prompts=tf.constant([TEXT, "", "a dog"]))
+        assert outputs["token_ids"].numpy()[0].tolist() == ids
+        assert outputs["token_count"].numpy().tolist() == [len(TEXT), 0, 5]
+        calls = server.model.scheduler.calls
+        assert _post(port, "/tokenize", {"prompt": "a dog"})[1]["tokens"] == outputs["token_ids"].numpy()[2, :5].tolist()
+        assert server.model.scheduler.calls > calls  # through the scheduler, as predict's calls
+        # An export older than the `tokenize` signature: 404, saying to export again.
+        tokenization, server.model.tokenization = server.model.tokenization, None
+        try:
+            status, error = _get(port, "/tokenizer_info")
+        finally:
+            server.model.tokenization = tokenization
+        assert status == 404 and "export the run again" in error["error"]["message"]
     finally:
         server.shutdown()
         server.server_close()

@@ -38,7 +38,12 @@ def test_what_batching_reads_is_derived_from_the_declarations():
         assert [spec.role for spec in signature.inputs][:1] == [Role.ROWS]
         assert sum(spec.role is Role.ROWS for spec in signature.inputs) == 1
     assert [s.name for s in SIGNATURES] == ["serving_default", "generate", "beam_search", "score",
-                                            "prompt_logprobs", "logits", "prefill", "step", "detokenize"]
+                                            "prompt_logprobs", "logits", "prefill", "step", "detokenize",
+                                            "tokenize"]
+    # `tokenize`: rows of prompts; ids padded as generate's are, so batched requests split back.
+    assert [(s.name, s.role) for s in signatures.TOKENIZE.inputs] == [("prompts", Role.ROWS)]
+    assert [(o.name, o.count) for o in signatures.TOKENIZE.outputs] == [("token_ids", "token_count"),
+                                                                       ("token_count", None)]
     # `step` takes back what `prefill` and `step` return; its sampling options equal `generate`'s.
     assert signatures.STEP_STATE == ("token", "cache", "position", "offset", "recent", "counts", "seen")
     logprobs = ["token_logprobs", "top_token_ids", "top_logprobs"]

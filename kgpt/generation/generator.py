@@ -342,8 +342,51 @@ class Generator(TextGenerator):
         yield from stream_pieces(steps, self._row_texts, end, max_new_tokens, len(ids), num_return_sequences,
                                  logprobs)
 
+    # The tokenizer behind the text interface (`kgpt serve`'s /tokenize, /detokenize, /tokenizer_info).
+
+    @property
+    def tokenizer_kind(self):
+        """The tokenizer's kind as `data.tokenizer` names it (`char`, `bpe`, `gpt2`, `tiktoken:NAME`)."""
+        return self.tokenizer.kind
+
+    @property
+    def end_of_text_id(self):
+        return self.tokenizer.end_of_text_id
+
+    @property
+    def end_of_text(self):
+        """The end-of-text token's text (`<|endoftext|>`)."""
+        return self.detokenize([[self.end_of_text_id]])[0]
+
+    def tokenize(self, texts):
+        """Each text's token ids as generation reads a prompt (before any truncation). Nothing is
+        added (GPT-2's convention): "" is `[]`, which generation starts from end-of-text.
+
+        Example:
+            generator.detokenize(generator.tokenize(["the cat", ""]))  # ["the cat", ""]
+        """
+        return [row.tolist() for row in self.tokenizer.encode_documents([well_formed(t) for t in texts])]
+
+    def detokenize(self, rows):
+        """The text of each list of token ids (ids from 0 to `vocabulary_size - 1`, else ValueError)."""
+        return self._row_texts([check_token_ids(row, self.vocabulary_size) for row in rows])
+
 
 def _stop_tensors(stop, stop_token_ids):
     """`stop` and `stop_token_ids` as the tensors `[S]` and `[K]` of the graph's inputs."""
     return (tf.constant(stop, tf.string, shape=[len(stop)]),
             tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]))
+
+
+def check_token_ids(row, vocabulary_size, name="tokens"):
+    """`row` (a list of token ids) as a list of ints; ValueError naming `name` and the first id that
+    is not an integer from 0 to `vocabulary_size - 1`."""
+    if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__iter__"):
+        raise ValueError(f"{name} must be a list of token ids (integers); got {type(row).__name__}.")
+    row = list(row)
+    for index, value in enumerate(row):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
+                0 <= value < vocabulary_size):
+            raise ValueError(f"{name}[{index}]={value!r} is not a token id; send integers from 0 to "
+                             f"{vocabulary_size - 1} (vocabulary_size={vocabulary_size}).")
+    return [int(value) for value in row]

@@ -12,11 +12,11 @@ from kgpt.generation.generator import Generator
 from kgpt.rundir import RunDirectory
 from kgpt.serving.batching import ScheduledSignatures, Scheduler
 from kgpt.serving.export import is_saved_model, saved_model_version_path
-from kgpt.serving.openai_api import Completions
+from kgpt.serving.openai_api import Completions, Tokenization
 from kgpt.serving.protocol import APIError
 from kgpt.serving.rest import RestAPI
 from kgpt.serving.saved_model_generator import SavedModelGenerator
-from kgpt.serving.signatures import GENERATE, read_signature_defs
+from kgpt.serving.signatures import GENERATE, TOKENIZE, read_signature_defs
 
 
 def _at_once(function):
@@ -41,6 +41,8 @@ class ModelServer:
         scheduler: the `kgpt.serving.batching.Scheduler` every model call of both APIs goes through.
         rest: a `kgpt.serving.rest.RestAPI`, or None for a run directory.
         completions: a `kgpt.serving.openai_api.Completions`, or None for an export without `generate`.
+        tokenization: a `kgpt.serving.openai_api.Tokenization`, or None for an export without
+            `generate` and `tokenize`.
     """
 
     def __init__(self, model_dir, name=None, max_concurrent_requests=4, queue_timeout=30.0,
@@ -53,12 +55,13 @@ class ModelServer:
             timeout=queue_timeout, batching=batching, max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
         )
-        self.rest, self.completions = None, None
+        self.rest, self.completions, self.tokenization = None, None, None
         if RunDirectory(model_dir).is_run() and not is_saved_model(model_dir):
             self.path, self.version = model_dir, "1"
             self.name = name or os.path.basename(os.path.abspath(model_dir))
             generator = Generator.from_run_directory(model_dir)
             self.completions = Completions(generator, self.name, self._schedule)
+            self.tokenization = Tokenization(generator, self.name, self._schedule)
             return
         try:
             self.path = saved_model_version_path(model_dir)
@@ -78,6 +81,8 @@ class ModelServer:
             # Whole answers call the signatures through `calls`: batched like predict's.
             generator = SavedModelGenerator(self.path, module=module, call=calls)
             self.completions = Completions(generator, self.name, self._schedule, whole=_at_once)
+            if TOKENIZE.name in signature_defs:  # its signature calls go through `calls`
+                self.tokenization = Tokenization(generator, self.name, _at_once)
 
     def _schedule(self, function):
         """`function()` as one model call of the scheduler (its queue bound and timeout apply)."""
@@ -101,3 +106,13 @@ class ModelServer:
                 "export or a run directory.", status=404, code="model_not_found",
             )
         return self.completions
+
+    def tokenizer(self):
+        """`tokenization`, or the 404 of an export without a `tokenize` signature."""
+        if self.tokenization is None:
+            raise APIError(
+                f"{self.path} has no '{TOKENIZE.name}' signature (exported before it, or not by kgpt), "
+                "which /tokenize, /detokenize and /tokenizer_info need; export the run again (kgpt "
+                "export RUN --name NAME) or serve the run directory.", status=404, code="model_not_found",
+            )
+        return self.tokenization

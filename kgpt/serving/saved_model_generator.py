@@ -11,7 +11,14 @@ import numpy as np
 import tensorflow as tf
 
 from kgpt.generation.decoding import prompt_room
-from kgpt.generation.generator import Completion, Generator, TextGenerator, report_truncation
+from kgpt.generation.generator import (
+    Completion,
+    Generator,
+    TextGenerator,
+    check_token_ids,
+    report_truncation,
+    well_formed,
+)
 from kgpt.generation.logprobs import TokenLogprobs, records
 from kgpt.generation.streaming import Piece, padded_rows, stream_pieces
 from kgpt.serving.export import is_saved_model, saved_model_version_path
@@ -23,6 +30,7 @@ from kgpt.serving.signatures import (
     PROMPT_LOGPROBS,
     STEP,
     STEP_STATE,
+    TOKENIZE,
     Name,
 )
 
@@ -230,6 +238,43 @@ class SavedModelGenerator(TextGenerator):
             return self.module.signatures[signature_name](**inputs)
         except tf.errors.InvalidArgumentError as error:
             raise self._refusal(error) from error
+
+    # The export's own tokenizer behind the text interface (`kgpt serve`'s tokenizer routes).
+
+    @property
+    def tokenizer_kind(self):
+        """The kind of the export's tokenizer (`char`, `bpe`, `gpt2`, `tiktoken:NAME`); None for an
+        export older than the record."""
+        kind = getattr(self.module, "tokenizer_kind", None)
+        return None if kind is None else kind.numpy().decode("utf-8")
+
+    @property
+    def end_of_text_id(self):
+        return int(self.module.end_of_text_id.numpy())
+
+    @property
+    def end_of_text(self):
+        """The end-of-text token's text, as the export's `detokenize` signature writes it."""
+        return self.detokenize([[self.end_of_text_id]])[0]
+
+    def tokenize(self, texts):
+        """Each text's token ids from the export's `tokenize` signature (its in-graph tokenizer, as
+        `generate` reads a prompt before truncation; "" is `[]`)."""
+        if TOKENIZE.name not in self.module.signatures:
+            raise ValueError(
+                f"The SavedModel {self.path} has no {TOKENIZE.name} signature (exported before it); "
+                "export the run again (kgpt export) to tokenize with it."
+            )
+        outputs = self._call(TOKENIZE.name, prompts=_strings([well_formed(text) for text in texts]))
+        ids, counts = outputs[Name.TOKEN_IDS], outputs[Name.TOKEN_COUNT]
+        return [row[:count].tolist() for row, count in zip(ids, counts)]
+
+    def detokenize(self, rows):
+        """The text of each list of token ids, from the export's `detokenize` signature (ids from 0 to
+        `vocabulary_size - 1`, else ValueError)."""
+        ids, counts = padded_rows([check_token_ids(row, self.vocabulary_size) for row in rows])
+        outputs = self._call(DETOKENIZE.name, **{Name.TOKEN_IDS: ids, Name.TOKEN_COUNT: counts})
+        return [text.decode("utf-8") for text in outputs[Name.TEXT]]
 
 
 def _logprobs(outputs):

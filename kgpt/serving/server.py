@@ -35,8 +35,10 @@ from kgpt.serving.protocol import (
     API,
     APIError,
     CompletionRequest,
+    DetokenizeRequest,
     ModelSpec,
     PredictRequest,
+    TokenizeRequest,
     compact_json,
     parse_json,
 )
@@ -203,6 +205,9 @@ class _App:
             (model_path + version_path + "/metadata", "GET", tf_serving, self._metadata),
             (model_path, "GET", tf_serving, self._status),
             (model_path + version_path, "GET", tf_serving, self._status),
+            ("/tokenize", "POST", openai, self._tokenize),  # vLLM's tokenizer routes
+            ("/detokenize", "POST", openai, self._detokenize),
+            ("/tokenizer_info", "GET", openai, self._tokenizer_info),
             ("/{path:path}", None, tf_serving, None),
         ]
         routes = [Route(path, _Endpoint(self, method, api, handler)) for path, method, api, handler in table]
@@ -263,6 +268,20 @@ class _App:
         if not parsed.stream:
             return _json(200, (await self.in_thread(completions.create, parsed)).to_json())
         return _EventStream(await self.in_thread(completions.stream, parsed), self.in_thread)
+
+    async def _tokenize(self, request):
+        tokenization = self.model.tokenizer()
+        parsed = TokenizeRequest.parse(parse_json(await self._body(request)), tokenization.name)
+        return _json(200, (await self.in_thread(tokenization.tokenize, parsed)).to_json())
+
+    async def _detokenize(self, request):
+        tokenization = self.model.tokenizer()
+        parsed = DetokenizeRequest.parse(parse_json(await self._body(request)), tokenization.name,
+                                         tokenization.generator.vocabulary_size)
+        return _json(200, (await self.in_thread(tokenization.detokenize, parsed)).to_json())
+
+    async def _tokenizer_info(self, request):
+        return _json(200, (await self.in_thread(self.model.tokenizer().info)).to_json())
 
 
 class Server:
@@ -398,6 +417,8 @@ def serve(model_dir, host="127.0.0.1", port=8501, name=None, **kwargs):
             f"  try: curl {root}/v1/completions -H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{model.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
         ]
+    if model.tokenization is not None:
+        lines.append(f"  tokenizer: POST {root}/tokenize and /detokenize, GET /tokenizer_info")
     print("\n".join(lines), flush=True)
     try:
         server.serve_forever()

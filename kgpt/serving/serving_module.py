@@ -36,6 +36,7 @@ from kgpt.serving.signatures import (
     SERVING_DEFAULT,
     SIGNATURES,
     STEP,
+    TOKENIZE,
     Name,
     contract_for,
 )
@@ -153,7 +154,8 @@ class ServingModule(tf.Module):
     `generate` decodes a whole continuation in one call (`kgpt.generation.decoding.decode`); `prefill` and
     `step` run the same `kgpt.generation.decoding.prefill` and `step` one call per token, the state (cache
     included) going out and back in as tensors, so a client streams token by token and may stop
-    at any token; `detokenize` turns the tokens into text with the export's own tokenizer.
+    at any token; `detokenize` turns the tokens into text with the export's own tokenizer, and
+    `tokenize` prompts into tokens.
 
     Args:
         model: a `kgpt.model.GPT`, or a causal model without a cache (decoded by recomputation).
@@ -203,6 +205,8 @@ class ServingModule(tf.Module):
         self.prefill = self._prefill_function(max_new_tokens)
         self.step = self._step_function()
         self.detokenize = _function(self._detokenize, DETOKENIZE)
+        self.tokenize = _function(self._tokenize, TOKENIZE)
+        self.tokenizer_kind = tf.Variable(tokenizer.kind, trainable=False, name="tokenizer_kind")
 
     def contract(self):
         """The `kgpt.serving.signatures.Signature` of each serving function (`generate`'s, `prefill`'s
@@ -513,6 +517,13 @@ class ServingModule(tf.Module):
             ),
         ], token_ids)
         return {Name.LOGITS: tf.cast(self.model(token_ids), tf.float32)}
+
+    def _tokenize(self, prompts):
+        """Each prompt's token ids as the export's tokenizer makes them (nothing added: "" has no
+        token, although `generate` starts it from end-of-text), right-padded with 0."""
+        ids = self.tokenizer.tokenize(prompts)  # ragged (batch, None)
+        return {Name.TOKEN_IDS: tf.cast(ids.to_tensor(default_value=0, shape=[None, None]), tf.int32),
+                Name.TOKEN_COUNT: tf.cast(ids.row_lengths(), tf.int32)}
 
 
 def _logprobs_outputs(recorded, starts, counts, logprobs, width):

@@ -262,8 +262,14 @@ PROMPT_LOGPROBS = Signature("prompt_logprobs", (
 LOGITS = Signature("logits", (Input(Name.TOKEN_IDS, "int32", (None, None), Role.ROWS),), (
     Output(Name.LOGITS, "float32", (None, None, None)),
 ))
+# The export's own tokenization of each prompt (no special tokens added, "" is no token), so that
+# a client counts tokens as the server does.
+TOKENIZE = Signature("tokenize", (_PROMPTS,), (
+    Output(Name.TOKEN_IDS, "int32", (None, None), count=Name.TOKEN_COUNT),
+    Output(Name.TOKEN_COUNT, "int32", (None,)),
+))
 SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, PROMPT_LOGPROBS, LOGITS, PREFILL, STEP,
-              DETOKENIZE)
+              DETOKENIZE, TOKENIZE)
 
 # What a batching server needs to know of any signature, by input and output name.
 PADDED_OUTPUTS = {o.name: o.count for s in SIGNATURES for o in s.outputs if o.count}
