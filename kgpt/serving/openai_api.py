@@ -9,7 +9,6 @@ Requests follow OpenAI's legacy completions API (see `CompletionRequest.parse`);
 import dataclasses
 import secrets
 import time
-import typing
 
 from kgpt.generation.stopping import StopText
 from kgpt.serving.protocol import (
@@ -57,7 +56,7 @@ class Completions:
         rows = 1 if request.sampling.temperature is None else request.n  # greedy: n copies of one
 
         def answer():
-            scored = self._score(request)
+            scored = self._score(request) if _scores_prompts(request) else None
             if not request.max_tokens:  # echo alone: the prompts scored, nothing generated
                 return scored, [None] * (len(request.prompts) * rows)
             return scored, self.generator.complete(
@@ -75,7 +74,7 @@ class Completions:
             prompt = number // rows
             echoed = self._echo(request, prompt, scored)
             if completion is None:
-                choice, count = echoed, scored[prompt].token_count
+                choice, count = echoed, len(scored[prompt])
             else:
                 choice = _joined(echoed, completion.text, completion.finish_reason, completion.logprobs,
                                  len(request.prompts[prompt]), request.logprobs is not None)
@@ -88,13 +87,10 @@ class Completions:
         return CompletionResponse(**self._head(), choices=choices, usage=usage)
 
     def _score(self, request):
-        """The prompts' `Scored` (one forward pass for all) where an answer needs them: an echo
-        with logprobs, or with `max_tokens` 0 (its usage counts the prompts' tokens); else None."""
-        if not request.echo or (request.logprobs is None and request.max_tokens):
-            return None
-        scored = self.generator.prompt_logprobs(request.prompts, logprobs=request.logprobs or 0,
-                                                max_new_tokens=request.max_tokens)
-        return [Scored(tokens, len(tokens)) for tokens in scored]
+        """The prompts' `TokenLogprob`s (a tuple per prompt, its tokens as decoded), one forward
+        pass for all."""
+        return self.generator.prompt_logprobs(request.prompts, logprobs=request.logprobs or 0,
+                                              max_new_tokens=request.max_tokens)
 
     @staticmethod
     def _echo(request, prompt, scored):
@@ -106,33 +102,34 @@ class Completions:
         text = request.prompts[prompt]
         logprobs = None
         if request.logprobs is not None:
-            tokens = scored[prompt].tokens
+            tokens = scored[prompt]
             logprobs = ChoiceLogprobs.of(tokens, len(text) - sum(len(token.text) for token in tokens))
         return CompletionChoice(text, 0, "length" if not request.max_tokens else None, logprobs)
 
     def stream(self, request):
         """A streamed answer: an iterator of `CompletionResponse` chunks, decoded prompt by prompt,
         one scheduler call per step as it is read. Its first chunk is computed now (so a refusal
-        is still an HTTP error, not an event); closing it stops the decoding."""
-        events = self._events(request)
+        is still an HTTP error, not an event); closing it stops the decoding. An echo's prompts
+        are scored first, as a whole answer scores them (one call, not nested in a step's)."""
         try:
+            scored = self.whole(lambda: self._score(request)) if _scores_prompts(request) else None
+            events = self._events(request, scored)
             first = self.run(lambda: next(events, None))
         except ValueError as error:
             raise APIError(str(error)) from error
         return self._chunks(request, self._head(), first, events)
 
-    def _events(self, request):
+    def _events(self, request, scored):
         """`(choice, prompt_tokens, completion_tokens)` per piece (a `CompletionChoice` of what it
         adds), stops applied; prompt-major choices, n copies of a greedy continuation. With echo,
-        each choice's first is its prompt (scored for all prompts at once, before decoding)."""
+        each choice's first is its prompt (with `scored`, `_score`'s, where it is needed)."""
         greedy = request.sampling.temperature is None
         copies = request.n if greedy else 1
         rows = 1 if greedy else request.n
-        scored = self._score(request)
         for number, prompt in enumerate(request.prompts):
             echoed = self._echo(request, number, scored)
             if echoed is not None:
-                count = None if scored is None else scored[number].token_count
+                count = None if scored is None else len(scored[number])
                 for index in range(number * request.n, (number + 1) * request.n):
                     yield dataclasses.replace(echoed, index=index), count, 0
             if not request.max_tokens:
@@ -181,11 +178,10 @@ class Completions:
             yield CompletionResponse(**head, choices=[], usage=usage)
 
 
-class Scored(typing.NamedTuple):
-    """A prompt's `TokenLogprob`s as `TextGenerator.prompt_logprobs` scores them, and their count."""
-
-    tokens: tuple
-    token_count: int
+def _scores_prompts(request):
+    """Whether an answer scores its prompts: an echo with logprobs, or with `max_tokens` 0 (whose
+    usage counts the prompts' tokens)."""
+    return request.echo and (request.logprobs is not None or not request.max_tokens)
 
 
 def _logprobs_option(request):
