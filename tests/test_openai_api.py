@@ -17,7 +17,11 @@ import tensorflow as tf
 from test_batching import in_threads  # the one concurrent-start helper
 from test_stopping import reference_cut  # the stop rule's reference
 
+from kgpt.generation.generator import Completion, TextGenerator
+from kgpt.generation.logprobs import TokenLogprob
 from kgpt.generation.stopping import StopText
+from kgpt.generation.streaming import Piece
+from kgpt.serving.openai_api import Completions
 from kgpt.serving.protocol import API, APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kgpt.serving.saved_model_generator import load_generator
 from kgpt.serving.server import make_server
@@ -30,11 +34,13 @@ TEXT = "the cat sat on the mat. a dog ran!\n"
     [
         ({"frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
         ({"best_of": 2}, 400, "best_of", "best_of=2 is not supported"),
-        ({"echo": True}, 400, "echo", "echo=true is not supported"),
-        ({"logprobs": 1}, 400, "logprobs", "logprobs=1 is not supported"),
+        ({"echo": "yes"}, 400, "echo", "echo=\"yes\" must be true or false"),
+        ({"logprobs": 6}, 400, "logprobs", "logprobs=6 must be an integer from 0 to 5"),
+        ({"logprobs": True}, 400, "logprobs", "logprobs=true must be an integer from 0 to 5"),
         ({"suffix": "x"}, 400, "suffix", "suffix=\"x\" is not supported"),
-        ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
-        ({"frequency_penalty": -1}, 400, "frequency_penalty", "not supported"),
+        ({"presence_penalty": 2.5}, 400, "presence_penalty", "presence_penalty=2.5 must be a number from -2 to 2"),
+        ({"frequency_penalty": "1"}, 400, "frequency_penalty", "frequency_penalty=\"1\" must be a number"),
+        ({"repetition_penalty": 0}, 400, "repetition_penalty", "repetition_penalty=0 must be a number > 0"),
         ({"logit_bias": {"5": 100}}, 400, "logit_bias", "not supported"),
         ({"model": "gpt-4"}, 404, "model", "The model 'gpt-4' does not exist; this server serves 'tiny'"),
         ({"prompt": []}, 400, "prompt", "a non-empty list of strings"),
@@ -46,6 +52,8 @@ TEXT = "the cat sat on the mat. a dog ran!\n"
         ({"n": 0}, 400, "n", "n=0 must be an integer from 1 to 16"),
         ({"n": 17}, 400, "n", "n=17 must be an integer from 1 to 16"),
         ({"max_tokens": 0}, 400, "max_tokens", "max_tokens=0 must be an integer from 1 to 65536 (past the"),
+        ({"max_tokens": 0}, 400, "max_tokens", "0, scoring the prompt alone, needs echo: true"),
+        ({"max_tokens": -1, "echo": True}, 400, "max_tokens", "max_tokens=-1 must be an integer from 0 to 65536"),
         ({"max_tokens": 2**31}, 400, "max_tokens", "max_tokens=2147483648 must be an integer from 1 to 65536"),
         ({"max_tokens": "8"}, 400, "max_tokens", "max_tokens=\"8\" must be an integer"),
         ({"temperature": 2.5}, 400, "temperature", "temperature=2.5 must be a number from 0 to 2"),
@@ -71,6 +79,7 @@ def test_documented_fields_at_their_defaults_are_accepted_and_user_is_ignored():
     }, "tiny")
     assert request.prompts == ["a", "b"] and request.stops == ["\n"] and request.max_tokens == 16
     assert request.sampling.temperature is None and request.sampling.seed == 3  # 0: greedy
+    assert (request.logprobs, request.echo) == (None, False)
 
 
 def test_stop_text_cuts_at_the_first_stop_however_the_text_arrives():
@@ -86,6 +95,250 @@ def test_stop_text_cuts_at_the_first_stop_however_the_text_arrives():
         # Cut before the stop that ends first, as whole answers are (not the one starting first).
         assert out == reference_cut(text, stops), (text, stops, pieces)
         assert stop.stopped == (first >= 0)
+
+
+# OpenAI's logprobs and echo, against a scripted generator ---------------------------------------
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def scripted_tokens(prompt, max_new_tokens, seed=None, row=0):
+    """A scripted continuation as `(piece text, token text)` per token: characters of "ab cé"
+    chosen by the prompt's length (and the seed and row when sampled); "é" is two tokens, the first
+    ending inside the character (its piece "", its text U+FFFD), as byte-level BPE decodes it."""
+    tokens = []
+    for position in range(max_new_tokens):
+        char = "ab cé"[(len(prompt) + position * (1 + row) + (seed or 0)) % 5]
+        tokens.extend([("", "\ufffd"), ("é", "\ufffd")] if char == "é" else [(char, char)])
+    return tokens[:max_new_tokens]
+
+
+def scripted_logprob(token_text, position, k, first=False):
+    """A `TokenLogprob` with a made-up log-probability; its alternatives are "e", "a", "t", ... (so
+    the chosen "a" is among them)."""
+    if first:
+        return TokenLogprob(ord(token_text[0]), token_text, None)
+    top = tuple((ord(c), c, -0.25 * (rank + 1)) for rank, c in enumerate("eatoi"[:k]))
+    return TokenLogprob(ord(token_text[0]), token_text, -0.5 - 0.01 * position - ord(token_text[0]) % 3, top)
+
+
+class ScriptedGenerator(TextGenerator):
+    """A `TextGenerator` whose text and logprobs are scripted (`scripted_tokens`, one token per
+    character of a prompt), recording its calls."""
+
+    sequence_length = 32
+    vocabulary_size = 300
+    default_max_new_tokens = 16
+
+    def __init__(self):
+        self.calls = []
+
+    def _room(self, max_new_tokens):
+        return self.sequence_length - max_new_tokens
+
+    def _prompt_count(self, prompt, max_new_tokens):
+        return min(len(prompt) or 1, self._room(max_new_tokens))
+
+    def complete(self, prompts, max_new_tokens=None, *, sampling=None, num_return_sequences=1, stop=None,
+                 logprobs=None, **options):
+        self.calls.append(("complete", list(prompts)))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        completions = []
+        for prompt in prompts:
+            for row in range(num_return_sequences):
+                seed = None if sampling.temperature is None else sampling.seed
+                tokens = scripted_tokens(prompt, max_new_tokens, seed, row)
+                full = "".join(piece for piece, _ in tokens)
+                text = reference_cut(full, stops)
+                count = len(tokens)
+                if text != full:  # tokens up to the one that completes the stop
+                    ends = min(start + len(s) for s in stops for start in range(len(full))
+                               if full.startswith(s, start))
+                    count = next(i for i in range(len(tokens) + 1)
+                                 if len("".join(piece for piece, _ in tokens[:i])) >= ends)
+                start = self._prompt_count(prompt, max_new_tokens)
+                scored = None if logprobs is None else tuple(
+                    scripted_logprob(t, start + i, logprobs) for i, (_, t) in enumerate(tokens[:count]))
+                completions.append(Completion(text, count, start, "stop" if text != full else "length", scored))
+        return completions
+
+    def stream(self, prompt, max_new_tokens=None, *, sampling=None, num_return_sequences=1, logprobs=None,
+               **options):
+        self.calls.append(("stream", prompt))
+        seed = None if sampling.temperature is None else sampling.seed
+        rows = [scripted_tokens(prompt, max_new_tokens, seed, row) for row in range(num_return_sequences)]
+        start = self._prompt_count(prompt, max_new_tokens)
+        for position in range(max_new_tokens):  # rows interleaved, as a batch steps
+            for row, tokens in enumerate(rows):
+                piece, text = tokens[position]
+                scored = None if logprobs is None else (scripted_logprob(text, start + position, logprobs),)
+                yield Piece(row, piece, position + 1, start, "length" if position == max_new_tokens - 1 else None,
+                            scored)
+
+    def prompt_logprobs(self, prompts, logprobs=0, max_new_tokens=0, truncate=True):
+        self.calls.append(("prompt_logprobs", list(prompts)))
+        room = self._room(max_new_tokens)
+        scored = []
+        for prompt in prompts:
+            texts = list(prompt)[-room:] or [END_OF_TEXT]
+            scored.append(tuple(scripted_logprob(t, i, logprobs, first=i == 0) for i, t in enumerate(texts)))
+        return scored
+
+
+def scripted_answers(fields):
+    """The whole answer and the streamed chunks of one request (JSON values) to a `ScriptedGenerator`,
+    and the generator's calls for the whole answer."""
+    generator = ScriptedGenerator()
+    completions = Completions(generator, "tiny")
+    request = {"model": "tiny", "prompt": "the cat", **fields}
+    whole = completions.create(CompletionRequest.parse(request, "tiny")).to_json()
+    calls = list(generator.calls)
+    stream = {**request, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = [chunk.to_json() for chunk in completions.stream(CompletionRequest.parse(stream, "tiny"))]
+    return whole, chunks, calls
+
+
+def joined_chunks(chunks):
+    """Streamed choices joined per index: text, last finish_reason, logprobs lists concatenated."""
+    choices = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            joined = choices.setdefault(choice["index"], {"text": "", "index": choice["index"], "logprobs": None,
+                                                          "finish_reason": None})
+            joined["text"] += choice["text"]
+            joined["finish_reason"] = choice["finish_reason"] or joined["finish_reason"]
+            if choice["logprobs"] is not None:
+                logprobs = joined["logprobs"] or {name: [] for name in choice["logprobs"]}
+                joined["logprobs"] = {name: logprobs[name] + choice["logprobs"][name] for name in logprobs}
+    return [choices[index] for index in sorted(choices)]
+
+
+def test_logprobs_come_in_openais_shape_one_entry_per_completion_token():
+    whole, _, calls = scripted_answers({"prompt": "the c", "max_tokens": 4, "temperature": 0, "logprobs": 2})
+    [choice] = whole["choices"]
+    logprobs = choice["logprobs"]
+    assert list(logprobs) == ["tokens", "token_logprobs", "top_logprobs", "text_offset"]
+    assert "".join(logprobs["tokens"]) == choice["text"] and len(logprobs["tokens"]) == 4
+    assert len(logprobs["token_logprobs"]) == whole["usage"]["completion_tokens"] == 4
+    # Offsets in prompt + completion: the first token follows the 5 characters of "the c".
+    assert logprobs["text_offset"] == [5, 6, 7, 8]
+    for token, chosen, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert top[token] == chosen and list(top)[0] == token  # the chosen token first
+        assert {"e": -0.25, "a": -0.5}.items() <= top.items() or token in "ea"
+        assert len(top) == (2 if token in "ea" else 3)  # k alternatives + the chosen, one key each
+    assert calls == [("complete", ["the c"])]  # no prompt scoring without echo
+    # logprobs 0: the chosen token's alone.
+    whole, _, _ = scripted_answers({"prompt": "the c", "max_tokens": 2, "temperature": 0, "logprobs": 0})
+    assert [list(top) for top in whole["choices"][0]["logprobs"]["top_logprobs"]] == [["a"], ["b"]]
+    # Not asked for: null, as before.
+    assert scripted_answers({"max_tokens": 2})[0]["choices"][0]["logprobs"] is None
+
+
+def test_echo_puts_the_prompt_and_its_scores_before_the_completion():
+    whole, _, calls = scripted_answers({"prompt": ["the ca", "a"], "max_tokens": 3, "temperature": 0,
+                                        "logprobs": 1, "echo": True, "n": 2})
+    # One batched scoring of every prompt, one batched decode.
+    assert calls == [("prompt_logprobs", ["the ca", "a"]), ("complete", ["the ca", "a"])]
+    first, copy, second, _ = whole["choices"]
+    assert first == copy | {"index": 0} and second["index"] == 2  # greedy n: copies
+    completion = "".join(piece for piece, _ in scripted_tokens("the ca", 3))
+    assert first["text"] == "the ca" + completion == "the cab c"
+    logprobs = first["logprobs"]
+    assert logprobs["tokens"] == list("the cab c")
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert None not in logprobs["token_logprobs"][1:] and None not in logprobs["top_logprobs"][1:]
+    assert logprobs["text_offset"] == list(range(len(first["text"])))
+    assert second["text"].startswith("a") and second["logprobs"]["text_offset"][:2] == [0, 1]
+    # Usage: the prompt is not completion tokens.
+    assert whole["usage"] == {"prompt_tokens": 6 + 1, "completion_tokens": 4 * 3, "total_tokens": 19}
+    # Echo without logprobs: the text only, no scoring pass.
+    whole, _, calls = scripted_answers({"prompt": "the ca", "max_tokens": 3, "temperature": 0, "echo": True})
+    assert whole["choices"][0]["text"] == "the cab c" and whole["choices"][0]["logprobs"] is None
+    assert calls == [("complete", ["the ca"])]
+
+
+def test_max_tokens_0_with_echo_scores_the_prompts_without_generating():
+    whole, chunks, calls = scripted_answers({"prompt": ["the cat", ""], "max_tokens": 0, "echo": True,
+                                             "logprobs": 1, "n": 2, "temperature": 0.7})
+    assert calls == [("prompt_logprobs", ["the cat", ""])]  # no generation call
+    assert [c["text"] for c in whole["choices"]] == ["the cat", "the cat", "", ""]
+    assert {c["finish_reason"] for c in whole["choices"]} == {"length"}  # as vLLM answers it
+    assert whole["choices"][0]["logprobs"]["tokens"] == list("the cat")
+    assert whole["choices"][2]["logprobs"]["tokens"] == [END_OF_TEXT]  # "": end-of-text, unscored
+    assert whole["choices"][2]["logprobs"]["token_logprobs"] == [None]
+    assert whole["usage"] == {"prompt_tokens": 7 + 1, "completion_tokens": 0, "total_tokens": 8}
+    assert joined_chunks(chunks) == whole["choices"] and chunks[-1]["usage"] == whole["usage"]
+    # Without logprobs too: the prompts back, counted.
+    whole, _, _ = scripted_answers({"max_tokens": 0, "echo": True})
+    assert whole["choices"][0] == {"text": "the cat", "index": 0, "logprobs": None, "finish_reason": "length"}
+    assert whole["usage"]["prompt_tokens"] == 7
+
+
+def test_a_scoring_request_as_evaluation_clients_send_it():
+    prompts = ["the cat sat", "a dog", "x"]
+    whole, _, calls = scripted_answers({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                        "temperature": 0})
+    assert len(whole["choices"]) == len(prompts) and calls[0] == ("prompt_logprobs", prompts)
+    for prompt, choice in zip(prompts, whole["choices"]):
+        logprobs = choice["logprobs"]
+        assert choice["text"].startswith(prompt) and len(choice["text"]) == len(prompt) + 1
+        assert len(logprobs["token_logprobs"]) == len(prompt) + 1  # every prompt token + the generated one
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert all(isinstance(top, dict) and len(top) in (1, 2) for top in logprobs["top_logprobs"][1:])
+        # The continuation's log-probability: the last entry, found at the prompt's length.
+        assert logprobs["text_offset"][-1] == len(prompt)
+
+
+def test_a_prompt_cut_to_fit_the_context_is_scored_from_its_kept_tokens():
+    long = "ab " * 15  # 45 characters; 31 fit beside 1 new token in a context of 32
+    whole, chunks, _ = scripted_answers({"prompt": long, "echo": True, "logprobs": 0, "max_tokens": 1,
+                                         "temperature": 0})
+    [choice] = whole["choices"]
+    assert choice["text"].startswith(long) and len(choice["logprobs"]["tokens"]) == 31 + 1
+    assert choice["logprobs"]["text_offset"][0] == len(long) - 31  # the kept tokens end the prompt
+    assert choice["logprobs"]["text_offset"][-1] == len(long)
+    assert joined_chunks(chunks) == whole["choices"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": 6, "temperature": 0, "logprobs": 2},
+    {"max_tokens": 6, "temperature": 0, "logprobs": 1, "echo": True, "n": 2, "prompt": ["the cat", "", "ab"]},
+    {"max_tokens": 9, "temperature": 1.0, "seed": 3, "logprobs": 3, "n": 3},  # sampled rows, with "é"
+    {"max_tokens": 9, "temperature": 1.0, "seed": 3, "logprobs": 0, "echo": True, "n": 2},
+    {"max_tokens": 12, "temperature": 0, "logprobs": 1, "stop": [" c"]},  # cut by a stop string
+    {"max_tokens": 12, "temperature": 0, "logprobs": 1, "echo": True, "stop": "b c", "n": 2},
+    {"max_tokens": 12, "temperature": 0, "echo": True, "stop": "zz"},
+])
+def test_streamed_answers_equal_whole_ones_with_logprobs(fields):
+    whole, chunks, _ = scripted_answers(fields)
+    assert joined_chunks(chunks) == whole["choices"]
+    assert chunks[-1]["usage"] == whole["usage"] and not chunks[-1]["choices"]
+    if fields.get("logprobs") is not None:
+        for choice in whole["choices"]:
+            offsets = choice["logprobs"]["text_offset"]
+            assert offsets == sorted(offsets) and len(offsets) == len(choice["logprobs"]["tokens"])
+
+
+def test_logprobs_keep_every_token_counted_when_a_stop_string_cuts_the_text():
+    whole, chunks, _ = scripted_answers({"prompt": "the ca", "max_tokens": 12, "temperature": 0, "logprobs": 1,
+                                         "stop": " c"})
+    [choice] = whole["choices"]
+    full = "".join(piece for piece, _ in scripted_tokens("the ca", 12))
+    assert choice["finish_reason"] == "stop" and choice["text"] == full[: full.index(" c")]
+    # One entry per completion token counted in usage: the stop's tokens too (as vLLM keeps them).
+    tokens = choice["logprobs"]["tokens"]
+    assert len(tokens) == whole["usage"]["completion_tokens"]
+    assert "".join(tokens) == full[: full.index(" c") + 2]
+    # Streamed: a token held back (it may begin the stop) still brings its logprob.
+    assert all(c["logprobs"]["tokens"] for chunk in chunks for c in chunk["choices"])
+
+
+def test_a_token_inside_a_character_streams_its_logprob_with_empty_text():
+    _, chunks, _ = scripted_answers({"prompt": "the ", "max_tokens": 2, "temperature": 0, "logprobs": 0})
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert [c["text"] for c in choices] == ["", "é"]
+    assert [c["logprobs"]["tokens"] for c in choices] == [["\ufffd"], ["\ufffd"]]
+    assert [c["logprobs"]["text_offset"] for c in choices] == [[4], [5]]
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import json
 
 import pytest
 
+from kgpt.generation.logprobs import TokenLogprob
 from kgpt.serving.batching import Busy
 from kgpt.serving.protocol import (
     API,
     APIError,
+    ChoiceLogprobs,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -90,6 +92,22 @@ def test_completion_requests_parse_into_typed_values():
     request = CompletionRequest.parse({"model": "tiny", "prompt": ["a", "b"], "temperature": 0}, "tiny")
     assert request.sampling.temperature is None and isinstance(request.sampling.seed, int)
     assert (request.max_tokens, request.n, request.stream, request.stops) == (16, 1, False, [])
+    assert (request.logprobs, request.echo) == (None, False)
+    assert (request.sampling.frequency_penalty, request.sampling.presence_penalty,
+            request.sampling.repetition_penalty) == (0.0, 0.0, 1.0)
+
+
+def test_logprobs_echo_and_penalties_parse_into_the_request_and_its_sampling_options():
+    request = CompletionRequest.parse({
+        "model": "tiny", "prompt": "a", "logprobs": 3, "echo": True, "frequency_penalty": 0.5,
+        "presence_penalty": -1, "repetition_penalty": 1.2}, "tiny")
+    assert (request.logprobs, request.echo) == (3, True)
+    assert (request.sampling.frequency_penalty, request.sampling.presence_penalty,
+            request.sampling.repetition_penalty) == (0.5, -1.0, 1.2)
+    # A scoring request: the prompt alone, scored.
+    request = CompletionRequest.parse({"model": "tiny", "prompt": ["a", "b"], "echo": True, "logprobs": 0,
+                                       "max_tokens": 0, "temperature": 0}, "tiny")
+    assert (request.max_tokens, request.logprobs, request.echo) == (0, 0, True)
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -97,6 +115,14 @@ def test_completion_requests_parse_into_typed_values():
     ({"top_k": -1}, "top_k"),
     ({"max_tokens": 70000}, "max_tokens"),  # past kgpt's limit of new tokens
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 1.5}, "logprobs"),
+    ({"echo": 1}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),  # 0 needs echo
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"repetition_penalty": -1}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),  # refused by SamplingOptions
 ])
 def test_a_refusal_names_its_field_without_reading_the_message(fields, param):
     with pytest.raises(APIError) as caught:
@@ -113,3 +139,25 @@ def test_completion_responses_have_openais_json():
     assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     assert "usage" not in CompletionResponse("cmpl-1", 5, "tiny", choices[:1]).to_json()  # a chunk
     assert json.loads(json.dumps(ModelList("tiny", 5).to_json()))["data"][0]["id"] == "tiny"
+
+
+def test_choice_logprobs_have_openais_legacy_shape():
+    tokens = (
+        TokenLogprob(5, "Hi", None),  # a prompt's first token: nothing predicts it
+        TokenLogprob(6, " there", -0.5, ((7, " you", -0.25), (6, " there", -0.5))),
+        TokenLogprob(8, "!", float("-inf"), ((9, ".", -0.1),)),
+    )
+    logprobs = ChoiceLogprobs.of(tokens, 0)
+    assert logprobs.text_offset == (0, 2, 8)
+    assert ChoiceLogprobs.of(tokens[1:], 2).text_offset == (2, 8)  # a completion after "Hi"
+    assert ChoiceLogprobs.of(tokens, -1).text_offset == (0, 1, 7)  # what starts before the text is at 0
+    answer = CompletionChoice("Hi there!", 0, "length", logprobs).to_json()
+    assert json.loads(json.dumps(answer, allow_nan=False)) == answer  # -inf is written as OpenAI does
+    assert answer["logprobs"] == {
+        "tokens": ["Hi", " there", "!"],
+        "token_logprobs": [None, -0.5, -9999.0],
+        # The chosen token first, then the alternatives (the chosen one once).
+        "top_logprobs": [None, {" there": -0.5, " you": -0.25}, {"!": -9999.0, ".": -0.1}],
+        "text_offset": [0, 2, 8],
+    }
+    assert list(answer["logprobs"]["top_logprobs"][1]) == [" there", " you"]

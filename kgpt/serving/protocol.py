@@ -13,6 +13,7 @@ import secrets
 
 from kgpt.generation.decoding import MAX_NEW_TOKENS
 from kgpt.generation.generator import check_token_ids
+from kgpt.generation.logprobs import MAX_LOGPROBS, check_logprobs
 from kgpt.generation.sampling import SamplingOptions
 
 # Deep enough for any tensor (TensorFlow's rank limit is far below) inside a request object.
@@ -192,11 +193,11 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 _INT32 = 2**31 - 1
 
 _IMPLEMENTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "seed",
-                "stream_options", "top_k"}  # top_k: an extension (vLLM has it too)
+                "stream_options", "logprobs", "echo", "frequency_penalty", "presence_penalty",
+                "top_k", "repetition_penalty"}  # the last two: extensions (vLLM has them too)
 _IGNORED = {"user"}  # an end-user id for OpenAI's abuse monitoring
 # Documented fields kgpt does not implement: accepted only at these defaults (or null).
-_DEFAULT_ONLY = {"echo": False, "best_of": 1, "logprobs": None, "suffix": "", "presence_penalty": 0,
-                 "frequency_penalty": 0, "logit_bias": {}}
+_DEFAULT_ONLY = {"best_of": 1, "suffix": "", "logit_bias": {}}
 
 
 def _integer(request, name, default, low, high, note=""):
@@ -215,6 +216,15 @@ def _number(request, name, default, low, high):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise APIError(f"{name}={json.dumps(value)} must be a number from {low} to {high}.", param=name)
+    return float(value)
+
+
+def _positive(request, name, default):
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise APIError(f"{name}={json.dumps(value)[:80]} must be a number > 0.", param=name)
     return float(value)
 
 
@@ -253,6 +263,13 @@ class CompletionRequest:
         stops: up to `OPENAI_MAX_STOPS` non-empty strings.
         n: choices per prompt.
         stream: answer as server-sent events; `include_usage` adds a last chunk with usage.
+        logprobs: None, or the alternatives per token (0 to `MAX_LOGPROBS`) returned with each
+            token's own log-probability (OpenAI's legacy `logprobs`).
+        echo: each choice's text (and logprobs) starts with its prompt's; with `max_tokens` 0 the
+            prompt alone is scored, nothing generated.
+
+    The penalties (`frequency_penalty`, `presence_penalty`, and `repetition_penalty`, an extension
+    as in vLLM) are `sampling`'s fields.
     """
 
     prompts: list
@@ -262,6 +279,8 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    logprobs: int | None = None
+    echo: bool = False
 
     @classmethod
     def parse(cls, request, served_name):
@@ -301,14 +320,29 @@ class CompletionRequest:
                        if len(stops) > OPENAI_MAX_STOPS else "an empty one")
             raise APIError(f"stop has {problem}; send 1 to {OPENAI_MAX_STOPS} non-empty strings.",
                            param="stop")
+        echo = request.get("echo") or False
+        if not isinstance(echo, bool):
+            raise APIError(f"echo={json.dumps(echo)[:80]} must be true or false.", param="echo")
+        try:
+            logprobs = check_logprobs(request.get("logprobs"))
+        except ValueError as error:  # its words, with the value as JSON (true, not True)
+            raise APIError(
+                f"logprobs={json.dumps(request['logprobs'])[:80]} must be an integer from 0 to "
+                f"{MAX_LOGPROBS} (the alternatives returned per token besides the chosen one) or null.",
+                param="logprobs",
+            ) from error
         # kgpt's limit of new tokens (`decoding.MAX_NEW_TOKENS`), not int32's: one range in every message.
-        max_tokens = _integer(request, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_NEW_TOKENS,
-                              " (past the model's context, generation continues from its last half)")
+        max_tokens = _integer(request, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, MAX_NEW_TOKENS,
+                              " (past the model's context, generation continues from its last half"
+                              + ("" if echo else "; 0, scoring the prompt alone, needs echo: true") + ")")
         seed = _integer(request, "seed", None, -_INT32 - 1, _INT32)
         sampling = _sampling(dict(
             temperature=_number(request, "temperature", 1.0, 0, 2) or None,  # 0: greedy
             top_p=_number(request, "top_p", 1.0, 0, 1), top_k=_integer(request, "top_k", 0, 0, _INT32),
             seed=secrets.randbelow(_INT32) if seed is None else seed,
+            frequency_penalty=_number(request, "frequency_penalty", 0.0, -2, 2),
+            presence_penalty=_number(request, "presence_penalty", 0.0, -2, 2),
+            repetition_penalty=_positive(request, "repetition_penalty", 1.0),
         ))
         stream = request.get("stream") or False
         options = request.get("stream_options") or {}
@@ -319,17 +353,87 @@ class CompletionRequest:
             raise APIError("stream_options is only allowed with stream: true.", param="stream_options")
         return cls(prompts=prompts, max_tokens=max_tokens, sampling=sampling, stops=stops,
                    n=_integer(request, "n", 1, 1, MAX_CHOICES), stream=stream,
-                   include_usage=bool(options.get("include_usage")))
+                   include_usage=bool(options.get("include_usage")), logprobs=logprobs, echo=echo)
+
+
+# What OpenAI (and vLLM) write for a log-probability of -inf, which JSON cannot carry.
+_LOWEST_LOGPROB = -9999.0
+
+
+def _logprob(value):
+    return max(value, _LOWEST_LOGPROB)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceLogprobs:
+    """A choice's (or a streamed chunk's) tokens with their log-probabilities, in OpenAI's legacy
+    `logprobs` shape.
+
+    Args:
+        tokens: `kgpt.generation.logprobs.TokenLogprob`s, in order (a prompt's first has no logprob).
+        text_offset: where each token's text starts in the prompt + completion, in characters:
+            a completion's first token at `len(prompt)`, echoed or not (OpenAI's), the next ones
+            after their predecessors' texts (vLLM's way). The tokens of an echoed prompt end at
+            `len(prompt)`, so a prompt left-truncated to fit the context starts past 0. A token that
+            ends inside a UTF-8 character counts as one character (its text is U+FFFD), so after
+            such tokens the offsets can run ahead of the text.
+    """
+
+    tokens: tuple
+    text_offset: tuple
+
+    @classmethod
+    def of(cls, tokens, start):
+        """`tokens` whose texts follow each other from character `start` (offsets below 0 are 0)."""
+        offsets, offset = [], start
+        for token in tokens:
+            offsets.append(max(offset, 0))
+            offset += len(token.text)
+        return cls(tuple(tokens), tuple(offsets))
+
+    def to_json(self):
+        """`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`: each `top_logprobs` entry
+        is `{text: logprob}` of the chosen token first, then the asked-for alternatives best first
+        (k or k + 1 entries, as OpenAI's and vLLM's), null where `token_logprobs` is (the prompt's
+        first token); tokens of the same text share one key (the first kept)."""
+        tops = []
+        for token in self.tokens:
+            if token.logprob is None:
+                tops.append(None)
+                continue
+            top = {token.text: _logprob(token.logprob)}
+            for _, text, logprob in token.top:
+                top.setdefault(text, _logprob(logprob))
+            tops.append(top)
+        return {
+            "tokens": [token.text for token in self.tokens],
+            "token_logprobs": [None if token.logprob is None else _logprob(token.logprob)
+                               for token in self.tokens],
+            "top_logprobs": tops,
+            "text_offset": list(self.text_offset),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
 class CompletionChoice:
+    """One choice of an answer, or what one streamed chunk adds to it.
+
+    Args:
+        text: its text (with `echo`, the prompt's first).
+        index: which choice (prompt-major, `n` per prompt).
+        finish_reason: "stop", "length", or None before a streamed choice's last chunk.
+        logprobs: a `ChoiceLogprobs` when the request asked for them, else None (JSON null).
+    """
+
     text: str
     index: int
-    finish_reason: str | None  # "stop", "length", or None before a streamed choice's last piece
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
     def to_json(self):
-        return {"text": self.text, "index": self.index, "logprobs": None, "finish_reason": self.finish_reason}
+        logprobs = None if self.logprobs is None else self.logprobs.to_json()
+        return {"text": self.text, "index": self.index, "logprobs": logprobs,
+                "finish_reason": self.finish_reason}
 
 
 @dataclasses.dataclass(frozen=True)
