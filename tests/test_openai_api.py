@@ -22,9 +22,10 @@ from kgpt.generation.logprobs import TokenLogprob
 from kgpt.generation.stopping import StopText
 from kgpt.generation.streaming import Piece
 from kgpt.serving.openai_api import Completions
-from kgpt.serving.protocol import API, APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kgpt.serving.protocol import API, APIError, CompletionRequest
 from kgpt.serving.saved_model_generator import load_generator
 from kgpt.serving.server import make_server
+from kgpt.serving.tokenization import DetokenizeRequest, TokenizeRequest
 
 TEXT = "the cat sat on the mat. a dog ran!\n"
 

@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from kgpt.generation.sampling import SamplingOptions, option
 from kgpt.serving import signatures
-from kgpt.serving.serving_module import check_outputs
 from kgpt.serving.signatures import (
     BEAM_SEARCH,
     GENERATE,
@@ -18,6 +17,7 @@ from kgpt.serving.signatures import (
     SIGNATURES,
     Name,
     Role,
+    check_outputs,
     generate_signature,
     read_signature_defs,
 )
@@ -25,7 +25,7 @@ from kgpt.serving.signatures import (
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kgpt"
 # The modules that call or serve signatures: they read names from the contract.
 SERVING_MODULES = ("serving/export", "serving/saved_model_generator", "serving/batching", "serving/rest",
-                   "serving/model_server", "serving/server", "serving/openai_api")
+                   "serving/model_server", "serving/server", "serving/openai_api", "serving/tokenization")
 
 
 def test_what_batching_reads_is_derived_from_the_declarations():

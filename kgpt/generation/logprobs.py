@@ -100,6 +100,20 @@ def prompt_logprobs(model, token_ids):
     ))
 
 
+def logprob_spans(recorded, starts, counts, width, k):
+    """`TokenLogprobs` of `counts` positions from `starts` in each row of `(batch, length)` ones,
+    padded with zeros to `width`, `k` alternatives each (graph ops; `width` and `k` may be tensors)."""
+    positions = starts[:, None] + tf.range(width)[None, :]
+    valid = tf.range(width)[None, :] < counts[:, None]
+    positions = tf.where(valid, positions, 0)
+    chosen, top_ids, top = (tf.gather(value, positions, batch_dims=1) for value in recorded)
+    return TokenLogprobs(
+        tf.where(valid, chosen, 0.0),
+        tf.where(valid[:, :, None], top_ids, 0)[:, :, :k],
+        tf.where(valid[:, :, None], top, 0.0)[:, :, :k],
+    )
+
+
 def records(rows, row_logprobs, k, texts, first_is_prompt=False):
     """A tuple of `TokenLogprob` per row.
 

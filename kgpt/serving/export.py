@@ -12,8 +12,8 @@ import tensorflow as tf
 
 from kgpt.files import remove_stale, staged_directory
 from kgpt.rundir import RunDirectory
-from kgpt.serving.serving_module import ServingModule, check_outputs
-from kgpt.serving.signatures import read_saved_model, read_signature_defs
+from kgpt.serving.serving_module import ServingModule
+from kgpt.serving.signatures import check_outputs, read_saved_model, read_signature_defs
 
 DEFAULT_BASE_DIR = "saved_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

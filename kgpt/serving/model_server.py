@@ -12,11 +12,12 @@ from kgpt.generation.generator import Generator
 from kgpt.rundir import RunDirectory
 from kgpt.serving.batching import ScheduledSignatures, Scheduler
 from kgpt.serving.export import is_saved_model, saved_model_version_path
-from kgpt.serving.openai_api import Completions, Tokenization
+from kgpt.serving.openai_api import Completions
 from kgpt.serving.protocol import APIError
 from kgpt.serving.rest import RestAPI
 from kgpt.serving.saved_model_generator import SavedModelGenerator
 from kgpt.serving.signatures import GENERATE, TOKENIZE, read_signature_defs
+from kgpt.serving.tokenization import Tokenization
 
 
 def _at_once(function):
@@ -41,7 +42,7 @@ class ModelServer:
         scheduler: the `kgpt.serving.batching.Scheduler` every model call of both APIs goes through.
         rest: a `kgpt.serving.rest.RestAPI`, or None for a run directory.
         completions: a `kgpt.serving.openai_api.Completions`, or None for an export without `generate`.
-        tokenization: a `kgpt.serving.openai_api.Tokenization`, or None for an export without
+        tokenization: a `kgpt.serving.tokenization.Tokenization`, or None for an export without
             `generate` and `tokenize`.
     """
 

@@ -4,7 +4,6 @@
 
 Requests follow OpenAI's legacy completions API (see `CompletionRequest.parse`); refusals are
 `kgpt.serving.protocol.APIError`s, which `kgpt serve` answers in OpenAI's error shape.
-`Tokenization` answers vLLM's tokenizer routes beside them, with the served model's own tokenizer.
 """
 
 import dataclasses
@@ -17,10 +16,7 @@ from kgpt.serving.protocol import (
     ChoiceLogprobs,
     CompletionChoice,
     CompletionResponse,
-    DetokenizeResponse,
     ModelList,
-    TokenizeResponse,
-    TokenizerInfo,
     Usage,
 )
 
@@ -204,46 +200,3 @@ def _joined(echoed, text, finish_reason, tokens, start, with_logprobs):
         logprobs = ChoiceLogprobs(echoed.logprobs.tokens + logprobs.tokens,
                                   echoed.logprobs.text_offset + logprobs.text_offset)
     return CompletionChoice(echoed.text + text, 0, finish_reason, logprobs)
-
-
-class Tokenization:
-    """vLLM's tokenizer routes (`/tokenize`, `/detokenize`, `/tokenizer_info`) for one
-    `TextGenerator` served as `name`, with its own tokenizer: an export's in-graph one (its
-    `tokenize` and `detokenize` signatures), a run directory's in-process.
-
-    Args:
-        run: `run(function)` calls `function()` and returns its value; the server passes its
-            scheduler for a run directory, and calls at once for an export, whose generator puts
-            each signature call in the scheduler.
-
-    Example:
-        tokenization = Tokenization(Generator.from_run_directory("checkpoints/tiny"), "tiny")
-        tokenization.tokenize(TokenizeRequest.parse({"prompt": "Hi"}, "tiny")).to_json()
-    """
-
-    def __init__(self, generator, name, run=None):
-        self.generator = generator
-        self.name = name
-        self.run = run or (lambda function: function())
-
-    def _run(self, function):
-        try:
-            return self.run(function)
-        except ValueError as error:  # e.g. the export refused the ids
-            raise APIError(str(error)) from error
-
-    def info(self):
-        generator = self.generator
-        return TokenizerInfo(generator.tokenizer_kind, generator.vocabulary_size,
-                             self._run(lambda: generator.end_of_text), generator.end_of_text_id,
-                             generator.sequence_length)
-
-    def tokenize(self, request):
-        """`TokenizeResponse` of a checked `TokenizeRequest` (no special tokens are added)."""
-        [tokens] = self._run(lambda: self.generator.tokenize([request.prompt]))
-        return TokenizeResponse(tokens, self.generator.sequence_length)
-
-    def detokenize(self, request):
-        """`DetokenizeResponse` of a checked `DetokenizeRequest`."""
-        [text] = self._run(lambda: self.generator.detokenize([request.tokens]))
-        return DetokenizeResponse(text)

@@ -35,13 +35,12 @@ from kgpt.serving.protocol import (
     API,
     APIError,
     CompletionRequest,
-    DetokenizeRequest,
     ModelSpec,
     PredictRequest,
-    TokenizeRequest,
     compact_json,
     parse_json,
 )
+from kgpt.serving.tokenization import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from kgpt.generation.decoding import (
     prefill,
     step,
 )
-from kgpt.generation.logprobs import MAX_LOGPROBS, prompt_logprobs
+from kgpt.generation.logprobs import MAX_LOGPROBS, logprob_spans, prompt_logprobs
 from kgpt.generation.sampling import SamplingOptions, graph_checks, signature_dtypes
 from kgpt.generation.stopping import continuations, graph_stop_checks, graph_stop_ids
 from kgpt.serving.signatures import (
@@ -84,26 +84,6 @@ def _function_with_defaults(python_function, signature, specs=None, **export_val
         for spec in signature.inputs
     ])
     return _function(function, signature, specs)
-
-
-def check_outputs(signature, outputs):
-    """Raises `ValueError` unless `outputs` (`{name: tensor or tf.TensorSpec}`, e.g. a concrete
-    function's `structured_outputs`) are `signature`'s: the same names, dtypes and compatible shapes."""
-    declared = {spec.name: spec for spec in signature.outputs}
-    if set(outputs) != set(declared):
-        raise ValueError(
-            f"The {signature.name} function returns {sorted(outputs)}, but kgpt.serving.signatures declares "
-            f"{sorted(declared)}; change the two together."
-        )
-    for name, tensor in outputs.items():
-        spec = declared[name]
-        if spec.dtype is None:  # set by the model (the packed cache)
-            continue
-        if tensor.dtype != tf.as_dtype(spec.dtype) or not tensor.shape.is_compatible_with(spec.shape):
-            raise ValueError(
-                f"The {signature.name} output {name!r} is {tensor.dtype.name} {tensor.shape}; "
-                f"kgpt.serving.signatures declares {spec.dtype} {list(spec.shape)}."
-            )
 
 
 def pack_cache(cache):
@@ -527,16 +507,7 @@ class ServingModule(tf.Module):
 
 
 def _logprobs_outputs(recorded, starts, counts, logprobs, width):
-    """The `token_logprobs`, `top_token_ids` and `top_logprobs` outputs of rows' `TokenLogprobs`
-    (`(batch, length)`): `counts` positions from `starts`, padded to `width`, `logprobs`
-    alternatives each; all of width 0 when `logprobs` < 0."""
-    width = tf.where(logprobs >= 0, width, 0)
-    positions = starts[:, None] + tf.range(width)[None, :]
-    valid = tf.range(width)[None, :] < counts[:, None]
-    positions = tf.where(valid, positions, 0)
-    kept = tf.maximum(logprobs, 0)
-    values = [tf.gather(value, positions, batch_dims=1) for value in recorded]
-    chosen, top_ids, top = (tf.where(valid if v.shape.rank == 2 else valid[:, :, None], v, tf.zeros_like(v))
-                            for v in values)
-    return {Name.TOKEN_LOGPROBS: chosen, Name.TOP_TOKEN_IDS: top_ids[:, :, :kept],
-            Name.TOP_LOGPROBS: top[:, :, :kept]}
+    """The `token_logprobs`, `top_token_ids` and `top_logprobs` outputs of rows' `TokenLogprobs`:
+    `logprobs.spans`, of width 0 when `logprobs` < 0 (none asked for)."""
+    spans = logprob_spans(recorded, starts, counts, tf.where(logprobs >= 0, width, 0), tf.maximum(logprobs, 0))
+    return {Name.TOKEN_LOGPROBS: spans.chosen, Name.TOP_TOKEN_IDS: spans.top_ids, Name.TOP_LOGPROBS: spans.top}

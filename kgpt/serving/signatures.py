@@ -277,6 +277,28 @@ REQUEST_LISTS = frozenset(i.name for s in SIGNATURES for i in s.inputs if i.role
 REQUEST_WIDTH_OUTPUTS = frozenset(o.name for s in SIGNATURES for o in s.outputs if o.request_width)
 
 
+def check_outputs(signature, outputs):
+    """Raises `ValueError` unless `outputs` (`{name: tensor or tf.TensorSpec}`, e.g. a concrete
+    function's `structured_outputs`) are `signature`'s: the same names, dtypes and compatible shapes."""
+    import tensorflow as tf
+
+    declared = {spec.name: spec for spec in signature.outputs}
+    if set(outputs) != set(declared):
+        raise ValueError(
+            f"The {signature.name} function returns {sorted(outputs)}, but kgpt.serving.signatures declares "
+            f"{sorted(declared)}; change the two together."
+        )
+    for name, tensor in outputs.items():
+        spec = declared[name]
+        if spec.dtype is None:  # set by the model (the packed cache)
+            continue
+        if tensor.dtype != tf.as_dtype(spec.dtype) or not tensor.shape.is_compatible_with(spec.shape):
+            raise ValueError(
+                f"The {signature.name} output {name!r} is {tensor.dtype.name} {tensor.shape}; "
+                f"kgpt.serving.signatures declares {spec.dtype} {list(spec.shape)}."
+            )
+
+
 def read_saved_model(saved_model_dir):
     """The `SavedModel` protocol buffer of `saved_model_dir/saved_model.pb` (nothing is loaded)."""
     from tensorflow.core.protobuf import saved_model_pb2
