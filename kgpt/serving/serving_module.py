@@ -508,6 +508,8 @@ class ServingModule(tf.Module):
 
 def _logprobs_outputs(recorded, starts, counts, logprobs, width):
     """The `token_logprobs`, `top_token_ids` and `top_logprobs` outputs of rows' `TokenLogprobs`:
-    `logprobs.spans`, of width 0 when `logprobs` < 0 (none asked for)."""
-    spans = logprob_spans(recorded, starts, counts, tf.where(logprobs >= 0, width, 0), tf.maximum(logprobs, 0))
-    return {Name.TOKEN_LOGPROBS: spans.chosen, Name.TOP_TOKEN_IDS: spans.top_ids, Name.TOP_LOGPROBS: spans.top}
+    `logprobs.logprob_spans`, of width 0 when `logprobs` < 0 (none asked for)."""
+    width = tf.where(logprobs >= 0, width, 0)
+    spans = logprob_spans(recorded, starts, counts, width, tf.maximum(logprobs, 0))
+    names = (Name.TOKEN_LOGPROBS, Name.TOP_TOKEN_IDS, Name.TOP_LOGPROBS)
+    return dict(zip(names, spans))
