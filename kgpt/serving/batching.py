@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from kgpt.generation.sampling import draws_at_random
 from kgpt.serving.protocol import APIError
-from kgpt.serving.signatures import PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS, Name
+from kgpt.serving.signatures import ASKED_OUTPUTS, PADDED_OUTPUTS, REQUEST_LISTS, REQUEST_WIDTH_OUTPUTS, Name
 
 
 class Busy(APIError):
@@ -26,12 +26,13 @@ class Busy(APIError):
         super().__init__(message, status=503, code="overloaded")
 
 
-def batch_rows(signature_def):
+def batch_rows(signature_def, signature_name=None):
     """The input whose rows a signature may batch, or None.
 
     Batched: one input of shape `[-1]` (the rows; the others are scalars or request-wide lists,
     `REQUEST_LISTS` such as stop sequences, equal within a batch),
-    and outputs that are exact (no floats: their last bits follow the batch's padded width) and
+    and outputs that are exact (no floats: their last bits follow the batch's padded width; but
+    `ASKED_OUTPUTS`, whose requests `batch_key` runs alone) and
     split by row (first axis -1; a further variable axis only in `PADDED_OUTPUTS`, or in
     `REQUEST_WIDTH_OUTPUTS`, whose width the equal scalars of a batch set, such as `num_beams`).
     """
@@ -45,7 +46,8 @@ def batch_rows(signature_def):
         return None
     for key, info in signature_def.outputs.items():
         shape, dtype = dims(info), tf.dtypes.as_dtype(info.dtype)
-        if not shape or shape[0] is not None or dtype.is_floating or dtype.is_complex:
+        inexact = (dtype.is_floating or dtype.is_complex) and (signature_name, key) not in ASKED_OUTPUTS
+        if not shape or shape[0] is not None or inexact:
             return None
         padded = key in PADDED_OUTPUTS and PADDED_OUTPUTS[key] in signature_def.outputs
         if None in shape[1:] and not padded and not (key in REQUEST_WIDTH_OUTPUTS and len(shape) == 2):
@@ -67,8 +69,10 @@ def batch_key(signature_name, rows, arrays):
         key: tuple(value.tolist()) if key in REQUEST_LISTS else value.item()
         for key, value in arrays.items() if key != rows
     }
-    if draws_at_random(scalars):
-        return None
+    asked = [(input_name, default) for (name, _), (input_name, default) in ASKED_OUTPUTS.items()
+             if name == signature_name and input_name in scalars]
+    if draws_at_random(scalars) or any(scalars[name] != default for name, default in asked):
+        return None  # a draw, or outputs of floats (log-probabilities) asked for
     scalars.pop(Name.SEED, None)  # no draw: the seed changes nothing
     return signature_name, arrays[rows].dtype.str, tuple(sorted(scalars.items()))
 
@@ -286,7 +290,7 @@ class ScheduledSignatures:
     def __init__(self, module, signature_defs, scheduler):
         self.module = module
         self.scheduler = scheduler
-        self._rows = {name: batch_rows(signature_def) for name, signature_def in signature_defs.items()}
+        self._rows = {name: batch_rows(signature_def, name) for name, signature_def in signature_defs.items()}
 
     def __call__(self, signature_name, arrays):
         """The signature's `{output: np.ndarray}` for `{input: np.ndarray}`; `Busy` when overloaded."""

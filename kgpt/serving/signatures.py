@@ -105,6 +105,8 @@ class Output:
             `token_count`), so a batching server cuts each request's part back to its own width.
         request_width: axis 1's width is set by the request's options (`num_beams`), so it is
             equal within a batch.
+        asked_by: the input that asks for this output (`logprobs`); at that input's default the
+            output is empty.
     """
 
     name: str
@@ -112,6 +114,7 @@ class Output:
     shape: tuple
     count: str | None = None
     request_width: bool = False
+    asked_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +161,14 @@ _PROMPTS = Input(Name.PROMPTS, "string", (None,), Role.ROWS)
 _LOGPROBS = Input(Name.LOGPROBS, "int32", (), Role.OPTION, -1)
 
 
-def _logprobs_outputs(shape):
+def _logprobs_outputs(shape, asked_by=None):
     """The log-probabilities of tokens of `shape` (`(None,)` one per row, `(None, None)` per
     token of each row, padded to the longest `token_count`) and their best alternatives."""
     count = Name.TOKEN_COUNT if len(shape) > 1 else None
     return (
-        Output(Name.TOKEN_LOGPROBS, "float32", shape, count=count),
-        Output(Name.TOP_TOKEN_IDS, "int32", shape + (None,), count=count),
-        Output(Name.TOP_LOGPROBS, "float32", shape + (None,), count=count),
+        Output(Name.TOKEN_LOGPROBS, "float32", shape, count=count, asked_by=asked_by),
+        Output(Name.TOP_TOKEN_IDS, "int32", shape + (None,), count=count, asked_by=asked_by),
+        Output(Name.TOP_LOGPROBS, "float32", shape + (None,), count=count, asked_by=asked_by),
     )
 
 
@@ -185,7 +188,7 @@ def generate_signature(sampling_type=SamplingOptions):
     continuations and, with `logprobs` >= 0, their tokens' log-probabilities (else of width 0)."""
     return Signature("generate", (
         _PROMPTS, _MAX_NEW_TOKENS, *_sampling_inputs(sampling_type), *_STOPS, _LOGPROBS,
-    ), _CONTINUATIONS + _logprobs_outputs((None, None)))
+    ), _CONTINUATIONS + _logprobs_outputs((None, None), asked_by=Name.LOGPROBS))
 
 
 def _state(role=Role.STATE):
@@ -275,6 +278,9 @@ SIGNATURES = (SERVING_DEFAULT, GENERATE, BEAM_SEARCH, SCORE, PROMPT_LOGPROBS, LO
 PADDED_OUTPUTS = {o.name: o.count for s in SIGNATURES for o in s.outputs if o.count}
 REQUEST_LISTS = frozenset(i.name for s in SIGNATURES for i in s.inputs if i.role is Role.REQUEST_LIST)
 REQUEST_WIDTH_OUTPUTS = frozenset(o.name for s in SIGNATURES for o in s.outputs if o.request_width)
+# `{(signature, output): (input, default)}`: outputs empty unless a request sets that input.
+ASKED_OUTPUTS = {(s.name, o.name): (o.asked_by, s.input(o.asked_by).default)
+                 for s in SIGNATURES for o in s.outputs if o.asked_by}
 
 
 def check_outputs(signature, outputs):
