@@ -58,7 +58,7 @@ def _add_generate(subparsers):
         help="tokens to add per prompt, past the context too (default: 64, or half a smaller "
         "context; for a SavedModel, the export's default)",
     )
-    add_sampling_arguments(parser)  # --temperature, --top-k, --top-p, --seed
+    add_sampling_arguments(parser)  # --temperature, --top-k, --top-p, --seed, the penalties
     parser.add_argument(
         "--stop", action="append", metavar="TEXT",
         help="end a continuation before this text (repeatable; not printed)",
@@ -75,7 +75,14 @@ def _add_generate(subparsers):
         help="fail on prompts too long for the context instead of keeping their end",
     )
     parser.add_argument("--continuation-only", action="store_true", help="print only the generated text")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of strings")
+    parser.add_argument(
+        "--logprobs", type=int, metavar="K",
+        help="after each text, every new token's log-probability and the K likeliest tokens (0 to 5)",
+    )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print a JSON list of strings (with --logprobs: of {text, logprobs} objects)",
+    )
     parser.add_argument(
         "--stream", action="store_true",
         help="print the text as it is produced (one prompt, one sequence, no beams)",
@@ -338,23 +345,36 @@ def _run_generate(args):
     import json
     import warnings
 
+    from kgpt.generation.generator import well_formed
+    from kgpt.generation.logprobs import check_logprobs, format_logprobs
     from kgpt.serving.saved_model_generator import load_generator
 
     sampling = sampling_from_arguments(args)  # checked before a model is loaded
+    check_logprobs(args.logprobs)
     if args.stream:
         return _stream_generate(args, sampling)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        texts = load_generator(args.path).generate(
+        completions = load_generator(args.path).complete(
             args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, num_beams=args.beams,
             length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
-            keep_prompt=not args.continuation_only, truncate=not args.no_truncate,
-            stop=args.stop, stop_token_ids=args.stop_token_id,
+            truncate=not args.no_truncate, stop=args.stop, stop_token_ids=args.stop_token_id,
+            logprobs=args.logprobs,
         )
     for warning in caught:
         print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)
-    if args.json:
+    count = len(completions) // len(args.prompt)  # num_return_sequences
+    prompts = ["" if args.continuation_only else well_formed(args.prompt[i // count])
+               for i in range(len(completions))]
+    texts = [prompt + completion.text for prompt, completion in zip(prompts, completions)]
+    if args.json and args.logprobs is not None:
+        print(json.dumps([{"text": text, "logprobs": [token.to_json() for token in completion.logprobs]}
+                          for text, completion in zip(texts, completions)], ensure_ascii=False))
+    elif args.json:
         print(json.dumps(texts, ensure_ascii=False))
+    elif args.logprobs is not None:
+        print("\n\n".join(text + "\n" + format_logprobs(completion.logprobs)
+                           for text, completion in zip(texts, completions)))
     else:
         print("\n\n".join(texts))
 
@@ -364,10 +384,11 @@ def _stream_generate(args, sampling):
 
     from kgpt.serving.saved_model_generator import load_generator
 
-    if len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json:
+    if (len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json
+            or args.logprobs is not None):
         raise UsageError(
             "--stream prints one continuation as it is produced: give one --prompt, and leave out "
-            "--beams, --num-return-sequences and --json."
+            "--beams, --num-return-sequences, --json and --logprobs."
         )
     generator = load_generator(args.path)
     pieces = generator.stream(args.prompt[0], args.max_new_tokens, sampling=sampling,

@@ -316,3 +316,39 @@ def test_recomputation_refuses_xla(recurrent):
 def test_a_model_without_a_context_needs_sequence_length():
     with pytest.raises(ValueError, match="pass sequence_length="):
         Decoder(_causal_convolution_model())
+
+
+def _penalized_greedy(model, prompt, steps, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0):
+    """Greedy decoding by full passes with the penalties written out in NumPy: OpenAI's on the counts of
+    generated tokens, Hugging Face's on the tokens of prompt and continuation."""
+    ids, counts = list(prompt), np.zeros(32)
+    for _ in range(steps):
+        logits = np.asarray(model(np.array([ids], "int32"))[0, -1], np.float64)
+        seen = np.isin(np.arange(32), ids)
+        penalized = np.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = np.where(seen, penalized, logits)
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0)
+        token = int(np.argmax(logits))
+        ids.append(token)
+        counts[token] += 1
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("penalties", [
+    dict(frequency_penalty=1.5), dict(presence_penalty=2.0), dict(repetition_penalty=3.0),
+    dict(frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.3), dict(frequency_penalty=-2.0),
+])
+def test_penalties_equal_a_numpy_reference_and_change_greedy_text(model, penalties):
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]  # ragged: a row's own prompt tokens are not counted
+    decoded = Decoder(model, bucket=4)(prompts, 10, sampling=SamplingOptions(**penalties))
+    assert decoded == [_penalized_greedy(model, prompt, 10, **penalties) for prompt in prompts]
+    assert decoded != Decoder(model, bucket=4)(prompts, 10)
+
+
+def test_penalties_are_refused_out_of_range_and_with_beams(model):
+    with pytest.raises(ValueError, match=r"frequency_penalty=3.0 must be in \[-2, 2\]; 0 is off"):
+        SamplingOptions(frequency_penalty=3.0)
+    with pytest.raises(ValueError, match="repetition_penalty=0.0 must be > 0; 1 is off"):
+        SamplingOptions(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="Beam search takes no penalties"):
+        check_options(4, 24, SamplingOptions(presence_penalty=1.0), num_beams=2)

@@ -159,10 +159,22 @@ def test_cli_generate(run_dir, capsys, cli_uses_generator):
                  "--temperature", "1", "--stop", "t", "--stop", "e", "--continuation-only"]) == 0
     [text] = json.loads(capsys.readouterr().out)
     assert "t" not in text and "e" not in text
+    # --logprobs: each new token with its log-probability and the likeliest tokens, in JSON or a table.
+    options = ["--prompt", "the", "--max-new-tokens", "4", "--frequency-penalty", "1", "--logprobs", "2"]
+    assert main(["generate", run_dir, *options, "--json"]) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["text"].startswith("the") and len(answer["logprobs"]) <= 4
+    assert "".join(token["token"] for token in answer["logprobs"]) == answer["text"][3:]
+    assert all(len(token["top"]) == 2 and token["logprob"] <= 0 for token in answer["logprobs"])
+    assert main(["generate", run_dir, *options]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1] == "  token       logprob  likeliest" and len(table) == 2 + len(answer["logprobs"])
     for bad in (
         ["--temperature", "0"], ["--top-p", "1.5", "--temperature", "1"], ["--top-k", "-1"],
         ["--beams", "0"], ["--max-new-tokens", "0"], ["--max-new-tokens", "70000"],
         ["--beams", "2", "--max-new-tokens", "40"], ["--stop", ""], ["--stop-token-id", "999"],
+        ["--logprobs", "6"], ["--presence-penalty", "-2.5"], ["--repetition-penalty", "0"],
+        ["--beams", "2", "--logprobs", "1"], ["--beams", "2", "--frequency-penalty", "1"],
     ):
         capsys.readouterr()
         assert main(["generate", run_dir, "--prompt", "a", *bad]) == 2, bad

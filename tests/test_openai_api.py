@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import openai
 import pytest
 import tensorflow as tf
@@ -752,6 +753,99 @@ def test_tokenizer_routes_of_an_export_use_its_own_tokenize_signature(tiny_run_e
         finally:
             server.model.tokenization = tokenization
         assert status == 404 and "export the run again" in error["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SCORED = "the cat sat on the mat. a dog ran to the cat."
+
+
+@pytest.fixture(scope="module")
+def bpe_export(write_run_directory, tmp_path_factory):
+    """`(run_dir, model, tokenizer, model_dir)`: a tiny random model of a byte-level BPE tokenizer, whose
+    text can spell end-of-text, and its export."""
+    from kgpt.serving.export import export
+    from kgpt.tokenizers.bpe import train_bpe
+
+    tokenizer = train_bpe([SCORED * 20], vocabulary_size=300)
+    root = tmp_path_factory.mktemp("bpe_export")
+    run_dir, model = write_run_directory(root / "bpe", tokenizer, 64)
+    path = export(str(run_dir), "bpe", base_dir=str(root / "saved_models"), max_new_tokens=8)
+    return str(run_dir), model, tokenizer, os.path.dirname(path)
+
+
+@pytest.mark.export
+def test_the_openai_client_scores_an_export_as_kgpt_evaluate_does(bpe_export, tmp_path, capsys):
+    from kgpt.cli import main
+
+    run_dir, model, tokenizer, model_dir = bpe_export
+    text_file = tmp_path / "scored.txt"
+    text_file.write_text(SCORED)
+    assert main(["evaluate", run_dir, "--data", str(text_file), "--json"]) == 0
+    [evaluation] = json.loads(capsys.readouterr().out)
+    in_process = load_generator(run_dir)
+    server = make_server(model_dir, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+        # `kgpt evaluate` scores end-of-text + text + end-of-text; echo scores every prompt token but the first.
+        prompt = "<|endoftext|>" + SCORED + "<|endoftext|>"
+        scored = client.completions.create(model="bpe", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        [choice] = scored.choices
+        logprobs = choice.logprobs
+        assert choice.text == prompt and "".join(logprobs.tokens) == prompt
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert len(logprobs.tokens) == evaluation["tokens"] + 1 == scored.usage.prompt_tokens
+        assert -sum(logprobs.token_logprobs[1:]) == pytest.approx(evaluation["nll"], rel=1e-4)
+        # ... and a NumPy log-softmax of the model's logits, token by token.
+        ids = [int(token) for token in tokenizer.encode_documents([prompt])[0]]
+        logits = np.asarray(model(np.array([ids], "int32"))[0], np.float64)
+        reference = logits - logits.max(-1, keepdims=True)
+        reference -= np.log(np.exp(reference).sum(-1, keepdims=True))
+        expected = reference[np.arange(len(ids) - 1), ids[1:]]
+        np.testing.assert_allclose(logprobs.token_logprobs[1:], expected, atol=1e-4)
+        assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(ids))]
+        # The routes a client counts tokens with tokenize as the export does.
+        port = server.server_address[1]
+        assert _post(port, "/tokenize", {"prompt": prompt})[1]["tokens"] == ids
+        assert _post(port, "/detokenize", {"tokens": ids})[1]["prompt"] == prompt
+        # A scoring request as evaluation clients send it: every prompt token, then the one generated.
+        contexts = ["the cat sat", "a dog"]
+        answer = client.completions.create(model="bpe", prompt=contexts, max_tokens=1, echo=True, logprobs=1,
+                                           temperature=0)
+        for context, choice in zip(contexts, answer.choices):
+            count = len(tokenizer.encode_documents([context])[0])
+            assert len(choice.logprobs.token_logprobs) == count + 1 == len(choice.logprobs.top_logprobs)
+            assert choice.logprobs.top_logprobs[0] is None
+            assert all(isinstance(top, dict) and 1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+        # logprobs=2: OpenAI's shape, one entry per completion token, the in-process decode's values.
+        whole = client.completions.create(model="bpe", prompt="the cat", max_tokens=6, temperature=0, logprobs=2)
+        [choice] = whole.choices
+        [expected] = in_process.complete(["the cat"], 6, logprobs=2)
+        assert choice.text == expected.text and len(choice.logprobs.tokens) == whole.usage.completion_tokens
+        assert choice.logprobs.tokens == [token.text for token in expected.logprobs]
+        np.testing.assert_allclose(choice.logprobs.token_logprobs, [t.logprob for t in expected.logprobs],
+                                   atol=1e-4)
+        for top, token in zip(choice.logprobs.top_logprobs, expected.logprobs):
+            assert set(top) == {text for _, text, _ in token.top} | {token.text}
+        assert choice.logprobs.text_offset[0] == len("the cat")
+        streamed = list(client.completions.create(model="bpe", prompt="the cat", max_tokens=6, temperature=0,
+                                                  logprobs=2, stream=True))
+        tokens = [t for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+        assert tokens == choice.logprobs.tokens
+        # Penalties change greedy text, as the in-process decode (tested against NumPy) has them.
+        plain = client.completions.create(model="bpe", prompt="the", max_tokens=8, temperature=0)
+        penalized = client.completions.create(model="bpe", prompt="the", max_tokens=8, temperature=0,
+                                              frequency_penalty=2.0, presence_penalty=1.0,
+                                              extra_body={"repetition_penalty": 1.5})
+        expected = in_process.generate(["the"], 8, frequency_penalty=2.0, presence_penalty=1.0,
+                                       repetition_penalty=1.5)
+        assert penalized.choices[0].text == expected[0] != plain.choices[0].text
+        stream = client.completions.create(model="bpe", prompt="the", max_tokens=8, temperature=0,
+                                           frequency_penalty=2.0, presence_penalty=1.0,
+                                           extra_body={"repetition_penalty": 1.5}, stream=True)
+        assert "".join(c.text for chunk in stream for c in chunk.choices) == expected[0]
     finally:
         server.shutdown()
         server.server_close()

@@ -140,3 +140,15 @@ def test_row_texts_equal_detokenize_row_by_row(kind):
     expected = [tokenizer.detokenize(tf.constant(row, tf.int32)).numpy().decode() for row in rows]
     assert RowTexts(tokenizer)(rows) == expected
     assert expected[-1] == text
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_penalized_steps_give_the_tokens_of_the_decode_loop_past_the_context(model, jit_compile):
+    # The counts live in the decode state: they go on past the context, where the cache is rebuilt.
+    decoder = Decoder(model, end_of_text_id=3, jit_compile=jit_compile)
+    steps = StepDecoder(model, 16, end_of_text_id=3, jit_compile=jit_compile)
+    for sampling in (SamplingOptions(frequency_penalty=1.0, repetition_penalty=1.2),
+                     SamplingOptions(temperature=1.0, seed=4, presence_penalty=1.5)):
+        assert _stepped(steps, [5, 6], 30, sampling, rows=2) == decoder(
+            [[5, 6]], 30, sampling=sampling, num_return_sequences=2 if sampling.temperature else 1) * (
+            1 if sampling.temperature else 2)

@@ -34,6 +34,23 @@ class TokenLogprob:
     logprob: float | None
     top: tuple = ()
 
+    def to_json(self):
+        """`{token, token_id, logprob, top: [{token, token_id, logprob}]}` (`kgpt generate --json`)."""
+        return {"token": self.text, "token_id": self.token_id, "logprob": self.logprob,
+                "top": [{"token": text, "token_id": token_id, "logprob": logprob}
+                        for token_id, text, logprob in self.top]}
+
+
+def format_logprobs(tokens):
+    """`TokenLogprob`s as a table for people: per token its text (a Python literal, so spaces and
+    newlines show), log-probability and the likeliest tokens."""
+    lines = ["  token       logprob  likeliest"]
+    for token in tokens:
+        top = "  ".join(f"{text!r} {logprob:.3f}" for _, text, logprob in token.top)
+        logprob = "" if token.logprob is None else f"{token.logprob:.3f}"
+        lines.append(f"  {token.text!r:10} {logprob:>8}  {top}".rstrip())
+    return "\n".join(lines)
+
 
 def check_logprobs(logprobs):
     """`logprobs` (None: none; 0 to `MAX_LOGPROBS`: the chosen token's and this many alternatives)
