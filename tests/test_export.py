@@ -1036,3 +1036,30 @@ def test_an_export_declares_tokenize_and_records_its_tokenizer_kind(run, loaded,
     assert generator.detokenize(generator.tokenize(["the cat", "", TEXT])) == ["the cat", "", TEXT]
     with pytest.raises(ValueError, match="tokens\\[0\\]=-1 is not a token id"):
         generator.detokenize([[-1]])
+
+
+@pytest.mark.export
+def test_an_exports_penalties_and_logprobs_equal_in_process_whole_and_streamed(run, exported):
+    _, model, tokenizer = run
+    saved, in_process = SavedModelGenerator(exported[1]), Generator(model, tokenizer, jit_compile=False)
+    # 40 new tokens on a context of 32: the counts go on past it.
+    for options in (dict(frequency_penalty=1.0, repetition_penalty=1.3),
+                    dict(temperature=1.0, seed=3, presence_penalty=2.0, num_return_sequences=2)):
+        expected = in_process.complete(["the cat", "a"], 40, logprobs=2, **options)
+        answers = saved.complete(["the cat", "a"], 40, logprobs=2, **options)
+        for answer, completion in zip(answers, expected):
+            assert answer.text == completion.text
+            assert [t.token_id for t in answer.logprobs] == [t.token_id for t in completion.logprobs]
+            np.testing.assert_allclose([t.logprob for t in answer.logprobs],
+                                       [t.logprob for t in completion.logprobs], atol=1e-5)
+        rows = options.get("num_return_sequences", 1)
+        streamed = [[] for _ in range(rows)]
+        for piece in saved.stream("the cat", 40, logprobs=2, **options):
+            streamed[piece.index] += piece.logprobs
+        assert [[t.token_id for t in row] for row in streamed] == [
+            [t.token_id for t in completion.logprobs] for completion in answers[:rows]]
+    scored, expected = saved.prompt_logprobs(["the cat", ""], 3), in_process.prompt_logprobs(["the cat", ""], 3)
+    assert [[t.token_id for t in row] for row in scored] == [[t.token_id for t in row] for row in expected]
+    assert scored[0][0].logprob is None and len(scored[0][1].top) == 3
+    np.testing.assert_allclose([t.logprob for t in scored[0][1:]], [t.logprob for t in expected[0][1:]],
+                               atol=1e-5)

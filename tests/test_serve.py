@@ -617,6 +617,18 @@ def test_serves_a_kgpt_export(tiny_export):
                 "prompts": ["the cat"], "max_new_tokens": 80, "stop_token_ids": [0]}},
         )
         assert status == 200 and answer["outputs"]["token_count"][0] <= 80
+        # Penalties and log-probabilities are generate's inputs like the sampling options.
+        options = dict(frequency_penalty=1.5, repetition_penalty=1.2)
+        [completion] = generator.complete(["the cat"], 10, logprobs=2, **options)
+        status, answer = call(server, "POST", predict, {"signature_name": "generate", "inputs": {
+            "prompts": ["the cat"], "top_k": 1, "max_new_tokens": 10, "logprobs": 2, **options}})
+        outputs = answer["outputs"]
+        assert status == 200 and outputs["text"] == [completion.text] != generator.generate(["the cat"], 10)
+        assert outputs["top_token_ids"][0] == [[t for t, _, _ in token.top] for token in completion.logprobs]
+        assert outputs["token_logprobs"][0] == pytest.approx([t.logprob for t in completion.logprobs], abs=1e-5)
+        status, answer = call(server, "POST", predict, {"signature_name": "generate", "inputs": {
+            "prompts": ["the cat"], "logprobs": 6}})
+        assert status == 400 and "logprobs must be <= 5" in answer["error"]
         # beam_search: each prompt's beams, best first; the best is its text.
         status, answer = call(server, "POST", predict, {"signature_name": "beam_search", "inputs": {
             "prompts": ["the cat", "a"], "num_beams": 3, "max_new_tokens": 5}})
