@@ -6,12 +6,14 @@ for TensorFlow.
 """
 
 import argparse
-import errno
+import contextlib
 import math
 import os
 import sys
+import warnings
 
 from kgpt import environment
+from kgpt.files import describe_os_error
 from kgpt.generation.sampling import add_sampling_arguments, sampling_from_arguments
 
 
@@ -341,9 +343,18 @@ def _run_baseline(args):
     _report_training(train_recurrent(recipe, run_dir), what="the GRU baseline ")
 
 
+@contextlib.contextmanager
+def _warnings_after(command):
+    """Holds the warnings raised inside, then prints each as one `kgpt COMMAND: warning:` line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"kgpt {command}: warning: {warning.message}", file=sys.stderr)
+
+
 def _run_generate(args):
     import json
-    import warnings
 
     from kgpt.generation.generator import well_formed
     from kgpt.generation.logprobs import check_logprobs, format_logprobs
@@ -353,35 +364,28 @@ def _run_generate(args):
     check_logprobs(args.logprobs)
     if args.stream:
         return _stream_generate(args, sampling)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _warnings_after("generate"):
         completions = load_generator(args.path).complete(
             args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, num_beams=args.beams,
             length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
             truncate=not args.no_truncate, stop=args.stop, stop_token_ids=args.stop_token_id,
             logprobs=args.logprobs,
         )
-    for warning in caught:
-        print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)
     count = len(completions) // len(args.prompt)  # num_return_sequences
-    prompts = ["" if args.continuation_only else well_formed(args.prompt[i // count])
-               for i in range(len(completions))]
-    texts = [prompt + completion.text for prompt, completion in zip(prompts, completions)]
-    if args.json and args.logprobs is not None:
+    texts = [("" if args.continuation_only else well_formed(args.prompt[i // count])) + completion.text
+             for i, completion in enumerate(completions)]
+    if args.logprobs is None:
+        print(json.dumps(texts, ensure_ascii=False) if args.json else "\n\n".join(texts))
+    elif args.json:
         print(json.dumps([{"text": text, "logprobs": [token.to_json() for token in completion.logprobs]}
                           for text, completion in zip(texts, completions)], ensure_ascii=False))
-    elif args.json:
-        print(json.dumps(texts, ensure_ascii=False))
-    elif args.logprobs is not None:
+    else:
         print("\n\n".join(text + "\n" + format_logprobs(completion.logprobs)
                            for text, completion in zip(texts, completions)))
-    else:
-        print("\n\n".join(texts))
 
 
 def _stream_generate(args, sampling):
-    import warnings
-
+    from kgpt.generation.generator import well_formed
     from kgpt.serving.saved_model_generator import load_generator
 
     if (len(args.prompt) > 1 or args.beams > 1 or args.num_return_sequences > 1 or args.json
@@ -394,16 +398,11 @@ def _stream_generate(args, sampling):
     pieces = generator.stream(args.prompt[0], args.max_new_tokens, sampling=sampling,
                               truncate=not args.no_truncate)
     if not args.continuation_only:
-        from kgpt.generation.generator import well_formed
-
         print(well_formed(args.prompt[0]), end="", flush=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _warnings_after("generate"):
         for piece in pieces:
             print(piece.text, end="", flush=True)
-    print()
-    for warning in caught:
-        print(f"kgpt generate: warning: {warning.message}", file=sys.stderr)
+        print()
 
 
 def _run_export(args):
@@ -469,30 +468,6 @@ def _run_info(args):
     from kgpt.rundir import load_model
 
     print(describe_model(load_model(args.path)))
-
-
-# What to do about the operating-system errors a user can cause with a path they gave.
-_OS_ERROR_FIXES = {
-    errno.EEXIST: "something is already there; choose another path or remove it",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-    errno.EISDIR: "it is a folder where a file is expected; pass a file",
-    errno.EACCES: "choose a location you can write to, or change its permissions",
-    errno.EPERM: "choose a location you can write to, or change its permissions",
-    errno.EROFS: "the file system is read-only; choose a writable location",
-    errno.ENOSPC: "the disk is full; free some space or choose another location",
-    errno.EDQUOT: "the disk quota is used up; free some space or choose another location",
-}
-
-
-def describe_os_error(error):
-    """One line for an `OSError`: what failed, on which path, what to do (kgpt's own messages as
-    they are), e.g. `"Permission denied: 'runs/a' (choose a location you can write to, ...)"`."""
-    if error.errno is None or not error.strerror:
-        return str(error)
-    paths = [repr(p) for p in (error.filename, error.filename2) if p is not None]
-    text = f"{error.strerror}: {' -> '.join(paths)}" if paths else error.strerror
-    fix = _OS_ERROR_FIXES.get(error.errno)
-    return f"{text} ({fix})" if fix else text
 
 
 def console_main():

@@ -1,4 +1,5 @@
-"""Atomic writes: one helper for a file, one for a directory, and the cleanup of what a kill left.
+"""Atomic writes: one helper for a file, one for a directory, and the cleanup of what a kill left;
+and what an operating-system error on a user's path says (`describe_os_error`).
 
 Everything kgpt publishes is written under a temporary name beside its target and renamed into
 place, so a reader never sees a half-written file. Temporary names are
@@ -7,6 +8,7 @@ from it) and name their process, so `remove_stale` deletes only what dead proces
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -121,3 +123,27 @@ def remove_stale(directory):
             remove(path)
             removed.append(name)
     return removed
+
+
+# What to do about the operating-system errors a user can cause with a path they gave.
+_OS_ERROR_FIXES = {
+    errno.EEXIST: "something is already there; choose another path or remove it",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder where a file is expected; pass a file",
+    errno.EACCES: "choose a location you can write to, or change its permissions",
+    errno.EPERM: "choose a location you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.ENOSPC: "the disk is full; free some space or choose another location",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another location",
+}
+
+
+def describe_os_error(error):
+    """One line for an `OSError`: what failed, on which path, what to do (kgpt's own messages as
+    they are), e.g. `"Permission denied: 'runs/a' (choose a location you can write to, ...)"`."""
+    if error.errno is None or not error.strerror:
+        return str(error)
+    paths = [repr(p) for p in (error.filename, error.filename2) if p is not None]
+    text = f"{error.strerror}: {' -> '.join(paths)}" if paths else error.strerror
+    fix = _OS_ERROR_FIXES.get(error.errno)
+    return f"{text} ({fix})" if fix else text

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 import kgpt.cli
-from kgpt.cli import describe_os_error, main
+from kgpt.cli import main
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(kgpt.cli.__file__)))
 
@@ -254,18 +254,9 @@ def test_a_keras_file_with_a_bad_crc_is_a_one_line_error(tmp_path, capsys):
         _one_line_error(capsys, f"kgpt {command[0]}: error: {path} is damaged (", "restore it")
 
 
-def test_describe_os_error_keeps_kgpts_own_messages():
-    assert describe_os_error(FileNotFoundError("No such model file: m.keras")) == (
-        "No such model file: m.keras"
-    )
-    error = OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")
-    assert describe_os_error(error) == "Invalid cross-device link: '/a' -> '/b'"
-
-
 # --- TensorFlow's start-up noise stays off stderr ---------------------------------------------
 
 NOISE = ("cuInit", "Could not find cuda drivers", "cpu_feature_guard", "absl::InitializeLog")
-
 
 def _kgpt(argv, cwd, **env):
     return subprocess.run(

@@ -318,6 +318,12 @@ def test_a_model_without_a_context_needs_sequence_length():
         Decoder(_causal_convolution_model())
 
 
+@pytest.fixture(scope="module")
+def decoder(model):
+    """One `Decoder` (one trace) for the tests that only call it."""
+    return Decoder(model, bucket=4)
+
+
 def _penalized_greedy(model, prompt, steps, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0):
     """Greedy decoding by full passes with the penalties written out in NumPy: OpenAI's on the counts of
     generated tokens, Hugging Face's on the tokens of prompt and continuation."""
@@ -338,11 +344,11 @@ def _penalized_greedy(model, prompt, steps, frequency_penalty=0.0, presence_pena
     dict(frequency_penalty=1.5), dict(presence_penalty=2.0), dict(repetition_penalty=3.0),
     dict(frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.3), dict(frequency_penalty=-2.0),
 ])
-def test_penalties_equal_a_numpy_reference_and_change_greedy_text(model, penalties):
+def test_penalties_equal_a_numpy_reference_and_change_greedy_text(model, decoder, penalties):
     prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]  # ragged: a row's own prompt tokens are not counted
-    decoded = Decoder(model, bucket=4)(prompts, 10, sampling=SamplingOptions(**penalties))
+    decoded = decoder(prompts, 10, sampling=SamplingOptions(**penalties))
     assert decoded == [_penalized_greedy(model, prompt, 10, **penalties) for prompt in prompts]
-    assert decoded != Decoder(model, bucket=4)(prompts, 10)
+    assert decoded != decoder(prompts, 10)
 
 
 def test_penalties_are_refused_out_of_range_and_with_beams(model):

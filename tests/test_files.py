@@ -1,5 +1,6 @@
 """Atomic writes (`kgpt.files`): a file, a directory, and the cleanup of what a kill left."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from kgpt import files
-from kgpt.files import atomic_file, remove_stale, staged_directory
+from kgpt.files import atomic_file, describe_os_error, remove_stale, staged_directory
 
 
 def test_staged_directory_publishes_whole_or_not_at_all(tmp_path):
@@ -89,3 +90,11 @@ def test_remove_stale_deletes_only_what_dead_processes_left(tmp_path):
         open(temporary, "w").close()
         assert sorted(remove_stale(tmp_path)) == left
         assert sorted(os.listdir(tmp_path)) == sorted(["keep.txt", os.path.basename(temporary)])
+
+
+def test_describe_os_error_keeps_kgpts_own_messages():
+    assert describe_os_error(FileNotFoundError("No such model file: m.keras")) == (
+        "No such model file: m.keras"
+    )
+    error = OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")
+    assert describe_os_error(error) == "Invalid cross-device link: '/a' -> '/b'"

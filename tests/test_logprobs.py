@@ -21,6 +21,11 @@ def model():
     return build_model(dict(vocabulary_size=32, sequence_length=16, num_layers=2, num_heads=2, hidden_dim=16))
 
 
+@pytest.fixture(scope="module")
+def decoder(model):
+    return Decoder(model, bucket=4)
+
+
 def _log_softmax(logits):
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -51,11 +56,11 @@ def test_token_logprobs_are_the_log_softmax_and_its_best_tokens():
 
 @pytest.mark.parametrize("sampling", [None, SamplingOptions(temperature=0.8, top_k=5, seed=3),
                                       SamplingOptions(repetition_penalty=1.5, frequency_penalty=0.5)])
-def test_decode_records_the_models_logprobs_of_every_new_token(model, sampling):
+def test_decode_records_the_models_logprobs_of_every_new_token(model, decoder, sampling):
     # The model's own distribution, whatever penalties or temperature chose the tokens.
     prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]
-    rows, recorded = Decoder(model, bucket=4)(prompts, 6, sampling=sampling, logprobs=True)
-    assert rows == Decoder(model, bucket=4)(prompts, 6, sampling=sampling)  # logprobs change no token
+    rows, recorded = decoder(prompts, 6, sampling=sampling, logprobs=True)
+    assert rows == decoder(prompts, 6, sampling=sampling)  # logprobs change no token
     for prompt, row, values in zip(prompts, rows, recorded):
         chosen, top_ids, top = _reference(model, prompt, row)
         np.testing.assert_allclose(values.chosen, chosen, atol=1e-4)
@@ -63,7 +68,7 @@ def test_decode_records_the_models_logprobs_of_every_new_token(model, sampling):
         np.testing.assert_allclose(values.top, top, atol=1e-4)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_streamed_logprobs_equal_the_decode_loops(model, jit_compile):
     sampling = SamplingOptions(temperature=1.0, seed=5, presence_penalty=1.0)
     # 20 tokens on a context of 16: past the context too (the cache is rebuilt).
@@ -92,7 +97,7 @@ def generator(model):
     keras.utils.set_random_seed(2)
     config = dict(vocabulary_size=tokenizer.vocabulary_size, sequence_length=16, num_layers=1, num_heads=2,
                   hidden_dim=16)
-    return Generator(build_model(config), tokenizer)
+    return Generator(build_model(config), tokenizer, jit_compile=False)
 
 
 def test_completions_carry_a_token_logprob_per_counted_token(generator):

@@ -142,7 +142,7 @@ def test_row_texts_equal_detokenize_row_by_row(kind):
     assert expected[-1] == text
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_penalized_steps_give_the_tokens_of_the_decode_loop_past_the_context(model, jit_compile):
     # The counts live in the decode state: they go on past the context, where the cache is rebuilt.
     decoder = Decoder(model, end_of_text_id=3, jit_compile=jit_compile)
