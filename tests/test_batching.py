@@ -242,6 +242,20 @@ def test_batch_key_keeps_options_apart_and_never_batches_a_random_draw():
     assert key([b"a"], **greedy) == key([b"b"], **{**greedy, "seed": 7})  # no draw: the seed is unused
     assert key([], **greedy) is None  # an empty request runs alone and gets its own error
     assert batch_key("generate", None, {"prompts": np.array([b"a"])}) is None
+    # Penalties are options like the others; log-probabilities (floats) asked for run alone.
+    penalized = {**greedy, "frequency_penalty": 1.0}
+    assert key([b"a"], **penalized) == key([b"b"], **penalized) != key([b"a"], **greedy)
+    assert key([b"a"], **greedy, logprobs=-1) is not None and key([b"a"], **greedy, logprobs=0) is None
+
+
+def test_generates_logprobs_outputs_batch_only_when_not_asked_for():
+    # generate's float outputs are empty unless `logprobs` asks for them: the signature batches,
+    # its requests with logprobs run alone; the same floats in another signature do not batch.
+    outputs = {**GENERATE_OUTPUTS, "token_logprobs": ([None, None], tf.float32),
+               "top_token_ids": ([None, None, None], tf.int32), "top_logprobs": ([None, None, None], tf.float32)}
+    inputs = {"prompts": ([None], tf.string), "logprobs": ([], tf.int32)}
+    assert batch_rows(signature(inputs, outputs), "generate") == "prompts"
+    assert batch_rows(signature(inputs, outputs), "other") is None
 
 
 def test_requests_batch_only_with_equal_stop_lists():

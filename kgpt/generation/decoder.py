@@ -10,6 +10,7 @@ from kgpt.generation.decoding import (
     check_prompt_length,
     check_window,
     decode,
+    has_penalties,
 )
 from kgpt.generation.sampling import SamplingOptions
 from kgpt.generation.stopping import stop_id_matrix
@@ -47,11 +48,11 @@ class Decoder:
         self.end_of_text_id = end_of_text_id
         self.jit_compile = jit_compile
         self.bucket = bucket
-        # `logprobs` is a Python bool: one trace each.
+        # `logprobs` and `penalties` are Python bools: one trace each.
         self._decode = tf.function(
-            lambda ids, lengths, steps, end, sampling, stops, logprobs: decode(
+            lambda ids, lengths, steps, end, sampling, stops, logprobs, penalties: decode(
                 self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window,
-                logprobs,
+                logprobs, penalties,
             ),
             jit_compile=jit_compile,
             reduce_retracing=True,
@@ -116,9 +117,10 @@ class Decoder:
         else:
             ids = tf.repeat(ids, num_return_sequences, axis=0)
             lengths = tf.repeat(lengths, num_return_sequences, axis=0)
+            penalties = has_penalties(sampling)
             sampling = (sampling or SamplingOptions()).graph_tensors()
             tokens, ends, recorded = self._decode(ids, lengths, steps, end_of_text, sampling, stops,
-                                                  bool(logprobs))
+                                                  bool(logprobs), penalties)
             tokens, ends = tokens.numpy(), ends.numpy()
         prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
         spans = [(0 if keep_prompt else len(prompt), end) for prompt, end in zip(prompts, ends)]

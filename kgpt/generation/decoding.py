@@ -196,12 +196,20 @@ def sample_at(logits, sampling, position):
 _PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 
 
+def has_penalties(sampling):
+    """Whether a `SamplingOptions` (None: greedy) sets a penalty (Python: which graph to trace)."""
+    return any(getattr(sampling, name, off) != off for name, off in _PENALTIES.items())
+
+
 def penalized(sampling):
-    """A bool scalar: some penalty of the `graph_sampling` inputs is set (None: the options
-    class has none)."""
+    """A bool scalar: some penalty of the `graph_sampling` inputs is set (a Python bool when none is
+    a tensor; None: the options class has none)."""
     sampling = graph_sampling(sampling)
     if not any(name in sampling for name in _PENALTIES):
         return None
+    values = [sampling.get(name, off) for name, off in _PENALTIES.items()]
+    if not any(tf.is_tensor(value) for value in values):  # known now: a Python bool
+        return any(value != off for value, off in zip(values, _PENALTIES.values()))
     return tf.reduce_any(tf.stack([
         tf.not_equal(tf.cast(sampling.get(name, off), tf.float32), off) for name, off in _PENALTIES.items()
     ]))
@@ -211,7 +219,7 @@ def count(state, token, sampling, generated=True):
     """`state` with `token` (int32 `(batch,)`) counted: in `seen`, and in `counts` where
     `generated` (a bool or `(batch,)`: False for a prompt's own token); only while `penalized`."""
     on = penalized(sampling)
-    if on is None or state.counts.shape[1] == 0:
+    if on is None or on is False or state.counts.shape[1] == 0:
         return state
 
     def counted():
@@ -221,7 +229,7 @@ def count(state, token, sampling, generated=True):
         seen = tf.tensor_scatter_nd_update(state.seen, pairs, tf.ones_like(token, tf.bool))
         return counts, seen
 
-    counts, seen = tf.cond(on, counted, lambda: (state.counts, state.seen))
+    counts, seen = counted() if on is True else tf.cond(on, counted, lambda: (state.counts, state.seen))
     return state._replace(counts=counts, seen=seen)
 
 
@@ -229,7 +237,7 @@ def apply_penalties(logits, state, sampling):
     """`logits` (float32 `(batch, vocabulary)`) after the repetition penalty (on `state.seen`), then
     the frequency and presence penalties (on `state.counts`); as they are when none is set."""
     on = penalized(sampling)
-    if on is None or state.counts.shape[1] == 0:
+    if on is None or on is False or state.counts.shape[1] == 0:
         return logits
     sampling = graph_sampling(sampling)
 
@@ -242,7 +250,7 @@ def apply_penalties(logits, state, sampling):
         presence = tf.cast(sampling.get("presence_penalty", 0.0), tf.float32)
         return penalized_logits - frequency * counts - presence * tf.cast(counts > 0, tf.float32)
 
-    return tf.cond(on, penalize, lambda: logits)
+    return penalize() if on is True else tf.cond(on, penalize, lambda: logits)
 
 
 def draw(logits, state, sampling, logprobs=False):
@@ -321,7 +329,7 @@ def write_position(buffer, values, index):
 
 
 def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1, sampling=None,
-           stop_ids=None, sequence_length=None, window=None, logprobs=False):
+           stop_ids=None, sequence_length=None, window=None, logprobs=False, penalties=True):
     """Continues a right-padded batch of prompts, inside a `tf.function`; arguments may be tensors.
 
     A `tf.while_loop` of `step`s after a `prefill` of the shortest prompt; a row still inside its
@@ -340,6 +348,8 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
         window: tokens the rebuilt cache starts from, a Python int in `[1, sequence_length)`;
             default `default_window(sequence_length)`.
         logprobs: record each new token's `TokenLogprobs` (a Python bool or a bool scalar tensor).
+        penalties: keep the counts penalties need (`prefill`); False: a loop without them, for
+            options known to set none (then it is the loop it was before penalties existed).
 
     Returns:
         `(tokens, lengths, token_logprobs)`: int32 `(batch, prompt_length + max_new_tokens)`,
@@ -362,7 +372,7 @@ def decode(model, prompt_ids, prompt_lengths, max_new_tokens, end_of_text_id=-1,
     else:
         max_length = tf.minimum(total_length, sequence_length)
         window = default_window(sequence_length) if window is None else window
-    logits, state = prefill(model, tokens[:, :start], max_length, window)
+    logits, state = prefill(model, tokens[:, :start], max_length, window, penalties)
     sampled, recorded = draw(logits, state, sampling, logprobs)
     limits = prompt_lengths + max_new_tokens
     # The log-probabilities of the token drawn for each position (length 0: none recorded).
@@ -472,7 +482,7 @@ def check_options(max_new_tokens, sequence_length, sampling=None, num_beams=1, n
         )
     if num_beams > 1 and temperature is not None:
         raise ValueError("Beam search is deterministic; use either beams > 1 or a sampling temperature.")
-    if num_beams > 1 and any(getattr(sampling, name, off) != off for name, off in _PENALTIES.items()):
+    if num_beams > 1 and has_penalties(sampling):
         raise ValueError(
             "Beam search takes no penalties (frequency, presence or repetition); use them with greedy "
             "or sampled decoding, or leave them out."

@@ -19,6 +19,7 @@ from kgpt.generation.decoding import (
     check_prompt_length,
     check_window,
     draw,
+    has_penalties,
     prefill,
     step,
 )
@@ -195,8 +196,10 @@ class StepDecoder:
         self.window = check_window(window, sequence_length)
         self.sequence_length = sequence_length
         self.end_of_text_id = end_of_text_id
+        # `penalties`: a Python bool, one trace each (without them, no counts are kept).
         self._prefill = tf.function(
-            lambda ids, max_length: prefill(self._model, ids, max_length, self.window), reduce_retracing=True
+            lambda ids, max_length, penalties: prefill(self._model, ids, max_length, self.window, penalties),
+            reduce_retracing=True,
         )
         # Draws are made where `decode` makes them, under XLA or not: their random numbers differ.
         # `logprobs` is a Python bool: one trace each.
@@ -219,11 +222,12 @@ class StepDecoder:
         prompt_ids = [int(token) for token in prompt_ids]
         check_prompt_length(len(prompt_ids), self.sequence_length)
         check_max_new_tokens(max_new_tokens, self.sequence_length)
+        penalties = has_penalties(sampling)
         sampling = (sampling or SamplingOptions()).graph_tensors()
         # The cache `decode` makes: prompt + new tokens, at most the context.
         max_length = min(len(prompt_ids) + max_new_tokens, self.sequence_length)
         logits, state = self._prefill(tf.constant([prompt_ids] * num_rows, tf.int32),
-                                      tf.constant(max_length, tf.int32))
+                                      tf.constant(max_length, tf.int32), penalties)
         logprobs = bool(logprobs)
         token, recorded = self._first(logits, state, sampling, logprobs)
         ended = np.zeros(num_rows, bool)

@@ -19,6 +19,7 @@ from kgpt.generation.decoding import (
     default_max_new_tokens,
     default_window,
     draw,
+    penalized,
     prefill,
     step,
 )
@@ -430,16 +431,20 @@ class ServingModule(tf.Module):
         }
 
     def _decode(self, *args):
-        """`decoding.decode` on the cached model (`args`: its arguments before `sequence_length`,
-        and `logprobs`); with `jit_compile`, a call XLA must compile."""
+        """`decoding.decode` (`args`: those before `sequence_length`, and `logprobs`), a call XLA must
+        compile with `jit_compile`; without penalties, the loop that kept no counts for them."""
 
-        def function(*inputs):
+        def function(*inputs, penalties):
             *inputs, logprobs = inputs
-            return decode(self._decoding_model, *inputs, self._sequence_length, self._window, logprobs)
+            return decode(self._decoding_model, *inputs, self._sequence_length, self._window, logprobs,
+                          penalties)
 
         if self.jit_compile:
             function = tf.function(function, jit_compile=True)
-        return function(*args)
+        on = penalized(args[4])  # the sampling inputs
+        if not tf.is_tensor(on):
+            return function(*args, penalties=bool(on))
+        return tf.cond(on, lambda: function(*args, penalties=True), lambda: function(*args, penalties=False))
 
     def _score(self, texts):
         tokenizer = self.tokenizer
@@ -509,7 +514,6 @@ class ServingModule(tf.Module):
 def _logprobs_outputs(recorded, starts, counts, logprobs, width):
     """The `token_logprobs`, `top_token_ids` and `top_logprobs` outputs of rows' `TokenLogprobs`:
     `logprobs.logprob_spans`, of width 0 when `logprobs` < 0 (none asked for)."""
-    width = tf.where(logprobs >= 0, width, 0)
-    spans = logprob_spans(recorded, starts, counts, width, tf.maximum(logprobs, 0))
-    names = (Name.TOKEN_LOGPROBS, Name.TOP_TOKEN_IDS, Name.TOP_LOGPROBS)
-    return dict(zip(names, spans))
+    kept = tf.maximum(logprobs, 0)
+    spans = logprob_spans(recorded, starts, counts, tf.where(logprobs >= 0, width, 0), kept)
+    return dict(zip((Name.TOKEN_LOGPROBS, Name.TOP_TOKEN_IDS, Name.TOP_LOGPROBS), spans))
