@@ -1,6 +1,8 @@
 """`Decoder`: generation on token ids for one model: pads prompts, runs the compiled `decode` loop or
 `beam_search`, and unpads."""
 
+import functools
+
 import tensorflow as tf
 
 from kgpt.generation.beam_search import beam_search
@@ -48,16 +50,13 @@ class Decoder:
         self.end_of_text_id = end_of_text_id
         self.jit_compile = jit_compile
         self.bucket = bucket
-        # `logprobs` and `penalties` are Python bools: one trace each.
-        self._decode = tf.function(
-            lambda ids, lengths, steps, end, sampling, stops, logprobs, penalties: decode(
-                self._cached_model, ids, lengths, steps, end, sampling, stops, sequence_length, window,
-                logprobs, penalties,
-            ),
-            jit_compile=jit_compile,
-            reduce_retracing=True,
-            autograph=False,
-        )
+        # One compiled loop per (logprobs, penalties), lazily: each traces for its shapes only.
+        self._decode = {
+            (logprobs, penalties): tf.function(
+                functools.partial(self._loop, logprobs=logprobs, penalties=penalties),
+                jit_compile=jit_compile, reduce_retracing=True, autograph=False,
+            ) for logprobs in (False, True) for penalties in (False, True)
+        }
         # num_beams is a Python int: one trace per value.
         self._beam_search = tf.function(
             lambda num_beams, ids, lengths, steps, end, penalty, stops: beam_search(
@@ -66,6 +65,10 @@ class Decoder:
             jit_compile=jit_compile,
             reduce_retracing=True,
         )
+
+    def _loop(self, ids, lengths, steps, end, sampling, stops, logprobs, penalties):
+        return decode(self._cached_model, ids, lengths, steps, end, sampling, stops, self.sequence_length,
+                      self.window, logprobs, penalties)
 
     def __call__(self, prompts, max_new_tokens, sampling=None, keep_prompt=False, num_beams=1,
                  length_penalty=1.0, num_return_sequences=1, stop_sequences=(), logprobs=False):
@@ -119,8 +122,8 @@ class Decoder:
             lengths = tf.repeat(lengths, num_return_sequences, axis=0)
             penalties = has_penalties(sampling)
             sampling = (sampling or SamplingOptions()).graph_tensors()
-            tokens, ends, recorded = self._decode(ids, lengths, steps, end_of_text, sampling, stops,
-                                                  bool(logprobs), penalties)
+            loop = self._decode[bool(logprobs), penalties]
+            tokens, ends, recorded = loop(ids, lengths, steps, end_of_text, sampling, stops)
             tokens, ends = tokens.numpy(), ends.numpy()
         prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
         spans = [(0 if keep_prompt else len(prompt), end) for prompt, end in zip(prompts, ends)]

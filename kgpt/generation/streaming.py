@@ -9,6 +9,7 @@ UTF-8 character. An export streams through the same step (`SavedModelGenerator`,
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -196,18 +197,20 @@ class StepDecoder:
         self.window = check_window(window, sequence_length)
         self.sequence_length = sequence_length
         self.end_of_text_id = end_of_text_id
-        # `penalties`: a Python bool, one trace each (without them, no counts are kept).
-        self._prefill = tf.function(
-            lambda ids, max_length, penalties: prefill(self._model, ids, max_length, self.window, penalties),
+        # One function per value of the Python bools `penalties` (without them no counts are kept)
+        # and `logprobs`, made lazily: each traces for its shapes only.
+        self._prefill = {penalties: tf.function(
+            functools.partial(prefill, self._model, window=self.window, penalties=penalties),
             reduce_retracing=True,
-        )
+        ) for penalties in (False, True)}
         # Draws are made where `decode` makes them, under XLA or not: their random numbers differ.
-        # `logprobs` is a Python bool: one trace each.
-        self._first = tf.function(draw, jit_compile=jit_compile, reduce_retracing=True)
-        self._step = tf.function(
-            lambda state, token, sampling, logprobs: step(self._model, state, token, sampling, logprobs),
-            jit_compile=jit_compile, reduce_retracing=True,
-        )
+        self._first = {logprobs: tf.function(
+            functools.partial(draw, logprobs=logprobs), jit_compile=jit_compile, reduce_retracing=True,
+        ) for logprobs in (False, True)}
+        self._step = {logprobs: tf.function(
+            functools.partial(step, self._model, logprobs=logprobs), jit_compile=jit_compile,
+            reduce_retracing=True,
+        ) for logprobs in (False, True)}
 
     def __call__(self, prompt_ids, max_new_tokens, sampling=None, num_rows=1, logprobs=False):
         """Yields `(tokens, token_logprobs)` per new position: int32 `(num_rows,)` and, with
@@ -226,14 +229,14 @@ class StepDecoder:
         sampling = (sampling or SamplingOptions()).graph_tensors()
         # The cache `decode` makes: prompt + new tokens, at most the context.
         max_length = min(len(prompt_ids) + max_new_tokens, self.sequence_length)
-        logits, state = self._prefill(tf.constant([prompt_ids] * num_rows, tf.int32),
-                                      tf.constant(max_length, tf.int32), penalties)
+        logits, state = self._prefill[penalties](tf.constant([prompt_ids] * num_rows, tf.int32),
+                                                 tf.constant(max_length, tf.int32))
         logprobs = bool(logprobs)
-        token, recorded = self._first(logits, state, sampling, logprobs)
+        token, recorded = self._first[logprobs](logits, state, sampling)
         ended = np.zeros(num_rows, bool)
         for count in range(max_new_tokens):
             if count:
-                token, state, recorded = self._step(state, token, sampling, logprobs)
+                token, state, recorded = self._step[logprobs](state, token, sampling)
             row = token.numpy()
             yield row, (type(recorded)(*(value.numpy() for value in recorded)) if logprobs else None)
             ended |= row == self.end_of_text_id
