@@ -24,7 +24,8 @@ from kgpt.generation.decoding import (
     prefill,
     step,
 )
-from kgpt.generation.logprobs import TokenLogprob
+from kgpt.generation.logprobs import TokenLogprobs
+from kgpt.generation.logprobs import records as logprob_records
 from kgpt.generation.sampling import SamplingOptions
 
 _REPLACEMENT = "\ufffd"
@@ -146,7 +147,11 @@ def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_cou
             records = {}
             if logprobs is not None:
                 kept = [index for index in live if int(tokens[index]) != end_of_text_id]
-                records = dict(zip(kept, token_records(tokens, recorded, kept, logprobs, texts)))
+                # Each row's one token, with `logprobs.records` (one text lookup for all its ids).
+                one = [TokenLogprobs(*(value[index : index + 1] for value in recorded)) for index in kept]
+                token_texts = lambda ids: texts([[token] for token in ids])  # noqa: E731
+                records = dict(zip(kept, logprob_records([[int(tokens[index])] for index in kept], one,
+                                                         logprobs, token_texts)))
             for index, text in zip(live, texts([rows[index] for index in live])):
                 finished[index] = reasons[index] is not None
                 piece = deltas[index].update(text, final=finished[index])
@@ -157,19 +162,6 @@ def stream_pieces(steps, texts, end_of_text_id, max_new_tokens, prompt_token_cou
                 return
     finally:
         steps.close()
-
-
-def token_records(tokens, recorded, rows, k, texts):
-    """The one-`TokenLogprob` tuple of each row in `rows` of one step's `tokens` and NumPy
-    `TokenLogprobs` (`(num_rows,)`), `k` alternatives, texts from `texts(rows of ids)`."""
-    ids = sorted({int(tokens[row]) for row in rows} | {
-        int(token) for row in rows for token in recorded.top_ids[row, :k]})
-    text_of = dict(zip(ids, texts([[token] for token in ids]))) if ids else {}
-    return [(TokenLogprob(
-        int(tokens[row]), text_of[int(tokens[row])], float(recorded.chosen[row]),
-        tuple((int(t), text_of[int(t)], float(v)) for t, v in zip(recorded.top_ids[row, :k],
-                                                                  recorded.top[row, :k])),
-    ),) for row in rows]
 
 
 class StepDecoder:
